@@ -1,0 +1,37 @@
+# fedsky: the two set-up commands are `make demo` and `make test` (see README.md).
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: install demo test lint typecheck bench clean
+
+# Installs what is missing (apt packages, .venv, torch, fedsky). Serialised with flock so that
+# parallel invocations never run two pip installs into the same venv.
+install:
+	@flock /tmp/fedsky-install.lock bash scripts/bootstrap.sh
+
+demo: install
+	$(PY) -m fedsky.controller.demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --strict -p fedsky.controller -p fedsky.agent -p fedsky.shared
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy --strict -p fedsky.controller -p fedsky.agent -p fedsky.shared
+
+bench: install
+	$(PY) -m benchmarks.placement
+	$(PY) -m benchmarks.orchestrator
+	$(PY) -m benchmarks.control_plane
+	$(PY) -m benchmarks.fl_overhead
+
+clean:
+	rm -rf build *.egg-info .mypy_cache .ruff_cache

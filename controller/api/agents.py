@@ -1,0 +1,160 @@
+"""API views for agents and VMs: enrol, revoke, ping, list."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Annotated
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedsky.controller import enrollment, inventory
+from fedsky.controller.api.app import SERVICES, ApiProblem, Services, json_ok
+from fedsky.controller.bus import BusUnavailable
+from fedsky.shared import exitcodes
+from fedsky.shared.ids import InvalidIdError
+from fedsky.shared.messages import Event, make_ping
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+
+class EnrolRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(max_length=63)]
+    location: Annotated[str, Field(max_length=100)]
+    csr_pem: Annotated[str, Field(max_length=16384)] | None = None
+    with_key: bool = False
+
+
+def _services(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+@routes.get("/v1/health")
+async def health(request: web.Request) -> web.Response:
+    svc = _services(request)
+    bus = svc.bus
+    return json_ok(
+        {
+            "status": "ok",
+            "bus_connected": bool(bus and bus.connected),
+            "broker_managed": svc.config.broker.managed,
+            "broker_pid": getattr(svc.broker, "pid", None),
+            "received": bus.stats.received if bus else 0,
+            "reports_stored": bus.stats.reports_stored if bus else 0,
+            "rejected": bus.stats.rejects.by_reason() if bus else {},
+            "ingest_backlog": bus.ingest_backlog if bus else 0,
+        }
+    )
+
+
+@routes.get("/v1/agents")
+async def list_agents(request: web.Request) -> web.Response:
+    return json_ok(await _services(request).store.run(inventory.list_agents))
+
+
+@routes.get("/v1/agents/{agent_id}")
+async def get_agent(request: web.Request) -> web.Response:
+    agent_id = request.match_info["agent_id"]
+    agent = await _services(request).store.run(inventory.get_agent, agent_id)
+    if agent is None:
+        raise ApiProblem(404, f"no agent {agent_id!r} is enrolled")
+    return json_ok(agent)
+
+
+@routes.get("/v1/agents/{agent_id}/history")
+async def agent_history(request: web.Request) -> web.Response:
+    agent_id = request.match_info["agent_id"]
+    limit = min(int(request.query.get("limit", "50")), 1000)
+    return json_ok(await _services(request).store.run(inventory.history, agent_id, limit))
+
+
+@routes.get("/v1/vms")
+async def list_vms(request: web.Request) -> web.Response:
+    agent_id = request.query.get("agent")
+    return json_ok(await _services(request).store.run(inventory.list_vms, agent_id))
+
+
+@routes.post("/v1/agents")
+async def enrol(request: web.Request) -> web.Response:
+    svc = _services(request)
+    body = EnrolRequest.model_validate(await request.json())
+    if body.csr_pem is None and not body.with_key:
+        raise ApiProblem(400, "give the agent's certificate request (--csr FILE), or --with-key", exit_code=exitcodes.USAGE)
+    if body.csr_pem is not None and body.with_key:
+        raise ApiProblem(400, "--csr and --with-key exclude each other", exit_code=exitcodes.USAGE)
+    cfg = svc.config
+    try:
+        result = await svc.store.run(
+            enrollment.enroll_agent,
+            svc.pki,
+            agent_id=body.name,
+            location=body.location,
+            csr_pem=body.csr_pem.encode() if body.csr_pem else None,
+            broker_host=cfg.broker_public_host,
+            broker_port=cfg.broker.port,
+            topic_prefix=cfg.bus.topic_prefix,
+        )
+    except InvalidIdError as exc:
+        raise ApiProblem(400, str(exc), exit_code=exitcodes.USAGE) from None
+    except enrollment.EnrolmentError as exc:
+        raise ApiProblem(409 if exc.conflict else 400, str(exc)) from None
+    log.info("enrolled agent %s at %s", body.name, body.location)
+    out: dict[str, object] = {"bundle": result.bundle.model_dump(mode="json", by_alias=True)}
+    if result.key_pem is not None:
+        out["key_pem"] = result.key_pem.decode()
+    return json_ok(out, status=201)
+
+
+@routes.post("/v1/agents/{agent_id}/revoke")
+async def revoke(request: web.Request) -> web.Response:
+    svc = _services(request)
+    agent_id = request.match_info["agent_id"]
+    try:
+        count = await svc.store.run(enrollment.revoke_agent, svc.pki, agent_id)
+    except enrollment.EnrolmentError as exc:
+        raise ApiProblem(404 if exc.not_found else 409, str(exc)) from None
+    log.info("revoked %d certificate(s) of agent %s", count, agent_id)
+    if svc.config.broker.managed and svc.broker is not None:
+        # Mosquitto 2.0 reads its CRL only at start: restart it; agents reconnect.
+        await svc.broker.restart()
+        enforcement = "the managed broker was restarted and refuses the certificate from now on"
+    else:
+        from fedsky.controller.broker import external_revocation_instructions
+
+        enforcement = external_revocation_instructions(crl_path=svc.pki.crl_path)
+    return json_ok({"agent_id": agent_id, "revoked_certificates": count, "enforcement": enforcement})
+
+
+@routes.post("/v1/agents/{agent_id}/ping")
+async def ping(request: web.Request) -> web.Response:
+    svc = _services(request)
+    agent_id = request.match_info["agent_id"]
+    timeout = min(float(request.query.get("timeout", "10")), 60.0)
+    agent = await svc.store.run(inventory.get_agent, agent_id)
+    if agent is None or agent["state"] == "revoked":
+        raise ApiProblem(404, f"no enrolled agent {agent_id!r}")
+    command = make_ping(ttl=timedelta(seconds=timeout))
+    loop = asyncio.get_running_loop()
+    answered: asyncio.Future[Event] = loop.create_future()
+
+    async def on_event(event: Event) -> None:
+        if event.command_id == command.command_id and not answered.done():
+            answered.set_result(event)
+
+    svc.bus.add_event_listener(on_event)
+    started = loop.time()
+    try:
+        await svc.bus.send_command(agent_id, command)
+        event = await asyncio.wait_for(answered, timeout)
+    except BusUnavailable as exc:
+        raise ApiProblem(503, str(exc), exit_code=exitcodes.UNAVAILABLE) from None
+    except TimeoutError:
+        raise ApiProblem(504, f"agent {agent_id!r} did not answer within {timeout:g} s") from None
+    finally:
+        svc.bus.remove_event_listener(on_event)
+    return json_ok({"agent_id": agent_id, "kind": event.kind, "rtt_ms": round((loop.time() - started) * 1000, 1)})

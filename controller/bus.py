@@ -1,0 +1,266 @@
+"""The controller's side of the bus: consume what agents and aggregators send, send commands.
+
+The transport is thin: it parses the topic, decodes the payload into its model and hands it to
+plain service functions (`fedsky.controller.inventory`) through the store's thread. Reports are
+batched: the consumer puts them on a bounded queue and one ingest task writes each batch in a
+single transaction, which is what lets one controller hold thousands of agents.
+
+A payload that fails validation is counted and logged once per sender and reason, then dropped;
+it never stops the consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedsky.controller import inventory
+from fedsky.controller.store import Store
+from fedsky.shared.ids import CONTROLLER_ID, is_aggregator_id
+from fedsky.shared.messages import (
+    AgentStatus,
+    Command,
+    Event,
+    PayloadError,
+    Report,
+    decode,
+)
+from fedsky.shared.retry import Backoff
+from fedsky.shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+INGEST_QUEUE = 20_000
+INGEST_BATCH = 500
+
+EventListener = Callable[[Event], Awaitable[None]]
+AggregatorHandler = Callable[[str, str, bytes], Awaitable[None]]
+
+
+class BusUnavailable(Exception):
+    """The broker cannot be reached right now."""
+
+
+class RejectLog:
+    """Counts rejected payloads; logs each (sender, reason) pair once."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def reject(self, sender: str, reason: str, detail: str) -> None:
+        key = (sender, reason)
+        self.counts[key] += 1
+        if self.counts[key] == 1:
+            log.warning("dropped payload from %s: %s (%s); further ones are only counted", sender, reason, detail)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def by_reason(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for (_, reason), n in self.counts.items():
+            out[reason] += n
+        return dict(out)
+
+
+@dataclass
+class BusStats:
+    received: int = 0
+    reports_stored: int = 0
+    connected_since: datetime | None = None
+    last_error: str | None = None
+    rejects: RejectLog = field(default_factory=RejectLog)
+
+
+class ControllerBus:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls_context: ssl.SSLContext,
+        topics: Topics,
+        store: Store,
+        history_per_agent: int,
+        backoff: Backoff = Backoff(base_s=0.5, cap_s=10.0),
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._tls = tls_context
+        self.topics = topics
+        self._store = store
+        self._history = history_per_agent
+        self._backoff = backoff
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._ingest: asyncio.Queue[tuple[Report, datetime]] = asyncio.Queue(INGEST_QUEUE)
+        self._event_listeners: list[EventListener] = []
+        self.aggregator_handler: AggregatorHandler | None = None
+        self.stats = BusStats()
+
+    # -- public --------------------------------------------------------------------------------
+
+    def add_event_listener(self, listener: EventListener) -> None:
+        self._event_listeners.append(listener)
+
+    def remove_event_listener(self, listener: EventListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._event_listeners.remove(listener)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def send_command(self, agent_id: str, command: Command) -> None:
+        """Publish a command (QoS 1) with an MQTT message expiry matching the command's own."""
+        client = self._client
+        if client is None or not self._connected.is_set():
+            raise BusUnavailable("the broker is not reachable; the command was not sent")
+        props = Properties(PacketTypes.PUBLISH)
+        ttl = int((command.expires_at - datetime.now(UTC)).total_seconds())
+        props.MessageExpiryInterval = max(1, ttl)
+        try:
+            await client.publish(
+                self.topics.cmd(agent_id), command.encode(), qos=1, properties=props, timeout=10
+            )
+        except aiomqtt.MqttError as exc:
+            raise BusUnavailable(f"publishing the command failed: {exc}") from None
+
+    async def run(self) -> None:
+        """Consume until cancelled, reconnecting with backoff and full jitter."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._ingest_loop(), name="bus-ingest")
+            tg.create_task(self._connection_loop(), name="bus-connection")
+
+    # -- connection ----------------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        delays = self._backoff.delays()
+        props = Properties(PacketTypes.CONNECT)
+        # Keep the session for an hour so QoS 1 messages sent while the controller restarts wait
+        # for it at the broker.
+        props.SessionExpiryInterval = 3600
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self._host,
+                    self._port,
+                    identifier=f"{CONTROLLER_ID}-{self.topics.prefix}".replace("/", "-"),
+                    tls_context=self._tls,
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    clean_start=False,
+                    properties=props,
+                    keepalive=30,
+                    timeout=10,
+                    max_queued_incoming_messages=INGEST_QUEUE,
+                ) as client:
+                    await client.subscribe(self.topics.all_agents_up, qos=1)
+                    await client.subscribe(self.topics.all_aggregators_up, qos=1)
+                    self._client = client
+                    self._connected.set()
+                    self.stats.connected_since = datetime.now(UTC)
+                    self.stats.last_error = None
+                    delays = self._backoff.delays()
+                    log.info("connected to the broker at %s:%d", self._host, self._port)
+                    async for message in client.messages:
+                        await self._dispatch(message)
+            except aiomqtt.MqttError as exc:
+                self.stats.last_error = str(exc)
+                log.warning("broker connection lost or refused: %s", exc)
+            finally:
+                self._client = None
+                self._connected.clear()
+                self.stats.connected_since = None
+            await asyncio.sleep(next(delays, self._backoff.cap_s))
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    async def _dispatch(self, message: aiomqtt.Message) -> None:
+        self.stats.received += 1
+        topic = self.topics.parse_up(message.topic.value)
+        if topic is None:
+            self.stats.rejects.reject("?", "bad_topic", message.topic.value[:120])
+            return
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        now = datetime.now(UTC)
+        try:
+            if topic.role == "aggregators":
+                await self._dispatch_aggregator(topic.sender, topic.channel, bytes(payload))
+            elif topic.channel == "report":
+                report = decode(Report, payload)
+                self._check_sender(topic.sender, report.agent_id)
+                await self._ingest.put((report, now))
+            elif topic.channel == "status":
+                if not payload:  # a cleared retained message
+                    return
+                status = decode(AgentStatus, payload)
+                self._check_sender(topic.sender, status.agent_id)
+                if await self._store.run(inventory.record_status, status, received_at=now):
+                    log.info("agent %s is %s", status.agent_id, status.state)
+            elif topic.channel == "events":
+                event = decode(Event, payload)
+                self._check_sender(topic.sender, event.agent_id)
+                await self._store.run(inventory.record_event, event, received_at=now)
+                for listener in list(self._event_listeners):
+                    try:
+                        await listener(event)
+                    except Exception:
+                        log.exception("event listener failed on %s from %s", event.kind, event.agent_id)
+            else:
+                raise PayloadError("bad_channel", topic.channel)
+        except PayloadError as exc:
+            self.stats.rejects.reject(topic.sender, exc.reason, exc.detail)
+        except inventory.UnknownAgent:
+            self.stats.rejects.reject(topic.sender, "unknown_agent", "not enrolled or revoked")
+
+    async def _dispatch_aggregator(self, sender: str, channel: str, payload: bytes) -> None:
+        if not is_aggregator_id(sender):
+            raise PayloadError("bad_sender", "aggregator topics are for agg-* identities")
+        handler = self.aggregator_handler
+        if handler is None:
+            raise PayloadError("no_job", "no job is listening for aggregators")
+        await handler(sender, channel, payload)
+
+    @staticmethod
+    def _check_sender(topic_sender: str, claimed: str) -> None:
+        # The broker's ACL ties the topic to the certificate; the payload must agree with it.
+        if topic_sender != claimed:
+            raise PayloadError("sender_mismatch", f"payload claims {claimed!r}")
+
+    async def _ingest_loop(self) -> None:
+        while True:
+            batch = [await self._ingest.get()]
+            while len(batch) < INGEST_BATCH and not self._ingest.empty():
+                batch.append(self._ingest.get_nowait())
+            try:
+                outcomes = await self._store.run(
+                    inventory.record_reports, batch, history_limit=self._history
+                )
+            except Exception:
+                log.exception("storing %d reports failed", len(batch))
+                continue
+            for outcome in outcomes:
+                if outcome.accepted:
+                    self.stats.reports_stored += 1
+                    if outcome.came_online:
+                        log.info("agent %s is online", outcome.agent_id)
+                elif outcome.reason == "unknown_agent":
+                    self.stats.rejects.reject(outcome.agent_id, "unknown_agent", "not enrolled or revoked")
+
+    @property
+    def ingest_backlog(self) -> int:
+        return self._ingest.qsize()

@@ -1,0 +1,32 @@
+"""`fedctl ca init`: create the controller's certificate authority (no daemon needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedsky.controller.cli.client import config_path
+from fedsky.controller.cli.output import fail
+from fedsky.controller.config import load_controller_config
+from fedsky.controller.pki import Pki, PkiError
+from fedsky.shared import exitcodes
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = sub.add_parser("ca", help="the certificate authority")
+    ca_sub = ca.add_subparsers(dest="ca_command", metavar="ACTION")
+    ca_sub.required = True
+    init = ca_sub.add_parser("init", help="create the CA in the controller's state directory")
+    init.add_argument("--name", default="fedsky CA", help="the CA's common name")
+    init.add_argument("--force", action="store_true", help="replace an existing CA (every certificate becomes invalid)")
+    init.set_defaults(func=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    config = load_controller_config(config_path(args.config))
+    try:
+        pki = Pki.init(config.pki_dir, common_name=args.name, force=args.force)
+    except PkiError as exc:
+        return fail(str(exc))
+    print(f"CA created in {config.pki_dir}")
+    print(f"CA certificate: {pki.ca_cert_path}")
+    return exitcodes.OK

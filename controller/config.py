@@ -1,0 +1,91 @@
+"""The controller's config file (`controller.toml`), validated at start.
+
+Every key has a default that suits one machine (the embedded defaults): a managed broker on
+127.0.0.1, the API on a unix socket in the state directory. Relative paths are relative to the
+config file's directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from fedsky.shared.config import load_config, resolve_path
+from fedsky.shared.topics import DEFAULT_PREFIX
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Section):
+    managed: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 8883
+    # Name agents use to reach the broker (written into enrolment bundles); default: `host`.
+    public_host: str | None = None
+    mosquitto_bin: str = "mosquitto"
+    # External broker only: the CA that signed its server certificate (default: fedsky's CA).
+    ca_file: Path | None = None
+
+
+class BusConfig(_Section):
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = DEFAULT_PREFIX
+    command_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+
+
+class ApiConfig(_Section):
+    # Unix socket (default: <state_dir>/controller.sock) and/or a TCP listener (host:port).
+    socket: Path | None = None
+    socket_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
+    tcp: Annotated[str, Field(pattern=r"^[^:]+:\d{1,5}$")] | None = None
+
+
+class InventoryConfig(_Section):
+    offline_after_s: Annotated[float, Field(gt=0)] = 90.0
+    history_per_agent: Annotated[int, Field(ge=1, le=100000)] = 200
+    sweep_interval_s: Annotated[float, Field(gt=0)] = 5.0
+
+
+class ControllerConfig(_Section):
+    state_dir: Path = Path("/var/lib/fedsky")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    broker: BrokerConfig = BrokerConfig()
+    bus: BusConfig = BusConfig()
+    api: ApiConfig = ApiConfig()
+    inventory: InventoryConfig = InventoryConfig()
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
+        config_dir = (info.context or {}).get("config_dir")
+        return resolve_path(value, config_dir)
+
+    # Derived locations, all inside the one state directory.
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "controller.db"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.state_dir / "broker"
+
+    @property
+    def api_socket(self) -> Path:
+        return self.api.socket or (self.state_dir / "controller.sock")
+
+    @property
+    def broker_public_host(self) -> str:
+        return self.broker.public_host or self.broker.host
+
+
+def load_controller_config(path: str | Path) -> ControllerConfig:
+    return load_config(ControllerConfig, path)

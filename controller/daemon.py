@@ -1,0 +1,180 @@
+"""`fedsky-controller --config controller.toml`: the operator's daemon.
+
+One root TaskGroup: the managed broker (when `broker.managed`), the bus consumer, the stale-agent
+sweeper and the HTTP API. SIGTERM or SIGINT cancels the group; every task is awaited on the way
+out and the broker child is stopped. Exit codes: 0 clean stop, 78 bad config, 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from aiohttp import web
+
+from fedsky.controller import inventory
+from fedsky.controller.api.app import Services, make_app
+from fedsky.controller.broker import ManagedBroker, prepare_broker_files
+from fedsky.controller.bus import ControllerBus
+from fedsky.controller.config import ControllerConfig, load_controller_config
+from fedsky.controller.enrollment import record_certificate
+from fedsky.controller.pki import Pki, PkiError, cert_info
+from fedsky.controller.store import Store, StoreError
+from fedsky.shared import exitcodes
+from fedsky.shared.config import ConfigError
+from fedsky.shared.ids import CONTROLLER_ID
+from fedsky.shared.logs import setup_logging
+from fedsky.shared.tls import client_context
+from fedsky.shared.topics import Topics
+
+log = logging.getLogger("fedsky.controller")
+
+RENEW_BEFORE = timedelta(days=30)
+
+
+def ensure_controller_identity(pki: Pki, store: Store) -> tuple[Path, Path]:
+    """The controller's own client certificate for the bus, renewed when it nears expiry."""
+    cert_path = pki.directory / "controller.crt"
+    key_path = pki.directory / "controller.key"
+    if cert_path.exists() and key_path.exists():
+        info = cert_info(cert_path.read_bytes())
+        if info.not_after - datetime.now(UTC) > RENEW_BEFORE:
+            return cert_path, key_path
+    issued = pki.issue(common_name=CONTROLLER_ID, kind="controller")
+    assert issued.key_pem is not None
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(issued.key_pem)
+    cert_path.write_bytes(issued.cert_pem)
+    store.call(record_certificate, issued)
+    return cert_path, key_path
+
+
+def open_parts(config: ControllerConfig) -> tuple[Store, Pki]:
+    """Open the state (store, PKI) and declare every part's schema."""
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    try:
+        pki = Pki.open(config.pki_dir)
+    except PkiError as exc:
+        raise ConfigError(f"{exc}") from None
+    store = Store(config.db_path)
+    inventory.ensure_schema(store)
+    return store, pki
+
+
+async def _sweep_offline(store: Store, config: ControllerConfig) -> None:
+    while True:
+        await asyncio.sleep(config.inventory.sweep_interval_s)
+        gone = await store.run(
+            inventory.mark_stale_offline,
+            now=datetime.now(UTC),
+            offline_after_s=config.inventory.offline_after_s,
+        )
+        for agent_id in gone:
+            log.warning("agent %s sent nothing for %.0f s: marked offline", agent_id, config.inventory.offline_after_s)
+
+
+async def _serve_api(app: web.Application, config: ControllerConfig, started: asyncio.Event) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        sock = config.api_socket
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()
+        await web.UnixSite(runner, str(sock)).start()
+        os.chmod(sock, config.api.socket_mode)
+        log.info("API listening on unix socket %s", sock)
+        if config.api.tcp:
+            host, port = config.api.tcp.rsplit(":", 1)
+            await web.TCPSite(runner, host, int(port)).start()
+            log.info("API listening on http://%s", config.api.tcp)
+        started.set()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def serve(config: ControllerConfig, *, started: asyncio.Event | None = None) -> None:
+    """Run the controller until cancelled."""
+    store, pki = open_parts(config)
+    started = started or asyncio.Event()
+    try:
+        cert, key = ensure_controller_identity(pki, store)
+        topics = Topics(config.bus.topic_prefix)
+        broker: ManagedBroker | None = None
+        if config.broker.managed:
+            files = prepare_broker_files(
+                pki=pki,
+                broker_dir=config.broker_dir,
+                host=config.broker.host,
+                port=config.broker.port,
+                topic_prefix=config.bus.topic_prefix,
+            )
+            broker = ManagedBroker(files=files, mosquitto_bin=config.broker.mosquitto_bin)
+            ca_file = pki.ca_cert_path
+        else:
+            ca_file = config.broker.ca_file or pki.ca_cert_path
+        bus = ControllerBus(
+            host=config.broker.host,
+            port=config.broker.port,
+            tls_context=client_context(ca_file=ca_file, cert_file=cert, key_file=key),
+            topics=topics,
+            store=store,
+            history_per_agent=config.inventory.history_per_agent,
+        )
+        services = Services(config=config, store=store, pki=pki, bus=bus, broker=broker)
+        app = make_app(services)
+        async with asyncio.TaskGroup() as tg:
+            if broker is not None:
+                tg.create_task(broker.run(), name="broker")
+                await broker.wait_ready(timeout=30)
+            tg.create_task(bus.run(), name="bus")
+            tg.create_task(_sweep_offline(store, config), name="offline-sweeper")
+            tg.create_task(_serve_api(app, config, started), name="api")
+    finally:
+        store.close()
+
+
+async def _main_async(config: ControllerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await serve(config)
+    except asyncio.CancelledError:
+        log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedsky-controller", description="Run the fedsky controller.")
+    parser.add_argument("--config", required=True, help="controller.toml")
+    args = parser.parse_args(argv)
+    try:
+        config = load_controller_config(args.config)
+    except ConfigError as exc:
+        print(f"fedsky-controller: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(_main_async(config))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return exitcodes.CONFIG
+    except StoreError as exc:
+        log.error("%s", exc)
+        return exitcodes.FAILED
+    return exitcodes.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

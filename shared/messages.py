@@ -1,0 +1,225 @@
+"""Every payload on the bus, as a versioned pydantic model.
+
+Versioning: each payload carries `schema` as "MAJOR.MINOR". A newer minor version's unknown
+fields are ignored (models use `extra="ignore"`); another major version is refused. Decoding
+never raises anything but `PayloadError`, whose `reason` is a short category that the consumer
+counts and logs once per sender.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedsky.shared.ids import AGENT_ID_PATTERN
+
+SCHEMA_MAJOR = 1
+SCHEMA_VERSION = "1.0"
+MAX_PAYLOAD_BYTES = 1 << 20  # 1 MiB: a report of 4,096 VMs fits many times over.
+
+VmState = Literal[
+    "nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended"
+]
+VM_STATES: tuple[VmState, ...] = (
+    "nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended"
+)
+
+AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
+ShortText = Annotated[str, Field(max_length=256)]
+Detail = Annotated[str, Field(max_length=2048)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class PayloadError(ValueError):
+    """A payload that cannot be accepted; `reason` is a short category for counting."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    schema_: str = Field(default=SCHEMA_VERSION, alias="schema", pattern=r"^\d{1,3}\.\d{1,3}$")
+
+    @field_validator("schema_")
+    @classmethod
+    def _same_major(cls, value: str) -> str:
+        major = int(value.split(".", 1)[0])
+        if major != SCHEMA_MAJOR:
+            raise ValueError(f"schema major version {major} is not supported (this is {SCHEMA_MAJOR})")
+        return value
+
+    def encode(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+
+# --- Agent reports -----------------------------------------------------------------------------
+
+
+class VmInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: ShortText
+    uuid: Annotated[str, Field(pattern=r"^[0-9a-fA-F-]{32,36}$")]
+    state: VmState
+    vcpus: Annotated[int, Field(ge=0, le=4096)]
+    memory_mib: Annotated[int, Field(ge=0, le=1 << 30)]
+    disk_gib: Annotated[float, Field(ge=0, le=1 << 30)]
+    addresses: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=32)] = []
+
+
+class HostInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    hostname: ShortText
+    cpu_count: Annotated[int, Field(ge=1, le=65536)]
+    cpu_percent: Annotated[float, Field(ge=0, le=100)]
+    load_1m: Annotated[float, Field(ge=0)]
+    memory_total_mib: Annotated[int, Field(ge=0)]
+    memory_available_mib: Annotated[int, Field(ge=0)]
+    disk_total_gib: Annotated[float, Field(ge=0)]
+    disk_free_gib: Annotated[float, Field(ge=0)]
+
+
+class TaskSummary(BaseModel):
+    """What an agent is running now, as far as it may say (never a local path)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    task_id: ShortText
+    job_id: ShortText
+    vm: ShortText
+    state: Literal["assigned", "starting", "running", "stopping"]
+    since: datetime
+
+
+class Report(Message):
+    agent_id: AgentId
+    seq: Annotated[int, Field(ge=0)]
+    sent_at: datetime
+    host: HostInfo
+    vms: Annotated[list[VmInfo], Field(max_length=4096)]
+    task: TaskSummary | None = None
+    # Measured round-trip times (ms) to candidate regions, keyed by `cloud:region`.
+    rtt_ms: Annotated[dict[Annotated[str, Field(max_length=96)], Annotated[float, Field(ge=0, le=60000)]], Field(max_length=512)] = {}
+
+
+class AgentStatus(Message):
+    """Retained on the status topic; the offline form is also the MQTT will."""
+
+    agent_id: AgentId
+    state: Literal["online", "offline"]
+    at: datetime | None = None
+    version: ShortText = ""
+
+
+# --- Commands and events -----------------------------------------------------------------------
+
+
+class Command(Message):
+    command_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = Field(default_factory=new_id)
+    issued_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return (now or utcnow()) >= self.expires_at
+
+
+class PingCommand(Command):
+    kind: Literal["ping"] = "ping"
+
+
+AnyCommand = Annotated[PingCommand, Field(discriminator="kind")]
+
+
+class CommandEnvelope(BaseModel):
+    """Wraps the command union so that one `model_validate` picks the right kind."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    command: AnyCommand
+
+
+EventKind = Literal[
+    "pong",
+    "command_rejected",
+    "task_acknowledged",
+    "task_starting",
+    "task_running",
+    "task_finished",
+    "task_failed",
+    "task_stopped",
+]
+
+
+class Event(Message):
+    agent_id: AgentId
+    kind: EventKind
+    at: datetime = Field(default_factory=utcnow)
+    command_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
+    task_id: ShortText | None = None
+    detail: Detail = ""
+
+
+def make_ping(*, ttl: timedelta = timedelta(seconds=60)) -> PingCommand:
+    now = utcnow()
+    return PingCommand(issued_at=now, expires_at=now + ttl)
+
+
+# --- Decoding ----------------------------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _load_json(payload: bytes | bytearray) -> Any:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadError("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise PayloadError("not_json", type(exc).__name__) from None
+
+
+def _reason(exc: ValidationError) -> str:
+    for err in exc.errors():
+        if tuple(err.get("loc", ()))[:1] == ("schema",):
+            return "schema_version"
+    return "invalid"
+
+
+def decode(model: type[M], payload: bytes | bytearray) -> M:
+    """Parse `payload` as `model`; raise PayloadError (never anything else) if it is not one."""
+    data = _load_json(payload)
+    if not isinstance(data, dict):
+        raise PayloadError("invalid", "payload is not a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+        raise PayloadError(_reason(exc), f"{where}: {first.get('msg', 'invalid')}") from None
+
+
+def decode_command(payload: bytes | bytearray) -> PingCommand:
+    data = _load_json(payload)
+    if not isinstance(data, dict):
+        raise PayloadError("invalid", "payload is not a JSON object")
+    try:
+        return CommandEnvelope.model_validate({"command": data}).command
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "payload"
+        raise PayloadError(_reason(exc), f"{where}: {first.get('msg', 'invalid')}") from None
