@@ -51,6 +51,52 @@ class InventoryConfig(_Section):
     sweep_interval_s: Annotated[float, Field(gt=0)] = 5.0
 
 
+class AwsCloudConfig(_Section):
+    # A test or private endpoint for every AWS service (moto's server, a VPC endpoint). Endpoints
+    # come only from here, never from an uploaded credential file.
+    endpoint_url: str | None = None
+    # Where `clouds add aws` validates when neither `--region` nor the profile names a region.
+    validation_region: str = "us-east-1"
+    validation_instance_type: str = "t3.small"
+    # The aggregator's image per region; elsewhere the newest image named `image_name` owned by
+    # `image_owner` (default: Debian 12 from Debian's own account).
+    images: dict[str, str] = {}
+    image_owner: str = "136693071363"
+    image_name: str = "debian-12-amd64-*"
+    # Regions the orphan sweep looks in; empty: every region enabled for the account.
+    sweep_regions: tuple[str, ...] = ()
+
+
+class GcpCloudConfig(_Section):
+    # Test or private endpoints; a key file's own `token_uri` is used only when it is listed in
+    # `allowed_token_uris` (an uploaded key must not send signed assertions anywhere else).
+    compute_endpoint: str | None = None
+    resource_manager_endpoint: str = "https://cloudresourcemanager.googleapis.com"
+    token_uri: str | None = None
+    allowed_token_uris: tuple[str, ...] = ("https://oauth2.googleapis.com/token",)
+    image: str = "projects/debian-cloud/global/images/family/debian-12"
+    network: str = "global/networks/default"
+    disk_gb: Annotated[int, Field(ge=10, le=1000)] = 20
+
+
+class CloudsConfig(_Section):
+    # The URL the aggregator VMs use to redeem their one-time token for a certificate (the
+    # controller's enrolment listener, reachable from the cloud). Required to launch on a cloud.
+    enroll_url: str | None = None
+    superlink_port: Port = 9092
+    # How the VM gets fedsky's `aggregator` extra: a pip requirement (a wheel URL the VM can
+    # reach, or a name on `pip_index_url`), or nothing when the image has it (`preinstalled`).
+    package: str = "fedsky[aggregator]"
+    pip_index_url: str | None = None
+    preinstalled: bool = False
+    token_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 1800.0
+    cert_days: Annotated[int, Field(ge=1, le=365)] = 30
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    poll_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    aws: AwsCloudConfig = AwsCloudConfig()
+    gcp: GcpCloudConfig = GcpCloudConfig()
+
+
 class ControllerConfig(_Section):
     state_dir: Path = Path("/var/lib/fedsky")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -58,6 +104,7 @@ class ControllerConfig(_Section):
     bus: BusConfig = BusConfig()
     api: ApiConfig = ApiConfig()
     inventory: InventoryConfig = InventoryConfig()
+    clouds: CloudsConfig = CloudsConfig()
 
     @field_validator("state_dir")
     @classmethod

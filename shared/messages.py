@@ -143,7 +143,48 @@ class PingCommand(Command):
     kind: Literal["ping"] = "ping"
 
 
-AnyCommand = Annotated[PingCommand, Field(discriminator="kind")]
+TaskId = Annotated[str, Field(pattern=r"^[a-z0-9-]{1,80}$")]
+JobId = Annotated[str, Field(pattern=r"^[a-z0-9-]{1,48}$")]
+
+
+class PrepareTaskCommand(Command):
+    """Ask the agent to check the VM and make this task's SuperNode keys (a node and a standby).
+
+    The agent answers `task_acknowledged` with the public keys in `Event.public_keys`; the
+    private keys never leave the hospital.
+    """
+
+    kind: Literal["prepare_task"] = "prepare_task"
+    task_id: TaskId
+    job_id: JobId
+    vm: ShortText
+    dataset: ShortText
+
+
+class StartTaskCommand(Command):
+    """Start the SuperNode for a task on the chosen VM."""
+
+    kind: Literal["start_task"] = "start_task"
+    task_id: TaskId
+    job_id: JobId
+    vm: ShortText
+    dataset: ShortText
+    superlink: Annotated[str, Field(max_length=300)]  # host:port of the aggregator's Fleet API
+    ca_pem: Annotated[str, Field(max_length=65536)]
+    key: Literal["node", "standby"] = "node"
+    node_config: Annotated[dict[ShortText, ShortText | int | float], Field(max_length=32)] = {}
+
+
+class StopTaskCommand(Command):
+    kind: Literal["stop_task"] = "stop_task"
+    task_id: TaskId
+    reason: ShortText = ""
+
+
+AnyCommand = Annotated[
+    PingCommand | PrepareTaskCommand | StartTaskCommand | StopTaskCommand,
+    Field(discriminator="kind"),
+]
 
 
 class CommandEnvelope(BaseModel):
@@ -172,6 +213,8 @@ class Event(Message):
     command_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
     task_id: ShortText | None = None
     detail: Detail = ""
+    # task_acknowledged: the SuperNode public keys (OpenSSH format) by role, "node" and "standby".
+    public_keys: Annotated[dict[Literal["node", "standby"], Annotated[str, Field(max_length=1024)]], Field(max_length=2)] = {}
 
 
 def make_ping(*, ttl: timedelta = timedelta(seconds=60)) -> PingCommand:
@@ -213,7 +256,9 @@ def decode(model: type[M], payload: bytes | bytearray) -> M:
         raise PayloadError(_reason(exc), f"{where}: {first.get('msg', 'invalid')}") from None
 
 
-def decode_command(payload: bytes | bytearray) -> PingCommand:
+def decode_command(
+    payload: bytes | bytearray,
+) -> PingCommand | PrepareTaskCommand | StartTaskCommand | StopTaskCommand:
     data = _load_json(payload)
     if not isinstance(data, dict):
         raise PayloadError("invalid", "payload is not a JSON object")

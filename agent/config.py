@@ -1,0 +1,276 @@
+"""The agent's config file (`agent.toml`), validated at start.
+
+Relative paths are relative to the config file's directory. Everything the agent writes lives in
+`state_dir`: its private key, certificate, the CA certificate, the installed bundle's metadata,
+the status socket and the status file. The broker address and topic prefix come from the
+installed enrolment bundle unless `[broker]` overrides them.
+
+A minimal production file::
+
+    state_dir = "/var/lib/fedsky-agent"
+
+    [libvirt]
+    uri = "qemu:///system"
+
+    [status]
+    group = "fedsky"
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from fedsky.shared.bundle import BundleError, EnrolmentBundle, read_bundle
+from fedsky.shared.config import ConfigError, load_config, resolve_path
+from fedsky.shared.ids import InvalidIdError, check_agent_id
+
+DEFAULT_CONFIG_PATH = Path("/etc/fedsky/agent.toml")
+CONFIG_ENV = "FEDSKY_AGENT_CONFIG"
+DEFAULT_STATE_DIR = Path("/var/lib/fedsky-agent")
+
+# File names inside state_dir.
+KEY_NAME = "agent.key"
+CERT_NAME = "agent.crt"
+CA_NAME = "ca.crt"
+BUNDLE_NAME = "bundle.json"
+SOCKET_NAME = "agent.sock"
+STATUS_FILE_NAME = "status.json"
+
+# sockaddr_un.sun_path is 108 bytes on Linux, one of them the terminating NUL.
+_MAX_SOCKET_PATH = 107
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=86400)]
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    return resolve_path(value, (info.context or {}).get("config_dir"))
+
+
+def _check_socket_path(value: Path | None) -> Path | None:
+    if value is not None and len(str(value).encode()) > _MAX_SOCKET_PATH:
+        raise ValueError(f"path is too long for a unix socket (at most {_MAX_SOCKET_PATH} bytes)")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LibvirtSection(_Section):
+    # Any libvirt URI: `qemu:///system` in production, `test:///abs/path/node.xml` in tests.
+    uri: Annotated[str, Field(min_length=1)] = "qemu:///system"
+
+
+class BrokerSection(_Section):
+    # Override the broker address and topic prefix written in the installed bundle.
+    host: Annotated[str, Field(min_length=1, max_length=253)] | None = None
+    port: Port | None = None
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    # Time allowed for connecting and for each acknowledged publish.
+    timeout_s: Seconds = 10.0
+    # Reconnect delays: uniform in [0, min(cap, base * 2**n)] (full jitter).
+    reconnect_base_s: Seconds = 0.5
+    reconnect_cap_s: Seconds = 30.0
+    # How long the broker keeps commands for this agent while it is disconnected.
+    session_expiry_s: Annotated[int, Field(ge=0, le=86400)] = 600
+
+    @model_validator(mode="after")
+    def _cap_above_base(self) -> BrokerSection:
+        if self.reconnect_cap_s < self.reconnect_base_s:
+            raise ValueError("reconnect_cap_s must be at least reconnect_base_s")
+        return self
+
+
+class TlsSection(_Section):
+    # Defaults: ca.crt, agent.crt and agent.key in state_dir (where `agentctl enroll` puts them).
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _resolve(value, info)
+
+
+def _file_mode(value: Any) -> Any:
+    # TOML writes octal as 0o660; accept the familiar "0660" string too.
+    if isinstance(value, str):
+        try:
+            return int(value, 8)
+        except ValueError:
+            raise ValueError("expected an octal file mode such as 0o660") from None
+    return value
+
+
+class StatusSection(_Section):
+    # Unix socket `agentctl status` reads (default: state_dir/agent.sock).
+    socket: Path | None = None
+    # The status file `agentctl status` falls back to (default: state_dir/status.json).
+    state_file: Path | None = None
+    mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
+    # Group that may read the agent's status (hospital IT's group); None: the agent's own group.
+    group: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        return _file_mode(value)
+
+    @field_validator("socket", "state_file")
+    @classmethod
+    def _paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        resolved = _resolve(value, info)
+        return _check_socket_path(resolved) if info.field_name == "socket" else resolved
+
+
+class FaultHookSection(_Section):
+    """Test-only hooks. Production configs must not have a `[test]` section.
+
+    `fault_socket`: a unix socket on which the agent accepts `{"action": "destroy" | "suspend" |
+    "resume" | "start", "vm": NAME}` and applies it through its own libvirt connection. The
+    libvirt test driver keeps a separate state per connection, so a test can only change what
+    the agent sees through the agent itself. Anyone who can open this socket can stop VMs.
+    """
+
+    fault_socket: Path | None = None
+
+    @field_validator("fault_socket")
+    @classmethod
+    def _path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _check_socket_path(_resolve(value, info))
+
+
+class AgentConfig(_Section):
+    # Default: the agent id of the installed enrolment bundle; if set, it must match it.
+    agent_id: str | None = None
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # A full report at this interval, and at once when a VM's state changes.
+    report_interval_s: Seconds = 30.0
+    # How often the VMs' states are polled to notice a change.
+    poll_interval_s: Seconds = 5.0
+    libvirt: LibvirtSection = LibvirtSection()
+    broker: BrokerSection = BrokerSection()
+    tls: TlsSection = TlsSection()
+    status: StatusSection = StatusSection()
+    test: FaultHookSection | None = None
+    # Issue 4 adds the `[datasets]` (dataset name -> local path) and `[executor]` sections here.
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return check_agent_id(value)
+        except InvalidIdError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, value: Path, info: ValidationInfo) -> Path:
+        resolved = _resolve(value, info)
+        assert resolved is not None
+        return resolved
+
+    @model_validator(mode="after")
+    def _socket_fits(self) -> AgentConfig:
+        if self.status.socket is None and (
+            len(str(self.state_dir / SOCKET_NAME).encode()) > _MAX_SOCKET_PATH
+        ):
+            raise ValueError(
+                "state_dir is too long to hold the status socket; set status.socket to a shorter path"
+            )
+        return self
+
+    # Derived locations.
+    @property
+    def key_file(self) -> Path:
+        return self.tls.key_file or self.state_dir / KEY_NAME
+
+    @property
+    def cert_file(self) -> Path:
+        return self.tls.cert_file or self.state_dir / CERT_NAME
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls.ca_file or self.state_dir / CA_NAME
+
+    @property
+    def bundle_file(self) -> Path:
+        return self.state_dir / BUNDLE_NAME
+
+    @property
+    def status_socket(self) -> Path:
+        return self.status.socket or self.state_dir / SOCKET_NAME
+
+    @property
+    def status_file(self) -> Path:
+        return self.status.state_file or self.state_dir / STATUS_FILE_NAME
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    return load_config(AgentConfig, path)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this agent is and where it reports: the installed bundle plus config overrides."""
+
+    agent_id: str
+    location: str
+    broker_host: str
+    broker_port: int
+    topic_prefix: str
+    cert_not_after: datetime
+
+
+def read_installed_bundle(config: AgentConfig) -> EnrolmentBundle:
+    """The bundle `agentctl enroll` installed; ConfigError if the agent is not enrolled."""
+    path = config.bundle_file
+    if not path.exists():
+        raise ConfigError(
+            f"{path}: the agent is not enrolled: run `agentctl enroll request NAME`, have the "
+            "operator sign it, then `agentctl enroll BUNDLE`"
+        )
+    try:
+        return read_bundle(path)
+    except BundleError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def resolve_identity(config: AgentConfig) -> Identity:
+    """Combine the installed bundle with the config's overrides; ConfigError when they clash."""
+    bundle = read_installed_bundle(config)
+    if config.agent_id is not None and config.agent_id != bundle.agent_id:
+        raise ConfigError(
+            f"key 'agent_id': {config.agent_id!r} does not match the enrolled identity "
+            f"{bundle.agent_id!r} in {config.bundle_file}"
+        )
+    for what, path in (("tls.key_file", config.key_file), ("tls.cert_file", config.cert_file),
+                       ("tls.ca_file", config.ca_file)):
+        if not path.exists():
+            raise ConfigError(f"key '{what}': {path} does not exist (is the agent enrolled?)")
+    return Identity(
+        agent_id=bundle.agent_id,
+        location=bundle.location,
+        broker_host=config.broker.host or bundle.broker_host,
+        broker_port=config.broker.port or bundle.broker_port,
+        topic_prefix=config.broker.topic_prefix or bundle.topic_prefix,
+        cert_not_after=bundle.not_after,
+    )
