@@ -24,11 +24,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-
 from fedsky.shared.bundle import BundleError, EnrolmentBundle, read_bundle
 from fedsky.shared.config import ConfigError, load_config, resolve_path
 from fedsky.shared.ids import InvalidIdError, check_agent_id
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = Path("/etc/fedsky/agent.toml")
 CONFIG_ENV = "FEDSKY_AGENT_CONFIG"
@@ -190,7 +189,8 @@ class AgentConfig(_Section):
             len(str(self.state_dir / SOCKET_NAME).encode()) > _MAX_SOCKET_PATH
         ):
             raise ValueError(
-                "state_dir is too long to hold the status socket; set status.socket to a shorter path"
+                "state_dir is too long to hold the status socket; "
+                "set status.socket to a shorter path"
             )
         return self
 
@@ -262,8 +262,11 @@ def resolve_identity(config: AgentConfig) -> Identity:
             f"key 'agent_id': {config.agent_id!r} does not match the enrolled identity "
             f"{bundle.agent_id!r} in {config.bundle_file}"
         )
-    for what, path in (("tls.key_file", config.key_file), ("tls.cert_file", config.cert_file),
-                       ("tls.ca_file", config.ca_file)):
+    for what, path in (
+        ("tls.key_file", config.key_file),
+        ("tls.cert_file", config.cert_file),
+        ("tls.ca_file", config.ca_file),
+    ):
         if not path.exists():
             raise ConfigError(f"key '{what}': {path} does not exist (is the agent enrolled?)")
     return Identity(

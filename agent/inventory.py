@@ -7,6 +7,7 @@ must not be used by two threads at once, and the test driver keeps its state per
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -18,7 +19,6 @@ from typing import Any, Literal
 
 import libvirt
 import psutil
-
 from fedsky.shared.messages import VM_STATES, HostInfo, VmInfo, VmState
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,8 @@ class LibvirtInventory:
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
-            except libvirt.libvirtError:
-                pass
 
     def close(self) -> None:
         with self._lock:
@@ -199,12 +197,16 @@ class LibvirtInventory:
             total += self._capacity(conn, dom, source)
         return total
 
-    def _capacity(self, conn: libvirt.virConnect, dom: libvirt.virDomain, source: ET.Element) -> int:
+    def _capacity(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, source: ET.Element
+    ) -> int:
         pool, volume = source.get("pool"), source.get("volume")
         path = source.get("file") or source.get("dev")
         try:
             if pool and volume:
-                return int(conn.storagePoolLookupByName(pool).storageVolLookupByName(volume).info()[1])
+                return int(
+                    conn.storagePoolLookupByName(pool).storageVolLookupByName(volume).info()[1]
+                )
             if path:
                 return int(conn.storageVolLookupByPath(path).info()[1])
         except libvirt.libvirtError as exc:
@@ -221,7 +223,9 @@ class LibvirtInventory:
         key = f"{dom.name()}:{path or volume}"
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("size of disk %s of VM %s is unknown; counted as 0", path or volume, dom.name())
+            log.warning(
+                "size of disk %s of VM %s is unknown; counted as 0", path or volume, dom.name()
+            )
         return 0
 
     def _addresses(self, dom: libvirt.virDomain) -> list[str]:
@@ -246,7 +250,12 @@ class LibvirtInventory:
         """Destroy, suspend, resume or start `vm` through this connection; return its new state."""
 
         def act(conn: libvirt.virConnect) -> VmState:
-            dom = conn.lookupByName(vm)
+            try:
+                dom = conn.lookupByName(vm)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise InventoryError(f"no VM named {vm!r} at {self._uri}") from None
+                raise
             if action == "destroy":
                 dom.destroy()
             elif action == "suspend":

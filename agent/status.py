@@ -22,9 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from fedsky.shared.messages import HostInfo, TaskSummary, VmInfo, utcnow
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def _process_start_time() -> float | None:
         import psutil
 
         return float(psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - only a hint for stale-pid detection
+    except Exception:
         return None
 
 
@@ -255,6 +254,15 @@ def _socket_answers(path: Path) -> bool:
         return True
 
 
+def _clear_socket_path(path: Path) -> None:
+    """Remove a socket left behind by a killed agent; StatusError if a live one answers."""
+    if path.exists() or path.is_symlink():
+        if _socket_answers(path):
+            raise StatusError(f"another agent is running: {path} answers")
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 class StatusServer:
     """Serves `state` on a unix socket and mirrors it into the state file until cancelled."""
 
@@ -279,14 +287,10 @@ class StatusServer:
     async def start(self) -> asyncio.Server:
         """Bind the socket; StatusError if another agent already serves it."""
         path = self._socket_path
-        if path.exists() or path.is_symlink():
-            if await asyncio.to_thread(_socket_answers, path):
-                raise StatusError(f"another agent is running: {path} answers")
-            path.unlink()  # left behind by an agent that was killed
-        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_clear_socket_path, path)
         server = await asyncio.start_unix_server(self._serve_one, path=str(path))
         try:
-            _apply_permissions(path, mode=self._mode, gid=self._gid)
+            await asyncio.to_thread(_apply_permissions, path, mode=self._mode, gid=self._gid)
         except OSError as exc:
             server.close()
             raise StatusError(f"cannot set the permissions of {path}: {exc.strerror}") from None
@@ -321,7 +325,7 @@ class StatusServer:
     async def run(self, server: asyncio.Server | None = None) -> None:
         """Serve until cancelled; then remove the socket and leave a final `running: false` file."""
         server = server or await self.start()
-        changed = self._state._changed  # noqa: SLF001 - the state's own wake-up event
+        changed = self._state._changed
         try:
             while True:
                 await self._write_file()
@@ -383,7 +387,7 @@ def _pid_alive(pid: int, started_at: float | None) -> bool:
         import psutil
 
         return abs(float(psutil.Process(pid).create_time()) - started_at) < 1.0
-    except Exception:  # noqa: BLE001 - psutil missing or the process just ended
+    except Exception:
         return True
 
 
@@ -407,17 +411,27 @@ def read_status(*, socket_path: Path, state_file: Path, timeout: float = 3.0) ->
         doc = StatusDoc.model_validate_json(state_file.read_bytes())
     except FileNotFoundError:
         return StatusReading(
-            running=False, connected=False, source="none", doc=None,
+            running=False,
+            connected=False,
+            source="none",
+            doc=None,
             note=socket_problem or "no status socket and no status file: the agent is not running",
         )
     except PermissionError:
         return StatusReading(
-            running=False, connected=False, source="none", doc=None,
-            note=socket_problem or f"permission denied on {state_file} (are you in the agent's group?)",
+            running=False,
+            connected=False,
+            source="none",
+            doc=None,
+            note=socket_problem
+            or f"permission denied on {state_file} (are you in the agent's group?)",
         )
     except (OSError, ValidationError, ValueError) as exc:
         return StatusReading(
-            running=False, connected=False, source="none", doc=None,
+            running=False,
+            connected=False,
+            source="none",
+            doc=None,
             note=f"{state_file} is unreadable: {exc}",
         )
     alive = doc.running and _pid_alive(doc.pid, doc.pid_started_at)

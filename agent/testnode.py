@@ -53,7 +53,7 @@ def _mac(hospital: str, vm: str) -> str:
 
 
 def render_test_node(*, hospital: str, pool_dir: Path, vms: Sequence[NodeVm] = STUDY_VMS) -> str:
-    """The node XML for `hospital`'s VMs, disks as volumes under `pool_dir` (which need not exist)."""
+    """The node XML for `hospital`'s VMs; disks are volumes under `pool_dir` (need not exist)."""
     domains = []
     volumes = []
     for vm in vms:

@@ -21,9 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from fedsky.controller import inventory
 from fedsky.controller.store import Store
 from fedsky.shared.ids import CONTROLLER_ID, is_aggregator_id
@@ -37,6 +34,8 @@ from fedsky.shared.messages import (
 )
 from fedsky.shared.retry import Backoff
 from fedsky.shared.topics import Topics
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,12 @@ class RejectLog:
         key = (sender, reason)
         self.counts[key] += 1
         if self.counts[key] == 1:
-            log.warning("dropped payload from %s: %s (%s); further ones are only counted", sender, reason, detail)
+            log.warning(
+                "dropped payload from %s: %s (%s); further ones are only counted",
+                sender,
+                reason,
+                detail,
+            )
 
     @property
     def total(self) -> int:
@@ -93,7 +97,7 @@ class ControllerBus:
         topics: Topics,
         store: Store,
         history_per_agent: int,
-        backoff: Backoff = Backoff(base_s=0.5, cap_s=10.0),
+        backoff: Backoff | None = None,
     ) -> None:
         self._host = host
         self._port = port
@@ -101,7 +105,7 @@ class ControllerBus:
         self.topics = topics
         self._store = store
         self._history = history_per_agent
-        self._backoff = backoff
+        self._backoff = backoff or Backoff(base_s=0.5, cap_s=10.0)
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._ingest: asyncio.Queue[tuple[Report, datetime]] = asyncio.Queue(INGEST_QUEUE)
@@ -130,7 +134,7 @@ class ControllerBus:
         client = self._client
         if client is None or not self._connected.is_set():
             raise BusUnavailable("the broker is not reachable; the command was not sent")
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         ttl = int((command.expires_at - datetime.now(UTC)).total_seconds())
         props.MessageExpiryInterval = max(1, ttl)
         try:
@@ -150,7 +154,7 @@ class ControllerBus:
 
     async def _connection_loop(self) -> None:
         delays = self._backoff.delays()
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         # Keep the session for an hour so QoS 1 messages sent while the controller restarts wait
         # for it at the broker.
         props.SessionExpiryInterval = 3600
@@ -219,7 +223,9 @@ class ControllerBus:
                     try:
                         await listener(event)
                     except Exception:
-                        log.exception("event listener failed on %s from %s", event.kind, event.agent_id)
+                        log.exception(
+                            "event listener failed on %s from %s", event.kind, event.agent_id
+                        )
             else:
                 raise PayloadError("bad_channel", topic.channel)
         except PayloadError as exc:
@@ -259,7 +265,9 @@ class ControllerBus:
                     if outcome.came_online:
                         log.info("agent %s is online", outcome.agent_id)
                 elif outcome.reason == "unknown_agent":
-                    self.stats.rejects.reject(outcome.agent_id, "unknown_agent", "not enrolled or revoked")
+                    self.stats.rejects.reject(
+                        outcome.agent_id, "unknown_agent", "not enrolled or revoked"
+                    )
 
     @property
     def ingest_backlog(self) -> int:

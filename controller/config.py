@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-
+from fedsky.controller.orchestrator import Policy
 from fedsky.shared.config import load_config, resolve_path
 from fedsky.shared.topics import DEFAULT_PREFIX
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -34,7 +34,9 @@ class BrokerConfig(_Section):
 
 
 class BusConfig(_Section):
-    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = DEFAULT_PREFIX
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = (
+        DEFAULT_PREFIX
+    )
     command_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
 
 
@@ -104,6 +106,7 @@ class ControllerConfig(_Section):
     bus: BusConfig = BusConfig()
     api: ApiConfig = ApiConfig()
     inventory: InventoryConfig = InventoryConfig()
+    orchestrator: Policy = Policy()
     clouds: CloudsConfig = CloudsConfig()
 
     @field_validator("state_dir")

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -18,7 +19,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
-
 from fedsky.controller import inventory
 from fedsky.controller.api.app import Services, make_app
 from fedsky.controller.broker import ManagedBroker, prepare_broker_files
@@ -78,10 +78,16 @@ async def _sweep_offline(store: Store, config: ControllerConfig) -> None:
             offline_after_s=config.inventory.offline_after_s,
         )
         for agent_id in gone:
-            log.warning("agent %s sent nothing for %.0f s: marked offline", agent_id, config.inventory.offline_after_s)
+            log.warning(
+                "agent %s sent nothing for %.0f s: marked offline",
+                agent_id,
+                config.inventory.offline_after_s,
+            )
 
 
-async def _serve_api(app: web.Application, config: ControllerConfig, started: asyncio.Event) -> None:
+async def _serve_api(
+    app: web.Application, config: ControllerConfig, started: asyncio.Event
+) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -155,8 +161,18 @@ async def _main_async(config: ControllerConfig) -> None:
         log.info("stopped")
 
 
+def _raise_open_files_limit() -> None:
+    # Every agent holds a connection to the managed broker, which inherits this limit: the
+    # default soft limit (1,024) would cap a deployment at about a thousand hospitals.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedsky-controller", description="Run the fedsky controller.")
+    parser = argparse.ArgumentParser(
+        prog="fedsky-controller", description="Run the fedsky controller."
+    )
     parser.add_argument("--config", required=True, help="controller.toml")
     args = parser.parse_args(argv)
     try:
@@ -165,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedsky-controller: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
     setup_logging(config.log_level)
+    _raise_open_files_limit()
     try:
         asyncio.run(_main_async(config))
     except ConfigError as exc:

@@ -42,7 +42,9 @@ def run_demo(*, root: Path, keep: bool) -> int:
         box.init_ca()
         box.start_controller()
         for name, location in STUDY_HOSPITALS.items():
-            _say(f"Enrolling {name} ({location}): key and CSR at the hospital, signed by the operator")
+            _say(
+                f"Enrolling {name} ({location}): key and CSR at the hospital, signed by the operator"
+            )
             box.add_agent(name, location)
             box.start_agent(name)
         box.wait_agents_online(list(STUDY_HOSPITALS))
@@ -66,7 +68,9 @@ def run_demo(*, root: Path, keep: bool) -> int:
         _say(f"Done in {time.monotonic() - started:.0f} s")
         if keep:
             print(f"Still running. fedctl --config {box.controller_config} agents")
-            print(f"Stop with: kill -TERM -{box.controller.pid if box.controller else '?'} and the agents")
+            print(
+                f"Stop with: kill -TERM -{box.controller.pid if box.controller else '?'} and the agents"
+            )
         return 0
     except OneboxError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
@@ -78,8 +82,14 @@ def run_demo(*, root: Path, keep: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedsky-demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", action="store_true", help="leave the controller and agents running")
-    parser.add_argument("--dir", type=Path, help="where to keep the demo's state (default: a new temporary directory)")
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the controller and agents running"
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="where to keep the demo's state (default: a new temporary directory)",
+    )
     args = parser.parse_args(argv)
     root = args.dir or Path(tempfile.mkdtemp(prefix="fedsky-demo-"))
     return run_demo(root=root.resolve(), keep=args.keep)

@@ -125,8 +125,12 @@ def revoke_agent(conn: sqlite3.Connection, pki: Pki, agent_id: str) -> int:
     if row is None:
         raise EnrolmentError(f"no agent {agent_id!r} is enrolled", not_found=True)
     if row["revoked_at"] is not None:
-        raise EnrolmentError(f"agent {agent_id!r} was already revoked at {row['revoked_at']}", conflict=True)
+        raise EnrolmentError(
+            f"agent {agent_id!r} was already revoked at {row['revoked_at']}", conflict=True
+        )
     count = revoke_common_name(conn, pki, agent_id)
     with transaction(conn):
-        conn.execute("UPDATE agents SET revoked_at = ?, online = 0 WHERE id = ?", (_now(), agent_id))
+        conn.execute(
+            "UPDATE agents SET revoked_at = ?, online = 0 WHERE id = ?", (_now(), agent_id)
+        )
     return count

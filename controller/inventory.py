@@ -111,7 +111,9 @@ class ReportOutcome:
 
 
 def _active_agent(conn: sqlite3.Connection, agent_id: str) -> sqlite3.Row:
-    row = conn.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM agents WHERE id = ?", (agent_id,)
+    ).fetchone()
     if row is None or row["revoked_at"] is not None:
         raise UnknownAgent(agent_id)
     return row
@@ -263,7 +265,8 @@ def mark_stale_offline(
         ).fetchall()
         ids = [str(r["id"]) for r in rows]
         conn.executemany(
-            "UPDATE agents SET online = 0, status_at = ? WHERE id = ?", [(_iso(now), i) for i in ids]
+            "UPDATE agents SET online = 0, status_at = ? WHERE id = ?",
+            [(_iso(now), i) for i in ids],
         )
     return ids
 
@@ -336,7 +339,11 @@ def list_vms(conn: sqlite3.Connection, agent_id: str | None = None) -> list[dict
 
 
 def recent_events(
-    conn: sqlite3.Connection, *, agent_id: str | None = None, command_id: str | None = None, limit: int = 100
+    conn: sqlite3.Connection,
+    *,
+    agent_id: str | None = None,
+    command_id: str | None = None,
+    limit: int = 100,
 ) -> list[dict[str, Any]]:
     clauses, params = [], []
     if agent_id:
@@ -358,7 +365,10 @@ def history(conn: sqlite3.Connection, agent_id: str, limit: int = 50) -> list[di
         "SELECT received_at, seq, payload FROM report_history WHERE agent_id = ? ORDER BY id DESC LIMIT ?",
         (agent_id, limit),
     ).fetchall()
-    return [{"received_at": r["received_at"], "seq": r["seq"], "report": json.loads(r["payload"])} for r in rows]
+    return [
+        {"received_at": r["received_at"], "seq": r["seq"], "report": json.loads(r["payload"])}
+        for r in rows
+    ]
 
 
 def location_of(conn: sqlite3.Connection, agent_ids: Iterable[str]) -> dict[str, str]:

@@ -22,7 +22,9 @@ JobState = Literal[
 ACTIVE_STATES: tuple[JobState, ...] = ("created", "placing", "launching", "assigning", "training")
 END_STATES: tuple[JobState, ...] = ("completed", "failed", "cancelled")
 
-TaskState = Literal["assigned", "acknowledged", "starting", "running", "finished", "failed", "stopped"]
+TaskState = Literal[
+    "assigned", "acknowledged", "starting", "running", "finished", "failed", "stopped"
+]
 
 SCHEMA = [
     """
@@ -94,7 +96,9 @@ class JobConflict(Exception):
     """The job is not in a state that allows what was asked."""
 
 
-def create_job(conn: sqlite3.Connection, *, job_id: str, name: str, spec: dict[str, Any], model_digest: str) -> None:
+def create_job(
+    conn: sqlite3.Connection, *, job_id: str, name: str, spec: dict[str, Any], model_digest: str
+) -> None:
     now = _now()
     with transaction(conn):
         conn.execute(
@@ -185,7 +189,9 @@ def get_job(conn: sqlite3.Connection, job_id: str) -> dict[str, Any]:
     return job
 
 
-def list_jobs(conn: sqlite3.Connection, *, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+def list_jobs(
+    conn: sqlite3.Connection, *, states: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
     if states:
         rows = conn.execute(
             f"SELECT * FROM jobs WHERE state IN ({','.join('?' * len(states))}) ORDER BY created_at",  # noqa: S608
@@ -196,7 +202,9 @@ def list_jobs(conn: sqlite3.Connection, *, states: tuple[str, ...] | None = None
     return [_job_view(r) for r in rows]
 
 
-def job_log(conn: sqlite3.Connection, job_id: str, *, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+def job_log(
+    conn: sqlite3.Connection, job_id: str, *, after_id: int = 0, limit: int = 1000
+) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT id, at, level, message FROM job_log WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?",
         (job_id, after_id, limit),
@@ -208,7 +216,13 @@ def job_log(conn: sqlite3.Connection, job_id: str, *, after_id: int = 0, limit: 
 
 
 def create_task(
-    conn: sqlite3.Connection, *, job_id: str, participant: str, attempt: int, vm: str, key_role: str = "node"
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    participant: str,
+    attempt: int,
+    vm: str,
+    key_role: str = "node",
 ) -> str:
     task_id = f"{job_id}-{participant}-{attempt}"[:80]
     now = _now()
@@ -223,10 +237,17 @@ def create_task(
 
 
 def set_task_state(
-    conn: sqlite3.Connection, task_id: str, state: TaskState, *, reason: str = "", node_id: str | None = None
+    conn: sqlite3.Connection,
+    task_id: str,
+    state: TaskState,
+    *,
+    reason: str = "",
+    node_id: str | None = None,
 ) -> None:
     with transaction(conn):
-        row = conn.execute("SELECT job_id, participant, vm FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        row = conn.execute(
+            "SELECT job_id, participant, vm FROM tasks WHERE id = ?", (task_id,)
+        ).fetchone()
         if row is None:
             return
         conn.execute(
@@ -234,7 +255,9 @@ def set_task_state(
             "node_id = COALESCE(?, node_id), updated_at = ? WHERE id = ?",
             (state, reason, reason, node_id, _now(), task_id),
         )
-        text = f"{row['participant']}: task on {row['vm']} {state}" + (f": {reason}" if reason else "")
+        text = f"{row['participant']}: task on {row['vm']} {state}" + (
+            f": {reason}" if reason else ""
+        )
         _log(conn, row["job_id"], "error" if state == "failed" else "info", text)
 
 

@@ -99,7 +99,9 @@ class Onebox:
 
     # -- running commands ---------------------------------------------------------------------
 
-    def run(self, *argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *argv: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [_bin(argv[0]), *argv[1:]]
         done = subprocess.run(
             cmd, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
@@ -110,8 +112,12 @@ class Onebox:
             )
         return done
 
-    def fedctl(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return self.run("fedctl", "--config", str(self.controller_config), *args, check=check, timeout=timeout)
+    def fedctl(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            "fedctl", "--config", str(self.controller_config), *args, check=check, timeout=timeout
+        )
 
     # -- controller ---------------------------------------------------------------------------
 
@@ -200,9 +206,21 @@ class Onebox:
         csr = home / f"{name}.csr"
         self.run("agentctl", "--config", str(config), "enroll", "request", name, "--out", str(csr))
         bundle = home / f"{name}.bundle.json"
-        self.fedctl("agents", "enroll", name, "--location", location, "--csr", str(csr), "--out", str(bundle))
+        self.fedctl(
+            "agents",
+            "enroll",
+            name,
+            "--location",
+            location,
+            "--csr",
+            str(csr),
+            "--out",
+            str(bundle),
+        )
         self.run("agentctl", "--config", str(config), "enroll", str(bundle))
-        agent = AgentProcess(name=name, location=location, config=config, state_dir=state, node_xml=node_xml)
+        agent = AgentProcess(
+            name=name, location=location, config=config, state_dir=state, node_xml=node_xml
+        )
         self.agents[name] = agent
         return agent
 
@@ -223,7 +241,9 @@ class Onebox:
         _stop(agent.proc, sig, timeout)
         agent.proc = None
 
-    def wait_agents_online(self, names: Sequence[str] | None = None, *, vms: int = 5, timeout: float = 60) -> list[dict[str, Any]]:
+    def wait_agents_online(
+        self, names: Sequence[str] | None = None, *, vms: int = 5, timeout: float = 60
+    ) -> list[dict[str, Any]]:
         wanted = set(names or self.agents)
         deadline = time.monotonic() + timeout
         agents: list[dict[str, Any]] = []
@@ -236,7 +256,9 @@ class Onebox:
             if wanted <= ready:
                 return agents
             time.sleep(0.25)
-        raise OneboxError(f"agents not online with {vms} VMs after {timeout:g} s: {json.dumps(agents)[:2000]}")
+        raise OneboxError(
+            f"agents not online with {vms} VMs after {timeout:g} s: {json.dumps(agents)[:2000]}"
+        )
 
     # -- whole --------------------------------------------------------------------------------
 

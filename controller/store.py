@@ -79,7 +79,9 @@ class Store:
         Append new statements to evolve a part's schema; never edit or reorder old ones.
         """
         with self._lock, transaction(self._conn) as conn:
-            row = conn.execute("SELECT version FROM schema_parts WHERE part = ?", (part,)).fetchone()
+            row = conn.execute(
+                "SELECT version FROM schema_parts WHERE part = ?", (part,)
+            ).fetchone()
             have = int(row["version"]) if row else 0
             if have > len(statements):
                 raise StoreError(

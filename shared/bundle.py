@@ -10,9 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from fedsky.shared.ids import AGENT_ID_PATTERN, check_location
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 BUNDLE_SCHEMA = "1.0"
 
@@ -62,4 +61,6 @@ def read_bundle(path: Path) -> EnrolmentBundle:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "bundle"
-        raise BundleError(f"{path}: not a fedsky enrolment bundle: {where}: {first.get('msg')}") from None
+        raise BundleError(
+            f"{path}: not a fedsky enrolment bundle: {where}: {first.get('msg')}"
+        ) from None

@@ -27,7 +27,11 @@ def _describe(exc: ValidationError, path: Path) -> str:
         if err.get("type") == "extra_forbidden":
             msg = "unknown key"
         got = err.get("input")
-        shown = "" if err.get("type") in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        shown = (
+            ""
+            if err.get("type") in ("missing", "extra_forbidden") or isinstance(got, dict)
+            else f" (got {got!r})"
+        )
         lines.append(f"{path}: key '{key}': {msg}{shown}")
     return "\n".join(lines)
 

@@ -40,7 +40,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -67,7 +66,7 @@ class DatasetError(Exception):
         self.public_message = public_message
 
 
-_ABS_PATH_RE = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:\\|/|~/)[^\s'\",;:)\]]*")
+_ABS_PATH_RE = re.compile(r"(?<![\w.~>-])(?:[A-Za-z]:\\|/|~/)[^\s'\",;:)\]]*")
 
 
 def scrub(text: str, secret_paths: Iterable[str | Path] = ()) -> str:
@@ -407,7 +406,4 @@ def load_dataset(
 
 def parse_catalog(data: dict[str, Any], *, path: Path) -> DatasetCatalog:
     """Validate catalog data embedded in another config (errors name `path`)."""
-    try:
-        return DatasetCatalog.model_validate(data, context={"config_dir": path.parent})
-    except ValidationError:
-        return parse_config(DatasetCatalog, data, path=path)
+    return parse_config(DatasetCatalog, data, path=path)

@@ -13,9 +13,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from fedsky.shared.ids import AGENT_ID_PATTERN
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SCHEMA_MAJOR = 1
 SCHEMA_VERSION = "1.0"
@@ -25,7 +24,14 @@ VmState = Literal[
     "nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended"
 ]
 VM_STATES: tuple[VmState, ...] = (
-    "nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed", "pmsuspended"
+    "nostate",
+    "running",
+    "blocked",
+    "paused",
+    "shutdown",
+    "shutoff",
+    "crashed",
+    "pmsuspended",
 )
 
 AgentId = Annotated[str, Field(pattern=AGENT_ID_PATTERN)]
@@ -60,7 +66,9 @@ class Message(BaseModel):
     def _same_major(cls, value: str) -> str:
         major = int(value.split(".", 1)[0])
         if major != SCHEMA_MAJOR:
-            raise ValueError(f"schema major version {major} is not supported (this is {SCHEMA_MAJOR})")
+            raise ValueError(
+                f"schema major version {major} is not supported (this is {SCHEMA_MAJOR})"
+            )
         return value
 
     def encode(self) -> bytes:
@@ -115,7 +123,10 @@ class Report(Message):
     vms: Annotated[list[VmInfo], Field(max_length=4096)]
     task: TaskSummary | None = None
     # Measured round-trip times (ms) to candidate regions, keyed by `cloud:region`.
-    rtt_ms: Annotated[dict[Annotated[str, Field(max_length=96)], Annotated[float, Field(ge=0, le=60000)]], Field(max_length=512)] = {}
+    rtt_ms: Annotated[
+        dict[Annotated[str, Field(max_length=96)], Annotated[float, Field(ge=0, le=60000)]],
+        Field(max_length=512),
+    ] = {}
 
 
 class AgentStatus(Message):
@@ -214,12 +225,134 @@ class Event(Message):
     task_id: ShortText | None = None
     detail: Detail = ""
     # task_acknowledged: the SuperNode public keys (OpenSSH format) by role, "node" and "standby".
-    public_keys: Annotated[dict[Literal["node", "standby"], Annotated[str, Field(max_length=1024)]], Field(max_length=2)] = {}
+    public_keys: Annotated[
+        dict[Literal["node", "standby"], Annotated[str, Field(max_length=1024)]],
+        Field(max_length=2),
+    ] = {}
 
 
 def make_ping(*, ttl: timedelta = timedelta(seconds=60)) -> PingCommand:
     now = utcnow()
     return PingCommand(issued_at=now, expires_at=now + ttl)
+
+
+# --- Aggregator: round metrics, global weights, end of run -------------------------------------
+# All three travel on `Topics.aggregator_metrics(agg_id)`, published by the job's aggregator with
+# its own identity (`agg-<job id>`). The global weights (a safetensors file; 26 MB for the original
+# study's CNN) are split into `WeightsChunk`s so that every message stays under
+# MAX_PAYLOAD_BYTES like any other on the bus: one bound for the broker and every consumer, QoS 1
+# per chunk, and a lost chunk costs a re-send of 512 KiB rather than of the whole model.
+
+WEIGHTS_CHUNK_BYTES = 512 * 1024  # raw bytes per chunk; base64 makes about 700 KB of JSON
+MAX_CLASSES = 256  # a 256 x 256 confusion matrix of 10-digit counts is still under 1 MiB
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Ratio = Annotated[float, Field(ge=0, le=1)]
+
+
+class ClassFigures(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    label: Annotated[int, Field(ge=0, lt=MAX_CLASSES)]
+    precision: Ratio
+    recall: Ratio
+    f1: Ratio
+    support: Annotated[int, Field(ge=0)]
+    predicted: Annotated[int, Field(ge=0)]
+
+
+class SiteContribution(BaseModel):
+    """One participant's part in a round, as its ClientApp reported it (counts only)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    site: AgentId
+    train_examples: Annotated[int, Field(ge=0)]
+    eval_examples: Annotated[int, Field(ge=0)] = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+
+
+class SiteFailure(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    site: AgentId | None = None  # None when the node never said which site it is
+    phase: Literal["train", "evaluate"]
+    reason: Detail  # scrubbed of local paths at the site
+
+
+class WeightsRef(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    sha256: Sha256Hex
+    size: Annotated[int, Field(ge=0)]
+    chunks: Annotated[int, Field(ge=0)]
+    format: Literal["safetensors"] = "safetensors"
+
+
+class RoundMetrics(Message):
+    """A round's global metrics, computed from the participants' summed confusion matrices."""
+
+    kind: Literal["round_metrics"] = "round_metrics"
+    job_id: JobId
+    round: Annotated[int, Field(ge=1)]
+    num_rounds: Annotated[int, Field(ge=1)]
+    accuracy: Ratio
+    loss: Annotated[float, Field(ge=0)]  # evaluation loss, weighted by evaluation examples
+    f1: Ratio  # macro
+    recall: Ratio  # macro
+    precision: Ratio  # macro
+    train_loss: float | None = None
+    per_class: Annotated[list[ClassFigures], Field(max_length=MAX_CLASSES)]
+    confusion_matrix: Annotated[
+        list[Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_CLASSES)]],
+        Field(max_length=MAX_CLASSES),
+    ]
+    participants: Annotated[list[SiteContribution], Field(max_length=1024)]
+    failures: Annotated[list[SiteFailure], Field(max_length=1024)] = []
+    started_at: datetime
+    finished_at: datetime
+    duration_s: Annotated[float, Field(ge=0)]
+    weights: WeightsRef | None = None
+
+    @field_validator("confusion_matrix")
+    @classmethod
+    def _square(cls, value: list[list[int]]) -> list[list[int]]:
+        if any(len(row) != len(value) for row in value):
+            raise ValueError("confusion matrix must be square")
+        return value
+
+
+class WeightsChunk(Message):
+    """One piece of a round's global weights; `data` is base64 of at most WEIGHTS_CHUNK_BYTES."""
+
+    kind: Literal["weights_chunk"] = "weights_chunk"
+    job_id: JobId
+    round: Annotated[int, Field(ge=1)]
+    sha256: Sha256Hex  # of the whole file
+    index: Annotated[int, Field(ge=0)]
+    count: Annotated[int, Field(ge=1, le=1 << 16)]
+    data: Annotated[str, Field(max_length=(WEIGHTS_CHUNK_BYTES * 4) // 3 + 4)]
+
+
+class RunFinished(Message):
+    kind: Literal["run_finished"] = "run_finished"
+    job_id: JobId
+    status: Literal["completed", "failed"]
+    rounds_completed: Annotated[int, Field(ge=0)]
+    num_rounds: Annotated[int, Field(ge=1)]
+    reason: Detail = ""
+    finished_at: datetime = Field(default_factory=utcnow)
+
+
+AggregatorMessage = Annotated[
+    RoundMetrics | WeightsChunk | RunFinished, Field(discriminator="kind")
+]
+
+
+class _AggregatorEnvelope(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    message: AggregatorMessage
 
 
 # --- Decoding ----------------------------------------------------------------------------------
@@ -264,6 +397,19 @@ def decode_command(
         raise PayloadError("invalid", "payload is not a JSON object")
     try:
         return CommandEnvelope.model_validate({"command": data}).command
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "payload"
+        raise PayloadError(_reason(exc), f"{where}: {first.get('msg', 'invalid')}") from None
+
+
+def decode_aggregator(payload: bytes | bytearray) -> RoundMetrics | WeightsChunk | RunFinished:
+    """Parse a message from a job's aggregator (metrics topic); PayloadError if it is not one."""
+    data = _load_json(payload)
+    if not isinstance(data, dict):
+        raise PayloadError("invalid", "payload is not a JSON object")
+    try:
+        return _AggregatorEnvelope.model_validate({"message": data}).message
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "payload"

@@ -8,14 +8,13 @@ from datetime import timedelta
 from typing import Annotated
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
-
 from fedsky.controller import enrollment, inventory
 from fedsky.controller.api.app import SERVICES, ApiProblem, Services, json_ok
 from fedsky.controller.bus import BusUnavailable
 from fedsky.shared import exitcodes
 from fedsky.shared.ids import InvalidIdError
 from fedsky.shared.messages import Event, make_ping
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -84,7 +83,11 @@ async def enrol(request: web.Request) -> web.Response:
     svc = _services(request)
     body = EnrolRequest.model_validate(await request.json())
     if body.csr_pem is None and not body.with_key:
-        raise ApiProblem(400, "give the agent's certificate request (--csr FILE), or --with-key", exit_code=exitcodes.USAGE)
+        raise ApiProblem(
+            400,
+            "give the agent's certificate request (--csr FILE), or --with-key",
+            exit_code=exitcodes.USAGE,
+        )
     if body.csr_pem is not None and body.with_key:
         raise ApiProblem(400, "--csr and --with-key exclude each other", exit_code=exitcodes.USAGE)
     cfg = svc.config
@@ -127,7 +130,9 @@ async def revoke(request: web.Request) -> web.Response:
         from fedsky.controller.broker import external_revocation_instructions
 
         enforcement = external_revocation_instructions(crl_path=svc.pki.crl_path)
-    return json_ok({"agent_id": agent_id, "revoked_certificates": count, "enforcement": enforcement})
+    return json_ok(
+        {"agent_id": agent_id, "revoked_certificates": count, "enforcement": enforcement}
+    )
 
 
 @routes.post("/v1/agents/{agent_id}/ping")
@@ -157,4 +162,10 @@ async def ping(request: web.Request) -> web.Response:
         raise ApiProblem(504, f"agent {agent_id!r} did not answer within {timeout:g} s") from None
     finally:
         svc.bus.remove_event_listener(on_event)
-    return json_ok({"agent_id": agent_id, "kind": event.kind, "rtt_ms": round((loop.time() - started) * 1000, 1)})
+    return json_ok(
+        {
+            "agent_id": agent_id,
+            "kind": event.kind,
+            "rtt_ms": round((loop.time() - started) * 1000, 1),
+        }
+    )

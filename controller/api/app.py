@@ -15,14 +15,13 @@ from importlib import import_module
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
-
 from fedsky.shared import exitcodes
+from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
 # Route modules under fedsky.controller.api, in registration order.
-ROUTE_MODULES: tuple[str, ...] = ("agents",)
+ROUTE_MODULES: tuple[str, ...] = ("agents", "models")
 
 MAX_BODY_BYTES = 64 << 20  # uploads (model files, credential files) stay well under this
 
@@ -46,7 +45,9 @@ class Services:
 SERVICES = web.AppKey("services", Services)
 
 
-def json_error(status: int, message: str, *, exit_code: int = exitcodes.FAILED, **extra: Any) -> web.Response:
+def json_error(
+    status: int, message: str, *, exit_code: int = exitcodes.FAILED, **extra: Any
+) -> web.Response:
     body = {"error": message, "exit_code": exit_code, **extra}
     return web.json_response(body, status=status)
 
@@ -76,7 +77,11 @@ async def _errors(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        return json_error(400, f"invalid request: {where}: {first.get('msg', 'invalid')}", exit_code=exitcodes.USAGE)
+        return json_error(
+            400,
+            f"invalid request: {where}: {first.get('msg', 'invalid')}",
+            exit_code=exitcodes.USAGE,
+        )
     except json.JSONDecodeError:
         return json_error(400, "invalid request: body is not JSON", exit_code=exitcodes.USAGE)
     except web.HTTPException:

@@ -21,16 +21,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=_list)
 
-    enroll = a_sub.add_parser("enroll", help="sign an agent's certificate request and write its bundle")
+    enroll = a_sub.add_parser(
+        "enroll", help="sign an agent's certificate request and write its bundle"
+    )
     enroll.add_argument("name", help="agent id: 1-63 of a-z, 0-9, '-'")
     enroll.add_argument("--location", required=True, help="nearest cloud region, as cloud:region")
     group = enroll.add_mutually_exclusive_group(required=True)
-    group.add_argument("--csr", type=Path, help="the request made by `agentctl enroll request NAME`")
-    group.add_argument("--with-key", action="store_true", help="make the private key here too (one-machine setups)")
+    group.add_argument(
+        "--csr", type=Path, help="the request made by `agentctl enroll request NAME`"
+    )
+    group.add_argument(
+        "--with-key", action="store_true", help="make the private key here too (one-machine setups)"
+    )
     enroll.add_argument("-o", "--out", type=Path, help="bundle file (default: NAME.bundle.json)")
     enroll.set_defaults(func=_enroll)
 
-    revoke = a_sub.add_parser("revoke", help="revoke an agent's certificate; the broker refuses it from then on")
+    revoke = a_sub.add_parser(
+        "revoke", help="revoke an agent's certificate; the broker refuses it from then on"
+    )
     revoke.add_argument("name")
     revoke.set_defaults(func=_revoke)
 
@@ -61,7 +69,11 @@ def _list(args: argparse.Namespace) -> int:
                 a.get("last_report_at") or "never",
             ]
         )
-    print_table(["agent", "location", "state", "vms", "host cpu", "free GiB", "last report"], rows, empty="no agents enrolled")
+    print_table(
+        ["agent", "location", "state", "vms", "host cpu", "free GiB", "last report"],
+        rows,
+        empty="no agents enrolled",
+    )
     return exitcodes.OK
 
 
@@ -72,7 +84,11 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {"name": args.name, "location": args.location, "with_key": bool(args.with_key)}
+    body: dict[str, Any] = {
+        "name": args.name,
+        "location": args.location,
+        "with_key": bool(args.with_key),
+    }
     if args.csr is not None:
         try:
             body["csr_pem"] = args.csr.read_text()

@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ca_sub.required = True
     init = ca_sub.add_parser("init", help="create the CA in the controller's state directory")
     init.add_argument("--name", default="fedsky CA", help="the CA's common name")
-    init.add_argument("--force", action="store_true", help="replace an existing CA (every certificate becomes invalid)")
+    init.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing CA (every certificate becomes invalid)",
+    )
     init.set_defaults(func=_init)
 
 

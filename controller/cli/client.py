@@ -58,7 +58,9 @@ class ApiClient:
     def _connection(self) -> HTTPConnection:
         if self.address.startswith("http://"):
             parts = urlsplit(self.address)
-            return HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=self.timeout)
+            return HTTPConnection(
+                parts.hostname or "127.0.0.1", parts.port or 80, timeout=self.timeout
+            )
         return _UnixHTTPConnection(self.address, self.timeout)
 
     def _open(self, method: str, path: str, body: bytes | None, content_type: str) -> HTTPResponse:
@@ -77,7 +79,9 @@ class ApiClient:
                 f"permission denied on {self.address}: join the controller's operator group"
             ) from None
         except OSError as exc:
-            raise ControllerUnavailable(f"cannot reach the controller at {self.address}: {exc}") from None
+            raise ControllerUnavailable(
+                f"cannot reach the controller at {self.address}: {exc}"
+            ) from None
 
     def request(self, method: str, path: str, payload: Any = None) -> Any:
         body = None if payload is None else json.dumps(payload).encode()
@@ -106,7 +110,9 @@ class ApiClient:
         raw = resp.read()
         parsed = json.loads(raw) if raw else None
         if resp.status >= 400:
-            message = parsed.get("error") if isinstance(parsed, dict) else raw.decode(errors="replace")
+            message = (
+                parsed.get("error") if isinstance(parsed, dict) else raw.decode(errors="replace")
+            )
             raise ApiError(resp.status, str(message), parsed if isinstance(parsed, dict) else None)
         return parsed
 

@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "agents",
     "vms",
     "place",
+    "bench",
+    "models",
 )
 
 

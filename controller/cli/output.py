@@ -17,7 +17,9 @@ def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str = "(none)") -> None:
+def print_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], *, empty: str = "(none)"
+) -> None:
     if not rows:
         print(empty)
         return

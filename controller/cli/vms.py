@@ -36,5 +36,9 @@ def _list(args: argparse.Namespace) -> int:
         ]
         for v in vms
     ]
-    print_table(["agent", "vm", "state", "vcpus", "mem GiB", "disk GiB", "addresses", ""], rows, empty="no VMs reported")
+    print_table(
+        ["agent", "vm", "state", "vcpus", "mem GiB", "disk GiB", "addresses", ""],
+        rows,
+        empty="no VMs reported",
+    )
     return exitcodes.OK

@@ -22,7 +22,7 @@ import csv
 import functools
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +128,14 @@ class Catalog:
 
     def clouds(self) -> tuple[str, ...]:
         return tuple(sorted({o.cloud for o in self.offers}))
+
+    def subset(self, keep: Callable[[Offer], bool], *, source: str | None = None) -> Catalog:
+        """The same locations and RTTs with only the offers `keep` accepts."""
+        offers = [o for o in self.offers if keep(o)]
+        return _assemble(
+            offers, self.locations, self.location_index, self.rtt_ms, self.continents,
+            source or f"{self.source} (subset)",
+        )
 
 
 # --- continents ---------------------------------------------------------------------------------
@@ -245,6 +253,25 @@ def make_catalog(
     matrix[diag] = np.where(np.isnan(matrix[diag]), INTRA_REGION_RTT_MS, matrix[diag])
     matrix.setflags(write=False)
 
+    conts = dict(continents or {})
+    for loc, cont in conts.items():
+        if cont not in CONTINENTS:
+            raise CatalogError(
+                f"{source}: location {loc!r}: continent {cont!r} is not one of {', '.join(CONTINENTS)}"
+            )
+    return _assemble(offers, tuple(names), index, matrix, conts, source)
+
+
+def _assemble(
+    offers: Sequence[Offer],
+    names: tuple[str, ...],
+    index: Mapping[str, int],
+    matrix: FloatArray,
+    continents: Mapping[str, str],
+    source: str,
+) -> Catalog:
+    if not offers:
+        raise CatalogError(f"{source}: the catalog has no offers")
     by_key: dict[tuple[str, str, str], int] = {}
     for i, offer in enumerate(offers):
         problem = _offer_problem(offer)
@@ -258,13 +285,6 @@ def make_catalog(
             )
         by_key[offer.key] = i
 
-    conts = dict(continents or {})
-    for loc, cont in conts.items():
-        if cont not in CONTINENTS:
-            raise CatalogError(
-                f"{source}: location {loc!r}: continent {cont!r} is not one of {', '.join(CONTINENTS)}"
-            )
-
     def arr(values: Iterator[float]) -> FloatArray:
         out = np.fromiter(values, dtype=np.float64, count=len(offers))
         out.setflags(write=False)
@@ -274,9 +294,9 @@ def make_catalog(
     loc_idx.setflags(write=False)
     return Catalog(
         offers=tuple(offers),
-        locations=tuple(names),
+        locations=names,
         rtt_ms=matrix,
-        continents=conts,
+        continents=continents,
         source=source,
         location_index=index,
         offer_location=loc_idx,

@@ -103,7 +103,8 @@ class CostLimit:
             raise PlacementError(f"max cost basis {self.basis!r} is not month or job")
 
     def __str__(self) -> str:
-        return f"{self.amount:,.2f} {self.currency}/{self.basis}"
+        shown = f"{self.amount:,.0f}" if self.amount == int(self.amount) else f"{self.amount:,.2f}"
+        return f"{shown} {self.currency}/{self.basis}"
 
 
 _COST_RE = re.compile(

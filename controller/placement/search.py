@@ -24,6 +24,8 @@ BoolArray = npt.NDArray[np.bool_]
 NSGA2_POP_SIZE = 64
 NSGA2_GENERATIONS = 60
 NSGA2_SEED = 1
+NSGA2_PATIENCE = 25  # generations without a change to the archive's front before stopping
+NSGA2_MATING_TRIES = 5
 
 
 def pareto_mask(cost: FloatArray, time: FloatArray) -> BoolArray:
@@ -121,6 +123,7 @@ def nsga2_integer(
     pop_size: int = NSGA2_POP_SIZE,
     generations: int = NSGA2_GENERATIONS,
     seed: int = NSGA2_SEED,
+    patience: int = NSGA2_PATIENCE,
 ) -> tuple[IntArray, FloatArray]:
     """NSGA-II (pymoo) over integer vectors x with 0 <= x[i] <= upper[i].
 
@@ -130,20 +133,27 @@ def nsga2_integer(
     feasible ones. Keeping the archive rather than the last population only means a front point
     NSGA-II met once is not lost to crowding later (a population never holds more points than
     its size).
+
+    The run stops after `generations`, when it has evaluated the whole space, or when the
+    archive's feasible front has not changed for `patience` generations.
     """
     # pymoo is imported here: it costs about a second and only NSGA-II needs it.
-    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.algorithms.moo.nsga2 import NSGA2, binary_tournament
     from pymoo.config import Config
+    from pymoo.core.duplicate import DefaultDuplicateElimination
+    from pymoo.core.mating import Mating
     from pymoo.core.problem import Problem
     from pymoo.operators.crossover.sbx import SBX
     from pymoo.operators.mutation.pm import PM
     from pymoo.operators.repair.rounding import RoundingRepair
     from pymoo.operators.sampling.rnd import IntegerRandomSampling
-    from pymoo.optimize import minimize
+    from pymoo.operators.selection.tournament import TournamentSelection
 
     Config.warnings["not_compiled"] = False
     upper = np.asarray(upper, dtype=np.int64)
+    space = int(np.prod((upper + 1).astype(np.float64)))
     archive: dict[tuple[int, ...], tuple[float, float, float]] = {}
+    big = np.finfo(np.float64).max / 4
 
     class _Problem(Problem):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -161,19 +171,49 @@ def nsga2_integer(
             cost, time, viol = evaluate(xi)
             for row, c, t, v in zip(xi, cost, time, viol, strict=True):
                 archive[tuple(int(a) for a in row)] = (float(c), float(t), float(v))
-            big = np.finfo(np.float64).max / 4
             out["F"] = np.column_stack([np.minimum(cost, big), np.minimum(time, big)])
             out["G"] = np.minimum(viol, big).reshape(-1, 1)
 
+    duplicates = DefaultDuplicateElimination()
+    # pymoo retries mating up to 100 times per generation to find offspring that are not
+    # duplicates; on a small space that is most of the run time and finds little new.
+    mating = Mating(
+        TournamentSelection(func_comp=binary_tournament),
+        SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+        PM(eta=20, vtype=float, repair=RoundingRepair()),
+        eliminate_duplicates=duplicates,
+        n_max_iterations=NSGA2_MATING_TRIES,
+    )
     algorithm = NSGA2(
         pop_size=pop_size,
         sampling=IntegerRandomSampling(),
-        crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-        mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
-        eliminate_duplicates=True,
+        mating=mating,
+        eliminate_duplicates=duplicates,
     )
-    minimize(_Problem(), algorithm, ("n_gen", generations), seed=seed, verbose=False)
-    LOG.debug("NSGA-II evaluated %s distinct vectors", len(archive))
+    problem = _Problem()
+    algorithm.setup(problem, termination=("n_gen", generations), seed=seed, verbose=False)
+    front = np.zeros((0, 2))
+    still = 0
+    gen = 0
+    while algorithm.has_next():
+        before = len(archive)
+        algorithm.next()
+        gen += 1
+        if len(archive) >= space:
+            break
+        if len(archive) > before:
+            new = np.array(list(archive.values())[before:], dtype=np.float64).reshape(-1, 3)
+            new = new[new[:, 2] <= 0, :2]
+            merged = np.concatenate([front, new])
+            keep = pareto_mask(merged[:, 0], merged[:, 1])
+            changed = bool(keep[front.shape[0]:].any())
+            front = merged[keep]
+        else:
+            changed = False
+        still = 0 if changed else still + 1
+        if still >= patience:
+            break
+    LOG.debug("NSGA-II: %s generations, %s distinct vectors of %s", gen, len(archive), space)
     keys = np.array(list(archive.keys()), dtype=np.int64).reshape(len(archive), upper.shape[0])
     vals = np.array(list(archive.values()), dtype=np.float64).reshape(len(archive), 3)
     return keys, vals

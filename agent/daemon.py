@@ -1,0 +1,344 @@
+"""`fedsky-agent --config agent.toml`: the agent daemon.
+
+One root TaskGroup holds the inventory poller (notices a VM state change and asks for a report at
+once), the reporter (a full report at start, every `report_interval_s` and on request), the MQTT
+link, the status server and, in test configurations only, the fault hook. Every libvirt and
+psutil call runs in one single-thread executor, which also serialises the libvirt connection.
+SIGTERM or SIGINT: publish the offline status, cancel the tasks, exit 0. A bad config exits 78
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar, get_args
+
+from fedsky.shared import exitcodes
+from fedsky.shared.config import ConfigError
+from fedsky.shared.logs import setup_logging
+from fedsky.shared.messages import Command, Event, PingCommand, Report, VmState, utcnow
+from fedsky.shared.retry import Backoff
+from fedsky.shared.tls import client_context
+from fedsky.shared.topics import Topics
+
+from .config import AgentConfig, Identity, default_config_path, load_agent_config, resolve_identity
+from .inventory import FaultAction, HostProbe, InventoryError, LibvirtInventory
+from .link import AgentLink
+from .status import AgentState, StatusError, StatusServer, resolve_group
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
+_CERT_WARN_BEFORE = timedelta(days=30)
+
+
+def _remove_socket(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("fedsky")
+    except Exception:
+        return ""
+
+
+class AgentDaemon:
+    """The running agent. `run(stop=...)` returns after `stop` is set and everything has stopped."""
+
+    def __init__(
+        self,
+        *,
+        config: AgentConfig,
+        identity: Identity,
+        status_gid: int | None = None,
+        rtt_source: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        # One worker thread for every blocking call: libvirt's connection is not shared between
+        # threads, and the agent's footprint stays small.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsky-agent-io")
+        self.inventory = LibvirtInventory(uri=config.libvirt.uri)
+        self._host: HostProbe | None = None
+        # The RTT prober (agent/rtt_probe.py) plugs in here: a cheap call returning its latest
+        # measurements in ms by `cloud:region`.
+        self._rtt_source = rtt_source
+        self.state = AgentState(
+            agent_id=identity.agent_id,
+            location=identity.location,
+            cert_not_after=identity.cert_not_after,
+            broker_address=f"{identity.broker_host}:{identity.broker_port}",
+            libvirt_uri=config.libvirt.uri,
+        )
+        self.link = AgentLink(
+            agent_id=identity.agent_id,
+            host=identity.broker_host,
+            port=identity.broker_port,
+            topics=Topics(identity.topic_prefix),
+            tls=self._tls_context,
+            state=self.state,
+            on_command=self.handle_command,
+            backoff=Backoff(
+                base_s=config.broker.reconnect_base_s, cap_s=config.broker.reconnect_cap_s
+            ),
+            keepalive_s=config.broker.keepalive_s,
+            timeout_s=config.broker.timeout_s,
+            session_expiry_s=config.broker.session_expiry_s,
+            version=_version(),
+        )
+        self.status_server = StatusServer(
+            state=self.state,
+            socket_path=config.status_socket,
+            state_file=config.status_file,
+            mode=config.status.mode,
+            gid=status_gid,
+            run_blocking=self.blocking,
+        )
+        self._seq = 0
+        self._report_now = asyncio.Event()
+        self._known_states: dict[str, VmState] | None = None
+        self._inventory_error_logged: str | None = None
+
+    def _tls_context(self) -> ssl.SSLContext:
+        return client_context(
+            ca_file=self.config.ca_file,
+            cert_file=self.config.cert_file,
+            key_file=self.config.key_file,
+        )
+
+    async def blocking(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in the agent's one worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def handle_command(self, command: Command) -> None:
+        """Valid, unexpired commands from the link.
+
+        Task commands (issue 4) go to the task runner from here; the link stays transport only.
+        """
+        if isinstance(command, PingCommand):
+            self.link.emit(
+                Event(agent_id=self.identity.agent_id, kind="pong", command_id=command.command_id)
+            )
+            log.debug("ping %s answered", command.command_id)
+            return
+        self.link.emit(self.link.rejection(command, "this agent does not support this command"))
+
+    # --- reports ------------------------------------------------------------------------------
+
+    def request_report(self) -> None:
+        """Report at once (a VM changed state, or a task event wants fresh inventory)."""
+        self._report_now.set()
+
+    async def report_once(self) -> Report | None:
+        """Read the inventory and hand a report to the link; None if libvirt could not be read."""
+        if self._host is None:
+            self._host = await self.blocking(lambda: HostProbe(disk_path=self.config.state_dir))
+        host_probe = self._host
+        try:
+            vms = await self.blocking(self.inventory.snapshot)
+        except InventoryError as exc:
+            # No report rather than one with no VMs: the controller would take an empty list
+            # to mean that every VM is gone.
+            message = str(exc)
+            self.state.inventory_error = message
+            self.state.touch()
+            if message != self._inventory_error_logged:
+                self._inventory_error_logged = message
+                log.error("%s; no report until libvirt answers again", message)
+            return None
+        if self._inventory_error_logged is not None:
+            log.info("libvirt at %s answers again", self.config.libvirt.uri)
+            self._inventory_error_logged = None
+        host = await self.blocking(host_probe.snapshot)
+        now = utcnow()
+        rtt = dict(self._rtt_source()) if self._rtt_source is not None else {}
+        report = Report(
+            agent_id=self.identity.agent_id,
+            seq=self._seq,
+            sent_at=now,
+            host=host,
+            vms=vms,
+            task=self.state.task,
+            rtt_ms=rtt,
+        )
+        self._seq += 1
+        self._known_states = {vm.uuid: vm.state for vm in vms}
+        self.state.vms = vms
+        self.state.host = host
+        self.state.inventory_at = now
+        self.state.inventory_error = None
+        self.link.offer_report(report)
+        return report
+
+    async def _reporter(self) -> None:
+        interval = self.config.report_interval_s
+        while True:
+            self._report_now.clear()
+            await self.report_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._report_now.wait(), timeout=interval)
+
+    async def _poller(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            try:
+                states = await self.blocking(self.inventory.states)
+            except InventoryError:
+                continue  # the reporter logs it and records it in the status
+            known = self._known_states
+            if known is not None and states != known:
+                changed = sorted(
+                    f"{uuid}: {known.get(uuid, 'new')} -> {states.get(uuid, 'gone')}"
+                    for uuid in set(known) | set(states)
+                    if known.get(uuid) != states.get(uuid)
+                )
+                log.info("VM state changed (%s); reporting now", ", ".join(changed))
+                self._known_states = states
+                self.request_report()
+
+    # --- the test fault hook ------------------------------------------------------------------
+
+    async def _fault_hook(self, path: Path) -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            answer: dict[str, Any]
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout=5.0)
+                request = json.loads(line[:4096])
+                action, vm = request.get("action"), request.get("vm")
+                if action not in _FAULT_ACTIONS or not isinstance(vm, str):
+                    raise ValueError(f"expected {{'action': one of {_FAULT_ACTIONS}, 'vm': NAME}}")
+                state = await self.blocking(
+                    lambda: self.inventory.apply_fault(action=action, vm=vm)
+                )
+                log.warning("fault hook: %s %s -> %s", action, vm, state)
+                answer = {"ok": True, "state": state}
+            except (ValueError, InventoryError, TimeoutError, AttributeError) as exc:
+                answer = {"ok": False, "error": str(exc)}
+            try:
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+            finally:
+                writer.close()
+
+        await asyncio.to_thread(_remove_socket, path)
+        server = await asyncio.start_unix_server(serve, path=str(path))
+        await asyncio.to_thread(path.chmod, 0o600)
+        log.warning("TEST fault hook listening on %s: never enable [test] in production", path)
+        try:
+            await asyncio.Future()  # serve until cancelled
+        finally:
+            server.close()
+            _remove_socket(path)
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    async def run(self, *, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; StatusError if the status socket cannot be served."""
+        try:
+            server = await self.status_server.start()
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(self.status_server.run(server), name="status"),
+                    tg.create_task(self.link.run(), name="link"),
+                    tg.create_task(self._reporter(), name="reporter"),
+                    tg.create_task(self._poller(), name="inventory-poller"),
+                ]
+                if self.config.test is not None and self.config.test.fault_socket is not None:
+                    tasks.append(
+                        tg.create_task(
+                            self._fault_hook(self.config.test.fault_socket), name="fault-hook"
+                        )
+                    )
+                await stop.wait()
+                log.info("stopping")
+                await self.link.close()
+                for task in tasks:
+                    task.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.blocking(self.inventory.close)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def run_agent(*, config: AgentConfig, identity: Identity, status_gid: int | None) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    now = utcnow()
+    if identity.cert_not_after <= now:
+        log.error(
+            "the agent's certificate expired at %s: the broker will refuse it; re-enrol",
+            identity.cert_not_after.isoformat(),
+        )
+    elif identity.cert_not_after - now < _CERT_WARN_BEFORE:
+        log.warning(
+            "the agent's certificate expires at %s: re-enrol soon",
+            identity.cert_not_after.isoformat(),
+        )
+    daemon = AgentDaemon(config=config, identity=identity, status_gid=status_gid)
+    log.info(
+        "agent %s (%s) starting: libvirt %s, broker %s",
+        identity.agent_id,
+        identity.location,
+        config.libvirt.uri,
+        daemon.link.address,
+    )
+    await daemon.run(stop=stop)
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedsky-agent", description="Run the fedsky agent.")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"agent config file (default: $FEDSKY_AGENT_CONFIG or {default_config_path()})",
+    )
+    args = parser.parse_args(argv)
+    setup_logging("INFO")
+    path: Path = args.config or default_config_path()
+    try:
+        config = load_agent_config(path)
+        identity = resolve_identity(config)
+        gid = resolve_group(config.status.group)
+    except (ConfigError, StatusError) as exc:
+        log.error("%s", exc)
+        return exitcodes.CONFIG
+    setup_logging(config.log_level)
+    try:
+        asyncio.run(run_agent(config=config, identity=identity, status_gid=gid))
+    except StatusError as exc:
+        log.error("%s", exc)
+        return exitcodes.FAILED
+    except KeyboardInterrupt:
+        pass
+    except Exception:
+        log.exception("the agent failed")
+        return exitcodes.FAILED
+    return exitcodes.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,398 @@
+"""How a cloud aggregator VM gets its certificate without a private key ever travelling.
+
+The controller puts a one-time enrolment token in the VM's startup script. The VM makes its own
+key, sends a CSR with the token to `POST /v1/aggregators/enroll`, and gets back a server
+certificate from the controller's CA. The token:
+
+- is 256 random bits, shown once (in the startup script) and stored only as its SHA-256 (a
+  leaked database does not let anyone enrol; a fast hash suffices for random tokens);
+- is single use: redeeming marks it used inside one `BEGIN IMMEDIATE` transaction;
+- expires (`clouds.token_ttl_s`, 30 min by default: long enough for boot and the package
+  install) and is revoked when the job's aggregator is terminated;
+- only yields a certificate for the names the controller recorded for that job (`bind`, done
+  once the cloud reports the VM's public address). The CSR's own names are ignored: a stolen
+  token cannot get a certificate for the broker's name or anyone else's. Until the address is
+  bound the token answers "not ready" (409) without being spent, and the VM retries.
+
+The module also renders the startup script (bash: cloud-init user data on EC2, the
+`startup-script` metadata on GCE) and holds the readiness probe, the one seam tests replace
+(instances in moto and in the local GCP fake run nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+import shlex
+import sqlite3
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fedsky.controller.pki import IssuedCertificate, Pki
+from fedsky.controller.store import Store, transaction
+from fedsky.shared.ids import aggregator_id
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "fsk1_"
+
+SCHEMA = [
+    """
+    CREATE TABLE bootstrap_tokens (
+        token_hash TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        common_name TEXT NOT NULL,
+        dns_names TEXT,
+        ip_addresses TEXT,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT,
+        revoked_at TEXT
+    )
+    """,
+    "CREATE INDEX bootstrap_tokens_job ON bootstrap_tokens(job_id)",
+]
+
+
+class TokenError(Exception):
+    """A token that cannot be redeemed. `reason` is for the log; callers answer generically."""
+
+    def __init__(self, reason: str, *, not_ready: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.not_ready = not_ready
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a redeemed token entitles the VM to."""
+
+    job_id: str
+    common_name: str
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def ensure_schema(store: Store) -> None:
+    store.ensure_schema("bootstrap_tokens", SCHEMA)
+
+
+def issue_token(conn: sqlite3.Connection, *, job_id: str, ttl_s: float, now: datetime | None = None) -> str:
+    """Make a token for the aggregator of `job_id`; returns it (the only time it is seen)."""
+    now = now or _now()
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO bootstrap_tokens(token_hash, job_id, common_name, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                hash_token(token),
+                job_id,
+                aggregator_id(job_id),
+                now.isoformat(),
+                (now + timedelta(seconds=ttl_s)).isoformat(),
+            ),
+        )
+    return token
+
+
+def bind_addresses(
+    conn: sqlite3.Connection, *, job_id: str, ip_addresses: Sequence[str], dns_names: Sequence[str] = ()
+) -> int:
+    """Record the names the job's certificate will carry; returns the number of tokens bound."""
+    with transaction(conn):
+        return conn.execute(
+            "UPDATE bootstrap_tokens SET ip_addresses = ?, dns_names = ? "
+            "WHERE job_id = ? AND used_at IS NULL AND revoked_at IS NULL",
+            (json.dumps(list(ip_addresses)), json.dumps(list(dns_names)), job_id),
+        ).rowcount
+
+
+def revoke_tokens(conn: sqlite3.Connection, *, job_id: str, now: datetime | None = None) -> int:
+    with transaction(conn):
+        return conn.execute(
+            "UPDATE bootstrap_tokens SET revoked_at = ? WHERE job_id = ? AND used_at IS NULL AND revoked_at IS NULL",
+            ((now or _now()).isoformat(), job_id),
+        ).rowcount
+
+
+def _check(row: sqlite3.Row | None, now: datetime) -> TokenGrant:
+    if row is None:
+        raise TokenError("unknown token")
+    if row["revoked_at"] is not None:
+        raise TokenError(f"token of job {row['job_id']} was revoked")
+    if row["used_at"] is not None:
+        raise TokenError(f"token of job {row['job_id']} was already used at {row['used_at']}")
+    if datetime.fromisoformat(row["expires_at"]) <= now:
+        raise TokenError(f"token of job {row['job_id']} expired at {row['expires_at']}")
+    if row["ip_addresses"] is None:
+        raise TokenError(f"address of job {row['job_id']}'s aggregator not known yet", not_ready=True)
+    return TokenGrant(
+        job_id=row["job_id"],
+        common_name=row["common_name"],
+        dns_names=tuple(json.loads(row["dns_names"] or "[]")),
+        ip_addresses=tuple(json.loads(row["ip_addresses"])),
+    )
+
+
+def redeem_token(
+    conn: sqlite3.Connection,
+    token: str,
+    *,
+    use: Callable[[TokenGrant], Any] | None = None,
+    now: datetime | None = None,
+) -> TokenGrant:
+    """Check and spend `token` atomically; `use(grant)` runs inside the same transaction.
+
+    If `use` raises (e.g. the CSR does not verify), nothing is spent: the VM may try again.
+    """
+    now = now or _now()
+    with transaction(conn):
+        row = conn.execute("SELECT * FROM bootstrap_tokens WHERE token_hash = ?", (hash_token(token),)).fetchone()
+        grant = _check(row, now)
+        if use is not None:
+            use(grant)
+        conn.execute("UPDATE bootstrap_tokens SET used_at = ? WHERE token_hash = ?", (now.isoformat(), hash_token(token)))
+    return grant
+
+
+# -- the enrolment itself --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnrolledAggregator:
+    job_id: str
+    cert_pem: bytes
+    ca_pem: bytes
+
+
+def enroll_aggregator(
+    conn: sqlite3.Connection, pki: Pki, *, token: str, csr_pem: bytes, days: int
+) -> tuple[EnrolledAggregator, IssuedCertificate]:
+    """Redeem `token` for a server certificate on the VM's key; returns it and the issued record.
+
+    The certificate's names are the ones bound to the token (the VM's public address) plus
+    `localhost`/`127.0.0.1` for checks on the VM itself; the CSR's names are ignored (its subject
+    must be the aggregator's name). A CSR the CA refuses raises `PkiError` and spends nothing.
+    """
+    issued: list[IssuedCertificate] = []
+
+    def sign(grant: TokenGrant) -> None:
+        issued.append(
+            pki.issue(
+                common_name=grant.common_name,
+                kind="server",
+                csr_pem=csr_pem,
+                dns_names=[*grant.dns_names, "localhost"],
+                ip_addresses=[*grant.ip_addresses, "127.0.0.1"],
+                days=days,
+            )
+        )
+
+    grant = redeem_token(conn, token, use=sign)
+    cert = issued[0]
+    log.info("aggregator of job %s enrolled: certificate serial %s for %s", grant.job_id, cert.serial, grant.ip_addresses)
+    return EnrolledAggregator(job_id=grant.job_id, cert_pem=cert.cert_pem, ca_pem=pki.ca_cert_pem), cert
+
+
+# -- what the providers use ----------------------------------------------------------------------
+
+HealthCheck = Callable[[str], Awaitable[bool]]
+
+
+def tls_probe(ca_pem: bytes, *, timeout_s: float = 5.0) -> HealthCheck:
+    """A readiness probe: a TLS handshake with `host:port` that verifies fedsky's CA and the name.
+
+    A SuperLink that answers with a certificate from our CA for its own address is up and
+    enrolled; anything else (refused, timeout, wrong certificate) is not ready yet.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=ca_pem.decode())
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+
+    async def probe(address: str) -> bool:
+        host, _, port = address.rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host.strip("[]"), int(port), ssl=ctx, server_hostname=host.strip("[]")),
+                timeout_s,
+            )
+        except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
+            log.debug("aggregator at %s not ready: %s", address, exc)
+            return False
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (OSError, ssl.SSLError):
+            pass
+        return True
+
+    return probe
+
+
+@dataclass(frozen=True)
+class TokenIssuer:
+    """The token functions over a store, for the providers (async, off the event loop)."""
+
+    store: Store
+    ttl_s: float
+
+    async def issue(self, job_id: str) -> str:
+        return await self.store.run(lambda conn: issue_token(conn, job_id=job_id, ttl_s=self.ttl_s))
+
+    async def bind(self, job_id: str, *, ip_addresses: Sequence[str], dns_names: Sequence[str] = ()) -> None:
+        await self.store.run(
+            lambda conn: bind_addresses(conn, job_id=job_id, ip_addresses=ip_addresses, dns_names=dns_names)
+        )
+
+    async def revoke(self, job_id: str) -> None:
+        await self.store.run(lambda conn: revoke_tokens(conn, job_id=job_id))
+
+
+@dataclass(frozen=True)
+class VmBootstrap:
+    """Everything a cloud provider needs to start an aggregator VM that enrols itself."""
+
+    tokens: TokenIssuer
+    enroll_url: str | None
+    ca_pem: bytes
+    superlink_port: int
+    package: str
+    pip_index_url: str | None
+    preinstalled: bool
+    health_check: HealthCheck
+    ready_timeout_s: float
+    poll_interval_s: float
+    controller_uid: str
+
+    def script(self, *, job_id: str, token: str) -> str:
+        if not self.enroll_url:
+            raise ValueError("clouds.enroll_url is not set: aggregator VMs would have nowhere to enrol")
+        return render_startup_script(
+            job_id=job_id,
+            token=token,
+            enroll_url=self.enroll_url,
+            ca_pem=self.ca_pem.decode(),
+            port=self.superlink_port,
+            package=self.package,
+            pip_index_url=self.pip_index_url,
+            preinstalled=self.preinstalled,
+        )
+
+
+_SCRIPT = r"""#!/bin/bash
+# fedsky aggregator bootstrap, job @JOB@. This script holds a one-time enrolment token (single
+# use, short-lived) and the CA's public certificate; the TLS key is made here and never leaves.
+set -euo pipefail
+umask 077
+DIR=/etc/fedsky/aggregator
+VENV=/opt/fedsky/venv
+install -d -m 700 "$DIR"
+cd "$DIR"
+cat > ca.pem <<'FEDSKY_CA'
+@CA@FEDSKY_CA
+printf '%s' @TOKEN@ > token
+
+if [ ! -x "$VENV/bin/flower-superlink" ]; then
+  @INSTALL@
+fi
+
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out superlink.key
+openssl req -new -key superlink.key -subj "/CN=@CN@" -out superlink.csr
+python3 - <<'FEDSKY_PY'
+import json
+body = {"token": open("token").read(), "csr_pem": open("superlink.csr").read()}
+open("request.json", "w").write(json.dumps(body))
+FEDSKY_PY
+
+# 409: the controller has not recorded this VM's address yet; retry. Anything else is final.
+for attempt in $(seq 1 120); do
+  code=$(curl -sS --cacert ca.pem -o enroll.json -w '%{http_code}' \
+         -H 'Content-Type: application/json' --data-binary @request.json @URL@) || code=000
+  case "$code" in
+    200) break ;;
+    409|000|502|503|504) sleep 5 ;;
+    *) echo "fedsky: enrolment refused (HTTP $code)" >&2; rm -f token request.json; exit 1 ;;
+  esac
+done
+rm -f token request.json
+python3 -c 'import json; open("superlink.crt", "w").write(json.load(open("enroll.json"))["cert_pem"])'
+
+cat > /etc/systemd/system/fedsky-superlink.service <<'FEDSKY_UNIT'
+[Unit]
+Description=fedsky aggregator (Flower SuperLink), job @JOB@
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+DynamicUser=yes
+StateDirectory=fedsky-superlink
+LoadCredential=key:/etc/fedsky/aggregator/superlink.key
+Environment=FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_HOME=/var/lib/fedsky-superlink/flwr PATH=/opt/fedsky/venv/bin:/usr/local/bin:/usr/bin:/bin
+ExecStart=/opt/fedsky/venv/bin/flower-superlink --host 0.0.0.0 --port @PORT@ --database /var/lib/fedsky-superlink/state.db --disable-runtime-dependency-installation --ssl-ca-certfile /etc/fedsky/aggregator/ca.pem --ssl-certfile /etc/fedsky/aggregator/superlink.crt --ssl-keyfile ${CREDENTIALS_DIRECTORY}/key --enable-supernode-auth
+Restart=on-failure
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+
+[Install]
+WantedBy=multi-user.target
+FEDSKY_UNIT
+chmod 644 ca.pem superlink.crt
+systemctl daemon-reload
+systemctl enable --now fedsky-superlink.service
+"""
+
+
+def render_startup_script(
+    *,
+    job_id: str,
+    token: str,
+    enroll_url: str,
+    ca_pem: str,
+    port: int,
+    package: str,
+    pip_index_url: str | None,
+    preinstalled: bool,
+) -> str:
+    """The VM's startup script: install (unless preinstalled), make a key, enrol, start the SuperLink."""
+    if preinstalled:
+        install = 'echo "fedsky: $VENV has no flower-superlink although the image should" >&2; exit 1'
+    else:
+        index = f" --index-url {shlex.quote(pip_index_url)}" if pip_index_url else ""
+        install = (
+            "export DEBIAN_FRONTEND=noninteractive\n"
+            "  apt-get update -qq && apt-get install -y -qq python3-venv curl openssl\n"
+            '  python3 -m venv "$VENV"\n'
+            f'  "$VENV/bin/pip" install --quiet{index} {shlex.quote(package)}'
+        )
+    if not ca_pem.endswith("\n"):
+        ca_pem += "\n"
+    replacements = {
+        "@JOB@": job_id,
+        "@CN@": aggregator_id(job_id),
+        "@CA@": ca_pem,
+        "@TOKEN@": shlex.quote(token),
+        "@INSTALL@": install,
+        "@URL@": shlex.quote(enroll_url),
+        "@PORT@": str(port),
+    }
+    script = _SCRIPT
+    for marker, value in replacements.items():
+        script = script.replace(marker, value)
+    return script

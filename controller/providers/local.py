@@ -1,0 +1,298 @@
+"""The `local` aggregator provider: a `flower-superlink` process on this machine.
+
+The embedded default. Each job gets a directory `<work_dir>/<job id>/` holding the SuperLink's
+TLS files, its database, its FLWR_HOME (the `flwr` connection and installed app bundles) and its
+log. The SuperLink runs in its own process group (with the `flower-superexec` and
+`flwr-serverapp` processes it starts), so terminate ends all of them.
+
+The handle's `ref` is `<pid>` so that a restarted controller can still terminate the process;
+before signalling it checks that the pid is still this job's SuperLink (a recycled pid is left
+alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
+from fedsky.controller.providers.superlink import (
+    SuperLinkControl,
+    SuperLinkTls,
+    flower_env,
+    superlink_command,
+)
+
+log = logging.getLogger(__name__)
+
+TlsIssuer = Callable[[str, Path, tuple[str, ...]], SuperLinkTls]
+"""(job id, directory, host names) -> the SuperLink's CA, certificate and key written there."""
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def pki_tls_issuer(pki: object) -> TlsIssuer:
+    """A TlsIssuer over fedsky's CA (`fedsky.controller.pki.Pki`): a `server` certificate with
+    every name the SuperLink is reached by."""
+    from fedsky.controller.pki import Pki, atomic_write
+
+    assert isinstance(pki, Pki)
+
+    def issue(job_id: str, directory: Path, names: tuple[str, ...]) -> SuperLinkTls:
+        dns = [n for n in names if not _is_ip(n)]
+        ips = [n for n in names if _is_ip(n)]
+        cert = pki.issue(
+            common_name=dns[0] if dns else ips[0], kind="server", dns_names=dns, ip_addresses=ips, days=30
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        ca, crt, key = directory / "ca.crt", directory / "superlink.crt", directory / "superlink.key"
+        atomic_write(ca, pki.ca_cert_pem, mode=0o644)
+        atomic_write(crt, cert.cert_pem, mode=0o644)
+        assert cert.key_pem is not None
+        atomic_write(key, cert.key_pem, mode=0o600)
+        return SuperLinkTls(ca_file=ca, cert_file=crt, key_file=key)
+
+    return issue
+
+
+def _is_ip(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class LocalPaths:
+    job_dir: Path
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.job_dir / "tls"
+
+    @property
+    def database(self) -> Path:
+        return self.job_dir / "superlink.db"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.job_dir / "flwr-home"
+
+    @property
+    def log_file(self) -> Path:
+        return self.job_dir / "superlink.log"
+
+
+class LocalProvider:
+    """Runs each job's SuperLink as a child process group of the controller."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        *,
+        work_dir: Path,
+        issue_tls: TlsIssuer,
+        bind_host: str = "127.0.0.1",
+        advertise_host: str = "127.0.0.1",
+        start_timeout_s: float = START_TIMEOUT_S,
+    ) -> None:
+        self.work_dir = Path(work_dir)
+        self.issue_tls = issue_tls
+        self.bind_host = bind_host
+        self.advertise_host = advertise_host
+        self.start_timeout_s = start_timeout_s
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def paths(self, job_id: str) -> LocalPaths:
+        return LocalPaths(self.work_dir / job_id)
+
+    def tls(self, job_id: str) -> SuperLinkTls:
+        d = self.paths(job_id).tls_dir
+        return SuperLinkTls(ca_file=d / "ca.crt", cert_file=d / "superlink.crt", key_file=d / "superlink.key")
+
+    def control(self, handle: AggregatorHandle) -> SuperLinkControl:
+        """The Flower control (register keys, start runs) of a launched aggregator."""
+        if handle.address is None:
+            raise ProviderError(f"aggregator of job {handle.job_id} has no address yet")
+        return SuperLinkControl(
+            flwr_home=self.paths(handle.job_id).flwr_home, address=handle.address,
+            root_ca=self.tls(handle.job_id).ca_file,
+        )
+
+    async def launch(self, spec: AggregatorSpec) -> AggregatorHandle:
+        return await asyncio.to_thread(self._launch, spec)
+
+    def _launch(self, spec: AggregatorSpec) -> AggregatorHandle:
+        paths = self.paths(spec.job_id)
+        paths.job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        names = tuple(dict.fromkeys(["localhost", "127.0.0.1", self.advertise_host]))
+        tls = self.issue_tls(spec.job_id, paths.tls_dir, names)
+        paths.flwr_home.mkdir(exist_ok=True)
+        last_error = ""
+        for _ in range(3):  # a free port can be taken between the probe and the bind
+            port = free_port(self.bind_host)
+            proc = self._spawn(paths, tls, port)
+            ready, last_error = self._wait_ready(proc, tls, port, paths)
+            if ready:
+                self._procs[spec.job_id] = proc
+                address = f"{self.advertise_host}:{port}"
+                log.info("job %s: SuperLink pid %s listening on %s", spec.job_id, proc.pid, address)
+                return AggregatorHandle(
+                    provider=self.name, job_id=spec.job_id, ref=str(proc.pid), region=spec.region, address=address,
+                )
+            _kill_group(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT_S)
+            if "address already in use" not in last_error.lower():
+                break
+        raise ProviderError(f"the SuperLink for job {spec.job_id} did not start: {last_error}")
+
+    def _spawn(self, paths: LocalPaths, tls: SuperLinkTls, port: int) -> subprocess.Popen[bytes]:
+        cmd = superlink_command(host=self.bind_host, port=port, database=paths.database, tls=tls)
+        with open(paths.log_file, "ab") as logf:
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env=flower_env(paths.flwr_home),
+                cwd=paths.job_dir,
+                start_new_session=True,  # its own process group: terminate reaches its children
+            )
+
+    def _wait_ready(
+        self, proc: subprocess.Popen[bytes], tls: SuperLinkTls, port: int, paths: LocalPaths
+    ) -> tuple[bool, str]:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return False, f"exited with code {proc.returncode}: {_log_tail(paths.log_file)}"
+            if _tls_ready("127.0.0.1" if self.bind_host in ("0.0.0.0", "") else self.bind_host, port, tls.ca_file):
+                return True, ""
+            time.sleep(0.2)
+        return False, f"not answering after {self.start_timeout_s:.0f} s: {_log_tail(paths.log_file)}"
+
+    async def healthy(self, handle: AggregatorHandle) -> bool:
+        return await asyncio.to_thread(self._healthy, handle)
+
+    def _healthy(self, handle: AggregatorHandle) -> bool:
+        if not self._is_ours(handle):
+            return False
+        if handle.address is None:
+            return False
+        host, _, port = handle.address.rpartition(":")
+        return _tls_ready(host, int(port), self.tls(handle.job_id).ca_file)
+
+    async def address(self, handle: AggregatorHandle) -> str:
+        if handle.address is None:
+            raise ProviderError(f"aggregator of job {handle.job_id} has no address")
+        return handle.address
+
+    async def terminate(self, handle: AggregatorHandle) -> None:
+        await asyncio.to_thread(self._terminate, handle)
+
+    def _terminate(self, handle: AggregatorHandle) -> None:
+        proc = self._procs.pop(handle.job_id, None)
+        if not self._is_ours(handle):
+            log.info("job %s: SuperLink (pid %s) is already gone", handle.job_id, handle.ref)
+            if proc is not None:
+                proc.poll()
+            return
+        pid = int(handle.ref)
+        _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while time.monotonic() < deadline and _group_alive(pid):
+            if proc is not None:
+                proc.poll()
+            time.sleep(0.1)
+        if _group_alive(pid):
+            log.warning("job %s: SuperLink did not stop on SIGTERM; killing it", handle.job_id)
+            _signal_group(pid, signal.SIGKILL)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT_S)
+        log.info("job %s: SuperLink stopped", handle.job_id)
+
+    def _is_ours(self, handle: AggregatorHandle) -> bool:
+        """Is `handle.ref` still this job's SuperLink process group (not a recycled pid)?"""
+        try:
+            pid = int(handle.ref)
+        except ValueError:
+            return False
+        proc = self._procs.get(handle.job_id)
+        if proc is not None and proc.pid == pid:
+            return proc.poll() is None or _group_alive(pid)
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return any(b"flower-superlink" in part for part in cmdline) and str(self.paths(handle.job_id).database).encode() in cmdline
+
+
+def _tls_ready(host: str, port: int, ca_file: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with socket.create_connection((host, port), timeout=2) as raw, ctx.wrap_socket(raw, server_hostname=host):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Zombies count as gone: look for a member that still runs.
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def _kill_group(pid: int) -> None:
+    _signal_group(pid, signal.SIGKILL)
+
+
+def _log_tail(path: Path, lines: int = 6) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    kept = [line for line in text.splitlines() if line.strip()][-lines:]
+    return " | ".join(kept)[-1200:] or "(empty log)"

@@ -1,0 +1,388 @@
+"""The fedsky ServerApp: FedAvg from the model file's initial weights, exact federated metrics.
+
+Every round: send the global weights to every connected participant for training, average the
+returned weights by training examples (FedAvg), send the new weights out for evaluation, sum the
+participants' confusion matrices and compute accuracy, macro F1, recall and precision from the
+sum (so they equal the figures of the union of the evaluation sets), the loss weighted by
+evaluation examples; then hand the round to the sink.
+
+The loop is ours rather than `FedAvg.start` because: Flower's node sampling waits for nodes
+without a deadline; its `send_and_receive` polls every 3 s (we poll from 0.1 s up); and a round
+must know which *sites* took part (what each ClientApp reports, not node ids, which change on
+failover) and fail with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedsky.shared.datasets import scrub
+from fedsky.shared.flower.runconfig import RunSettings
+from fedsky.shared.flower.sink import FileSink, MqttSink, NullSink, Sink
+from fedsky.shared.ids import InvalidIdError, check_agent_id
+from fedsky.shared.messages import (
+    WEIGHTS_CHUNK_BYTES,
+    ClassFigures,
+    RoundMetrics,
+    RunFinished,
+    SiteContribution,
+    SiteFailure,
+    WeightsRef,
+    utcnow,
+)
+from fedsky.shared.metrics import MetricsError, figures, sum_matrices, unflatten
+from fedsky.shared.modelfile import (
+    ModelFile,
+    ModelFileError,
+    Weights,
+    cast_like,
+    check_weights,
+    digest,
+    from_array_record,
+    model_bytes,
+    read_model_file,
+    to_array_record,
+)
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message says why (it is reported to the controller)."""
+
+
+@dataclass
+class _Reply:
+    site: str
+    metrics: dict[str, float | int | list[int] | list[float]]
+    weights: Weights | None = None
+
+
+@dataclass
+class _Phase:
+    replies: list[_Reply] = field(default_factory=list)
+    failures: list[SiteFailure] = field(default_factory=list)
+
+
+def make_sink(settings: RunSettings) -> Sink:
+    if settings.sink == "file":
+        if not settings.sink_dir:
+            raise RunFailed("run config sets sink = 'file' but no sink-dir")
+        return FileSink(settings.sink_dir)
+    if settings.sink == "mqtt":
+        missing = [k for k in ("mqtt_ca", "mqtt_cert", "mqtt_key") if not getattr(settings, k)]
+        if missing:
+            raise RunFailed(f"run config sets sink = 'mqtt' but lacks {', '.join(m.replace('_', '-') for m in missing)}")
+        return MqttSink(
+            job_id=settings.job_id,
+            host=settings.mqtt_host,
+            port=settings.mqtt_port,
+            ca_file=Path(settings.mqtt_ca),
+            cert_file=Path(settings.mqtt_cert),
+            key_file=Path(settings.mqtt_key),
+            prefix=settings.topic_prefix,
+            publish_weights=settings.publish_weights,
+            publish_timeout_s=settings.publish_timeout_s,
+        )
+    return NullSink()
+
+
+def wait_for_nodes(grid: Grid, *, want: int, minimum: int, timeout_s: float) -> list[int]:
+    """Connected node ids once `want` are there, or `minimum` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= want:
+            return nodes
+        if time.monotonic() >= deadline:
+            if len(nodes) >= minimum:
+                return nodes
+            raise RunFailed(
+                f"only {len(nodes)} of the {minimum} participants needed are connected after "
+                f"waiting {timeout_s:.0f} s"
+            )
+        time.sleep(delay)
+        delay = min(1.0, delay * 1.5)
+
+
+def exchange(grid: Grid, messages: list[Message], *, timeout_s: float) -> tuple[dict[int, Message], set[int]]:
+    """Push `messages`, pull replies until all are in or the deadline; (replies by node, silent nodes)."""
+    dst = {}
+    ids = []
+    for mid, msg in zip(grid.push_messages(messages), messages, strict=True):
+        if mid:
+            dst[mid] = msg.metadata.dst_node_id
+            ids.append(mid)
+    waiting = set(ids)
+    replies: dict[int, Message] = {}
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while waiting and time.monotonic() < deadline:
+        for reply in grid.pull_messages(list(waiting)):
+            mid = reply.metadata.reply_to_message_id
+            if mid in waiting:
+                waiting.discard(mid)
+                replies[dst[mid]] = reply
+        if waiting:
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(1.0, delay * 1.5)
+    silent = {dst[m] for m in waiting} | {m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in dst.values()}
+    return replies, silent
+
+
+def _parse_reply(reply: Message, *, train: bool, model: ModelFile) -> _Reply:
+    content = reply.content
+    try:
+        site = check_agent_id(str(content["site"]["site"]))
+    except (KeyError, InvalidIdError, TypeError) as exc:
+        raise ValueError(f"reply without a valid site: {exc}") from None
+    metrics = dict(content["metrics"])
+    n = metrics.get("num-examples")
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"{site}: reply has no positive num-examples")
+    weights = None
+    if train:
+        weights = from_array_record(content["arrays"])
+        try:
+            check_weights(model.architecture, weights)
+        except ModelFileError as exc:
+            raise ValueError(f"{site}: returned weights do not fit the network: {exc}") from None
+    return _Reply(site=site, metrics=metrics, weights=weights)
+
+
+def _phase(
+    grid: Grid,
+    *,
+    settings: RunSettings,
+    model: ModelFile,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    rnd: int,
+    train: bool,
+    node_sites: dict[int, str],
+) -> _Phase:
+    name = "train" if train else "evaluate"
+    nodes = wait_for_nodes(
+        grid, want=settings.wait_for, minimum=settings.min_participants, timeout_s=settings.join_timeout_s
+    )
+    messages = [
+        Message(
+            RecordDict({"arrays": arrays, "config": config}),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN if train else MessageType.EVALUATE,
+            group_id=str(rnd),
+            ttl=settings.round_timeout_s + 60,
+        )
+        for node in nodes
+    ]
+    replies, silent = exchange(grid, messages, timeout_s=settings.round_timeout_s)
+    out = _Phase()
+    seen: set[str] = set()
+    for node, reply in sorted(replies.items()):
+        if reply.has_error():
+            reason = scrub(str(reply.error.reason or f"error code {reply.error.code}"))[:2000]
+            out.failures.append(SiteFailure(site=node_sites.get(node), phase=name, reason=reason))
+            continue
+        try:
+            parsed = _parse_reply(reply, train=train, model=model)
+        except ValueError as exc:
+            out.failures.append(SiteFailure(site=node_sites.get(node), phase=name, reason=str(exc)[:2000]))
+            continue
+        if parsed.site in seen:
+            out.failures.append(SiteFailure(site=parsed.site, phase=name, reason="a second node answered for this site"))
+            continue
+        seen.add(parsed.site)
+        node_sites[node] = parsed.site
+        out.replies.append(parsed)
+    for node in sorted(silent):
+        out.failures.append(SiteFailure(
+            site=node_sites.get(node), phase=name,
+            reason=f"no reply within the round timeout of {settings.round_timeout_s:.0f} s",
+        ))
+    if len(out.replies) < settings.min_participants:
+        why = "; ".join(f"{f.site or 'unknown site'}: {f.reason}" for f in out.failures) or "no replies"
+        raise RunFailed(
+            f"round {rnd} {name}: {len(out.replies)} of {len(nodes)} participants answered, "
+            f"{settings.min_participants} needed ({why})"
+        )
+    return out
+
+
+def fedavg(replies: Iterable[_Reply], reference: Weights) -> Weights:
+    """Average the replies' weights, weighted by their training examples."""
+    total = 0
+    acc: dict[str, np.ndarray] = {k: np.zeros(v.shape, dtype=np.float64) for k, v in reference.items()}
+    for r in replies:
+        n = int(r.metrics["num-examples"])  # type: ignore[arg-type]
+        total += n
+        assert r.weights is not None
+        for k in acc:
+            acc[k] += r.weights[k].astype(np.float64) * n
+    return cast_like({k: v / total for k, v in acc.items()}, reference)
+
+
+def _weighted(replies: list[_Reply], key: str) -> float | None:
+    pairs = [(float(r.metrics[key]), int(r.metrics["num-examples"])) for r in replies if isinstance(r.metrics.get(key), int | float)]  # type: ignore[arg-type]
+    n = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / n if n else None
+
+
+def _round_metrics(
+    *,
+    settings: RunSettings,
+    rnd: int,
+    model: ModelFile,
+    trained: _Phase,
+    evaluated: _Phase,
+    started_at: object,
+    duration_s: float,
+    weights_blob: bytes | None,
+) -> RoundMetrics:
+    k = model.architecture.num_classes
+    try:
+        cm = sum_matrices(unflatten(r.metrics["confusion"], k) for r in evaluated.replies)  # type: ignore[arg-type]
+    except (KeyError, MetricsError) as exc:
+        raise RunFailed(f"round {rnd}: an evaluation reply has no usable confusion matrix ({exc})") from None
+    fig = figures(cm)
+    loss = _weighted(evaluated.replies, "eval-loss")
+    sites: dict[str, dict[str, object]] = {}
+    for r in trained.replies:
+        sites.setdefault(r.site, {})["train_examples"] = r.metrics["num-examples"]
+        sites[r.site]["train_loss"] = r.metrics.get("train-loss")
+    for r in evaluated.replies:
+        sites.setdefault(r.site, {"train_examples": 0})["eval_examples"] = r.metrics["num-examples"]
+        sites[r.site]["eval_loss"] = r.metrics.get("eval-loss")
+    ref = None
+    if weights_blob is not None:
+        ref = WeightsRef(
+            sha256=digest(weights_blob),
+            size=len(weights_blob),
+            chunks=max(1, math.ceil(len(weights_blob) / WEIGHTS_CHUNK_BYTES)),
+        )
+    return RoundMetrics(
+        job_id=settings.job_id,
+        round=rnd,
+        num_rounds=settings.num_rounds,
+        accuracy=fig.accuracy,
+        loss=loss if loss is not None else 0.0,
+        f1=fig.f1,
+        recall=fig.recall,
+        precision=fig.precision,
+        train_loss=_weighted(trained.replies, "train-loss"),
+        per_class=[
+            ClassFigures(label=c.label, precision=c.precision, recall=c.recall, f1=c.f1,
+                         support=c.support, predicted=c.predicted)
+            for c in fig.per_class
+        ],
+        confusion_matrix=cm,
+        participants=[SiteContribution.model_validate({"site": s, **v}) for s, v in sorted(sites.items())],
+        failures=trained.failures + evaluated.failures,
+        started_at=started_at,
+        finished_at=utcnow(),
+        duration_s=duration_s,
+        weights=ref,
+    )
+
+
+def load_initial_model(settings: RunSettings) -> ModelFile:
+    if not settings.model_file:
+        raise RunFailed("run config has no model-file")
+    try:
+        model = read_model_file(settings.model_file)
+    except ModelFileError as exc:
+        raise RunFailed(f"the model file does not load: {exc}") from None
+    if settings.model_sha256 and model.sha256 != settings.model_sha256:
+        raise RunFailed("the model file on the aggregator does not match the job's model digest")
+    return model
+
+
+def run_federation(grid: Grid, settings: RunSettings, sink: Sink) -> int:
+    """Run every round; returns the rounds completed. Raises RunFailed with a reason."""
+    model = load_initial_model(settings)
+    weights = dict(model.weights)
+    base = {
+        "architecture": model.architecture.to_json(),
+        "local-epochs": settings.local_epochs,
+        "batch-size": settings.batch_size,
+        "eval-batch-size": settings.eval_batch_size,
+        "learning-rate": settings.learning_rate,
+        "optimizer": settings.optimizer,
+        "seed": settings.seed,
+        "dataset": settings.dataset,
+        "dataset-overrides": json.dumps(settings.overrides),
+        "job-id": settings.job_id,
+    }
+    node_sites: dict[int, str] = {}
+    for rnd in range(1, settings.num_rounds + 1):
+        started_at = utcnow()
+        t0 = time.monotonic()
+        config = ConfigRecord({**base, "server-round": rnd})
+        trained = _phase(grid, settings=settings, model=model, arrays=to_array_record(weights),
+                         config=config, rnd=rnd, train=True, node_sites=node_sites)
+        weights = fedavg(trained.replies, model.weights)
+        evaluated = _phase(grid, settings=settings, model=model, arrays=to_array_record(weights),
+                           config=config, rnd=rnd, train=False, node_sites=node_sites)
+        blob = model_bytes(model.architecture, weights) if settings.sink != "none" else None
+        metrics = _round_metrics(
+            settings=settings, rnd=rnd, model=model, trained=trained, evaluated=evaluated,
+            started_at=started_at, duration_s=time.monotonic() - t0, weights_blob=blob,
+        )
+        log.info(
+            "round %d/%d: accuracy %.4f loss %.4f f1 %.4f recall %.4f precision %.4f (%d sites, %.1f s)",
+            rnd, settings.num_rounds, metrics.accuracy, metrics.loss, metrics.f1, metrics.recall,
+            metrics.precision, len(metrics.participants), metrics.duration_s,
+        )
+        sink.round_finished(metrics, blob)
+    return settings.num_rounds
+
+
+def _route_logs() -> None:
+    # Flower streams what its own logger prints to `flwr run --stream`; send ours the same way.
+    ours = logging.getLogger("fedsky")
+    if not ours.handlers:
+        for handler in logging.getLogger("flwr").handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _route_logs()
+    settings = RunSettings.from_run_config(context.run_config)
+    sink: Sink = NullSink()
+    completed = 0
+    try:
+        sink = make_sink(settings)
+        completed = run_federation(grid, settings, sink)
+    except RunFailed as exc:
+        log.error("run failed: %s", exc)
+        sink.run_finished(RunFinished(job_id=settings.job_id, status="failed", rounds_completed=completed,
+                                      num_rounds=settings.num_rounds, reason=str(exc)[:2000]))
+        sink.close()
+        raise
+    except Exception as exc:
+        log.exception("aggregator error")
+        try:
+            sink.run_finished(RunFinished(job_id=settings.job_id, status="failed", rounds_completed=completed,
+                                          num_rounds=settings.num_rounds,
+                                          reason=f"aggregator error: {type(exc).__name__}: {exc}"[:2000]))
+        finally:
+            sink.close()
+        raise
+    sink.run_finished(RunFinished(job_id=settings.job_id, status="completed", rounds_completed=completed,
+                                  num_rounds=settings.num_rounds))
+    sink.close()

@@ -1,0 +1,26 @@
+"""Helpers shared by fedsky's tests: loopback ports, a CA, a real Mosquitto with mutual TLS.
+
+Fixtures (`pki`, `broker_dir`, `mqtt_broker`) live in `tests/conftest.py` and build on these.
+"""
+
+from .csr import make_csr
+from .mqtt import (
+    ClientCredentials,
+    MqttBroker,
+    broker_directory,
+    receive_until,
+    unique_prefix,
+    write_credentials,
+)
+from .net import free_port
+
+__all__ = [
+    "ClientCredentials",
+    "MqttBroker",
+    "broker_directory",
+    "free_port",
+    "make_csr",
+    "receive_until",
+    "unique_prefix",
+    "write_credentials",
+]
