@@ -195,7 +195,10 @@ class AgentDaemon:
             self._report_now.clear()
             await self.report_once()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report_now.wait(), timeout=interval)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                # that arrives together with the event.
+                async with asyncio.timeout(interval):
+                    await self._report_now.wait()
 
     async def _poller(self) -> None:
         while True:
@@ -221,7 +224,8 @@ class AgentDaemon:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             answer: dict[str, Any]
             try:
-                line = await asyncio.wait_for(reader.readline(), timeout=5.0)
+                async with asyncio.timeout(5.0):
+                    line = await reader.readline()
                 request = json.loads(line[:4096])
                 action, vm = request.get("action"), request.get("vm")
                 if action not in _FAULT_ACTIONS or not isinstance(vm, str):
@@ -273,6 +277,12 @@ class AgentDaemon:
                 await self.link.close()
                 for task in tasks:
                     task.cancel()
+                # Libraries may still use 3.11's wait_for, which can swallow a cancellation
+                # that races with a result: insist until every task has ended.
+                while pending := [t for t in tasks if not t.done()]:
+                    await asyncio.wait(pending, timeout=1.0)
+                    for task in pending:
+                        task.cancel()
         finally:
             with contextlib.suppress(Exception):
                 await self.blocking(self.inventory.close)

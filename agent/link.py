@@ -169,8 +169,11 @@ class AgentLink:
             try:
                 tls = await asyncio.to_thread(self._tls)
                 client = self._client_for_attempt(tls)
-                self._client = client
                 async with client:
+                    # Accepted by the broker: from here a stop must publish `offline` itself,
+                    # even before `online` has been acknowledged (a clean DISCONNECT does
+                    # not fire the will).
+                    self._client = client
                     delays = self._backoff.delays()
                     last_error = None
                     await self._session(client)
@@ -299,7 +302,7 @@ class AgentLink:
         """Stop reconnecting and publish the retained offline status if connected."""
         self._closing = True
         client = self._client
-        if client is None or not self._state.connected:
+        if client is None:
             return
         try:
             async with asyncio.timeout(timeout_s):

@@ -12,6 +12,7 @@ that accepts TCP connections, e.g. a regional API endpoint on port 443).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -52,10 +53,8 @@ async def _connect_ms(host: str, port: int, timeout_s: float) -> float:
         _reader, writer = await asyncio.open_connection(host, port)
     elapsed = (time.perf_counter() - start) * 1000.0
     writer.close()
-    try:
+    with contextlib.suppress(OSError):  # a reset on close says nothing about the connect time
         await writer.wait_closed()
-    except OSError:  # a reset on close says nothing about the connect time
-        pass
     return elapsed
 
 

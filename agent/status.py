@@ -302,7 +302,8 @@ class StatusServer:
         # client, so nothing it sends can affect the agent.
         try:
             writer.write(self._state.doc().dump().encode() + b"\n")
-            await asyncio.wait_for(writer.drain(), timeout=5.0)
+            async with asyncio.timeout(5.0):
+                await writer.drain()
         except (OSError, TimeoutError) as exc:
             log.debug("status client went away: %s", exc)
         finally:
@@ -331,7 +332,10 @@ class StatusServer:
                 await self._write_file()
                 changed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), timeout=_FILE_REFRESH_S)
+                    # Not wait_for: in 3.11 it can swallow a cancellation that races with the
+                    # event (stopping touches the state just before it cancels this task).
+                    async with asyncio.timeout(_FILE_REFRESH_S):
+                        await changed.wait()
                 await asyncio.sleep(_FILE_MIN_INTERVAL_S)  # coalesce bursts of changes
         finally:
             server.close()

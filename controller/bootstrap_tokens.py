@@ -22,6 +22,7 @@ The module also renders the startup script (bash: cloud-init user data on EC2, t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,7 +41,7 @@ from fedsky.shared.ids import aggregator_id
 
 log = logging.getLogger(__name__)
 
-TOKEN_PREFIX = "fsk1_"
+TOKEN_PREFIX = "fsk1_"  # noqa: S105 - a marker that makes leaked tokens easy to find, not a secret
 
 SCHEMA = [
     """
@@ -234,10 +235,8 @@ def tls_probe(ca_pem: bytes, *, timeout_s: float = 5.0) -> HealthCheck:
             log.debug("aggregator at %s not ready: %s", address, exc)
             return False
         writer.close()
-        try:
+        with contextlib.suppress(OSError, ssl.SSLError):
             await writer.wait_closed()
-        except (OSError, ssl.SSLError):
-            pass
         return True
 
     return probe

@@ -23,9 +23,10 @@ by hand (`external_revocation_instructions`).
 Running as root: Mosquitto drops to the `mosquitto` user before it reads its key, ACL and CRL
 (and writes its persistence). Rather than `user root` (a network daemon keeping root), the
 broker directory is group `mosquitto` (0750), the key and ACL 0640 root:mosquitto, and the
-persistence directory owned by `mosquitto`; every directory above must let that user through,
-which `prepare_broker_files` checks. Run by another user, Mosquitto keeps that user and the
-files stay private to it (0700/0600).
+persistence directory owned by `mosquitto`. Every directory above must let that user through;
+when one does not (a 0700 state directory), the files go to a root-owned runtime directory
+(`/run/fedsky/broker-<hash>`) rather than opening the state directory to the broker's user.
+Run by another user, Mosquitto keeps that user and the files stay private to it (0700/0600).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import hashlib
 import ipaddress
 import logging
 import os
@@ -49,7 +51,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fedsky.controller.pki import Pki, PkiError, atomic_write, write_private_key
+from fedsky.controller.pki import Pki, PkiError, atomic_write
 from fedsky.shared.ids import CONTROLLER_ID
 from fedsky.shared.messages import MAX_PAYLOAD_BYTES
 from fedsky.shared.retry import Backoff
@@ -82,6 +84,8 @@ _CERT = "server.crt"
 _KEY = "server.key"
 _DATA = "data"
 _PIDFILE = "mosquitto.pid"
+# Where the broker's files go, as root, when Mosquitto's user cannot reach the broker_dir.
+RUNTIME_ROOT = Path("/run/fedsky")
 
 
 class BrokerError(Exception):
@@ -266,17 +270,30 @@ def _can_traverse(path: Path, uid: int, gids: set[int]) -> bool:
     return bool(st.st_mode & stat.S_IXOTH)
 
 
-def _check_reachable(directory: Path, uid: int, gid: int) -> None:
+def _blocker(directory: Path, uid: int, gid: int) -> Path | None:
+    """The first directory on the way to `directory` (itself included) the user cannot pass."""
     gids = {gid} | {g.gr_gid for g in grp.getgrall() if MOSQUITTO_USER in g.gr_mem}
     resolved = directory.resolve()
-    for parent in [*reversed(resolved.parents), resolved]:
-        if not _can_traverse(parent, uid, gids):
+    for step in [*reversed(resolved.parents), resolved]:
+        if not _can_traverse(step, uid, gids):
+            return step
+    return None
+
+
+def _runtime_dir(root: Path, broker_dir: Path) -> Path:
+    """A root-owned directory for the broker's files, one per broker_dir, under `root`."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    name = "broker-" + hashlib.sha256(str(broker_dir.resolve()).encode()).hexdigest()[:16]
+    directory = root / name
+    directory.mkdir(exist_ok=True, mode=0o700)
+    for path in (root, directory):
+        st = os.lstat(path)
+        # Nobody else may have made or be able to change what Mosquitto will trust.
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
             raise BrokerError(
-                f"Mosquitto runs as the user {MOSQUITTO_USER!r} and cannot reach {directory}: "
-                f"{parent} does not let it through. Run `chmod o+x {parent}` (or `chgrp "
-                f"{MOSQUITTO_USER} {parent} && chmod g+x {parent}`), or put the broker directory "
-                "elsewhere"
+                f"{path} must be a directory owned by root and writable only by it"
             )
+    return directory
 
 
 def _wanted_names(host: str, public_names: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -331,6 +348,7 @@ def prepare_broker_files(
     controller_id: str = CONTROLLER_ID,
     persistence: bool = True,
     debug_log: bool = False,
+    runtime_root: Path = RUNTIME_ROOT,
 ) -> BrokerFiles:
     """Write (or refresh) everything Mosquitto needs into `broker_dir`.
 
@@ -338,30 +356,55 @@ def prepare_broker_files(
     every name agents may use to reach it) is issued once through `pki.issue` and reused while
     it is valid for another 30 days and covers those names. Idempotent: call it again after a
     revocation to copy the new CRL in (a `ManagedBroker` does that on each start).
+
+    As root, when the `mosquitto` user cannot pass a directory above `broker_dir` (a 0700
+    state directory, pytest's tmp_path), the files go to `runtime_root/broker-<hash of
+    broker_dir>` instead (root-owned; `BrokerFiles.directory` says where).
     """
     broker_dir = Path(broker_dir)
     ids = _mosquitto_ids()
     gid = None if ids is None else ids[1]
-    broker_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    directory = broker_dir
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     if ids is not None:
-        _check_reachable(broker_dir.parent, *ids)
-        os.chown(broker_dir, -1, ids[1])
-        os.chmod(broker_dir, 0o750)  # noqa: S103 - group mosquitto only, to read its files
+        os.chown(directory, -1, ids[1])
+        os.chmod(directory, 0o750)  # noqa: S103 - group mosquitto only, to read its files
+        blocked = _blocker(directory, *ids)
+        if blocked is not None:
+            # Opening the state directory to the broker's user would also open whatever else
+            # in it is world-readable: keep the broker's files in a runtime directory instead.
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if we left it empty
+            directory = _runtime_dir(runtime_root, broker_dir)
+            os.chown(directory, -1, ids[1])
+            os.chmod(directory, 0o750)  # noqa: S103 - as above
+            still = _blocker(directory, *ids)
+            if still is not None:
+                raise BrokerError(
+                    f"Mosquitto runs as the user {MOSQUITTO_USER!r} and can reach neither "
+                    f"{broker_dir} nor {directory}: {blocked} and {still} do not let it through. "
+                    f"Run `chmod o+x {blocked}` (or `chgrp {MOSQUITTO_USER} {blocked} && "
+                    f"chmod g+x {blocked}`)"
+                )
+            log.info(
+                "Mosquitto (user %s) cannot pass %s: its files are in %s",
+                MOSQUITTO_USER,
+                blocked,
+                directory,
+            )
     else:
-        os.chmod(broker_dir, 0o700)
+        os.chmod(directory, 0o700)
     private_mode = 0o600 if ids is None else 0o640
 
-    ca_file, cert_file, key_file = broker_dir / _CA, broker_dir / _CERT, broker_dir / _KEY
-    crl_file, acl_file, conf_file = broker_dir / _CRL, broker_dir / _ACL, broker_dir / _CONF
+    ca_file, cert_file, key_file = directory / _CA, directory / _CERT, directory / _KEY
+    crl_file, acl_file, conf_file = directory / _CRL, directory / _ACL, directory / _CONF
     dns, ips = _wanted_names(host, public_names)
     not_after = _reusable(pki, cert_file, key_file, dns, ips)
     if not_after is None:
         issued = pki.issue(common_name=SERVER_CN, kind="server", dns_names=dns, ip_addresses=ips)
         assert issued.key_pem is not None
-        write_private_key(key_file, issued.key_pem, overwrite=True)
-        if ids is not None:
-            os.chown(key_file, -1, ids[1])
-            os.chmod(key_file, private_mode)
+        # 0600, or 0640 root:mosquitto as root, from the file's creation on.
+        atomic_write(key_file, issued.key_pem, mode=private_mode, group=gid)
         atomic_write(cert_file, issued.cert_pem, mode=0o644)
         not_after = issued.not_after
         log.info("issued the broker's certificate for %s", ", ".join([*dns, *ips]))
@@ -372,7 +415,7 @@ def prepare_broker_files(
 
     persistence_dir: Path | None = None
     if persistence:
-        persistence_dir = broker_dir / _DATA
+        persistence_dir = directory / _DATA
         persistence_dir.mkdir(exist_ok=True, mode=0o700)
         if ids is not None:
             os.chown(persistence_dir, ids[0], ids[1])
@@ -402,7 +445,7 @@ def prepare_broker_files(
         group=gid,
     )
     files = BrokerFiles(
-        directory=broker_dir,
+        directory=directory,
         conf_file=conf_file,
         acl_file=acl_file,
         ca_file=ca_file,
@@ -426,9 +469,10 @@ def prepare_broker_files(
 
 def _log_line(line: str) -> None:
     """Relay one Mosquitto log line at a level that matches what it says."""
-    if line.startswith("Error") or line.startswith("Warning"):
+    if line.startswith(("Error", "Warning")):
         log.warning("mosquitto: %s", line)
-    elif line.startswith("mosquitto version") or line.startswith("Opening "):
+    elif line.startswith(("mosquitto version", "Opening ", "OpenSSL Error")):
+        # Start and stop, and refused certificates (revoked, foreign, missing).
         log.info("mosquitto: %s", line)
     else:
         # Connections, refusals of bad certificates, denials: one per client event.
@@ -455,7 +499,7 @@ def _kill_stale(pid_file: Path, conf_file: Path, grace_s: float) -> None:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
+        if _gone(pid):
             break
         time.sleep(0.05)
     else:
@@ -463,6 +507,16 @@ def _kill_stale(pid_file: Path, conf_file: Path, grace_s: float) -> None:
             os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(FileNotFoundError):
         pid_file.unlink()
+
+
+def _gone(pid: int) -> bool:
+    """True once `pid` has exited (a zombie waiting for its parent counts as gone)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    # The state follows the command name, which is in parentheses and may hold spaces.
+    return stat_line.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _raise_fd_limit(pid: int) -> None:
@@ -547,7 +601,7 @@ class ManagedBroker:
             self._ended = True
             await self._notify()
 
-    async def wait_ready(self, timeout: float) -> None:  # noqa: ASYNC109 - the daemon's API
+    async def wait_ready(self, timeout: float) -> None:
         """Return once the broker accepts connections.
 
         May be called before `run()` has started. BrokerTimeout after `timeout` seconds,
@@ -555,7 +609,7 @@ class ManagedBroker:
         """
         await self._wait_for(lambda: self._ready, timeout, "become ready")
 
-    async def restart(self, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    async def restart(self, *, timeout: float = 30.0) -> None:
         """Stop and start the broker now (no backoff), e.g. to load a new CRL; wait until ready.
 
         Connected clients are disconnected and reconnect on their own.
@@ -651,8 +705,13 @@ class ManagedBroker:
                 "broker.mosquitto_bin"
             ) from None
         self._proc = proc
-        _raise_fd_limit(proc.pid)
-        await asyncio.to_thread(self._files.pid_file.write_text, f"{proc.pid}\n")
+        try:
+            _raise_fd_limit(proc.pid)
+            # For the next run, should this process be killed before it can stop the child.
+            await asyncio.to_thread(self._files.pid_file.write_text, f"{proc.pid}\n")
+        except BaseException:
+            await self._stop(proc)
+            raise
         log.debug("started mosquitto (pid %d)", proc.pid)
         return proc
 

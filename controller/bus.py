@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import aiomqtt
 from fedsky.controller import inventory
 from fedsky.controller.store import Store
-from fedsky.shared.ids import CONTROLLER_ID, is_aggregator_id
+from fedsky.shared.ids import CONTROLLER_ID, is_agent_id, is_aggregator_id
 from fedsky.shared.messages import (
     AgentStatus,
     Command,
@@ -200,6 +200,11 @@ class ControllerBus:
             self.stats.rejects.reject("?", "bad_topic", message.topic.value[:120])
             return
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        if topic.role == "agents" and not is_agent_id(topic.sender):
+            # The ACL ties a subtree to the certificate's name, not to its role: an aggregator
+            # or the controller could write under agents/<its own id>/.
+            self.stats.rejects.reject(topic.sender, "bad_sender", "not an agent identity")
+            return
         now = datetime.now(UTC)
         try:
             if topic.role == "aggregators":

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fedsky.controller.orchestrator import Policy
+from fedsky.controller.registry import RegistryConfig
 from fedsky.shared.config import load_config, resolve_path
 from fedsky.shared.topics import DEFAULT_PREFIX
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -107,6 +108,7 @@ class ControllerConfig(_Section):
     api: ApiConfig = ApiConfig()
     inventory: InventoryConfig = InventoryConfig()
     orchestrator: Policy = Policy()
+    registry: RegistryConfig = RegistryConfig()
     clouds: CloudsConfig = CloudsConfig()
 
     @field_validator("state_dir")

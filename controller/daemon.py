@@ -19,13 +19,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
-from fedsky.controller import inventory
+from fedsky.controller import inventory, jobstore
 from fedsky.controller.api.app import Services, make_app
-from fedsky.controller.broker import ManagedBroker, prepare_broker_files
+from fedsky.controller.broker import BrokerError, ManagedBroker, prepare_broker_files
 from fedsky.controller.bus import ControllerBus
 from fedsky.controller.config import ControllerConfig, load_controller_config
-from fedsky.controller.enrollment import record_certificate
+from fedsky.controller.enrollment import record_certificate, revoked_serials
 from fedsky.controller.pki import Pki, PkiError, cert_info
+from fedsky.controller.registry import Registry
 from fedsky.controller.store import Store, StoreError
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
@@ -66,7 +67,17 @@ def open_parts(config: ControllerConfig) -> tuple[Store, Pki]:
         raise ConfigError(f"{exc}") from None
     store = Store(config.db_path)
     inventory.ensure_schema(store)
+    jobstore.ensure_schema(store)
+    _renew_crl(pki, store)
     return store, pki
+
+
+def _renew_crl(pki: Pki, store: Store) -> None:
+    """Rewrite the CRL well before its next_update: past it, Mosquitto refuses every client."""
+    next_update = pki.crl_next_update
+    if next_update is None or next_update - datetime.now(UTC) < RENEW_BEFORE:
+        pki.write_crl(store.call(revoked_serials))
+        log.info("certificate revocation list renewed")
 
 
 async def _sweep_offline(store: Store, config: ControllerConfig) -> None:
@@ -123,6 +134,9 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
                 host=config.broker.host,
                 port=config.broker.port,
                 topic_prefix=config.bus.topic_prefix,
+                public_names=[config.broker_public_host]
+                if config.broker_public_host != config.broker.host
+                else [],
             )
             broker = ManagedBroker(files=files, mosquitto_bin=config.broker.mosquitto_bin)
             ca_file = pki.ca_cert_path
@@ -137,6 +151,7 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
             history_per_agent=config.inventory.history_per_agent,
         )
         services = Services(config=config, store=store, pki=pki, bus=bus, broker=broker)
+        services.parts["registry"] = Registry.from_controller_config(store=store, config=config)
         app = make_app(services)
         async with asyncio.TaskGroup() as tg:
             if broker is not None:
@@ -187,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return exitcodes.CONFIG
-    except StoreError as exc:
+    except (StoreError, BrokerError) as exc:
         log.error("%s", exc)
         return exitcodes.FAILED
     return exitcodes.OK

@@ -216,7 +216,7 @@ def _check_name(common_name: str, kind: str) -> None:
     elif kind == "controller":
         if common_name != CONTROLLER_ID:
             raise PkiError(f"the controller's certificate must have the name {CONTROLLER_ID!r}")
-    elif not _SERVER_CN_RE.fullmatch(common_name):
+    elif not (_SERVER_CN_RE.fullmatch(common_name) or _is_ip(common_name)):
         raise PkiError(
             f"server name {common_name!r} is invalid: "
             "use 1-64 characters from A-Z, a-z, 0-9, '.' and '-'"

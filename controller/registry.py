@@ -3,7 +3,7 @@
 Three layers, in this order in the file:
 
 1. Decisions as plain functions over plain data (`recommend`, `retention_drops`,
-   `global_evictions`, the parsers of `--min`/`--max`/`--score`). They import no store, bus or
+   `global_evictions`, the parsers of `--min`/`--max`/`--score`). They touch no store, bus or
    HTTP and are tested on recorded numbers.
 2. Storage: a content-addressed blob store (`BlobStore`: files named by their SHA-256, written
    atomically, deduplicated), a signing key (`SigningKey`, Ed25519, made on first use), and
@@ -37,8 +37,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from fedsky.controller.store import Store, transaction
+from fedsky.shared.config import resolve_path
 from fedsky.shared.messages import RoundMetrics
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -991,6 +992,14 @@ class RegistryConfig(BaseModel):
     # Default: <state_dir>/models
     directory: Path | None = None
 
+    @field_validator("directory")
+    @classmethod
+    def _resolve(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Relative to the config file's directory, like every path in controller.toml.
+        if value is None:
+            return None
+        return resolve_path(value, (info.context or {}).get("config_dir"))
+
     @property
     def default_policy(self) -> RetentionPolicy:
         return RetentionPolicy(self.retention, self.keep)
@@ -1787,8 +1796,8 @@ class Registry:
             rec = replace(
                 rec,
                 notes=(
-                    f"{pruned} of {len(records)} rounds had their checkpoint pruned "
-                    "and were not considered",
+                    f"{pruned} of {len(records)} rounds have no checkpoint (pruned, or none "
+                    "was recorded) and were not considered",
                 ),
             )
         return rec

@@ -30,7 +30,6 @@ from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from fedsky.controller.store import Store, transaction
 
 log = logging.getLogger(__name__)

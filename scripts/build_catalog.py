@@ -53,41 +53,76 @@ AWS_FAMILIES: list[tuple[str, str, list[tuple[str, int, float, float]]]] = [
     (
         "aws_m5_2xlarge_from_skypilot_v7.csv",
         "m5.2xlarge",
-        [("m5.large", 2, 8, 0.25), ("m5.xlarge", 4, 16, 0.5), ("m5.2xlarge", 8, 32, 1), ("m5.4xlarge", 16, 64, 2)],
+        [
+            ("m5.large", 2, 8, 0.25),
+            ("m5.xlarge", 4, 16, 0.5),
+            ("m5.2xlarge", 8, 32, 1),
+            ("m5.4xlarge", 16, 64, 2),
+        ],
     ),
     (
         "aws_m6i_xlarge_from_skypilot_v7.csv",
         "m6i.xlarge",
-        [("m6i.large", 2, 8, 0.5), ("m6i.xlarge", 4, 16, 1), ("m6i.2xlarge", 8, 32, 2), ("m6i.4xlarge", 16, 64, 4)],
+        [
+            ("m6i.large", 2, 8, 0.5),
+            ("m6i.xlarge", 4, 16, 1),
+            ("m6i.2xlarge", 8, 32, 2),
+            ("m6i.4xlarge", 16, 64, 4),
+        ],
     ),
     (
         "aws_c6i_2xlarge_from_skypilot_v7.csv",
         "c6i.2xlarge",
-        [("c6i.large", 2, 4, 0.25), ("c6i.xlarge", 4, 8, 0.5), ("c6i.2xlarge", 8, 16, 1), ("c6i.4xlarge", 16, 32, 2)],
+        [
+            ("c6i.large", 2, 4, 0.25),
+            ("c6i.xlarge", 4, 8, 0.5),
+            ("c6i.2xlarge", 8, 16, 1),
+            ("c6i.4xlarge", 16, 32, 2),
+        ],
     ),
     (
         "aws_t3_xlarge_from_skypilot_v7.csv",
         "t3.xlarge",
-        [("t3.medium", 2, 4, 0.25), ("t3.large", 2, 8, 0.5), ("t3.xlarge", 4, 16, 1), ("t3.2xlarge", 8, 32, 2)],
+        [
+            ("t3.medium", 2, 4, 0.25),
+            ("t3.large", 2, 8, 0.5),
+            ("t3.xlarge", 4, 16, 1),
+            ("t3.2xlarge", 8, 32, 2),
+        ],
     ),
 ]
 GCP_FAMILIES: list[tuple[str, str, list[tuple[str, int, float, float]]]] = [
     (
         "gcp_e2_standard_2_from_skypilot_v7.csv",
         "e2-standard-2",
-        [("e2-standard-2", 2, 8, 1), ("e2-standard-4", 4, 16, 2), ("e2-standard-8", 8, 32, 4), ("e2-standard-16", 16, 64, 8)],
+        [
+            ("e2-standard-2", 2, 8, 1),
+            ("e2-standard-4", 4, 16, 2),
+            ("e2-standard-8", 8, 32, 4),
+            ("e2-standard-16", 16, 64, 8),
+        ],
     ),
     (
         "gcp_n2_standard_2_from_skypilot_v7.csv",
         "n2-standard-2",
-        [("n2-standard-2", 2, 8, 1), ("n2-standard-4", 4, 16, 2), ("n2-standard-8", 8, 32, 4), ("n2-standard-16", 16, 64, 8)],
+        [
+            ("n2-standard-2", 2, 8, 1),
+            ("n2-standard-4", 4, 16, 2),
+            ("n2-standard-8", 8, 32, 4),
+            ("n2-standard-16", 16, 64, 8),
+        ],
     ),
 ]
 AZURE_FAMILIES: list[tuple[str, str, list[tuple[str, int, float, float]]]] = [
     (
         "azure_Dv5_US_from_skypilot_v6.csv",
         "Standard_D8s_v5",
-        [("Standard_D2s_v5", 2, 8, 0.25), ("Standard_D4s_v5", 4, 16, 0.5), ("Standard_D8s_v5", 8, 32, 1), ("Standard_D16s_v5", 16, 64, 2)],
+        [
+            ("Standard_D2s_v5", 2, 8, 0.25),
+            ("Standard_D4s_v5", 4, 16, 0.5),
+            ("Standard_D8s_v5", 8, 32, 1),
+            ("Standard_D16s_v5", 16, 64, 2),
+        ],
     ),
 ]
 
@@ -183,8 +218,16 @@ def build_offers(source: Path, rtt_locations: set[str]) -> tuple[list[Row], dict
             if r["InstanceType"] != base_type:
                 # a row of another size in the same file: a real price, taken as it is
                 add(
-                    Row(cloud, region, r["InstanceType"], int(r["vCPUs"]), float(r["MemoryGiB"]),
-                        price, egress(cloud, region), "source row")
+                    Row(
+                        cloud,
+                        region,
+                        r["InstanceType"],
+                        int(r["vCPUs"]),
+                        float(r["MemoryGiB"]),
+                        price,
+                        egress(cloud, region),
+                        "source row",
+                    )
                 )
                 continue
             for name, vcpus, mem, factor in sizes:
@@ -194,11 +237,19 @@ def build_offers(source: Path, rtt_locations: set[str]) -> tuple[list[Row], dict
                     note = f"{base_type} x {factor:g} (linear family pricing)"
                     if src_note:
                         note += f"; {base_type} {src_note}"
-                add(Row(cloud, region, name, vcpus, mem, price * factor, egress(cloud, region), note))
-    return sorted(rows.values(), key=lambda r: (r.cloud, r.region, r.vcpus, r.usd_per_hour, r.instance_type)), left_out
+                add(
+                    Row(
+                        cloud, region, name, vcpus, mem, price * factor, egress(cloud, region), note
+                    )
+                )
+    return sorted(
+        rows.values(), key=lambda r: (r.cloud, r.region, r.vcpus, r.usd_per_hour, r.instance_type)
+    ), left_out
 
 
-def azure_p95_check(source: Path, rtt: dict[tuple[str, str], float]) -> list[tuple[str, str, float, float]]:
+def azure_p95_check(
+    source: Path, rtt: dict[tuple[str, str], float]
+) -> list[tuple[str, str, float, float]]:
     """(a, b, Azure P95, Skyplane mean) for the pairs both sources name."""
     out = []
     for r in read_csv(source / "azure_p95_rtt_subset.csv"):
@@ -214,7 +265,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--date", default=dt.date.today().isoformat(), help="build date written to SOURCES.md")
+    parser.add_argument(
+        "--date", default=dt.date.today().isoformat(), help="build date written to SOURCES.md"
+    )
     args = parser.parse_args()
     from fedsky.controller.placement.catalog import continent_of
 
@@ -226,9 +279,31 @@ def main() -> int:
 
     with (args.out / "offers.csv").open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["cloud", "region", "instance_type", "vcpus", "memory_gib", "usd_per_hour", "egress_usd_per_gb", "note"])
+        w.writerow(
+            [
+                "cloud",
+                "region",
+                "instance_type",
+                "vcpus",
+                "memory_gib",
+                "usd_per_hour",
+                "egress_usd_per_gb",
+                "note",
+            ]
+        )
         for o in offers:
-            w.writerow([o.cloud, o.region, o.instance_type, o.vcpus, fmt(o.memory_gib), fmt(o.usd_per_hour), fmt(o.egress_usd_per_gb), o.note])
+            w.writerow(
+                [
+                    o.cloud,
+                    o.region,
+                    o.instance_type,
+                    o.vcpus,
+                    fmt(o.memory_gib),
+                    fmt(o.usd_per_hour),
+                    fmt(o.egress_usd_per_gb),
+                    o.note,
+                ]
+            )
     with (args.out / "rtt.csv").open("w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["src", "dst", "rtt_ms"])
@@ -246,13 +321,28 @@ def main() -> int:
             w.writerow([loc, cont])
 
     per_cloud = {c: sum(1 for o in offers if o.cloud == c) for c in ("aws", "gcp", "azure")}
-    regions = {c: sorted({o.region for o in offers if o.cloud == c}) for c in ("aws", "gcp", "azure")}
+    regions = {
+        c: sorted({o.region for o in offers if o.cloud == c}) for c in ("aws", "gcp", "azure")
+    }
     participant_only = sorted(set(locations) - set(offer_locs))
     checks = azure_p95_check(args.source, rtt)
     (args.out / "SOURCES.md").write_text(
-        sources_md(args.date, offers, per_cloud, regions, left_out, locations, participant_only, len(rtt), asym, checks)
+        sources_md(
+            args.date,
+            offers,
+            per_cloud,
+            regions,
+            left_out,
+            locations,
+            participant_only,
+            len(rtt),
+            asym,
+            checks,
+        )
     )
-    print(f"{len(offers)} offers in {len(offer_locs)} regions ({per_cloud}); {len(locations)} locations, {len(rtt)} RTT pairs -> {args.out}")
+    print(
+        f"{len(offers)} offers in {len(offer_locs)} regions ({per_cloud}); {len(locations)} locations, {len(rtt)} RTT pairs -> {args.out}"
+    )
     return 0
 
 
@@ -280,7 +370,7 @@ Prices are on-demand Linux USD per hour; egress is internet egress USD per GB (f
 
 ## What is in it
 
-- `offers.csv`: {len(offers)} offers: AWS {per_cloud['aws']}, GCP {per_cloud['gcp']}, Azure {per_cloud['azure']}.
+- `offers.csv`: {len(offers)} offers: AWS {per_cloud["aws"]}, GCP {per_cloud["gcp"]}, Azure {per_cloud["azure"]}.
   General-purpose sizes from 2 to 16 vCPUs in every region (AWS m5, m6i; GCP e2, n2; Azure
   Dsv5), plus AWS c6i (compute-optimised) and t3 (burstable). The `note` column says which
   rows are source rows and which are derived by linear family pricing.
@@ -288,16 +378,16 @@ Prices are on-demand Linux USD per hour; egress is internet egress USD per GB (f
   itself (1 ms, a constant: the data has no intra-region figure, and it must not be zero).
 - `locations.csv`: each location's continent (for hierarchical placement).
 
-Regions with offers: AWS {names(regions['aws'])}; GCP {names(regions['gcp'])}; Azure
-{names(regions['azure'])} (Azure is there for comparison; fedsky launches only where a
+Regions with offers: AWS {names(regions["aws"])}; GCP {names(regions["gcp"])}; Azure
+{names(regions["azure"])} (Azure is there for comparison; fedsky launches only where a
 provider exists).
 
 Locations with an RTT but no offer (usable as participants' locations only):
 {names(participant_only)}.
 
 Regions with a price but no measured RTT are left out rather than given a guessed RTT:
-AWS {names(sorted(left_out.get('aws', ())))}; GCP {names(sorted(left_out.get('gcp', ())))};
-Azure {names(sorted(left_out.get('azure', ())))}. AWS `sa-east-1` has an RTT but no price in
+AWS {names(sorted(left_out.get("aws", ())))}; GCP {names(sorted(left_out.get("gcp", ())))};
+Azure {names(sorted(left_out.get("azure", ())))}. AWS `sa-east-1` has an RTT but no price in
 the source data, so it is a participant location only.
 
 ## Sources and collection dates

@@ -24,6 +24,7 @@ may name local paths and is for the site's own log.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+from fedsky.shared.config import ConfigError, load_config, parse_config, resolve_path
+from fedsky.shared.jobspec import DATASET_NAME_PATTERN
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -44,9 +47,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from fedsky.shared.config import ConfigError, load_config, parse_config, resolve_path
-from fedsky.shared.jobspec import DATASET_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,8 @@ def scrub(text: str, secret_paths: Iterable[str | Path] = ()) -> str:
         if not s:
             continue
         variants.add(s)
-        try:
+        with contextlib.suppress(OSError, RuntimeError):
             variants.add(str(Path(s).expanduser().resolve()))
-        except (OSError, RuntimeError):
-            pass
     for s in sorted(variants, key=len, reverse=True):
         text = text.replace(s, "<local path>")
     return _ABS_PATH_RE.sub("<path>", text)
@@ -198,11 +196,11 @@ class LocalData:
 
     @property
     def train_examples(self) -> int:
-        return int(len(self.y_train))
+        return len(self.y_train)
 
     @property
     def eval_examples(self) -> int:
-        return int(len(self.y_eval))
+        return len(self.y_eval)
 
 
 def _sklearn_data_dir() -> Path | None:

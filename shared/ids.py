@@ -31,6 +31,14 @@ def check_agent_id(name: str) -> str:
     return name
 
 
+def is_agent_id(name: str) -> bool:
+    try:
+        check_agent_id(name)
+    except InvalidIdError:
+        return False
+    return True
+
+
 def is_aggregator_id(name: str) -> bool:
     return name.startswith(AGGREGATOR_PREFIX) and bool(_AGENT_ID_RE.fullmatch(name))
 

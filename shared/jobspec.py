@@ -40,6 +40,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from fedsky.shared.config import ConfigError, parse_config, resolve_path
+from fedsky.shared.ids import InvalidIdError, check_agent_id
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -49,9 +51,6 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
-
-from fedsky.shared.config import ConfigError, parse_config, resolve_path
-from fedsky.shared.ids import InvalidIdError, check_agent_id
 
 SelectionMetric = Literal["accuracy", "loss", "f1", "recall", "precision"]
 SELECTION_METRICS: tuple[SelectionMetric, ...] = ("accuracy", "loss", "f1", "recall", "precision")
@@ -203,7 +202,7 @@ def parse_job_spec_text(
     data: Any
     if kind == "yaml":
         try:
-            import yaml
+            import yaml  # type: ignore[import-untyped]
         except ImportError:
             raise ConfigError(f"{path}: YAML job specs need PyYAML; write the spec as TOML") from None
         try:

@@ -323,11 +323,33 @@ def weights_from_safetensors(data: bytes) -> Weights:
         raise ModelFileError(f"unreadable safetensors data: {exc}") from None
 
 
-def weights_to_safetensors(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    from safetensors.numpy import save
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
 
-    arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}
-    return bytes(save(arrays, metadata=dict(metadata) if metadata else None))
+
+def weights_to_safetensors(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Weights as safetensors bytes, deterministically: the same weights and metadata always give
+    the same bytes (and SHA-256). The safetensors library writes its metadata map in a random
+    order, so the header is written here: keys sorted, tensors in name order, padded to 8 bytes."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in sorted(metadata.items())}
+    buffers: list[bytes] = []
+    offset = 0
+    for name in sorted(weights):
+        arr = np.asarray(weights[name])
+        code = _ST_DTYPES.get(str(arr.dtype))
+        if code is None:
+            raise ModelFileError(f"tensor {name} has dtype {arr.dtype}, which safetensors cannot hold")
+        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        buffers.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(buffers)
 
 
 def check_weights(architecture: Architecture, weights: Mapping[str, np.ndarray]) -> None:
@@ -429,8 +451,16 @@ def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(np.ascontiguousarray(arr)) for name, arr in weights.items()})
 
 
-def from_array_record(record: ArrayRecord) -> Weights:
-    return {name: arr.numpy() for name, arr in record.items()}
+def from_array_record(record: ArrayRecord, architecture: Architecture | None = None) -> Weights:
+    """Weights from an ArrayRecord; with `architecture`, scalars get their shape back (Flower
+    sends a 0-d array as shape [1])."""
+    out = {name: arr.numpy() for name, arr in record.items()}
+    if architecture is not None:
+        for spec in architecture.parameters():
+            arr = out.get(spec.name)
+            if arr is not None and arr.shape != spec.shape and arr.size == int(np.prod(spec.shape)):
+                out[spec.name] = arr.reshape(spec.shape)
+    return out
 
 
 # --- torch (only where training happens) --------------------------------------------------------

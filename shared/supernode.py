@@ -16,7 +16,6 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
 from fedsky.shared.ids import check_agent_id
 
 # How long a SuperNode keeps trying to reach an aggregator that does not answer before it gives

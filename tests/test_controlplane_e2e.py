@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,18 +149,15 @@ def test_fedctl_without_controller_says_so(tmp_path: Path) -> None:
 
 
 def test_bad_config_names_file_and_key(tmp_path: Path) -> None:
+    runner = Onebox(root=tmp_path)
     cfg = tmp_path / "controller.toml"
     cfg.write_text('state_dir = "s"\n[inventory]\noffline_after_s = "soon"\n')
-    done = subprocess.run(
-        ["fedsky-controller", "--config", str(cfg)], capture_output=True, text=True, timeout=60
-    )
+    done = runner.run("fedsky-controller", "--config", str(cfg), check=False)
     assert done.returncode == 78
     assert str(cfg) in done.stderr
     assert "inventory.offline_after_s" in done.stderr
     cfg.write_text('state_dir = "s"\n[broker]\nmanaged = true\nprot = 8883\n')
-    done = subprocess.run(
-        ["fedsky-controller", "--config", str(cfg)], capture_output=True, text=True, timeout=60
-    )
+    done = runner.run("fedsky-controller", "--config", str(cfg), check=False)
     assert done.returncode == 78
     assert "broker.prot" in done.stderr
     assert "unknown key" in done.stderr

@@ -210,6 +210,7 @@ def test_server_certificate_names_and_usage(pki: Pki) -> None:
         set(),
     )
     assert _sans(_cert(pki.issue(common_name="10.1.2.3", kind="server")))[1] == {"10.1.2.3"}
+    assert _sans(_cert(pki.issue(common_name="::1", kind="server")))[1] == {"::1"}
 
 
 def test_aggregator_with_names_may_also_serve(pki: Pki) -> None:

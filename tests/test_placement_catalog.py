@@ -35,7 +35,9 @@ GOOD_RTT = (
 )
 
 
-def write_catalog(directory: Path, offers: str = GOOD_OFFERS, rtt: str = GOOD_RTT, locations: str | None = None) -> Path:
+def write_catalog(
+    directory: Path, offers: str = GOOD_OFFERS, rtt: str = GOOD_RTT, locations: str | None = None
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "offers.csv").write_text(offers)
     (directory / "rtt.csv").write_text(rtt)
@@ -67,14 +69,20 @@ def test_shipped_catalog_rtt_is_complete_symmetric_and_never_zero() -> None:
     assert np.all(np.diag(m) == INTRA_REGION_RTT_MS)
     # a known pair, the mean of Skyplane's two directions
     assert cat.rtt("aws:us-east-1", "aws:ap-northeast-2") == pytest.approx(194.4, abs=0.1)
-    assert cat.rtt("aws:ap-northeast-2", "aws:us-east-1") == cat.rtt("aws:us-east-1", "aws:ap-northeast-2")
+    assert cat.rtt("aws:ap-northeast-2", "aws:us-east-1") == cat.rtt(
+        "aws:us-east-1", "aws:ap-northeast-2"
+    )
 
 
 def test_shipped_catalog_has_the_baseline_a_continent_per_location_and_its_sources() -> None:
     cat = load_catalog()
     b = cat.find("aws", "us-east-1", "m5.xlarge")
     assert b is not None
-    assert (cat.offers[b].vcpus, cat.offers[b].memory_gib, cat.offers[b].usd_per_hour) == (4, 16, 0.192)
+    assert (cat.offers[b].vcpus, cat.offers[b].memory_gib, cat.offers[b].usd_per_hour) == (
+        4,
+        16,
+        0.192,
+    )
     for loc in cat.locations:
         assert cat.continent(loc) in CONTINENTS, loc
     sources = (SHIPPED_DIR / "SOURCES.md").read_text()
@@ -83,7 +91,9 @@ def test_shipped_catalog_has_the_baseline_a_continent_per_location_and_its_sourc
     assert load_catalog() is load_catalog()  # parsed once per process
 
 
-def test_user_catalog_pair_once_serves_both_ways_both_directions_average_intra_defaults(tmp_path: Path) -> None:
+def test_user_catalog_pair_once_serves_both_ways_both_directions_average_intra_defaults(
+    tmp_path: Path,
+) -> None:
     cat = load_catalog(write_catalog(tmp_path / "c"))
     assert len(cat) == 3
     assert cat.rtt("aws:eu-central-1", "aws:us-east-1") == pytest.approx(90.0)
@@ -93,9 +103,16 @@ def test_user_catalog_pair_once_serves_both_ways_both_directions_average_intra_d
 
 
 def test_user_catalog_with_comments_extra_columns_and_locations(tmp_path: Path) -> None:
-    offers = "# my prices\n" + OFFERS_HEADER.strip() + ",note\n" + "onprem,seoul-1,big-box,16,64,0.5,0,owned\n"
+    offers = (
+        "# my prices\n"
+        + OFFERS_HEADER.strip()
+        + ",note\n"
+        + "onprem,seoul-1,big-box,16,64,0.5,0,owned\n"
+    )
     rtt = "src,dst,rtt_ms,who\nonprem:seoul-1,aws:us-east-1,180,me\n"
-    cat = load_catalog(write_catalog(tmp_path / "c", offers, rtt, "location,continent\nonprem:seoul-1,asia\n"))
+    cat = load_catalog(
+        write_catalog(tmp_path / "c", offers, rtt, "location,continent\nonprem:seoul-1,asia\n")
+    )
     assert cat.offers[0].note == "owned"
     assert cat.continent("onprem:seoul-1") == "asia"
 
@@ -133,25 +150,56 @@ def test_user_catalog_with_comments_extra_columns_and_locations(tmp_path: Path) 
             GOOD_RTT,
             r"offers\.csv: line 5: offer aws/us-east-1/m5.large already given at line 2",
         ),
-        (GOOD_OFFERS + "aws,us-east-1,m5.xlarge,4\n", GOOD_RTT, r"offers\.csv: line 5: 4 fields where the header has 7"),
+        (
+            GOOD_OFFERS + "aws,us-east-1,m5.xlarge,4\n",
+            GOOD_RTT,
+            r"offers\.csv: line 5: 4 fields where the header has 7",
+        ),
         (OFFERS_HEADER, GOOD_RTT, r"offers\.csv: no offers"),
-        (GOOD_OFFERS, "src,dst\naws:us-east-1,aws:eu-central-1\n", r"rtt\.csv: line 1 \(header\): missing column\(s\) rtt_ms"),
-        (GOOD_OFFERS, GOOD_RTT + "aws:us-east-1,aws:us-west-2,0\n", r"rtt\.csv: line 6, column 'rtt_ms': an RTT must be > 0 ms"),
-        (GOOD_OFFERS, GOOD_RTT + "us-east-1,aws:us-west-2,60\n", r"rtt\.csv: line 6, column 'src': 'us-east-1' is not a 'cloud:region'"),
-        (GOOD_OFFERS, GOOD_RTT + "aws:us-east-1,aws:eu-central-1,88\n", r"rtt\.csv: line 6: pair aws:us-east-1 -> aws:eu-central-1 already given at line 2"),
+        (
+            GOOD_OFFERS,
+            "src,dst\naws:us-east-1,aws:eu-central-1\n",
+            r"rtt\.csv: line 1 \(header\): missing column\(s\) rtt_ms",
+        ),
+        (
+            GOOD_OFFERS,
+            GOOD_RTT + "aws:us-east-1,aws:us-west-2,0\n",
+            r"rtt\.csv: line 6, column 'rtt_ms': an RTT must be > 0 ms",
+        ),
+        (
+            GOOD_OFFERS,
+            GOOD_RTT + "us-east-1,aws:us-west-2,60\n",
+            r"rtt\.csv: line 6, column 'src': 'us-east-1' is not a 'cloud:region'",
+        ),
+        (
+            GOOD_OFFERS,
+            GOOD_RTT + "aws:us-east-1,aws:eu-central-1,88\n",
+            r"rtt\.csv: line 6: pair aws:us-east-1 -> aws:eu-central-1 already given at line 2",
+        ),
         (GOOD_OFFERS, "", r"rtt\.csv: the file is empty"),
     ],
 )
-def test_bad_catalogs_fail_naming_file_line_and_column(tmp_path: Path, offers: str, rtt: str, expected: str) -> None:
+def test_bad_catalogs_fail_naming_file_line_and_column(
+    tmp_path: Path, offers: str, rtt: str, expected: str
+) -> None:
     with pytest.raises(CatalogError, match=expected):
         load_catalog(write_catalog(tmp_path / "bad", offers, rtt))
 
 
 def test_bad_locations_file_and_missing_files(tmp_path: Path) -> None:
-    with pytest.raises(CatalogError, match=r"locations\.csv: line 2, column 'continent': 'atlantis'"):
-        load_catalog(write_catalog(tmp_path / "a", locations="location,continent\naws:us-east-1,atlantis\n"))
-    with pytest.raises(CatalogError, match=r"locations\.csv: line 2, column 'location': unknown location 'aws:xx-1'"):
-        load_catalog(write_catalog(tmp_path / "b", locations="location,continent\naws:xx-1,europe\n"))
+    with pytest.raises(
+        CatalogError, match=r"locations\.csv: line 2, column 'continent': 'atlantis'"
+    ):
+        load_catalog(
+            write_catalog(tmp_path / "a", locations="location,continent\naws:us-east-1,atlantis\n")
+        )
+    with pytest.raises(
+        CatalogError,
+        match=r"locations\.csv: line 2, column 'location': unknown location 'aws:xx-1'",
+    ):
+        load_catalog(
+            write_catalog(tmp_path / "b", locations="location,continent\naws:xx-1,europe\n")
+        )
     (tmp_path / "c").mkdir()
     with pytest.raises(CatalogError, match=r"has no offers\.csv"):
         load_catalog(tmp_path / "c")

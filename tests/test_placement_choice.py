@@ -56,7 +56,9 @@ fronts = st.lists(st.integers(0, 10_000), min_size=1, max_size=30, unique=True).
 
 @given(fronts, st.lists(st.sampled_from(WEIGHTS), min_size=2, max_size=2, unique=True))
 @settings(max_examples=300, deadline=None)
-def test_choice_moves_toward_cheaper_as_the_weight_rises(front: tuple[list[int], list[int]], ws: list[float]) -> None:
+def test_choice_moves_toward_cheaper_as_the_weight_rises(
+    front: tuple[list[int], list[int]], ws: list[float]
+) -> None:
     cost = [float(c) for c in front[0]]
     time = [float(t) * 0.37 for t in front[1]]  # a strict front: cost up, time down
     lo, hi = sorted(ws)
@@ -67,16 +69,24 @@ def test_choice_moves_toward_cheaper_as_the_weight_rises(front: tuple[list[int],
 
 @pytest.mark.parametrize(
     "participants",
-    [CASE, {"sp": "aws:sa-east-1", "jp": "gcp:asia-northeast1"}, {"in": "azure:centralindia", "de": "azure:germanywestcentral"}],
+    [
+        CASE,
+        {"sp": "aws:sa-east-1", "jp": "gcp:asia-northeast1"},
+        {"in": "azure:centralindia", "de": "azure:germanywestcentral"},
+    ],
 )
-def test_choice_on_the_shipped_catalog_gets_cheaper_as_w_rises(participants: dict[str, str]) -> None:
+def test_choice_on_the_shipped_catalog_gets_cheaper_as_w_rises(
+    participants: dict[str, str],
+) -> None:
     cat = load_catalog()
     chosen = []
     for w in WEIGHTS:
         res = place(
             participants=participants,
             job=JobProfile(model_mb=26, rounds=20),
-            limits=Limits(max_cost=parse_cost_limit("400000 KRW/month"), max_latency_ms=400, cost_weight=w),
+            limits=Limits(
+                max_cost=parse_cost_limit("400000 KRW/month"), max_latency_ms=400, cost_weight=w
+            ),
             catalog=cat,
         )
         assert res.choice is not None
@@ -92,11 +102,15 @@ def infeasible(**overrides: object) -> PlacementResult:
     args: dict[str, object] = {
         "participants": CASE,
         "job": JobProfile(model_mb=26, rounds=20),
-        "limits": Limits(max_cost=parse_cost_limit("85000 KRW/month"), max_latency_ms=250, cost_weight=0.5),
+        "limits": Limits(
+            max_cost=parse_cost_limit("85000 KRW/month"), max_latency_ms=250, cost_weight=0.5
+        ),
         "catalog": load_catalog(),
     }
     res = place(**(args | overrides))  # type: ignore[arg-type]
-    assert res.choice is None and res.front == () and res.reason
+    assert res.choice is None
+    assert res.front == ()
+    assert res.reason
     return res
 
 
@@ -113,7 +127,9 @@ def test_latency_binds_names_the_limit_and_the_offers_with_the_lowest_max_rtt() 
 
 
 def test_cost_binds_names_the_limit_and_the_cheapest_offers_within_latency() -> None:
-    res = infeasible(limits=Limits(max_cost=parse_cost_limit("10000 KRW/month"), max_latency_ms=250))
+    res = infeasible(
+        limits=Limits(max_cost=parse_cost_limit("10000 KRW/month"), max_latency_ms=250)
+    )
     assert res.binding == ("max_cost",)
     assert res.reason.startswith("max cost 10,000 KRW/month binds")
     within = [p for p in res.candidates if p.max_rtt_ms <= 250]

@@ -107,10 +107,16 @@ def test_transfer_time_follows_the_formula_and_grows_with_rtt() -> None:
     assert np.all(np.diff(t) > 0)
     # 200 ms: window-limited at 4 MiB / 0.2 s; slow start up to the 4 MiB window
     r = 0.2
-    expected = r + r * math.log2(p.tcp_window_bytes / p.initial_window_bytes) + 26e6 / (p.tcp_window_bytes / r)
+    expected = (
+        r
+        + r * math.log2(p.tcp_window_bytes / p.initial_window_bytes)
+        + 26e6 / (p.tcp_window_bytes / r)
+    )
     assert t[4] == pytest.approx(expected)
     # 1 ms: link-limited at 1 Gbit/s
-    assert t[0] == pytest.approx(0.001 + 0.001 * math.log2(125e6 * 0.001 / p.initial_window_bytes) + 26e6 / 125e6)
+    assert t[0] == pytest.approx(
+        0.001 + 0.001 * math.log2(125e6 * 0.001 / p.initial_window_bytes) + 26e6 / 125e6
+    )
 
 
 def test_aggregation_and_memory() -> None:
@@ -127,7 +133,13 @@ def test_point_figures_match_the_model_by_hand() -> None:
     res = place(participants=CASE, job=job, limits=month, catalog=cat, krw_per_usd=1450)
     b = res.baseline
     assert b is not None
-    rtts = np.array([1.0, cat.rtt("aws:us-east-1", "aws:ap-northeast-2") or 0, cat.rtt("aws:us-east-1", "aws:eu-central-1") or 0])
+    rtts = np.array(
+        [
+            1.0,
+            cat.rtt("aws:us-east-1", "aws:ap-northeast-2") or 0,
+            cat.rtt("aws:us-east-1", "aws:eu-central-1") or 0,
+        ]
+    )
     legs = transfer_s(26.0, rtts)
     time = float(np.max(2 * legs + 60) + aggregation_s(26.0, 3, np.array([4.0]))[0])
     assert b.round_time_s == pytest.approx(time)
@@ -153,7 +165,8 @@ def test_measured_rtt_replaces_the_table() -> None:
     measured = {"asia": {"aws:us-east-1": 120.0}}
     plain = place(participants=CASE, job=job, limits=limits, catalog=cat)
     meas = place(participants=CASE, job=job, limits=limits, catalog=cat, measured_rtt=measured)
-    assert plain.baseline is not None and meas.baseline is not None
+    assert plain.baseline is not None
+    assert meas.baseline is not None
     assert plain.baseline.max_rtt_ms == pytest.approx(194.44, abs=0.01)
     assert meas.baseline.max_rtt_ms == pytest.approx(120.0)
     assert meas.baseline.round_time_s < plain.baseline.round_time_s
@@ -168,4 +181,10 @@ def test_measured_rtt_replaces_the_table() -> None:
     assert odd.choice is not None
     assert odd.choice.offer.region in {"ap-northeast-2", "us-east-1"}
     with pytest.raises(PlacementError, match="must be > 0 ms"):
-        place(participants=CASE, job=job, limits=limits, catalog=cat, measured_rtt={"asia": {"aws:us-east-1": 0.0}})
+        place(
+            participants=CASE,
+            job=job,
+            limits=limits,
+            catalog=cat,
+            measured_rtt={"asia": {"aws:us-east-1": 0.0}},
+        )

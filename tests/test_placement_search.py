@@ -17,16 +17,16 @@ from fedsky.controller.placement.synthetic import random_catalog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-points = st.lists(
-    st.tuples(st.integers(0, 12), st.integers(0, 12)), min_size=0, max_size=60
-)
+points = st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), min_size=0, max_size=60)
 
 
 @given(points)
 @settings(max_examples=200, deadline=None)
 def test_pareto_mask_equals_the_definition_with_ties(pts: list[tuple[int, int]]) -> None:
     arr = np.array(pts, dtype=np.float64).reshape(-1, 2)
-    assert np.array_equal(pareto_mask(arr[:, 0], arr[:, 1]), naive_pareto_mask(arr[:, 0], arr[:, 1]))
+    assert np.array_equal(
+        pareto_mask(arr[:, 0], arr[:, 1]), naive_pareto_mask(arr[:, 0], arr[:, 1])
+    )
 
 
 def test_exact_front_orders_by_cost_and_keeps_only_feasible() -> None:
@@ -43,7 +43,9 @@ def oracle(candidates: tuple[Point, ...]) -> set[tuple[str, str, str]]:
         p.key
         for p in ok
         if not any(
-            q.cost <= p.cost and q.round_time_s <= p.round_time_s and (q.cost < p.cost or q.round_time_s < p.round_time_s)
+            q.cost <= p.cost
+            and q.round_time_s <= p.round_time_s
+            and (q.cost < p.cost or q.round_time_s < p.round_time_s)
             for q in ok
         )
     }
@@ -62,7 +64,12 @@ def test_exact_front_is_the_non_dominated_feasible_set_on_random_catalogs(seed: 
             max_latency_ms=float(rng.uniform(150, 450)),
             cost_weight=float(rng.uniform(0, 1)),
         )
-        res = place(participants=participants, job=JobProfile(model_mb=float(rng.uniform(5, 500)), rounds=10), limits=limits, catalog=cat)
+        res = place(
+            participants=participants,
+            job=JobProfile(model_mb=float(rng.uniform(5, 500)), rounds=10),
+            limits=limits,
+            catalog=cat,
+        )
         assert {p.key for p in res.front} == oracle(res.candidates)
         assert all(p.feasible for p in res.front)
         assert [p.cost for p in res.front] == sorted(p.cost for p in res.front)
@@ -72,13 +79,22 @@ def test_exact_front_is_the_non_dominated_feasible_set_on_random_catalogs(seed: 
     "participants",
     [
         {"us": "aws:us-east-1", "asia": "aws:ap-northeast-2", "europe": "aws:eu-central-1"},
-        {"a": "gcp:asia-south1", "b": "azure:brazilsouth", "c": "aws:af-south-1", "d": "gcp:australia-southeast1"},
+        {
+            "a": "gcp:asia-south1",
+            "b": "azure:brazilsouth",
+            "c": "aws:af-south-1",
+            "d": "gcp:australia-southeast1",
+        },
         {"solo": "azure:koreacentral"},
     ],
 )
 def test_exact_front_on_the_shipped_catalog_equals_the_oracle(participants: dict[str, str]) -> None:
     cat = load_catalog()
-    for limit in (CostLimit(150000, "KRW", "month"), CostLimit(1e9, "USD", "month"), CostLimit(2.0, "USD", "job")):
+    for limit in (
+        CostLimit(150000, "KRW", "month"),
+        CostLimit(1e9, "USD", "month"),
+        CostLimit(2.0, "USD", "job"),
+    ):
         res = place(
             participants=participants,
             job=JobProfile(model_mb=26, rounds=20),
@@ -101,7 +117,8 @@ def test_clouds_restrict_the_candidates() -> None:
     assert res.front
     assert {p.offer.cloud for p in res.front} == {"gcp"}
     assert {p.offer.cloud for p in res.candidates} == {"gcp"}
-    assert res.baseline is not None and res.baseline.offer.cloud == "aws"  # the baseline stays the baseline
+    assert res.baseline is not None
+    assert res.baseline.offer.cloud == "aws"
     none = place(
         participants={"us": "aws:us-east-1"},
         job=JobProfile(model_mb=26, rounds=20),
@@ -109,7 +126,8 @@ def test_clouds_restrict_the_candidates() -> None:
         catalog=cat,
         clouds={"oracle"},
     )
-    assert none.choice is None and none.binding == ("clouds",)
+    assert none.choice is None
+    assert none.binding == ("clouds",)
 
 
 def test_hypervolume() -> None:
@@ -126,9 +144,15 @@ def test_hypervolume() -> None:
 def test_nsga2_on_the_single_aggregator_space_reaches_the_exact_front() -> None:
     cat = load_catalog()
     kwargs = {
-        "participants": {"us": "aws:us-east-1", "asia": "aws:ap-northeast-2", "europe": "aws:eu-central-1"},
+        "participants": {
+            "us": "aws:us-east-1",
+            "asia": "aws:ap-northeast-2",
+            "europe": "aws:eu-central-1",
+        },
         "job": JobProfile(model_mb=26, rounds=20),
-        "limits": Limits(max_cost=CostLimit(300000, "KRW", "month"), max_latency_ms=250, cost_weight=0.5),
+        "limits": Limits(
+            max_cost=CostLimit(300000, "KRW", "month"), max_latency_ms=250, cost_weight=0.5
+        ),
         "catalog": cat,
     }
     exact = place(**kwargs)  # type: ignore[arg-type]
@@ -139,4 +163,5 @@ def test_nsga2_on_the_single_aggregator_space_reaches_the_exact_front() -> None:
     )
     assert ratio >= 0.99
     assert {p.key for p in ga.front} <= {p.key for p in ga.candidates if p.feasible}
-    assert ga.method == "nsga2" and ga.choice is not None
+    assert ga.method == "nsga2"
+    assert ga.choice is not None

@@ -110,7 +110,7 @@ async def test_best_k_keeps_store_under_bound_over_50_rounds_and_keeps_the_best(
     assert rec.best is not None
     assert rec.best.round == best
     assert rec.notes
-    assert "47 of 50 rounds had their checkpoint pruned" in rec.notes[0]
+    assert "47 of 50 rounds have no checkpoint" in rec.notes[0]
     pruned = next(r for r in rounds if not r.has_checkpoint)
     assert pruned.weights_pruned_at is not None
     with pytest.raises(NotFound, match="pruned"):
@@ -329,3 +329,20 @@ async def test_record_round_message_maps_every_field(store, tmp_path) -> None:
     )
     assert not other.has_checkpoint
     assert json.loads(json.dumps(rec.to_dict()))["participants"][0]["site"] == "hospital-a"
+
+
+def test_built_from_the_controller_config(store, tmp_path) -> None:
+    from fedsky.controller.config import ControllerConfig
+
+    cfg = ControllerConfig(state_dir=tmp_path / "state")
+    reg = Registry.from_controller_config(store=store, config=cfg)
+    assert reg.root == tmp_path / "state" / "models"
+    assert reg.config == RegistryConfig()  # no [registry] section: the defaults
+
+    class WithSection:
+        state_dir = tmp_path / "state"
+        registry = RegistryConfig(retention="last", keep=2, directory=tmp_path / "elsewhere")
+
+    reg = Registry.from_controller_config(store=store, config=WithSection())
+    assert reg.root == tmp_path / "elsewhere"
+    assert reg.config.default_policy == RetentionPolicy("last", 2)

@@ -49,7 +49,7 @@ def _problem(exc: CloudError) -> web.Response:
 
 @routes.get("/v1/clouds")
 async def list_clouds(request: web.Request) -> web.Response:
-    return json_ok([record.to_json() for record in await _clouds(request).list()])
+    return json_ok([record.to_json() for record in await _clouds(request).records()])
 
 
 @routes.post("/v1/clouds/{cloud}")

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "place",
     "bench",
     "models",
+    "clouds",
 )
 
 

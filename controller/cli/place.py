@@ -15,20 +15,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedsky.controller.placement.catalog import CatalogError, load_catalog
-from fedsky.controller.placement.hierarchical import HierarchicalResult, place_hierarchical
-from fedsky.controller.placement.model import (
-    DEFAULT_KRW_PER_USD,
-    DEFAULT_TRAIN_S,
-    JobProfile,
-    Limits,
-    PlacementError,
-    parse_cost_limit,
-)
-from fedsky.controller.placement.placer import BASELINE, METHODS, PlacementResult, Point, place
+from fedsky.controller.placement.defaults import DEFAULT_KRW_PER_USD, DEFAULT_TRAIN_S, METHODS
 from fedsky.shared import exitcodes
+
+if TYPE_CHECKING:
+    from fedsky.controller.placement.hierarchical import HierarchicalResult
+    from fedsky.controller.placement.placer import PlacementResult, Point
+
+# The optimizer (numpy, pymoo, matplotlib) is imported when `place` runs, not when fedctl
+# builds its parser for another command.
 
 
 def register(subparsers: Any) -> None:
@@ -48,34 +45,79 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model-mb", type=float, required=True, help="model size in MB")
     p.add_argument("--rounds", type=int, required=True, help="federated rounds of the job")
     p.add_argument(
-        "--max-cost", required=True, metavar="'AMOUNT USD|KRW/month|job'",
+        "--max-cost",
+        required=True,
+        metavar="'AMOUNT USD|KRW/month|job'",
         help="maximum cost, e.g. '85000 KRW/month' (730 h of the aggregator plus one job's egress) or '40 USD/job'",
     )
-    p.add_argument("--max-latency-ms", type=float, required=True, help="maximum RTT to every participant")
     p.add_argument(
-        "--cost-weight", type=float, default=0.5,
+        "--max-latency-ms", type=float, required=True, help="maximum RTT to every participant"
+    )
+    p.add_argument(
+        "--cost-weight",
+        type=float,
+        default=0.5,
         help="w in w*cost + (1-w)*time over the normalised front: 0.9 = cost first, 0.1 = time first (default 0.5)",
     )
-    p.add_argument("--train-s", type=float, default=DEFAULT_TRAIN_S, help=f"local training time per round (default {DEFAULT_TRAIN_S:g} s)")
-    p.add_argument("--krw-per-usd", type=float, default=DEFAULT_KRW_PER_USD, help=f"exchange rate (default {DEFAULT_KRW_PER_USD:g})")
-    p.add_argument("--catalog", type=Path, default=None, metavar="DIR", help="a catalog directory (offers.csv, rtt.csv) instead of the shipped one")
-    p.add_argument("--clouds", default=None, metavar="LIST", help="only offers on these clouds, comma-separated (default: all)")
-    p.add_argument("--method", choices=METHODS, default="exact", help="exact enumeration (default) or NSGA-II")
-    p.add_argument("--hierarchical", action="store_true", help="plan one aggregator per continent plus a global one")
+    p.add_argument(
+        "--train-s",
+        type=float,
+        default=DEFAULT_TRAIN_S,
+        help=f"local training time per round (default {DEFAULT_TRAIN_S:g} s)",
+    )
+    p.add_argument(
+        "--krw-per-usd",
+        type=float,
+        default=DEFAULT_KRW_PER_USD,
+        help=f"exchange rate (default {DEFAULT_KRW_PER_USD:g})",
+    )
+    p.add_argument(
+        "--catalog",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a catalog directory (offers.csv, rtt.csv) instead of the shipped one",
+    )
+    p.add_argument(
+        "--clouds",
+        default=None,
+        metavar="LIST",
+        help="only offers on these clouds, comma-separated (default: all)",
+    )
+    p.add_argument(
+        "--method", choices=METHODS, default="exact", help="exact enumeration (default) or NSGA-II"
+    )
+    p.add_argument(
+        "--hierarchical",
+        action="store_true",
+        help="plan one aggregator per continent plus a global one",
+    )
     p.add_argument("--seed", type=int, default=1, help="NSGA-II seed (default 1)")
-    p.add_argument("--all", action="store_true", help="also list every offer evaluated, feasible or not")
+    p.add_argument(
+        "--all", action="store_true", help="also list every offer evaluated, feasible or not"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", type=Path, default=None, metavar="FILE", help="draw the front (cost vs round time) to FILE (.png, .svg, .pdf)")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="draw the front (cost vs round time) to FILE (.png, .svg, .pdf)",
+    )
     p.set_defaults(func=run)
 
 
 def _participants(values: list[str]) -> dict[str, str]:
+    from fedsky.controller.placement.model import PlacementError
+
     out: dict[str, str] = {}
     for value in values:
         name, sep, loc = value.partition("=")
         name, loc = name.strip(), loc.strip()
         if not sep or not name or not loc:
-            raise PlacementError(f"--participant {value!r}: expected NAME=cloud:region, e.g. seoul=aws:ap-northeast-2")
+            raise PlacementError(
+                f"--participant {value!r}: expected NAME=cloud:region, e.g. seoul=aws:ap-northeast-2"
+            )
         if name in out:
             raise PlacementError(f"--participant {name!r} is given twice")
         out[name] = loc
@@ -87,6 +129,16 @@ def _err(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedsky.controller.placement.catalog import CatalogError, load_catalog
+    from fedsky.controller.placement.hierarchical import place_hierarchical
+    from fedsky.controller.placement.model import (
+        JobProfile,
+        Limits,
+        PlacementError,
+        parse_cost_limit,
+    )
+    from fedsky.controller.placement.placer import place
+
     try:
         participants = _participants(args.participant)
         limits = Limits(
@@ -101,13 +153,25 @@ def run(args: argparse.Namespace) -> int:
         catalog = load_catalog(args.catalog)
         if args.hierarchical:
             hier = place_hierarchical(
-                participants=participants, job=job, limits=limits, catalog=catalog,
-                clouds=clouds, method=args.method, krw_per_usd=args.krw_per_usd, seed=args.seed,
+                participants=participants,
+                job=job,
+                limits=limits,
+                catalog=catalog,
+                clouds=clouds,
+                method=args.method,
+                krw_per_usd=args.krw_per_usd,
+                seed=args.seed,
             )
             return _show_hierarchical(hier, args)
         result = place(
-            participants=participants, job=job, limits=limits, catalog=catalog,
-            clouds=clouds, method=args.method, krw_per_usd=args.krw_per_usd, seed=args.seed,
+            participants=participants,
+            job=job,
+            limits=limits,
+            catalog=catalog,
+            clouds=clouds,
+            method=args.method,
+            krw_per_usd=args.krw_per_usd,
+            seed=args.seed,
         )
     except CatalogError as exc:
         _err(str(exc))
@@ -198,6 +262,8 @@ def render(result: PlacementResult, *, show_all: bool = False) -> str:
             + ("" if b.feasible else f": exceeds {', '.join(b.violations)}")
         )
     else:
+        from fedsky.controller.placement.placer import BASELINE
+
         out.append(f"B baseline: {':'.join(BASELINE[:2])} {BASELINE[2]} is not in this catalog")
     if show_all:
         out += ["", "every offer evaluated:", header + "  status"]
@@ -237,21 +303,58 @@ def plot(result: PlacementResult, path: Path) -> None:
         cands = [p for p in result.candidates if p.round_time_s != float("inf")]
         ok = [p for p in cands if p.feasible]
         bad = [p for p in cands if not p.feasible]
-        ax.scatter([p.round_time_s for p in bad], [p.cost for p in bad], s=8, c="#cccccc", label="infeasible offers")
-        ax.scatter([p.round_time_s for p in ok], [p.cost for p in ok], s=10, c="#7fa7d9", label="feasible offers")
+        ax.scatter(
+            [p.round_time_s for p in bad],
+            [p.cost for p in bad],
+            s=8,
+            c="#cccccc",
+            label="infeasible offers",
+        )
+        ax.scatter(
+            [p.round_time_s for p in ok],
+            [p.cost for p in ok],
+            s=10,
+            c="#7fa7d9",
+            label="feasible offers",
+        )
         if result.front:
             ax.plot(
-                [p.round_time_s for p in result.front], [p.cost for p in result.front],
-                "o-", c="#1f4e9c", ms=4, label=f"Pareto front ({result.method})",
+                [p.round_time_s for p in result.front],
+                [p.cost for p in result.front],
+                "o-",
+                c="#1f4e9c",
+                ms=4,
+                label=f"Pareto front ({result.method})",
             )
         if result.choice is not None:
             c = result.choice
-            ax.scatter([c.round_time_s], [c.cost], marker="*", s=220, c="#d62728", zorder=5,
-                       label=f"choice (w={result.limits.cost_weight:g}): {c.label}")
+            ax.scatter(
+                [c.round_time_s],
+                [c.cost],
+                marker="*",
+                s=220,
+                c="#d62728",
+                zorder=5,
+                label=f"choice (w={result.limits.cost_weight:g}): {c.label}",
+            )
         if result.baseline is not None:
             b = result.baseline
-            ax.scatter([b.round_time_s], [b.cost], marker="X", s=90, c="black", zorder=5, label=f"baseline: {b.label}")
-        ax.axhline(result.limits.max_cost.amount, ls="--", c="#d62728", lw=1, label=f"max cost {result.limits.max_cost}")
+            ax.scatter(
+                [b.round_time_s],
+                [b.cost],
+                marker="X",
+                s=90,
+                c="black",
+                zorder=5,
+                label=f"baseline: {b.label}",
+            )
+        ax.axhline(
+            result.limits.max_cost.amount,
+            ls="--",
+            c="#d62728",
+            lw=1,
+            label=f"max cost {result.limits.max_cost}",
+        )
         ax.set_xlabel("round time (s)")
         ax.set_ylabel(f"cost ({cur}/{basis})")
         ax.set_yscale("log")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsky.controller.placement.catalog import CatalogError, load_catalog
+from fedsky.controller.placement.defaults import METHODS, Method
 from fedsky.controller.placement.model import (
     DEFAULT_KRW_PER_USD,
     DEFAULT_TRAIN_S,
@@ -26,7 +27,7 @@ from fedsky.controller.placement.model import (
     PlacementError,
     parse_cost_limit,
 )
-from fedsky.controller.placement.placer import METHODS, place
+from fedsky.controller.placement.placer import place
 
 PARTICIPANTS = {"us": "aws:us-east-1", "asia": "aws:ap-northeast-2", "europe": "aws:eu-central-1"}
 MODEL_MB = 26.0
@@ -42,7 +43,7 @@ def run(
     train_s: float = DEFAULT_TRAIN_S,
     krw_per_usd: float = DEFAULT_KRW_PER_USD,
     catalog_dir: Path | None = None,
-    method: str = "exact",
+    method: Method = "exact",
     baseline_size_only: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per weight: the choice, its figures and the changes vs the baseline and the study.
@@ -62,8 +63,12 @@ def run(
             max_cost = CostLimit(amount=1e12, currency=max_cost.currency, basis=max_cost.basis)
         limits = Limits(max_cost=max_cost, max_latency_ms=MAX_LATENCY_MS, cost_weight=weight)
         result = place(
-            participants=PARTICIPANTS, job=job, limits=limits, catalog=catalog,
-            method=method, krw_per_usd=krw_per_usd,  # type: ignore[arg-type]
+            participants=PARTICIPANTS,
+            job=job,
+            limits=limits,
+            catalog=catalog,
+            method=method,
+            krw_per_usd=krw_per_usd,
         )
         row: dict[str, Any] = {
             "weight": weight,
@@ -108,7 +113,9 @@ def render(rows: list[dict[str, Any]], *, title: str) -> str:
             c = r["choice"]
             what = f"{c['cloud']}:{c['region']} {c['instance_type']}"
             figures = f"{c['cost']:>10,.0f} {c['round_time_s']:>8.2f}"
-            change = f"{_pct(r.get('cost_change_pct')):>12} {r.get('round_time_change_pct', 0):>+11.1f}%"
+            change = (
+                f"{_pct(r.get('cost_change_pct')):>12} {r.get('round_time_change_pct', 0):>+11.1f}%"
+            )
         else:
             what, figures, change = "(infeasible)", f"{'-':>10} {'-':>8}", f"{'-':>12} {'-':>12}"
         out.append(
@@ -123,14 +130,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m fedsky.controller.placement.casestudy",
         description="Run the original study's aggregator-placement case study against fedsky's catalog.",
     )
-    parser.add_argument("--train-s", type=float, default=DEFAULT_TRAIN_S, help=f"local training per round (default {DEFAULT_TRAIN_S:g} s)")
+    parser.add_argument(
+        "--train-s",
+        type=float,
+        default=DEFAULT_TRAIN_S,
+        help=f"local training per round (default {DEFAULT_TRAIN_S:g} s)",
+    )
     parser.add_argument("--krw-per-usd", type=float, default=DEFAULT_KRW_PER_USD)
     parser.add_argument("--catalog", type=Path, default=None, metavar="DIR")
     parser.add_argument("--method", choices=METHODS, default="exact")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     common: dict[str, Any] = {
-        "train_s": args.train_s, "krw_per_usd": args.krw_per_usd, "catalog_dir": args.catalog, "method": args.method,
+        "train_s": args.train_s,
+        "krw_per_usd": args.krw_per_usd,
+        "catalog_dir": args.catalog,
+        "method": args.method,
     }
     try:
         every = run(**common)
@@ -150,12 +165,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(render(every, title="Every offer in the catalog (cloud, region and size chosen):"))
     print()
-    print(render(same, title=(
-        "Offers of the baseline's size only, 4 vCPU / 16 GiB, max cost lifted (none meets it): "
-        "cloud and region chosen:"
-    )))
+    print(
+        render(
+            same,
+            title=(
+                "Offers of the baseline's size only, 4 vCPU / 16 GiB, max cost lifted (none meets it): "
+                "cloud and region chosen:"
+            ),
+        )
+    )
     print()
-    print("n/r: not reported by the study. Changes are against the baseline's cost and round time under the same model.")
+    print(
+        "n/r: not reported by the study. Changes are against the baseline's cost and round time under the same model."
+    )
     return 0
 
 

@@ -133,7 +133,11 @@ class Catalog:
         """The same locations and RTTs with only the offers `keep` accepts."""
         offers = [o for o in self.offers if keep(o)]
         return _assemble(
-            offers, self.locations, self.location_index, self.rtt_ms, self.continents,
+            offers,
+            self.locations,
+            self.location_index,
+            self.rtt_ms,
+            self.continents,
             source or f"{self.source} (subset)",
         )
 
@@ -394,7 +398,9 @@ def _number(path: Path, line: int, column: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise CatalogError(f"{path}: line {line}, column {column!r}: {text!r} is not a number") from None
+        raise CatalogError(
+            f"{path}: line {line}, column {column!r}: {text!r} is not a number"
+        ) from None
     if not math.isfinite(value):
         raise CatalogError(f"{path}: line {line}, column {column!r}: {text!r} is not finite")
     return value
@@ -406,7 +412,9 @@ def _read_offers(path: Path, known: set[str]) -> list[Offer]:
     for line, row in _rows(path, OFFER_COLUMNS):
         vcpus = _number(path, line, "vcpus", row["vcpus"])
         if vcpus != int(vcpus):
-            raise CatalogError(f"{path}: line {line}, column 'vcpus': {row['vcpus']!r} is not a whole number")
+            raise CatalogError(
+                f"{path}: line {line}, column 'vcpus': {row['vcpus']!r} is not a whole number"
+            )
         offer = Offer(
             cloud=row["cloud"],
             region=row["region"],

@@ -53,7 +53,7 @@ def choose(
         raise ValueError("choose() needs at least one point")
     s = scores(c, t, weight)
     tied = np.flatnonzero(s <= s.min() + SCORE_TIE)
-    best = min(tied, key=lambda i: (c[i], t[i], keys[i]))
+    best = min((int(i) for i in tied), key=lambda i: (c[i], t[i], keys[i]))
     return int(best)
 
 
@@ -92,7 +92,9 @@ def explain(
     max_rtt = np.asarray(max_rtt, dtype=np.float64)
 
     def fmt_cost(v: float) -> str:
-        return f"{v:,.0f} {currency}/{basis}" if currency == "KRW" else f"{v:,.2f} {currency}/{basis}"
+        return (
+            f"{v:,.0f} {currency}/{basis}" if currency == "KRW" else f"{v:,.2f} {currency}/{basis}"
+        )
 
     def name(i: int, *, rtt: bool = True, price: bool = True) -> str:
         parts = []
@@ -107,7 +109,9 @@ def explain(
         return tuple(int(i) for i in order[:CLOSEST])
 
     if n == 0:
-        return Infeasibility(("clouds",), "no offers to place on: the catalog has none on the clouds allowed", ())
+        return Infeasibility(
+            ("clouds",), "no offers to place on: the catalog has none on the clouds allowed", ()
+        )
     if not mem_ok.any():
         order = np.lexsort((cost, -np.asarray(memory_gib)))
         return Infeasibility(
@@ -138,7 +142,9 @@ def explain(
         if not cost_ok.any():
             binding = ("max_latency", "max_cost")
             msg += f", and no offer costs {max_cost_text} or less"
-        return Infeasibility(binding, msg + ". Closest: " + "; ".join(name(i) for i in top(order)), top(order))
+        return Infeasibility(
+            binding, msg + ". Closest: " + "; ".join(name(i) for i in top(order)), top(order)
+        )
     within = np.flatnonzero(lat_ok)
     order = within[np.lexsort((max_rtt[within], cost[within]))]
     msg = (

@@ -35,7 +35,6 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-
 from fedsky.controller.placement.catalog import Catalog, Offer
 from fedsky.controller.placement.choice import choose
 from fedsky.controller.placement.model import (
@@ -67,8 +66,9 @@ BoolArray = npt.NDArray[np.bool_]
 
 HierMethod = Literal["exact", "nsga2", "brute"]
 BRUTE_LIMIT = 5_000_000  # combinations the brute-force oracle accepts
-HIER_POP_SIZE = 100
-HIER_GENERATIONS = 150
+HIER_POP_SIZE = 80
+HIER_GENERATIONS = 250
+HIER_PATIENCE = 50
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,9 @@ def build_instance(
     scope = (
         np.ones(len(catalog), dtype=np.bool_)
         if clouds is None
-        else np.fromiter((o.cloud in clouds for o in catalog.offers), dtype=np.bool_, count=len(catalog))
+        else np.fromiter(
+            (o.cloud in clouds for o in catalog.offers), dtype=np.bool_, count=len(catalog)
+        )
     )
     offer_cont = [catalog.continent(o.location) for o in catalog.offers]
     s = job.model_mb
@@ -255,7 +257,9 @@ def build_instance(
                 f"none within {limits.max_latency_ms:g} ms of all of them with {need:.1f} GiB of memory"
             )
         leg = transfer_s(s, rtt[:, idx], params)
-        pt = np.max(2.0 * leg + job.train_s, axis=0) + aggregation_s(s, len(members), catalog.vcpus[idx], params)
+        pt = np.max(2.0 * leg + job.train_s, axis=0) + aggregation_s(
+            s, len(members), catalog.vcpus[idx], params
+        )
         ca, cb = billing(idx, len(members) + 1)
         cand.append(idx)
         part_time.append(pt)
@@ -330,7 +334,9 @@ def sweep_rows(inst: Instance) -> IntArray:
                 cost = inst.a[c][idx][None, None, :] * t[:, :, None] + inst.b[c][idx][None, None, :]
                 cost = np.where(f[None, None, :] <= thresholds[:, None, None], cost, np.inf)
                 chosen.append(idx[np.argmin(cost, axis=2)])  # (thresholds, globals)
-            grid = np.stack([*chosen, np.broadcast_to(gsel[None, :], t.shape)], axis=-1).reshape(-1, len(per_group) + 1)
+            grid = np.stack([*chosen, np.broadcast_to(gsel[None, :], t.shape)], axis=-1).reshape(
+                -1, len(per_group) + 1
+            )
             cost_v, time_v, _, _ = inst.evaluate(grid)
             rows.append(grid[pareto_mask(cost_v, time_v)])
     if not rows:
@@ -363,6 +369,7 @@ def place_hierarchical(
     seed: int = NSGA2_SEED,
     pop_size: int = HIER_POP_SIZE,
     generations: int = HIER_GENERATIONS,
+    patience: int = HIER_PATIENCE,
 ) -> HierarchicalResult:
     """The front of hierarchical layouts for a job and one choice on it (see module docstring)."""
     if method not in ("exact", "nsga2", "brute"):
@@ -387,7 +394,12 @@ def place_hierarchical(
             return cost, time, viol
 
         rows, vals = nsga2_integer(
-            upper=upper, evaluate=objectives, pop_size=pop_size, generations=generations, seed=seed
+            upper=upper,
+            evaluate=objectives,
+            pop_size=pop_size,
+            generations=generations,
+            seed=seed,
+            patience=patience,
         )
         evaluated = rows.shape[0]
         rows = rows[archive_front(vals)]
@@ -399,7 +411,8 @@ def place_hierarchical(
     layouts = tuple(
         Layout(
             regional=tuple(
-                (inst.continents[c], catalog.offers[int(inst.cand[c][rows[i, c]])]) for c in range(len(inst.cand))
+                (inst.continents[c], catalog.offers[int(inst.cand[c][rows[i, c]])])
+                for c in range(len(inst.cand))
             ),
             global_offer=catalog.offers[int(inst.glob[rows[i, -1]])],
             cost=float(cost[i]),
@@ -417,8 +430,15 @@ def place_hierarchical(
             f"no hierarchical layout meets max latency {limits.max_latency_ms:g} ms between "
             f"aggregators and max cost {limits.max_cost}"
         )
-        return HierarchicalResult((), None, groups, reason, method, inst.space_size, evaluated, np.zeros((0, 2)))
-    k = choose([p.cost for p in layouts], [p.round_time_s for p in layouts], [p.key for p in layouts], limits.cost_weight)
+        return HierarchicalResult(
+            (), None, groups, reason, method, inst.space_size, evaluated, np.zeros((0, 2))
+        )
+    k = choose(
+        [p.cost for p in layouts],
+        [p.round_time_s for p in layouts],
+        [p.key for p in layouts],
+        limits.cost_weight,
+    )
     return HierarchicalResult(
         front=layouts,
         choice=layouts[k],

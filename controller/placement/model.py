@@ -33,6 +33,11 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from fedsky.controller.placement.defaults import (
+    DEFAULT_KRW_PER_USD,
+    DEFAULT_TRAIN_S,
+    HOURS_PER_MONTH,
+)
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -41,9 +46,18 @@ Basis = Literal["month", "job"]
 CURRENCIES: tuple[Currency, ...] = ("USD", "KRW")
 BASES: tuple[Basis, ...] = ("month", "job")
 
-DEFAULT_KRW_PER_USD = 1450.0  # 2025 average 1,412; early 2026 1,440-1,480
-DEFAULT_TRAIN_S = 60.0  # local training per round when the job does not say
-HOURS_PER_MONTH = 730.0  # 365 * 24 / 12
+
+__all__ = [
+    "DEFAULT_KRW_PER_USD",
+    "DEFAULT_TRAIN_S",
+    "HOURS_PER_MONTH",
+    "CostLimit",
+    "JobProfile",
+    "Limits",
+    "ModelParams",
+    "PlacementError",
+    "parse_cost_limit",
+]
 
 
 class PlacementError(ValueError):
@@ -121,11 +135,13 @@ def parse_cost_limit(text: str) -> CostLimit:
         )
     currency, basis = m["currency"].upper(), m["basis"].lower()
     if currency not in CURRENCIES:
-        raise PlacementError(f"max cost {text!r}: currency {currency!r} is not supported: use USD or KRW")
+        raise PlacementError(
+            f"max cost {text!r}: currency {currency!r} is not supported: use USD or KRW"
+        )
     if basis not in BASES:
         raise PlacementError(f"max cost {text!r}: {basis!r} is not a basis: use month or job")
     amount = float(m["amount"].replace(",", "").replace("_", ""))
-    return CostLimit(amount=amount, currency=currency, basis=basis)  # type: ignore[arg-type]
+    return CostLimit(amount=amount, currency=currency, basis=basis)
 
 
 @dataclass(frozen=True)
@@ -155,7 +171,9 @@ def currency_rate(currency: Currency, krw_per_usd: float) -> float:
 # --- the model (vectorised: scalars or numpy arrays in, arrays out) ------------------------------
 
 
-def transfer_s(model_mb: float, rtt_ms: FloatArray, params: ModelParams = DEFAULT_PARAMS) -> FloatArray:
+def transfer_s(
+    model_mb: float, rtt_ms: FloatArray, params: ModelParams = DEFAULT_PARAMS
+) -> FloatArray:
     """Seconds to move `model_mb` MB one way over paths with the given RTTs."""
     rtt_s = np.asarray(rtt_ms, dtype=np.float64) / 1000.0
     link = params.link_mbps * 1e6 / 8.0  # bytes/s
@@ -177,7 +195,9 @@ def aggregation_s(
     return out
 
 
-def memory_needed_gib(model_mb: float, participants: int, params: ModelParams = DEFAULT_PARAMS) -> float:
+def memory_needed_gib(
+    model_mb: float, participants: int, params: ModelParams = DEFAULT_PARAMS
+) -> float:
     return params.base_memory_gib + (participants + 2) * model_mb * params.model_copies / 1024.0
 
 

@@ -10,13 +10,13 @@ import functools
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
 from fedsky.controller.placement.catalog import Catalog, Offer
 from fedsky.controller.placement.choice import Infeasibility, choose, explain
+from fedsky.controller.placement.defaults import METHODS, Method
 from fedsky.controller.placement.model import (
     DEFAULT_KRW_PER_USD,
     DEFAULT_PARAMS,
@@ -45,8 +45,6 @@ FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
-Method = Literal["exact", "nsga2"]
-METHODS: tuple[Method, ...] = ("exact", "nsga2")
 
 # What an operator does without the tool: AWS's default region and a general-purpose
 # 4 vCPU / 16 GiB instance, on demand.
@@ -259,7 +257,9 @@ def check_participants(
     for name, row in (measured_rtt or {}).items():
         for loc, value in row.items():
             if not (math.isfinite(value) and value > 0):
-                raise PlacementError(f"measured RTT of {name!r} to {loc!r} must be > 0 ms, got {value}")
+                raise PlacementError(
+                    f"measured RTT of {name!r} to {loc!r} must be > 0 ms, got {value}"
+                )
 
 
 def participant_rtt(
@@ -307,7 +307,9 @@ def evaluate(
     in_scope = (
         np.ones(len(catalog), dtype=np.bool_)
         if clouds is None
-        else np.fromiter((o.cloud in clouds for o in catalog.offers), dtype=np.bool_, count=len(catalog))
+        else np.fromiter(
+            (o.cloud in clouds for o in catalog.offers), dtype=np.bool_, count=len(catalog)
+        )
     )
     known = np.isfinite(max_rtt)
     return Evaluation(
@@ -406,7 +408,9 @@ def place(
     closest: tuple[Point, ...] = ()
     if front:
         k = choose(
-            [p.cost for p in front], [p.round_time_s for p in front], [p.key for p in front],
+            [p.cost for p in front],
+            [p.round_time_s for p in front],
+            [p.key for p in front],
             limits.cost_weight,
         )
         choice = front[k]

@@ -206,7 +206,7 @@ def nsga2_integer(
             new = new[new[:, 2] <= 0, :2]
             merged = np.concatenate([front, new])
             keep = pareto_mask(merged[:, 0], merged[:, 1])
-            changed = bool(keep[front.shape[0]:].any())
+            changed = bool(keep[front.shape[0] :].any())
             front = merged[keep]
         else:
             changed = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from fedsky.controller.placement.catalog import CONTINENTS, Catalog, Offer, make_catalog
 
 _SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96)
@@ -34,7 +33,15 @@ def scaled_catalog(base: Catalog, *, n_offers: int, seed: int = 0) -> Catalog:
         ratio = float(rng.choice(_GIB_PER_VCPU))
         price = level[loc] * vcpus * (ratio / 4.0) ** 0.5 * float(rng.uniform(0.7, 1.4))
         offers.append(
-            Offer(cloud, region, f"syn{i}.{vcpus}x{ratio:g}", vcpus, vcpus * ratio, round(price, 5), egress[loc])
+            Offer(
+                cloud,
+                region,
+                f"syn{i}.{vcpus}x{ratio:g}",
+                vcpus,
+                vcpus * ratio,
+                round(price, 5),
+                egress[loc],
+            )
         )
     return _with_offers(base, offers)
 
@@ -46,7 +53,9 @@ def _with_offers(base: Catalog, offers: list[Offer]) -> Catalog:
         for j, b in enumerate(base.locations)
         if i <= j and not math.isnan(base.rtt_ms[i, j])
     }
-    return make_catalog(offers, rtt, continents=base.continents, source=f"synthetic ({len(offers)} offers)")
+    return make_catalog(
+        offers, rtt, continents=base.continents, source=f"synthetic ({len(offers)} offers)"
+    )
 
 
 def random_catalog(
@@ -84,5 +93,7 @@ def random_catalog(
         for k in range(offers_per_location):
             vcpus = int(rng.choice((2, 4, 8, 16)))
             price = level * vcpus * float(rng.uniform(0.8, 1.25))
-            offers.append(Offer(cloud, region, f"t{k}.{vcpus}", vcpus, vcpus * 4.0, round(price, 5), egress))
+            offers.append(
+                Offer(cloud, region, f"t{k}.{vcpus}", vcpus, vcpus * 4.0, round(price, 5), egress)
+            )
     return make_catalog(offers, rtt, continents=conts, source=f"random (seed {seed})")

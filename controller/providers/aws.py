@@ -28,7 +28,6 @@ from fedsky.controller.clouds import (
     AwsCredential,
     aws_client,
     aws_error_code,
-    aws_session,
     resolve_aws_image,
     scrub,
 )
@@ -78,8 +77,7 @@ class AwsProvider:
     def _ec2(self, region: str) -> Any:
         with self._lock:
             if region not in self._clients:
-                session = aws_session(self._cred, region)
-                self._clients[region] = aws_client(session, "ec2", self._config, region)
+                self._clients[region] = aws_client(self._cred, "ec2", self._config, region)
             return self._clients[region]
 
     def _fail(self, what: str, exc: BaseException) -> ProviderError:

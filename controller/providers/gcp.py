@@ -152,7 +152,7 @@ class GcpProvider:
 
     async def _pick_zone(self, region: str) -> str:
         zones = await self._call("zones.list", lambda: list(self._client("zones").list(project=self.project)))
-        candidates = sorted(z.name for z in zones if z.region.rsplit("/", 1)[-1] == region and z.status == "UP")
+        candidates = sorted(str(z.name) for z in zones if z.region.rsplit("/", 1)[-1] == region and z.status == "UP")
         if not candidates:
             known = sorted({z.region.rsplit("/", 1)[-1] for z in zones})
             if region not in known:

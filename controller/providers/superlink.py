@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -208,7 +208,7 @@ class SuperLinkControl:
 
     async def start_run(self, *, app_dir: Path, settings: RunSettings, run_config_file: Path) -> int:
         """Start the fedsky app with `settings`; returns the run id at once (no streaming)."""
-        run_config_file.write_text(settings.to_toml())
+        await asyncio.to_thread(run_config_file.write_text, settings.to_toml())
         data = await self._json("run", str(app_dir), CONNECTION, "--run-config", str(run_config_file))
         run_id = data.get("run-id")
         if run_id is None:

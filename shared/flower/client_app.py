@@ -17,9 +17,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-
 from fedsky.shared.datasets import DatasetError, LocalData, load_catalog, load_dataset, scrub
 from fedsky.shared.ids import InvalidIdError, check_agent_id
 from fedsky.shared.metrics import flatten
@@ -33,6 +30,8 @@ from fedsky.shared.modelfile import (
     module_weights,
     to_array_record,
 )
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +95,14 @@ def _handle(msg: Message, context: Context, *, train: bool) -> Message:
 
             torch.set_num_threads(threads)
         site = _site(context)
-        config = msg.content["config"]
+        config = msg.content.config_records["config"]
         try:
             architecture = Architecture.from_json(str(config["architecture"]))
         except KeyError:
             raise _ClientFailure(ERR_CONFIG, "the message carries no architecture") from None
         data, secrets = _data(context, site, config, architecture)
         module = build_module(architecture)
-        weights = from_array_record(msg.content["arrays"])
+        weights = from_array_record(msg.content.array_records["arrays"], architecture)
         check_weights(architecture, weights)
         load_weights(module, weights)
         return _train(msg, config, site, module, data) if train else _evaluate(msg, config, site, module, data, architecture)

@@ -12,10 +12,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from fedsky.shared.jobspec import DATASET_NAME_PATTERN, JobSpec
 from fedsky.shared.topics import DEFAULT_PREFIX
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RunSettings(BaseModel):

@@ -20,12 +20,11 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.serverapp import Grid, ServerApp
-
 from fedsky.shared.datasets import scrub
 from fedsky.shared.flower.runconfig import RunSettings
 from fedsky.shared.flower.sink import FileSink, MqttSink, NullSink, Sink
@@ -53,6 +52,16 @@ from fedsky.shared.modelfile import (
     read_model_file,
     to_array_record,
 )
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
+from flwr.serverapp import Grid, ServerApp
 
 log = logging.getLogger(__name__)
 
@@ -146,16 +155,16 @@ def exchange(grid: Grid, messages: list[Message], *, timeout_s: float) -> tuple[
 def _parse_reply(reply: Message, *, train: bool, model: ModelFile) -> _Reply:
     content = reply.content
     try:
-        site = check_agent_id(str(content["site"]["site"]))
+        site = check_agent_id(str(content.config_records["site"]["site"]))
     except (KeyError, InvalidIdError, TypeError) as exc:
         raise ValueError(f"reply without a valid site: {exc}") from None
-    metrics = dict(content["metrics"])
+    metrics: dict[str, float | int | list[int] | list[float]] = dict(content.metric_records["metrics"])
     n = metrics.get("num-examples")
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"{site}: reply has no positive num-examples")
     weights = None
     if train:
-        weights = from_array_record(content["arrays"])
+        weights = from_array_record(content.array_records["arrays"], model.architecture)
         try:
             check_weights(model.architecture, weights)
         except ModelFileError as exc:
@@ -247,7 +256,7 @@ def _round_metrics(
     model: ModelFile,
     trained: _Phase,
     evaluated: _Phase,
-    started_at: object,
+    started_at: datetime,
     duration_s: float,
     weights_blob: bytes | None,
 ) -> RoundMetrics:
@@ -258,7 +267,7 @@ def _round_metrics(
         raise RunFailed(f"round {rnd}: an evaluation reply has no usable confusion matrix ({exc})") from None
     fig = figures(cm)
     loss = _weighted(evaluated.replies, "eval-loss")
-    sites: dict[str, dict[str, object]] = {}
+    sites: dict[str, dict[str, Any]] = {}
     for r in trained.replies:
         sites.setdefault(r.site, {})["train_examples"] = r.metrics["num-examples"]
         sites[r.site]["train_loss"] = r.metrics.get("train-loss")
@@ -309,11 +318,17 @@ def load_initial_model(settings: RunSettings) -> ModelFile:
     return model
 
 
-def run_federation(grid: Grid, settings: RunSettings, sink: Sink) -> int:
-    """Run every round; returns the rounds completed. Raises RunFailed with a reason."""
+@dataclass
+class Progress:
+    rounds_completed: int = 0
+
+
+def run_federation(grid: Grid, settings: RunSettings, sink: Sink, progress: Progress | None = None) -> None:
+    """Run every round, handing each to `sink`. Raises RunFailed with a reason."""
+    progress = progress if progress is not None else Progress()
     model = load_initial_model(settings)
     weights = dict(model.weights)
-    base = {
+    base: dict[str, ConfigRecordValues] = {
         "architecture": model.architecture.to_json(),
         "local-epochs": settings.local_epochs,
         "batch-size": settings.batch_size,
@@ -346,7 +361,7 @@ def run_federation(grid: Grid, settings: RunSettings, sink: Sink) -> int:
             metrics.precision, len(metrics.participants), metrics.duration_s,
         )
         sink.round_finished(metrics, blob)
-    return settings.num_rounds
+        progress.rounds_completed = rnd
 
 
 def _route_logs() -> None:
@@ -364,25 +379,32 @@ def main(grid: Grid, context: Context) -> None:
     _route_logs()
     settings = RunSettings.from_run_config(context.run_config)
     sink: Sink = NullSink()
-    completed = 0
+    progress = Progress()
+    failure: str | None = None
     try:
         sink = make_sink(settings)
-        completed = run_federation(grid, settings, sink)
+        run_federation(grid, settings, sink, progress)
     except RunFailed as exc:
+        failure = str(exc)
         log.error("run failed: %s", exc)
-        sink.run_finished(RunFinished(job_id=settings.job_id, status="failed", rounds_completed=completed,
-                                      num_rounds=settings.num_rounds, reason=str(exc)[:2000]))
-        sink.close()
         raise
     except Exception as exc:
+        failure = f"aggregator error: {type(exc).__name__}: {exc}"
         log.exception("aggregator error")
+        raise
+    finally:
+        end = RunFinished(
+            job_id=settings.job_id,
+            status="failed" if failure else "completed",
+            rounds_completed=progress.rounds_completed,
+            num_rounds=settings.num_rounds,
+            reason=(failure or "")[:2000],
+        )
         try:
-            sink.run_finished(RunFinished(job_id=settings.job_id, status="failed", rounds_completed=completed,
-                                          num_rounds=settings.num_rounds,
-                                          reason=f"aggregator error: {type(exc).__name__}: {exc}"[:2000]))
+            sink.run_finished(end)
+        except Exception:
+            if failure is None:
+                raise
+            log.exception("could not report the failed run")
         finally:
             sink.close()
-        raise
-    sink.run_finished(RunFinished(job_id=settings.job_id, status="completed", rounds_completed=completed,
-                                  num_rounds=settings.num_rounds))
-    sink.close()

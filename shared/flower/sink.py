@@ -105,8 +105,8 @@ class MqttSink:
         connect_timeout_s: float = 30.0,
     ) -> None:
         import paho.mqtt.client as mqtt
-
         from fedsky.shared.tls import client_context
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
         self.job_id = job_id
         self.client_id = aggregator_id(job_id)
@@ -116,9 +116,9 @@ class MqttSink:
         self._connected = threading.Event()
         self._refused: str | None = None
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=MQTTProtocolVersion.MQTTv5,
         )
         try:
             client.tls_set_context(client_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file))

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
-
 from fedsky.shared.metrics import Matrix, confusion_matrix
+from torch import nn
 
 
 @dataclass(frozen=True)

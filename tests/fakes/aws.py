@@ -8,18 +8,24 @@ three requests make an admin user, its policy and its key; the admin then makes 
 
 from __future__ import annotations
 
+import atexit
+import http.client
 import json
 import os
-import urllib.request
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import boto3
-from moto.server import ThreadedMotoServer
-
-# Every aws test wants instance types checked as AWS does.
+# Every aws test wants instance types checked as AWS does (read by moto at import, and again
+# below in case moto was imported first).
 os.environ["MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION"] = "true"
+
+import boto3  # noqa: E402
+from moto import settings as moto_settings  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+moto_settings.EC2_ENABLE_INSTANCE_TYPE_VALIDATION = True
 
 REGION = "us-east-1"
 # The EC2 actions fedsky's provider uses (see fedsky.controller.clouds.AWS_ACTIONS).
@@ -85,8 +91,15 @@ class MotoAws:
         ).get_caller_identity()["Account"]
 
     def _post(self, path: str, body: bytes) -> None:
-        with urllib.request.urlopen(urllib.request.Request(self.endpoint + path, data=body, method="POST", headers={"Content-Type": "text/plain"})) as resp:
+        host, port = self.server.get_host_and_port()
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        try:
+            conn.request("POST", path, body=body, headers={"Content-Type": "text/plain"})
+            resp = conn.getresponse()
             resp.read()
+            assert resp.status == 200, f"moto {path}: HTTP {resp.status}"
+        finally:
+            conn.close()
 
     def _iam(self, key: AwsKey | None) -> Any:
         creds = (
@@ -104,6 +117,8 @@ class MotoAws:
         )
 
     def user(self, name: str, actions: Sequence[str] = PROVIDER_ACTIONS) -> AwsKey:
+        """A new IAM user (name made unique: the server outlives a test) with a key."""
+        name = f"{name}-{uuid.uuid4().hex[:8]}"
         iam = self._iam(self.admin)
         iam.create_user(UserName=name)
         if actions:
@@ -117,8 +132,24 @@ class MotoAws:
     def delete_key(self, key: AwsKey) -> None:
         self._iam(self.admin).delete_access_key(UserName=key.user, AccessKeyId=key.access_key_id)
 
+    def auth(self, on: bool) -> None:
+        """Authentication is process-wide in moto: on for a test of ours, off after it."""
+        self._post("/moto-api/reset-auth", b"0" if on else b"inf")
+
     def close(self) -> None:
-        # Leave moto as other tests in this process expect it: no authentication.
-        self._post("/moto-api/reset-auth", b"inf")
+        self.auth(False)
         self._post("/moto-api/reset", b"")
         self.server.stop()
+
+
+_shared: MotoAws | None = None
+
+
+def shared_moto() -> MotoAws:
+    """One server per test process: moto loads each region's EC2 data once (seconds), not per test."""
+    global _shared
+    if _shared is None:
+        _shared = MotoAws()
+        atexit.register(_shared.close)
+    _shared.auth(True)
+    return _shared

@@ -1,0 +1,158 @@
+"""What every executor shares: the launch request, the running SuperNode, its exit status and
+the `[executor]` config section.
+
+An executor runs one participant's SuperNode where the agent was told to: `local` on the agent's
+host, `ssh` inside the chosen VM. The agent's runner awaits `wait()` to learn when it ends and
+calls `stop()` when the job ends or is cancelled. `ExitStatus.reason` may be sent off-site: it is
+scrubbed of local paths; the full log stays on the agent's host.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Protocol
+
+from fedsky.shared.config import resolve_path
+from fedsky.shared.supernode import DEFAULT_MAX_WAIT_S
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+# Flower's exit codes, as the OS reports them (exit status modulo 256).
+_FLOWER_EXITS = {
+    0: "finished",
+    1: "stopped (SIGINT)",
+    3: "stopped (SIGTERM)",
+    302 % 256: "its node key is invalid",
+    305 % 256: "it could not connect to the aggregator or the aggregator refused its node key",
+    603 % 256: "the aggregator's CA certificate does not fit",
+    604 % 256: "a file it needs is missing",
+    605 % 256: "a TLS certificate is invalid",
+}
+
+
+class ExecutorError(Exception):
+    """A SuperNode could not be started; the message is safe to report (no local paths)."""
+
+
+@dataclass(frozen=True)
+class SuperNodeLaunch:
+    """One participant's SuperNode for one task. Paths are on the agent's host."""
+
+    task_id: str
+    site: str  # this agent's id: the ClientApp reports it
+    superlink: str  # host:port of the aggregator
+    root_ca: Path  # the aggregator's CA certificate (PEM)
+    private_key: Path  # the node key (OpenSSH, P-384) registered for this task
+    dataset_config: Path  # dataset catalog for the ClientApp, with paths valid where it runs
+    node_config: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    code: int | None  # None: killed by a signal
+    signal: int | None
+    reason: str  # scrubbed of local paths; safe to report
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+
+def describe_exit(code: int | None, sig: int | None, *, stopped: bool) -> str:
+    if stopped:
+        return "stopped"
+    if sig is not None:
+        return f"the SuperNode was killed by signal {sig}"
+    assert code is not None
+    known = _FLOWER_EXITS.get(code)
+    return f"the SuperNode exited with code {code}" + (f": {known}" if known else "")
+
+
+_NOISE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def last_lines(text: str, n: int = 3) -> str:
+    lines = [_NOISE.sub("", line).strip() for line in text.splitlines()]
+    return " | ".join([line for line in lines if line][-n:])
+
+
+class RunningSuperNode(Protocol):
+    task_id: str
+
+    @property
+    def running(self) -> bool: ...
+
+    async def wait(self) -> ExitStatus: ...
+
+    async def stop(self, *, timeout_s: float = 10.0) -> ExitStatus: ...
+
+
+class Executor(Protocol):
+    kind: str
+
+    async def start(self, launch: SuperNodeLaunch, *, vm_name: str, vm_addresses: tuple[str, ...] = ()) -> RunningSuperNode: ...
+
+
+# --- Config ---------------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalExecutorConfig(_Section):
+    """Run the SuperNode as a process on the agent's host (the embedded default)."""
+
+    kind: Literal["local"] = "local"
+    # Where the Flower scripts are; default: beside the agent's Python.
+    bin_dir: Path | None = None
+    # A SuperNode that cannot reach its aggregator for this long exits (the task fails).
+    give_up_after_s: Annotated[float, Field(gt=0, le=86_400)] = DEFAULT_MAX_WAIT_S
+
+
+class SshExecutorConfig(_Section):
+    """Run the SuperNode inside the chosen VM over SSH (the system `ssh` client)."""
+
+    kind: Literal["ssh"]
+    user: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")]
+    identity_file: Path
+    known_hosts_file: Path  # host keys are always checked
+    port: Annotated[int, Field(ge=1, le=65535)] = 22
+    # On the VM: where tasks keep their files (relative to the login's home) and where the
+    # Flower scripts are.
+    remote_work_dir: str = ".fedsky/tasks"
+    remote_bin_dir: str = "/opt/fedsky/venv/bin"
+    runtime_port: Annotated[int, Field(ge=1, le=65535)] = 9094
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 15.0
+    give_up_after_s: Annotated[float, Field(gt=0, le=86_400)] = DEFAULT_MAX_WAIT_S
+    # VM name -> "host" or "host:port", used instead of the address libvirt reports (libvirt's
+    # test driver invents addresses; a NAT may hide the VM behind a forwarded port).
+    address_overrides: dict[str, str] = {}
+
+    @field_validator("identity_file", "known_hosts_file")
+    @classmethod
+    def _paths(cls, value: Path, info: ValidationInfo) -> Path:
+        return resolve_path(value, (info.context or {}).get("config_dir"))
+
+    @field_validator("remote_work_dir", "remote_bin_dir")
+    @classmethod
+    def _remote(cls, value: str) -> str:
+        if not value or any(c in value for c in "\n\r\0'\"$`\\"):
+            raise ValueError("a remote path must be plain text without quotes or shell characters")
+        return value
+
+
+ExecutorConfig = Annotated[LocalExecutorConfig | SshExecutorConfig, Field(discriminator="kind")]
+
+
+def make_executor(config: LocalExecutorConfig | SshExecutorConfig, *, work_dir: Path) -> Executor:
+    """The executor for a config section; `work_dir` is the agent's directory for task files."""
+    if isinstance(config, SshExecutorConfig):
+        from fedsky.agent.executors.ssh import SshExecutor
+
+        return SshExecutor(config, work_dir=work_dir)
+    from fedsky.agent.executors.local import LocalExecutor
+
+    return LocalExecutor(work_dir=work_dir, bin_dir=config.bin_dir, max_wait_s=config.give_up_after_s)

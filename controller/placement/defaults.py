@@ -1,0 +1,12 @@
+"""The optimizer's documented defaults, importable without numpy (the CLI parser needs them)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+DEFAULT_KRW_PER_USD = 1450.0  # 2025 average 1,412; early 2026 1,440-1,480
+DEFAULT_TRAIN_S = 60.0  # local training per round when the job does not say
+HOURS_PER_MONTH = 730.0  # 365 * 24 / 12
+
+Method = Literal["exact", "nsga2"]
+METHODS: tuple[Method, ...] = ("exact", "nsga2")

@@ -1,0 +1,64 @@
+"""A CloudService wired to the local fakes (moto, the GCP fake) for tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsky.controller.clouds import CloudService
+from fedsky.controller.config import AwsCloudConfig, CloudsConfig, ControllerConfig, GcpCloudConfig
+from fedsky.controller.pki import Pki
+from fedsky.controller.store import Store
+
+from tests.fakes.gcp_server import FakeGcp
+
+ENROLL_URL = "https://controller.example.test:8443/v1/aggregators/enroll"
+MOTO_IMAGE = "ami-1e749f67"  # an Ubuntu image moto ships in every region
+
+
+@dataclass
+class HealthSwitch:
+    """The readiness seam: moto's and the fake's VMs run nothing, so tests say when they "answer"."""
+
+    ok: bool = True
+    calls: list[str] = field(default_factory=list)
+
+    async def __call__(self, address: str) -> bool:
+        self.calls.append(address)
+        return self.ok
+
+
+def clouds_config(*, moto_endpoint: str | None = None, gcp: FakeGcp | None = None, **overrides: Any) -> CloudsConfig:
+    aws = AwsCloudConfig(
+        endpoint_url=moto_endpoint,
+        images={"us-east-1": MOTO_IMAGE, "eu-west-1": MOTO_IMAGE, "ap-northeast-2": MOTO_IMAGE},
+        sweep_regions=("us-east-1",),
+    )
+    gcp_config = (
+        GcpCloudConfig(
+            compute_endpoint=gcp.url,
+            resource_manager_endpoint=gcp.url,
+            allowed_token_uris=(gcp.token_uri,),
+        )
+        if gcp is not None
+        else GcpCloudConfig()
+    )
+    values: dict[str, Any] = {
+        "enroll_url": ENROLL_URL,
+        "ready_timeout_s": 5.0,
+        "poll_interval_s": 0.05,
+        "aws": aws,
+        "gcp": gcp_config,
+    }
+    values.update(overrides)
+    return CloudsConfig(**values)
+
+
+def open_service(
+    state_dir: Path, pki: Pki | None, clouds: CloudsConfig, health: HealthSwitch | None = None
+) -> tuple[CloudService, Store]:
+    config = ControllerConfig(state_dir=state_dir, clouds=clouds)
+    store = Store(config.db_path)
+    service = CloudService.open(config=config, store=store, pki=pki, health_check=health or HealthSwitch())
+    return service, store

@@ -1,0 +1,192 @@
+"""Real Flower: a SuperLink (TLS, SuperNode authentication) and three SuperNodes on digits.
+
+One aggregator and three hospitals serve every test in this module (starting them costs more than
+a run). Runs are started as the FL initializer starts them (`SuperLinkControl.start_run`); the
+ServerApp writes each round to a directory (the file sink).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from fedsky.agent.executors.base import SuperNodeLaunch
+from fedsky.agent.executors.local import LocalExecutor, LocalSuperNode
+from fedsky.controller.pki import Pki
+from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec
+from fedsky.controller.providers.local import LocalProvider, _group_alive, pki_tls_issuer
+from fedsky.controller.providers.superlink import SuperLinkControl, prepare_app_dir
+from fedsky.shared.datasets import BundledDatasetSpec, Partition, load_dataset, write_catalog
+from fedsky.shared.flower.runconfig import RunSettings
+from fedsky.shared.flower.sink import read_file_sink
+from fedsky.shared.flower.training import predict
+from fedsky.shared.messages import RoundMetrics, RunFinished
+from fedsky.shared.metrics import confusion_matrix
+from fedsky.shared.modelfile import build_module, load_weights, make_example, read_model_file
+from fedsky.shared.supernode import generate_node_key
+from sklearn.metrics import f1_score, precision_score, recall_score
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+SITES = ("hospital-us", "hospital-asia", "hospital-eu")
+
+
+def _spec(index: int) -> BundledDatasetSpec:
+    return BundledDatasetSpec(
+        kind="digits", partition=Partition(index=index, count=len(SITES), scheme="label-skew", seed=11)
+    )
+
+
+@dataclass
+class Federation:
+    root: Path
+    provider: LocalProvider
+    handle: AggregatorHandle
+    control: SuperLinkControl
+    nodes: list[LocalSuperNode]
+    model: Path
+
+    async def run(self, name: str, **overrides: object) -> tuple[list[RoundMetrics], RunFinished, float]:
+        sink = self.root / "runs" / name
+        settings = RunSettings.model_validate({
+            "job-id": name, "num-rounds": 2, "min-participants": len(SITES),
+            "expected-participants": len(SITES), "model-file": str(self.model), "sink": "file",
+            "sink-dir": str(sink), "learning-rate": 0.05, "round-timeout-s": 180, "join-timeout-s": 60,
+            **overrides,
+        })
+        app = prepare_app_dir(self.root / "app")
+        t0 = time.monotonic()
+        run_id = await self.control.start_run(app_dir=app, settings=settings, run_config_file=self.root / f"{name}.toml")
+        while not (sink / "run.json").exists():
+            assert time.monotonic() - t0 < 400, f"run {name} did not finish"
+            await asyncio.sleep(0.5)
+        elapsed = time.monotonic() - t0
+        for _ in range(60):  # the ServerApp process reports to the SuperLink just after the sink
+            status = await self.control.run_status(run_id)
+            if status.startswith("finished"):
+                break
+            await asyncio.sleep(0.5)
+        rounds, end = read_file_sink(sink)
+        assert end is not None
+        assert status == ("finished:completed" if end.status == "completed" else "finished:failed"), status
+        return rounds, end, elapsed
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def federation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Federation]:
+    root = tmp_path_factory.mktemp("federation")
+    pki = Pki.init(root / "pki")
+    provider = LocalProvider(work_dir=root / "aggregators", issue_tls=pki_tls_issuer(pki))
+    handle = await provider.launch(AggregatorSpec(job_id="e2e", cloud="local", region="local", instance_type="local"))
+    control = provider.control(handle)
+    executor = LocalExecutor(work_dir=root / "agent-tasks")
+    nodes: list[LocalSuperNode] = []
+    try:
+        for i, site in enumerate(SITES):
+            site_dir = root / site
+            keys = generate_node_key(site_dir / "keys")
+            await control.register_node(keys.public_key, name=site)
+            catalog = write_catalog(site_dir / "datasets.json", {"digits": _spec(i)})
+            nodes.append(await executor.start(SuperNodeLaunch(
+                task_id=f"e2e-{site}", site=site, superlink=str(handle.address),
+                root_ca=provider.tls("e2e").ca_file, private_key=keys.private_key, dataset_config=catalog,
+                node_config={"torch-threads": 1},
+            )))
+        model = root / "digits.safetensors"
+        make_example("digits", model, seed=3)
+        yield Federation(root=root, provider=provider, handle=handle, control=control, nodes=nodes, model=model)
+    finally:
+        for node in nodes:
+            status = await node.stop()
+            assert status.reason == "stopped"
+        await provider.terminate(handle)
+        assert not _group_alive(int(handle.ref))
+        assert not await provider.healthy(handle)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_two_rounds_with_exact_federated_metrics(federation: Federation) -> None:
+    assert await federation.provider.healthy(federation.handle)
+    deadline = time.monotonic() + 60
+    while True:  # the SuperNodes were started a moment ago
+        nodes = await federation.control.list_nodes()
+        if sorted(n.status for n in nodes) == ["online"] * len(SITES) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert sorted(n.status for n in nodes) == ["online"] * len(SITES)
+
+    rounds, end, elapsed = await federation.run("digits-2r")
+    assert end.status == "completed" and end.rounds_completed == 2, end.reason
+    assert [r.round for r in rounds] == [1, 2]
+    arch = read_model_file(federation.model).architecture
+    sets = [load_dataset(_spec(i), input_shape=arch.input_shape, num_classes=arch.num_classes) for i in range(len(SITES))]
+    for r in rounds:
+        assert sorted(p.site for p in r.participants) == sorted(SITES)
+        by_site = {p.site: p for p in r.participants}
+        for i, site in enumerate(SITES):
+            assert by_site[site].train_examples == sets[i].train_examples
+            assert by_site[site].eval_examples == sets[i].eval_examples
+        assert r.failures == []
+        assert r.weights is not None
+        # Central evaluation of the round's global weights on the union of the sites' eval sets.
+        weights_file = federation.root / "runs" / "digits-2r" / f"round-{r.round:04d}.safetensors"
+        mf = read_model_file(weights_file)
+        assert mf.sha256 == r.weights.sha256
+        module = build_module(mf.architecture)
+        load_weights(module, mf.weights)
+        y_true = np.concatenate([s.y_eval for s in sets])
+        y_pred = np.concatenate([predict(module, s.x_eval)[1] for s in sets])
+        assert r.confusion_matrix == confusion_matrix(y_true.tolist(), y_pred.tolist(), 10)
+        assert r.accuracy == pytest.approx(float((y_true == y_pred).mean()), rel=1e-12)
+        assert r.f1 == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0), rel=1e-12)
+        assert r.recall == pytest.approx(recall_score(y_true, y_pred, average="macro", zero_division=0), rel=1e-12)
+        assert r.precision == pytest.approx(precision_score(y_true, y_pred, average="macro", zero_division=0), rel=1e-12)
+        assert r.duration_s > 0
+    assert rounds[1].accuracy > rounds[0].accuracy
+    assert rounds[1].accuracy > 0.3
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_dataset_a_site_lacks_fails_the_run_with_a_clear_reason(federation: Federation) -> None:
+    rounds, end, elapsed = await federation.run("no-dataset", dataset="chest-xray")
+    assert rounds == []
+    assert end.status == "failed" and end.rounds_completed == 0
+    assert "round 1 train: 0 of 3 participants answered" in end.reason
+    for site in SITES:
+        assert f"dataset 'chest-xray' is not configured at site '{site}'" in end.reason
+    assert str(federation.root) not in end.reason
+    assert elapsed < 120
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_model_file_that_does_not_load_fails_the_run_at_once(federation: Federation) -> None:
+    broken = federation.root / "broken.safetensors"
+    data = federation.model.read_bytes()
+    broken.write_bytes(data[: len(data) // 3])
+    rounds, end, elapsed = await federation.run("bad-model", **{"model-file": str(broken)})
+    assert rounds == []
+    assert end.status == "failed"
+    assert "the model file does not load" in end.reason
+    assert elapsed < 60
+    # And one whose digest is not the job's.
+    rounds, end, _ = await federation.run("bad-digest", **{"model-sha256": "0" * 64})
+    assert end.status == "failed" and "does not match the job's model digest" in end.reason
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_overrides_per_site(federation: Federation, tmp_path: Path) -> None:
+    """A participant that names the dataset differently gets its own name (here: one it lacks)."""
+    overrides = json.dumps({"hospital-eu": "digits-eu"})
+    rounds, end, _ = await federation.run("override", **{"dataset-overrides": overrides, "min-participants": 2, "num-rounds": 1})
+    assert end.status == "completed", end.reason
+    (r,) = rounds
+    assert sorted(p.site for p in r.participants) == ["hospital-asia", "hospital-us"]
+    assert {f.site for f in r.failures} == {"hospital-eu"}
+    assert all("dataset 'digits-eu' is not configured" in f.reason for f in r.failures)
