@@ -296,26 +296,28 @@ _SCRIPT = r"""#!/bin/bash
 # fedsky aggregator bootstrap, job @JOB@. This script holds a one-time enrolment token (single
 # use, short-lived) and the CA's public certificate; the TLS key is made here and never leaves.
 set -euo pipefail
-umask 077
-DIR=/etc/fedsky/aggregator
-VENV=/opt/fedsky/venv
-install -d -m 700 "$DIR"
+umask 022  # the venv and certificates are read by the SuperLink's service user
+DIR=@DIR@
+VENV=@VENV@
+install -d -m 755 "$DIR"
 cd "$DIR"
 cat > ca.pem <<'FEDSKY_CA'
 @CA@FEDSKY_CA
-printf '%s' @TOKEN@ > token
+(umask 077; printf '%s' @TOKEN@ > token)
 
 if [ ! -x "$VENV/bin/flower-superlink" ]; then
   @INSTALL@
 fi
 
-openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out superlink.key
+# The key stays root's (0600); systemd hands it to the service (LoadCredential).
+(umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out superlink.key)
 openssl req -new -key superlink.key -subj "/CN=@CN@" -out superlink.csr
-python3 - <<'FEDSKY_PY'
+(umask 077; python3 - <<'FEDSKY_PY'
 import json
 body = {"token": open("token").read(), "csr_pem": open("superlink.csr").read()}
 open("request.json", "w").write(json.dumps(body))
 FEDSKY_PY
+)
 
 # 409: the controller has not recorded this VM's address yet; retry. Anything else is final.
 for attempt in $(seq 1 120); do
@@ -328,9 +330,10 @@ for attempt in $(seq 1 120); do
   esac
 done
 rm -f token request.json
+[ "$code" = 200 ] || { echo "fedsky: enrolment did not succeed (HTTP $code)" >&2; exit 1; }
 python3 -c 'import json; open("superlink.crt", "w").write(json.load(open("enroll.json"))["cert_pem"])'
 
-cat > /etc/systemd/system/fedsky-superlink.service <<'FEDSKY_UNIT'
+cat > @UNITDIR@/fedsky-superlink.service <<'FEDSKY_UNIT'
 [Unit]
 Description=fedsky aggregator (Flower SuperLink), job @JOB@
 After=network-online.target
@@ -340,9 +343,9 @@ Wants=network-online.target
 Type=simple
 DynamicUser=yes
 StateDirectory=fedsky-superlink
-LoadCredential=key:/etc/fedsky/aggregator/superlink.key
-Environment=FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_HOME=/var/lib/fedsky-superlink/flwr PATH=/opt/fedsky/venv/bin:/usr/local/bin:/usr/bin:/bin
-ExecStart=/opt/fedsky/venv/bin/flower-superlink --host 0.0.0.0 --port @PORT@ --database /var/lib/fedsky-superlink/state.db --disable-runtime-dependency-installation --ssl-ca-certfile /etc/fedsky/aggregator/ca.pem --ssl-certfile /etc/fedsky/aggregator/superlink.crt --ssl-keyfile ${CREDENTIALS_DIRECTORY}/key --enable-supernode-auth
+LoadCredential=key:@DIR@/superlink.key
+Environment=FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_HOME=/var/lib/fedsky-superlink/flwr PATH=@VENV@/bin:/usr/local/bin:/usr/bin:/bin
+ExecStart=@VENV@/bin/flower-superlink --host 0.0.0.0 --port @PORT@ --database /var/lib/fedsky-superlink/state.db --disable-runtime-dependency-installation --ssl-ca-certfile @DIR@/ca.pem --ssl-certfile @DIR@/superlink.crt --ssl-keyfile ${CREDENTIALS_DIRECTORY}/key --enable-supernode-auth
 Restart=on-failure
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -352,7 +355,6 @@ PrivateTmp=yes
 [Install]
 WantedBy=multi-user.target
 FEDSKY_UNIT
-chmod 644 ca.pem superlink.crt
 systemctl daemon-reload
 systemctl enable --now fedsky-superlink.service
 """
@@ -368,8 +370,15 @@ def render_startup_script(
     package: str,
     pip_index_url: str | None,
     preinstalled: bool,
+    directory: str = "/etc/fedsky/aggregator",
+    venv: str = "/opt/fedsky/venv",
+    unit_dir: str = "/etc/systemd/system",
 ) -> str:
-    """The VM's startup script: install (unless preinstalled), make a key, enrol, start the SuperLink."""
+    """The VM's startup script: install (unless preinstalled), make a key, enrol, start the SuperLink.
+
+    `directory`, `venv` and `unit_dir` are where things go on the VM (tests run the script in
+    a scratch directory).
+    """
     if preinstalled:
         install = 'echo "fedsky: $VENV has no flower-superlink although the image should" >&2; exit 1'
     else:
@@ -390,6 +399,9 @@ def render_startup_script(
         "@INSTALL@": install,
         "@URL@": shlex.quote(enroll_url),
         "@PORT@": str(port),
+        "@DIR@": shlex.quote(directory),
+        "@VENV@": shlex.quote(venv),
+        "@UNITDIR@": shlex.quote(unit_dir),
     }
     script = _SCRIPT
     for marker, value in replacements.items():

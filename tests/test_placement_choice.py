@@ -122,6 +122,8 @@ def test_latency_binds_names_the_limit_and_the_offers_with_the_lowest_max_rtt() 
     assert len(closest) == 3
     lowest = min(p.max_rtt_ms for p in res.candidates)
     assert closest[0].max_rtt_ms == pytest.approx(lowest)
+    assert len({p.offer.location for p in closest}) == 3  # one per location, nearest first
+    assert [p.max_rtt_ms for p in closest] == sorted(p.max_rtt_ms for p in closest)
     assert f"{lowest:.0f} ms" in res.reason
     assert closest[0].label in res.reason
 

@@ -89,13 +89,13 @@ async def test_a_target_that_never_answers_times_out(blackhole: int) -> None:
 async def test_concurrency_is_bounded(blackhole: int) -> None:
     targets = {f"aws:r{i}": f"127.0.0.1:{blackhole}" for i in range(4)}
     start = time.perf_counter()
-    await probe_rtt(targets=targets, attempts=1, timeout_s=0.3, concurrency=2)
+    await probe_rtt(targets=targets, attempts=1, timeout_s=0.5, concurrency=2)
     two_at_a_time = time.perf_counter() - start
     start = time.perf_counter()
-    await probe_rtt(targets=targets, attempts=1, timeout_s=0.3, concurrency=4)
+    await probe_rtt(targets=targets, attempts=1, timeout_s=0.5, concurrency=4)
     all_at_once = time.perf_counter() - start
-    assert 0.55 < two_at_a_time < 2.0  # two waves of 0.3 s
-    assert all_at_once < 0.5  # one wave
+    assert 0.95 < two_at_a_time < 3.0  # two waves of 0.5 s
+    assert all_at_once < 0.9  # one wave
 
 
 async def test_many_targets_all_measured(listener: tuple[int, list[int]]) -> None:

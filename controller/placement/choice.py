@@ -69,6 +69,7 @@ class Infeasibility:
 def explain(
     *,
     labels: Sequence[str],
+    locations: Sequence[str],
     cost: FloatArray,
     max_rtt: FloatArray,
     farthest: Sequence[str],
@@ -83,8 +84,9 @@ def explain(
 ) -> Infeasibility:
     """Explain an empty feasible set over candidates described by the arrays given.
 
-    `labels[i]` names candidate i for people, `farthest[i]` the participant it is farthest
-    from. The first limit that leaves nothing, in the order memory, latency, cost, binds;
+    `labels[i]` names candidate i for people, `locations[i]` is its `cloud:region`,
+    `farthest[i]` the participant it is farthest from. When latency binds, the closest offers
+    are the cheapest in each of the nearest locations (a bigger size there is no nearer). The first limit that leaves nothing, in the order memory, latency, cost, binds;
     when latency and cost each leave something but not together, cost binds within latency.
     """
     n = len(labels)
@@ -132,7 +134,10 @@ def explain(
     cost_ok = (cost <= max_cost) & mem_ok
     pool = np.flatnonzero(mem_ok & known)
     if not lat_ok.any():
-        order = pool[np.lexsort((cost[pool], max_rtt[pool]))]
+        nearest: dict[str, int] = {}  # location -> its cheapest offer, nearest locations first
+        for i in pool[np.lexsort((cost[pool], max_rtt[pool]))]:
+            nearest.setdefault(locations[int(i)], int(i))
+        order = np.fromiter(nearest.values(), dtype=np.int64)
         lowest = float(max_rtt[order[0]])
         msg = (
             f"max latency {max_latency_ms:g} ms binds: no offer is within it of every participant "
@@ -152,8 +157,8 @@ def explain(
         f"participant costs {fmt_cost(float(cost[order[0]]))}"
     )
     if cost_ok.any():
-        nearest = pool[cost_ok[pool]]
-        best = nearest[np.argmin(max_rtt[nearest])]
+        affordable = pool[cost_ok[pool]]
+        best = affordable[np.argmin(max_rtt[affordable])]
         msg += f" (offers within the cost are at least {max_rtt[best]:.0f} ms from a participant)"
     return Infeasibility(
         ("max_cost",), msg + ". Closest: " + "; ".join(name(i) for i in top(order)), top(order)

@@ -440,6 +440,7 @@ def _explain(ev: Evaluation, limits: Limits) -> Infeasibility:
     offers = ev.catalog.offers
     return explain(
         labels=[f"{offers[i].location} {offers[i].instance_type}" for i in scope],
+        locations=[offers[i].location for i in scope],
         cost=ev.cost[scope],
         max_rtt=ev.max_rtt_ms[scope],
         farthest=[ev.participants[int(ev.farthest[i])] for i in scope],

@@ -152,6 +152,15 @@ def exchange(grid: Grid, messages: list[Message], *, timeout_s: float) -> tuple[
     return replies, silent
 
 
+def _site_of(reason: str) -> str | None:
+    """The site a fedsky ClientApp names at the start of its error reason ("site: ...")."""
+    head, sep, _ = reason.partition(": ")
+    try:
+        return check_agent_id(head) if sep else None
+    except InvalidIdError:
+        return None
+
+
 def _parse_reply(reply: Message, *, train: bool, model: ModelFile) -> _Reply:
     content = reply.content
     try:
@@ -203,7 +212,8 @@ def _phase(
     for node, reply in sorted(replies.items()):
         if reply.has_error():
             reason = scrub(str(reply.error.reason or f"error code {reply.error.code}"))[:2000]
-            out.failures.append(SiteFailure(site=node_sites.get(node), phase=name, reason=reason))
+            site = node_sites.get(node) or _site_of(reason)
+            out.failures.append(SiteFailure(site=site, phase=name, reason=reason))
             continue
         try:
             parsed = _parse_reply(reply, train=train, model=model)

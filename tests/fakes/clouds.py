@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsky.controller import inventory
 from fedsky.controller.clouds import CloudService
 from fedsky.controller.config import AwsCloudConfig, CloudsConfig, ControllerConfig, GcpCloudConfig
 from fedsky.controller.pki import Pki
@@ -60,5 +61,6 @@ def open_service(
 ) -> tuple[CloudService, Store]:
     config = ControllerConfig(state_dir=state_dir, clouds=clouds)
     store = Store(config.db_path)
+    inventory.ensure_schema(store)  # the certificates table, as the daemon has it
     service = CloudService.open(config=config, store=store, pki=pki, health_check=health or HealthSwitch())
     return service, store
