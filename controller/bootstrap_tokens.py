@@ -92,7 +92,9 @@ def ensure_schema(store: Store) -> None:
     store.ensure_schema("bootstrap_tokens", SCHEMA)
 
 
-def issue_token(conn: sqlite3.Connection, *, job_id: str, ttl_s: float, now: datetime | None = None) -> str:
+def issue_token(
+    conn: sqlite3.Connection, *, job_id: str, ttl_s: float, now: datetime | None = None
+) -> str:
     """Make a token for the aggregator of `job_id`; returns it (the only time it is seen)."""
     now = now or _now()
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -112,7 +114,11 @@ def issue_token(conn: sqlite3.Connection, *, job_id: str, ttl_s: float, now: dat
 
 
 def bind_addresses(
-    conn: sqlite3.Connection, *, job_id: str, ip_addresses: Sequence[str], dns_names: Sequence[str] = ()
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    ip_addresses: Sequence[str],
+    dns_names: Sequence[str] = (),
 ) -> int:
     """Record the names the job's certificate will carry; returns the number of tokens bound."""
     with transaction(conn):
@@ -141,7 +147,9 @@ def _check(row: sqlite3.Row | None, now: datetime) -> TokenGrant:
     if datetime.fromisoformat(row["expires_at"]) <= now:
         raise TokenError(f"token of job {row['job_id']} expired at {row['expires_at']}")
     if row["ip_addresses"] is None:
-        raise TokenError(f"address of job {row['job_id']}'s aggregator not known yet", not_ready=True)
+        raise TokenError(
+            f"address of job {row['job_id']}'s aggregator not known yet", not_ready=True
+        )
     return TokenGrant(
         job_id=row["job_id"],
         common_name=row["common_name"],
@@ -163,11 +171,16 @@ def redeem_token(
     """
     now = now or _now()
     with transaction(conn):
-        row = conn.execute("SELECT * FROM bootstrap_tokens WHERE token_hash = ?", (hash_token(token),)).fetchone()
+        row = conn.execute(
+            "SELECT * FROM bootstrap_tokens WHERE token_hash = ?", (hash_token(token),)
+        ).fetchone()
         grant = _check(row, now)
         if use is not None:
             use(grant)
-        conn.execute("UPDATE bootstrap_tokens SET used_at = ? WHERE token_hash = ?", (now.isoformat(), hash_token(token)))
+        conn.execute(
+            "UPDATE bootstrap_tokens SET used_at = ? WHERE token_hash = ?",
+            (now.isoformat(), hash_token(token)),
+        )
     return grant
 
 
@@ -206,8 +219,15 @@ def enroll_aggregator(
 
     grant = redeem_token(conn, token, use=sign)
     cert = issued[0]
-    log.info("aggregator of job %s enrolled: certificate serial %s for %s", grant.job_id, cert.serial, grant.ip_addresses)
-    return EnrolledAggregator(job_id=grant.job_id, cert_pem=cert.cert_pem, ca_pem=pki.ca_cert_pem), cert
+    log.info(
+        "aggregator of job %s enrolled: certificate serial %s for %s",
+        grant.job_id,
+        cert.serial,
+        grant.ip_addresses,
+    )
+    return EnrolledAggregator(
+        job_id=grant.job_id, cert_pem=cert.cert_pem, ca_pem=pki.ca_cert_pem
+    ), cert
 
 
 # -- what the providers use ----------------------------------------------------------------------
@@ -228,7 +248,9 @@ def tls_probe(ca_pem: bytes, *, timeout_s: float = 5.0) -> HealthCheck:
         host, _, port = address.rpartition(":")
         try:
             _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host.strip("[]"), int(port), ssl=ctx, server_hostname=host.strip("[]")),
+                asyncio.open_connection(
+                    host.strip("[]"), int(port), ssl=ctx, server_hostname=host.strip("[]")
+                ),
                 timeout_s,
             )
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
@@ -252,9 +274,13 @@ class TokenIssuer:
     async def issue(self, job_id: str) -> str:
         return await self.store.run(lambda conn: issue_token(conn, job_id=job_id, ttl_s=self.ttl_s))
 
-    async def bind(self, job_id: str, *, ip_addresses: Sequence[str], dns_names: Sequence[str] = ()) -> None:
+    async def bind(
+        self, job_id: str, *, ip_addresses: Sequence[str], dns_names: Sequence[str] = ()
+    ) -> None:
         await self.store.run(
-            lambda conn: bind_addresses(conn, job_id=job_id, ip_addresses=ip_addresses, dns_names=dns_names)
+            lambda conn: bind_addresses(
+                conn, job_id=job_id, ip_addresses=ip_addresses, dns_names=dns_names
+            )
         )
 
     async def revoke(self, job_id: str) -> None:
@@ -277,9 +303,16 @@ class VmBootstrap:
     poll_interval_s: float
     controller_uid: str
 
-    def script(self, *, job_id: str, token: str) -> str:
+    async def startup_script(self, job_id: str) -> str:
+        """A fresh token for `job_id`'s aggregator, inside the script that redeems it.
+
+        ValueError (before any token is made) when the controller has no enrolment URL.
+        """
         if not self.enroll_url:
-            raise ValueError("clouds.enroll_url is not set: aggregator VMs would have nowhere to enrol")
+            raise ValueError(
+                "clouds.enroll_url is not set: aggregator VMs would have nowhere to enrol"
+            )
+        token = await self.tokens.issue(job_id)
         return render_startup_script(
             job_id=job_id,
             token=token,
@@ -380,7 +413,9 @@ def render_startup_script(
     a scratch directory).
     """
     if preinstalled:
-        install = 'echo "fedsky: $VENV has no flower-superlink although the image should" >&2; exit 1'
+        install = (
+            'echo "fedsky: $VENV has no flower-superlink although the image should" >&2; exit 1'
+        )
     else:
         index = f" --index-url {shlex.quote(pip_index_url)}" if pip_index_url else ""
         install = (

@@ -89,7 +89,12 @@ AWS_ACTIONS = (
     "ec2:DescribeSecurityGroups",
     "ec2:DeleteSecurityGroup",
 )
-_AWS_DENIED = {"UnauthorizedOperation", "AccessDenied", "AccessDeniedException", "UnauthorizedAccess"}
+_AWS_DENIED = {
+    "UnauthorizedOperation",
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnauthorizedAccess",
+}
 _AWS_BAD_KEY = {
     "InvalidClientTokenId": "AWS does not know this access key (InvalidClientTokenId): it was deleted, "
     "or it belongs to another partition",
@@ -177,7 +182,10 @@ class AwsCredential:
         return (self.secret_access_key, self.session_token, self.access_key_id)
 
     def seal_bytes(self) -> Secret:
-        body = {"access_key_id": self.access_key_id, "secret_access_key": self.secret_access_key.reveal_str()}
+        body = {
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key.reveal_str(),
+        }
         if self.session_token is not None:
             body["session_token"] = self.session_token.reveal_str()
         return Secret(json.dumps(body).encode())
@@ -215,7 +223,11 @@ def _check_aws_pair(key_id: str, secret: str, where: str) -> None:
             "digits starting with 'A'); the file may be truncated or edited"
         )
     if not _AWS_SECRET_RE.fullmatch(secret):
-        detail = f"{len(secret)} characters, AWS's are 40" if len(secret) != 40 else "unexpected characters"
+        detail = (
+            f"{len(secret)} characters, AWS's are 40"
+            if len(secret) != 40
+            else "unexpected characters"
+        )
         raise CredentialFormatError(
             f"{where}: the secret access key is malformed ({detail}); the file may be truncated or edited"
         )
@@ -234,9 +246,13 @@ def _parse_aws_json(text: str) -> AwsCredential:
             "is it truncated?"
         ) from None
     if not isinstance(doc, dict):
-        raise CredentialFormatError("the JSON file must hold an object with AccessKeyId and SecretAccessKey")
+        raise CredentialFormatError(
+            "the JSON file must hold an object with AccessKeyId and SecretAccessKey"
+        )
     if doc.get("type") in ("service_account", "authorized_user", "external_account"):
-        raise CredentialFormatError("this is a Google Cloud credential file; link it with `fedctl clouds add gcp`")
+        raise CredentialFormatError(
+            "this is a Google Cloud credential file; link it with `fedctl clouds add gcp`"
+        )
     for wrapper in ("AccessKey", "Credentials"):
         if isinstance(doc.get(wrapper), dict):
             doc = doc[wrapper]
@@ -251,7 +267,9 @@ def _parse_aws_json(text: str) -> AwsCredential:
         )
     key_id, secret = key_id.strip(), secret.strip()
     _check_aws_pair(key_id, secret, "JSON file")
-    return AwsCredential(key_id, Secret(secret), Secret(token.strip()) if token else None, None, "json")
+    return AwsCredential(
+        key_id, Secret(secret), Secret(token.strip()) if token else None, None, "json"
+    )
 
 
 def _parse_aws_ini(text: str, profile: str | None) -> AwsCredential:
@@ -262,13 +280,17 @@ def _parse_aws_ini(text: str, profile: str | None) -> AwsCredential:
         # The message quotes the offending line, which may hold a secret: say where, not what.
         line = getattr(exc, "lineno", None)
         at = f" at line {line}" if line else ""
-        raise CredentialFormatError(f"the credentials file does not parse as an ini file{at}") from None
+        raise CredentialFormatError(
+            f"the credentials file does not parse as an ini file{at}"
+        ) from None
     wanted = profile or "default"
     # The credentials file says `[name]`, the config file `[profile name]`: accept both.
     sections = {s.removeprefix("profile ").strip(): s for s in parser.sections()}
     if wanted not in sections:
         have = ", ".join(sorted(sections)) or "none"
-        raise CredentialFormatError(f"no profile {wanted!r} in the credentials file (it has: {have}); use --profile")
+        raise CredentialFormatError(
+            f"no profile {wanted!r} in the credentials file (it has: {have}); use --profile"
+        )
     section = parser[sections[wanted]]
     where = f"profile {wanted!r}"
     for option in ("endpoint_url", "ca_bundle"):
@@ -280,7 +302,17 @@ def _parse_aws_ini(text: str, profile: str | None) -> AwsCredential:
     key_id = section.get("aws_access_key_id", "").strip()
     secret = section.get("aws_secret_access_key", "").strip()
     if not key_id or not secret:
-        indirect = [o for o in ("role_arn", "source_profile", "credential_process", "sso_start_url", "sso_session") if o in section]
+        indirect = [
+            o
+            for o in (
+                "role_arn",
+                "source_profile",
+                "credential_process",
+                "sso_start_url",
+                "sso_session",
+            )
+            if o in section
+        ]
         if indirect:
             raise CredentialFormatError(
                 f"{where} uses {', '.join(indirect)}, which gives no access key fedsky can keep; "
@@ -291,15 +323,25 @@ def _parse_aws_ini(text: str, profile: str | None) -> AwsCredential:
     token = section.get("aws_session_token", "").strip()
     region = section.get("region", "").strip() or None
     if region is not None and not _REGION_RE.fullmatch(region):
-        raise CredentialFormatError(f"{where} names region {region!r}, which is not an AWS region name")
-    return AwsCredential(key_id, Secret(secret), Secret(token) if token else None, region, f"profile {wanted}")
+        raise CredentialFormatError(
+            f"{where} names region {region!r}, which is not an AWS region name"
+        )
+    return AwsCredential(
+        key_id, Secret(secret), Secret(token) if token else None, region, f"profile {wanted}"
+    )
 
 
 def _parse_aws_csv(text: str) -> AwsCredential:
     try:
-        rows = [row for row in csv.reader(io.StringIO(text, newline="")) if any(cell.strip() for cell in row)]
+        rows = [
+            row
+            for row in csv.reader(io.StringIO(text, newline=""))
+            if any(cell.strip() for cell in row)
+        ]
     except csv.Error:
-        raise CredentialFormatError("the file does not parse as CSV (nor as JSON or an ini file)") from None
+        raise CredentialFormatError(
+            "the file does not parse as CSV (nor as JSON or an ini file)"
+        ) from None
     if not rows:
         raise CredentialFormatError("the CSV file has no rows")
     header = [_norm(cell) for cell in rows[0]]
@@ -336,7 +378,9 @@ def parse_aws(data: bytes, *, profile: str | None = None) -> AwsCredential:
     else:
         kind = "csv"
     if profile is not None and kind != "ini":
-        raise CredentialFormatError("--profile applies to a credentials ini file; this file is " + kind.upper())
+        raise CredentialFormatError(
+            "--profile applies to a credentials ini file; this file is " + kind.upper()
+        )
     if kind == "json":
         return _parse_aws_json(text)
     if kind == "ini":
@@ -417,7 +461,9 @@ def parse_gcp(data: bytes) -> GcpCredential:
     required = ("project_id", "private_key_id", "private_key", "client_email", "token_uri")
     missing = [f for f in required if not isinstance(doc.get(f), str) or not doc[f].strip()]
     if missing:
-        raise CredentialFormatError(f"the service-account key lacks {', '.join(missing)}; the file may be truncated")
+        raise CredentialFormatError(
+            f"the service-account key lacks {', '.join(missing)}; the file may be truncated"
+        )
     try:
         key = serialization.load_pem_private_key(doc["private_key"].encode(), password=None)
     except (ValueError, TypeError):
@@ -473,7 +519,9 @@ class ValidationResult:
         }
 
 
-def _missing_message(identity: str | None, account: str | None, where: str, missing: Collection[str]) -> str:
+def _missing_message(
+    identity: str | None, account: str | None, where: str, missing: Collection[str]
+) -> str:
     return (
         f"{identity} in {where} {account} lacks {', '.join(missing)}; grant these (docs/clouds.md has a "
         "policy) and run `fedctl clouds verify`"
@@ -538,11 +586,16 @@ def resolve_aws_image(ec2: Any, config: AwsCloudConfig, region: str) -> str | No
     )["Images"]
     if not images:
         return None
-    newest = max(images, key=lambda image: str(image.get("CreationDate", "")))
+    # Newest first by date; the name (which carries version and build date) breaks ties.
+    newest = max(
+        images, key=lambda image: (str(image.get("CreationDate", "")), str(image.get("Name", "")))
+    )
     return str(newest["ImageId"])
 
 
-def validate_aws(cred: AwsCredential, *, config: AwsCloudConfig, region: str | None = None) -> ValidationResult:
+def validate_aws(
+    cred: AwsCredential, *, config: AwsCloudConfig, region: str | None = None
+) -> ValidationResult:
     """Check an AWS key by real calls (blocking: run it in a thread)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -551,7 +604,9 @@ def validate_aws(cred: AwsCredential, *, config: AwsCloudConfig, region: str | N
 
     def unreachable(exc: BaseException) -> ValidationResult:
         detail = scrub(f"{type(exc).__name__}: {exc}", cred.secrets())
-        return ValidationResult("aws", STATUS_UNREACHABLE, None, None, region, message=f"cannot reach AWS: {detail}")
+        return ValidationResult(
+            "aws", STATUS_UNREACHABLE, None, None, region, message=f"cannot reach AWS: {detail}"
+        )
 
     try:
         ident = aws_client(cred, "sts", config, config.validation_region).get_caller_identity()
@@ -589,12 +644,20 @@ def validate_aws(cred: AwsCredential, *, config: AwsCloudConfig, region: str | N
             if region not in known:
                 sample = ", ".join(sorted(known)[:6])
                 return ValidationResult(
-                    "aws", STATUS_REGION, account, identity, region,
+                    "aws",
+                    STATUS_REGION,
+                    account,
+                    identity,
+                    region,
                     message=f"unknown AWS region {region!r} (regions include {sample}, ...)",
                 )
             if known[region] == "not-opted-in":
                 return ValidationResult(
-                    "aws", STATUS_REGION, account, identity, region,
+                    "aws",
+                    STATUS_REGION,
+                    account,
+                    identity,
+                    region,
                     message=f"region {region!r} is not enabled for account {account}; enable it or choose another",
                 )
         if region != config.validation_region:
@@ -638,7 +701,12 @@ def validate_aws(cred: AwsCredential, *, config: AwsCloudConfig, region: str | N
             Tags=[{"Key": "fedsky:check", "Value": "1"}],
         )
         call("ec2:DescribeInstances", ec2.describe_instances, DryRun=True)
-        call("ec2:TerminateInstances", ec2.terminate_instances, DryRun=True, InstanceIds=[placeholder_instance])
+        call(
+            "ec2:TerminateInstances",
+            ec2.terminate_instances,
+            DryRun=True,
+            InstanceIds=[placeholder_instance],
+        )
         call(
             "ec2:CreateSecurityGroup",
             ec2.create_security_group,
@@ -651,10 +719,22 @@ def validate_aws(cred: AwsCredential, *, config: AwsCloudConfig, region: str | N
             ec2.authorize_security_group_ingress,
             DryRun=True,
             GroupId=placeholder_group,
-            IpPermissions=[{"IpProtocol": "tcp", "FromPort": 9092, "ToPort": 9092, "IpRanges": [{"CidrIp": "192.0.2.1/32"}]}],
+            IpPermissions=[
+                {
+                    "IpProtocol": "tcp",
+                    "FromPort": 9092,
+                    "ToPort": 9092,
+                    "IpRanges": [{"CidrIp": "192.0.2.1/32"}],
+                }
+            ],
         )
         call("ec2:DescribeSecurityGroups", ec2.describe_security_groups, DryRun=True)
-        call("ec2:DeleteSecurityGroup", ec2.delete_security_group, DryRun=True, GroupId=placeholder_group)
+        call(
+            "ec2:DeleteSecurityGroup",
+            ec2.delete_security_group,
+            DryRun=True,
+            GroupId=placeholder_group,
+        )
     except ClientError as exc:
         code = aws_error_code(exc)
         message = _AWS_BAD_KEY.get(code) or scrub(f"AWS answered {code}: {exc}", cred.secrets())
@@ -663,7 +743,13 @@ def validate_aws(cred: AwsCredential, *, config: AwsCloudConfig, region: str | N
         return unreachable(exc)
     if missing:
         return ValidationResult(
-            "aws", STATUS_MISSING, account, identity, region, tuple(missing), tuple(notes),
+            "aws",
+            STATUS_MISSING,
+            account,
+            identity,
+            region,
+            tuple(missing),
+            tuple(notes),
             _missing_message(identity, account, "account", missing),
         )
     return ValidationResult("aws", STATUS_OK, account, identity, region, (), tuple(notes), "")
@@ -707,7 +793,9 @@ def _gcp_error(exc: BaseException, cred: GcpCredential) -> str:
     return scrub(str(message), cred.secrets())
 
 
-def validate_gcp(cred: GcpCredential, *, config: GcpCloudConfig, region: str | None = None) -> ValidationResult:
+def validate_gcp(
+    cred: GcpCredential, *, config: GcpCloudConfig, region: str | None = None
+) -> ValidationResult:
     """Check a GCP service-account key by real calls (blocking: run it in a thread)."""
     import google.auth.exceptions
     from google.api_core import exceptions as gexc
@@ -721,12 +809,20 @@ def validate_gcp(cred: GcpCredential, *, config: GcpCloudConfig, region: str | N
     except google.auth.exceptions.RefreshError as exc:
         reason = _gcp_error(exc.args[0] if exc.args else exc, cred)
         return ValidationResult(
-            "gcp", STATUS_INVALID, project, identity, region,
+            "gcp",
+            STATUS_INVALID,
+            project,
+            identity,
+            region,
             message=f"Google refused the key ({reason}): it was deleted or disabled, or the file was altered",
         )
     except google.auth.exceptions.TransportError as exc:
         return ValidationResult(
-            "gcp", STATUS_UNREACHABLE, project, identity, region,
+            "gcp",
+            STATUS_UNREACHABLE,
+            project,
+            identity,
+            region,
             message=f"cannot reach the token endpoint: {type(exc).__name__}",
         )
     missing: list[str] = []
@@ -735,33 +831,57 @@ def validate_gcp(cred: GcpCredential, *, config: GcpCloudConfig, region: str | N
         credentials=credentials, client_options=gcp_client_options(config), transport="rest"
     )
     try:
-        listed = [(z.name, z.region.rsplit("/", 1)[-1], z.status) for z in zones.list(project=project)]
+        listed = [
+            (z.name, z.region.rsplit("/", 1)[-1], z.status) for z in zones.list(project=project)
+        ]
     except gexc.Forbidden as exc:
         text = _gcp_error(exc, cred)
         if "disabled" in text.lower() or "has not been used" in text.lower():
             return ValidationResult(
-                "gcp", STATUS_INVALID, project, identity, region,
+                "gcp",
+                STATUS_INVALID,
+                project,
+                identity,
+                region,
                 message=f"the Compute Engine API is not enabled in project {project}: {text}",
             )
         missing.append("compute.zones.list")
         listed = []
     except gexc.NotFound:
         return ValidationResult(
-            "gcp", STATUS_INVALID, project, identity, region, message=f"project {project!r} does not exist"
+            "gcp",
+            STATUS_INVALID,
+            project,
+            identity,
+            region,
+            message=f"project {project!r} does not exist",
         )
     except (gexc.GoogleAPICallError, google.auth.exceptions.GoogleAuthError) as exc:
         return ValidationResult(
-            "gcp", STATUS_UNREACHABLE, project, identity, region,
+            "gcp",
+            STATUS_UNREACHABLE,
+            project,
+            identity,
+            region,
             message=f"zones.list failed: {_gcp_error(exc, cred)}",
         )
     except OSError as exc:
         return ValidationResult(
-            "gcp", STATUS_UNREACHABLE, project, identity, region, message=f"cannot reach Compute Engine: {exc}"
+            "gcp",
+            STATUS_UNREACHABLE,
+            project,
+            identity,
+            region,
+            message=f"cannot reach Compute Engine: {exc}",
         )
     if region is not None and listed and region not in {r for _, r, _ in listed}:
         sample = ", ".join(sorted({r for _, r, _ in listed})[:6])
         return ValidationResult(
-            "gcp", STATUS_REGION, project, identity, region,
+            "gcp",
+            STATUS_REGION,
+            project,
+            identity,
+            region,
             message=f"unknown GCP region {region!r} in project {project} (regions include {sample}, ...)",
         )
     session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
@@ -781,7 +901,13 @@ def validate_gcp(cred: GcpCredential, *, config: GcpCloudConfig, region: str | N
             )
     if missing:
         return ValidationResult(
-            "gcp", STATUS_MISSING, project, identity, region, tuple(missing), tuple(notes),
+            "gcp",
+            STATUS_MISSING,
+            project,
+            identity,
+            region,
+            tuple(missing),
+            tuple(notes),
             _missing_message(identity, project, "project", missing),
         )
     return ValidationResult("gcp", STATUS_OK, project, identity, region, (), tuple(notes), "")
@@ -829,25 +955,36 @@ class CloudService:
 
     @classmethod
     def open(
-        cls, *, config: ControllerConfig, store: Store, pki: Any = None, health_check: HealthCheck | None = None
+        cls,
+        *,
+        config: ControllerConfig,
+        store: Store,
+        pki: Any = None,
+        health_check: HealthCheck | None = None,
     ) -> CloudService:
         """Load the vault key, declare the tables; fails with VaultError on a bad key."""
         Vault.ensure_schema(store)
         bootstrap_tokens.ensure_schema(store)
         vault = Vault(store, load_vault_key(config.state_dir))
-        return cls(config=config.clouds, store=store, vault=vault, pki=pki, health_check=health_check)
+        return cls(
+            config=config.clouds, store=store, vault=vault, pki=pki, health_check=health_check
+        )
 
     # -- parse and validate ---------------------------------------------------------------------
 
     @staticmethod
-    def parse(cloud: str, data: bytes, *, profile: str | None = None) -> AwsCredential | GcpCredential:
+    def parse(
+        cloud: str, data: bytes, *, profile: str | None = None
+    ) -> AwsCredential | GcpCredential:
         if cloud == "aws":
             return parse_aws(data, profile=profile)
         if cloud == "gcp":
             if profile is not None:
                 raise CredentialFormatError("--profile applies to AWS credentials ini files only")
             return parse_gcp(data)
-        raise CloudError(f"unknown cloud {cloud!r}: fedsky links {' and '.join(CLOUDS)}", http_status=404)
+        raise CloudError(
+            f"unknown cloud {cloud!r}: fedsky links {' and '.join(CLOUDS)}", http_status=404
+        )
 
     async def validate(
         self, cred: AwsCredential | GcpCredential, *, region: str | None = None
@@ -855,10 +992,14 @@ class CloudService:
         if region is not None and not _REGION_RE.fullmatch(region):
             raise CloudError(f"{region!r} is not a region name", exit_code=exitcodes.USAGE)
         if isinstance(cred, AwsCredential):
-            result = await asyncio.to_thread(validate_aws, cred, config=self.config.aws, region=region)
+            result = await asyncio.to_thread(
+                validate_aws, cred, config=self.config.aws, region=region
+            )
         else:
             gcp_token_uri(cred, self.config.gcp)  # refuse before anything is sent
-            result = await asyncio.to_thread(validate_gcp, cred, config=self.config.gcp, region=region)
+            result = await asyncio.to_thread(
+                validate_gcp, cred, config=self.config.gcp, region=region
+            )
         log.info(
             "validated %s credential %s: %s%s",
             result.cloud,
@@ -884,10 +1025,14 @@ class CloudService:
         if name is not None:
             check_name(name)
             if await self.vault.exists(name):
-                raise CloudError(f"a cloud account named {name!r} is already linked", http_status=409)
+                raise CloudError(
+                    f"a cloud account named {name!r} is already linked", http_status=409
+                )
         result = await self.validate(cred, region=region)
         if result.status == STATUS_UNREACHABLE:
-            raise CloudError(result.message, http_status=502, exit_code=exitcodes.UNAVAILABLE, result=result)
+            raise CloudError(
+                result.message, http_status=502, exit_code=exitcodes.UNAVAILABLE, result=result
+            )
         if not result.ok:
             raise CloudError(result.message, http_status=422, result=result)
         assert result.account is not None
@@ -911,7 +1056,9 @@ class CloudService:
             await self.vault.add(record, cred.seal_bytes())
         except VaultError as exc:
             raise CloudError(str(exc), http_status=409) from None
-        log.info("linked %s account %s as %r (%s)", cloud, record.account, record.name, record.identity)
+        log.info(
+            "linked %s account %s as %r (%s)", cloud, record.account, record.name, record.identity
+        )
         return record, result
 
     async def records(self) -> list[CloudRecord]:
@@ -922,18 +1069,33 @@ class CloudService:
         try:
             record, secret = await self.vault.secret(name)
         except VaultError as exc:
-            raise CloudError(str(exc), http_status=404 if "no cloud account" in str(exc) else 500) from None
+            raise CloudError(
+                str(exc), http_status=404 if "no cloud account" in str(exc) else 500
+            ) from None
         cred: AwsCredential | GcpCredential
-        cred = AwsCredential.from_sealed(secret) if record.cloud == "aws" else GcpCredential.from_sealed(secret)
+        cred = (
+            AwsCredential.from_sealed(secret)
+            if record.cloud == "aws"
+            else GcpCredential.from_sealed(secret)
+        )
         return record, cred
 
-    async def verify(self, name: str, *, region: str | None = None) -> tuple[CloudRecord, ValidationResult]:
+    async def verify(
+        self, name: str, *, region: str | None = None
+    ) -> tuple[CloudRecord, ValidationResult]:
         """Validate a linked account again and store the outcome (status, missing, when)."""
         record, cred = await self._credential(name)
         try:
             result = await self.validate(cred, region=region or record.region)
         except CredentialFormatError as exc:  # e.g. a token_uri no longer allowed by the config
-            result = ValidationResult(record.cloud, STATUS_INVALID, record.account, record.identity, record.region, message=exc.message)
+            result = ValidationResult(
+                record.cloud,
+                STATUS_INVALID,
+                record.account,
+                record.identity,
+                record.region,
+                message=exc.message,
+            )
         message = result.message or "; ".join(result.notes)
         updated = await self.vault.update_status(
             name,
@@ -989,12 +1151,21 @@ class CloudService:
         if isinstance(cred, AwsCredential):
             from fedsky.controller.providers.aws import AwsProvider
 
-            return AwsProvider(credential=cred, config=self.config.aws, bootstrap=bootstrap, account_name=record.name)
+            return AwsProvider(
+                credential=cred,
+                config=self.config.aws,
+                bootstrap=bootstrap,
+                account_name=record.name,
+            )
         from fedsky.controller.providers.gcp import GcpProvider
 
-        return GcpProvider(credential=cred, config=self.config.gcp, bootstrap=bootstrap, account_name=record.name)
+        return GcpProvider(
+            credential=cred, config=self.config.gcp, bootstrap=bootstrap, account_name=record.name
+        )
 
-    async def provider_for_launch(self, cloud: str, *, region: str, name: str | None = None) -> AggregatorProvider:
+    async def provider_for_launch(
+        self, cloud: str, *, region: str, name: str | None = None
+    ) -> AggregatorProvider:
         """A provider for `cloud` whose credential validates now, in `region`; ProviderError if none.
 
         Tries the named account, or every account linked for `cloud` (last known good first);
@@ -1003,7 +1174,9 @@ class CloudService:
         records = [r for r in await self.vault.list(cloud) if name is None or r.name == name]
         if not records:
             what = f"account {name!r}" if name else f"{cloud} account"
-            raise ProviderError(f"no {what} is linked; link one with `fedctl clouds add {cloud} FILE`")
+            raise ProviderError(
+                f"no {what} is linked; link one with `fedctl clouds add {cloud} FILE`"
+            )
         records.sort(key=lambda r: (r.status != STATUS_OK, r.name))
         refusals = []
         for record in records:
@@ -1047,13 +1220,19 @@ class CloudService:
         days = self.config.cert_days
 
         def enroll(conn: Any) -> tuple[EnrolledAggregator, Any]:
-            return bootstrap_tokens.enroll_aggregator(conn, pki, token=token, csr_pem=csr_pem, days=days)
+            return bootstrap_tokens.enroll_aggregator(
+                conn, pki, token=token, csr_pem=csr_pem, days=days
+            )
 
         enrolled, issued = await self.store.run(enroll)
         try:
             await self.store.run(record_certificate, issued)
-        except Exception:  # the certificate was issued; a missing record only weakens revocation by name
-            log.exception("could not record the certificate of job %s's aggregator", enrolled.job_id)
+        except (
+            Exception
+        ):  # the certificate was issued; a missing record only weakens revocation by name
+            log.exception(
+                "could not record the certificate of job %s's aggregator", enrolled.job_id
+            )
         return enrolled
 
 

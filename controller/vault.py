@@ -235,7 +235,11 @@ class Vault:
 
     def seal(self, *, cloud: str, name: str, secret: Secret) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)
-        return _BLOB_VERSION + nonce + self._aead.encrypt(nonce, secret.reveal(), self._aad(cloud, name))
+        return (
+            _BLOB_VERSION
+            + nonce
+            + self._aead.encrypt(nonce, secret.reveal(), self._aad(cloud, name))
+        )
 
     def open(self, *, cloud: str, name: str, sealed: bytes, key_id: str) -> Secret:
         if key_id != self._key.key_id:
@@ -245,7 +249,9 @@ class Vault:
                 "restore that key or link the account again"
             )
         if sealed[:1] != _BLOB_VERSION or len(sealed) < 1 + _NONCE_BYTES + 16:
-            raise VaultError(f"the stored credentials of {name!r} are damaged; link the account again")
+            raise VaultError(
+                f"the stored credentials of {name!r} are damaged; link the account again"
+            )
         nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
         try:
             return Secret(self._aead.decrypt(nonce, body, self._aad(cloud, name)))
@@ -290,7 +296,9 @@ class Vault:
 
     async def exists(self, name: str) -> bool:
         def query(conn: sqlite3.Connection) -> bool:
-            return conn.execute("SELECT 1 FROM clouds WHERE name = ?", (name,)).fetchone() is not None
+            return (
+                conn.execute("SELECT 1 FROM clouds WHERE name = ?", (name,)).fetchone() is not None
+            )
 
         return await self._store.run(query)
 
@@ -299,7 +307,9 @@ class Vault:
             if cloud is None:
                 rows = conn.execute("SELECT * FROM clouds ORDER BY name").fetchall()
             else:
-                rows = conn.execute("SELECT * FROM clouds WHERE cloud = ? ORDER BY name", (cloud,)).fetchall()
+                rows = conn.execute(
+                    "SELECT * FROM clouds WHERE cloud = ? ORDER BY name", (cloud,)
+                ).fetchall()
             return [_record(r) for r in rows]
 
         return await self._store.run(query)
@@ -313,14 +323,18 @@ class Vault:
 
     async def secret(self, name: str) -> tuple[CloudRecord, Secret]:
         def query(conn: sqlite3.Connection) -> sqlite3.Row | None:
-            row: sqlite3.Row | None = conn.execute("SELECT * FROM clouds WHERE name = ?", (name,)).fetchone()
+            row: sqlite3.Row | None = conn.execute(
+                "SELECT * FROM clouds WHERE name = ?", (name,)
+            ).fetchone()
             return row
 
         row = await self._store.run(query)
         if row is None:
             raise VaultError(f"no cloud account named {name!r} is linked")
         record = _record(row)
-        return record, self.open(cloud=record.cloud, name=name, sealed=bytes(row["sealed"]), key_id=row["vault_key_id"])
+        return record, self.open(
+            cloud=record.cloud, name=name, sealed=bytes(row["sealed"]), key_id=row["vault_key_id"]
+        )
 
     async def update_status(
         self,
@@ -340,9 +354,19 @@ class Vault:
                 conn.execute(
                     "UPDATE clouds SET status = ?, missing = ?, message = ?, validated_at = ?, "
                     "account = COALESCE(?, account), identity = COALESCE(?, identity) WHERE name = ?",
-                    (status, json.dumps(list(missing)), message, now_iso(), account, identity, name),
+                    (
+                        status,
+                        json.dumps(list(missing)),
+                        message,
+                        now_iso(),
+                        account,
+                        identity,
+                        name,
+                    ),
                 )
-                return _record(conn.execute("SELECT * FROM clouds WHERE name = ?", (name,)).fetchone())
+                return _record(
+                    conn.execute("SELECT * FROM clouds WHERE name = ?", (name,)).fetchone()
+                )
 
         return await self._store.run(update)
 

@@ -174,6 +174,7 @@ def write_catalog(path: str | Path, datasets: Mapping[str, BundledDatasetSpec | 
     """Write a catalog (JSON, owner-only: it names local paths) for a SuperNode to read."""
     path = Path(path)
     catalog = DatasetCatalog(datasets=dict(datasets))
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
     tmp.touch(mode=0o600)
     tmp.write_text(catalog.model_dump_json(indent=2), encoding="utf-8")

@@ -371,7 +371,8 @@ def _load_json(payload: bytes | bytearray) -> Any:
 
 def _reason(exc: ValidationError) -> str:
     for err in exc.errors():
-        if tuple(err.get("loc", ()))[:1] == ("schema",):
+        # Top-level for plain messages; under the union's tag for commands.
+        if "schema" in tuple(err.get("loc", ()))[:3]:
             return "schema_version"
     return "invalid"
 

@@ -55,18 +55,30 @@ async def test_a_console_csv_links_the_account(service: CloudService, moto: Moto
 
 async def test_json_and_profile_files_link_too(service: CloudService, moto: MotoAws) -> None:
     key = moto.user("fl")
-    doc = {"AccessKey": {"UserName": key.user, "AccessKeyId": key.access_key_id, "SecretAccessKey": key.secret_access_key}}
+    doc = {
+        "AccessKey": {
+            "UserName": key.user,
+            "AccessKeyId": key.access_key_id,
+            "SecretAccessKey": key.secret_access_key,
+        }
+    }
     await service.add(cloud="aws", data=json.dumps(doc).encode(), name="from-json")
     ini = (
-        "[default]\naws_access_key_id = AKIAUNUSEDUNUSED0000\naws_secret_access_key = " + "u" * 40 + "\n"
+        "[default]\naws_access_key_id = AKIAUNUSEDUNUSED0000\naws_secret_access_key = "
+        + "u" * 40
+        + "\n"
         f"[research]\naws_access_key_id = {key.access_key_id}\naws_secret_access_key = {key.secret_access_key}\n"
         "region = us-east-1\n"
     )
-    record, _ = await service.add(cloud="aws", data=ini.encode(), name="from-ini", profile="research")
+    record, _ = await service.add(
+        cloud="aws", data=ini.encode(), name="from-ini", profile="research"
+    )
     assert record.identity.endswith(f"user/{key.user}")
 
 
-async def test_a_wrong_secret_fails_as_aws_fails_it_and_nothing_is_stored(service: CloudService, moto: MotoAws) -> None:
+async def test_a_wrong_secret_fails_as_aws_fails_it_and_nothing_is_stored(
+    service: CloudService, moto: MotoAws
+) -> None:
     key = moto.user("fl")
     wrong = AwsKey(key.user, key.access_key_id, key.secret_access_key[::-1])
     with pytest.raises(CloudError, match="SignatureDoesNotMatch") as caught:
@@ -88,8 +100,12 @@ async def test_an_unknown_key_fails_as_aws_fails_it(service: CloudService, moto:
     assert _rows(service) == []
 
 
-async def test_a_key_without_the_needed_permissions_names_them(service: CloudService, moto: MotoAws) -> None:
-    actions = [a for a in PROVIDER_ACTIONS if a not in ("ec2:RunInstances", "ec2:CreateSecurityGroup")]
+async def test_a_key_without_the_needed_permissions_names_them(
+    service: CloudService, moto: MotoAws
+) -> None:
+    actions = [
+        a for a in PROVIDER_ACTIONS if a not in ("ec2:RunInstances", "ec2:CreateSecurityGroup")
+    ]
     key = moto.user("readonly", actions)
     with pytest.raises(CloudError) as caught:
         await service.add(cloud="aws", data=key.console_csv())
@@ -99,7 +115,10 @@ async def test_a_key_without_the_needed_permissions_names_them(service: CloudSer
     assert result.missing == ("ec2:RunInstances", "ec2:CreateSecurityGroup")
     assert result.account == moto.account
     assert result.identity == f"arn:aws:iam::{moto.account}:user/{key.user}"
-    assert f"user/{key.user} in account {moto.account} lacks ec2:RunInstances, ec2:CreateSecurityGroup" in caught.value.message
+    assert (
+        f"user/{key.user} in account {moto.account} lacks ec2:RunInstances, ec2:CreateSecurityGroup"
+        in caught.value.message
+    )
     assert _rows(service) == []
 
     no_policy = moto.user("bare", [])
@@ -121,9 +140,11 @@ async def test_an_unknown_region_is_a_clear_error(service: CloudService, moto: M
     assert _rows(service) == []
 
 
-async def test_malformed_files_and_bad_names_store_nothing(service: CloudService, moto: MotoAws) -> None:
+async def test_malformed_files_and_bad_names_store_nothing(
+    service: CloudService, moto: MotoAws
+) -> None:
     key = moto.user("fl")
-    with pytest.raises(CloudError, match="looks truncated|truncated or edited"):
+    with pytest.raises(CloudError, match=r"looks truncated|truncated or edited"):
         await service.add(cloud="aws", data=key.console_csv()[:40])
     with pytest.raises(CloudError, match="invalid name 'Prod Account'"):
         await service.add(cloud="aws", data=key.console_csv(), name="Prod Account")
@@ -141,13 +162,14 @@ async def test_verify_follows_what_aws_says_now(service: CloudService, moto: Mot
     await service.add(cloud="aws", data=key.console_csv(), name="prod")
     moto.set_actions(key.user, [a for a in PROVIDER_ACTIONS if a != "ec2:TerminateInstances"])
     record, result = await service.verify("prod")
+    assert result.missing == ("ec2:TerminateInstances",)
     assert (record.status, record.missing) == ("missing-permissions", ("ec2:TerminateInstances",))
     assert await service.linked_clouds() == []
     moto.set_actions(key.user, PROVIDER_ACTIONS)
     record, _ = await service.verify("prod")
     assert record.status == "ok"
     moto.delete_key(key)
-    record, result = await service.verify("prod")
+    record, _ = await service.verify("prod")
     assert record.status == "invalid"
     assert "InvalidClientTokenId" in record.message
     await service.remove("prod")
@@ -157,10 +179,14 @@ async def test_verify_follows_what_aws_says_now(service: CloudService, moto: Mot
     assert caught.value.http_status == 404
 
 
-async def test_an_unreachable_endpoint_is_not_an_invalid_key(tmp_path: Path, pki: Pki, moto: MotoAws) -> None:
+async def test_an_unreachable_endpoint_is_not_an_invalid_key(
+    tmp_path: Path, pki: Pki, moto: MotoAws
+) -> None:
     from tests.support.net import free_port
 
-    service, store = open_service(tmp_path / "s", pki, clouds_config(moto_endpoint=f"http://127.0.0.1:{free_port()}"))
+    service, store = open_service(
+        tmp_path / "s", pki, clouds_config(moto_endpoint=f"http://127.0.0.1:{free_port()}")
+    )
     try:
         with pytest.raises(CloudError, match="cannot reach AWS") as caught:
             await service.add(cloud="aws", data=moto.user("fl").console_csv())

@@ -34,7 +34,9 @@ def service(tmp_path: Path, pki: Pki) -> Any:
     store.close()
 
 
-def _issue(store: Store, job_id: str = "job-7", ttl_s: float = 600, now: datetime | None = None) -> str:
+def _issue(
+    store: Store, job_id: str = "job-7", ttl_s: float = 600, now: datetime | None = None
+) -> str:
     return store.call(lambda conn: bt.issue_token(conn, job_id=job_id, ttl_s=ttl_s, now=now))
 
 
@@ -42,7 +44,9 @@ def _bind(store: Store, job_id: str = "job-7", ip: str = "198.51.100.20") -> int
     return store.call(lambda conn: bt.bind_addresses(conn, job_id=job_id, ip_addresses=[ip]))
 
 
-async def test_a_token_buys_one_certificate_for_the_bound_address_only(service: CloudService, pki: Pki) -> None:
+async def test_a_token_buys_one_certificate_for_the_bound_address_only(
+    service: CloudService, pki: Pki
+) -> None:
     store = service.store
     token = _issue(store)
     _, csr = make_csr("agg-job-7")
@@ -58,13 +62,18 @@ async def test_a_token_buys_one_certificate_for_the_bound_address_only(service: 
     cert = x509.load_pem_x509_certificate(enrolled.cert_pem)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "agg-job-7"
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sorted(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)) == ["127.0.0.1", "198.51.100.20"]
+    assert sorted(str(ip) for ip in sans.get_values_for_type(x509.IPAddress)) == [
+        "127.0.0.1",
+        "198.51.100.20",
+    ]
     assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
-        [ExtendedKeyUsageOID.SERVER_AUTH]
-    )
+    assert cert.extensions.get_extension_for_class(
+        x509.ExtendedKeyUsage
+    ).value == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])
     pki.verify(enrolled.cert_pem)
-    recorded = store.call(lambda conn: conn.execute("SELECT common_name, kind FROM certificates").fetchall())
+    recorded = store.call(
+        lambda conn: conn.execute("SELECT common_name, kind FROM certificates").fetchall()
+    )
     assert [(r["common_name"], r["kind"]) for r in recorded] == [("agg-job-7", "server")]
 
     with pytest.raises(bt.TokenError, match="already used"):
@@ -74,10 +83,14 @@ async def test_a_token_buys_one_certificate_for_the_bound_address_only(service: 
 async def test_a_csr_asking_for_other_names_gets_only_the_bound_ones(service: CloudService) -> None:
     token = _issue(service.store)
     _bind(service.store)
-    wants_broker = [x509.SubjectAlternativeName([x509.DNSName("broker.example"), x509.DNSName("controller")])]
+    wants_broker = [
+        x509.SubjectAlternativeName([x509.DNSName("broker.example"), x509.DNSName("controller")])
+    ]
     _, csr = make_csr("agg-job-7", extensions=wants_broker)  # type: ignore[list-item]
     enrolled = await service.enroll_aggregator(token=token, csr_pem=csr)
-    sans = x509.load_pem_x509_certificate(enrolled.cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    sans = x509.load_pem_x509_certificate(enrolled.cert_pem).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
     assert sans.value.get_values_for_type(x509.DNSName) == ["localhost"]
 
 
@@ -156,7 +169,9 @@ async def test_the_enrol_route(http: tuple[str, str], service: CloudService) -> 
         async with session.post(f"{api}/v1/aggregators/enroll", json=body) as resp:
             assert resp.status == 403
             assert (await resp.json())["error"] == "the enrolment token is invalid, used or expired"
-        async with session.post(f"{enroll_only}/v1/aggregators/enroll", data=b'{"token": "' + token.encode()) as resp:
+        async with session.post(
+            f"{enroll_only}/v1/aggregators/enroll", data=b'{"token": "' + token.encode()
+        ) as resp:
             assert resp.status == 400
             assert token not in await resp.text()
         # The enrolment listener serves nothing else.
@@ -187,12 +202,15 @@ def _script(pki: Pki, tmp: Path, **changes: Any) -> str:
 
 def test_the_script_is_valid_bash_and_holds_no_key(pki: Pki, tmp_path: Path) -> None:
     for preinstalled in (False, True):
-        script = _script(pki, tmp_path, preinstalled=preinstalled, pip_index_url="https://pypi.example/simple")
+        script = _script(
+            pki, tmp_path, preinstalled=preinstalled, pip_index_url="https://pypi.example/simple"
+        )
         subprocess.run(["bash", "-n"], input=script.encode(), check=True)
         assert "PRIVATE KEY" not in script
         assert script.count("fsk1_") == 1
-    assert "pip\" install --quiet --index-url https://pypi.example/simple 'https://packages.example" in _script(
-        pki, tmp_path, pip_index_url="https://pypi.example/simple"
+    assert (
+        "pip\" install --quiet --index-url https://pypi.example/simple 'https://packages.example"
+        in _script(pki, tmp_path, pip_index_url="https://pypi.example/simple")
     )
     with pytest.raises(ValueError, match="does not make a valid aggregator id"):
         _script(pki, tmp_path, job_id="job; rm -rf /")
@@ -235,14 +253,22 @@ async def test_the_script_enrols_against_a_real_listener(
         (stubs / "systemctl").chmod(0o755)
         (tmp_path / "units").mkdir()
         script = _script(
-            pki, tmp_path, token=token, preinstalled=True, enroll_url=f"https://127.0.0.1:{port}/v1/aggregators/enroll"
+            pki,
+            tmp_path,
+            token=token,
+            preinstalled=True,
+            enroll_url=f"https://127.0.0.1:{port}/v1/aggregators/enroll",
         )
         env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
         proc = await asyncio.create_subprocess_exec(
-            "bash", "-s", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env,
+            "bash",
+            "-s",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
-        out, err = await asyncio.wait_for(proc.communicate(script.encode()), 60)
+        _, err = await asyncio.wait_for(proc.communicate(script.encode()), 60)
         assert proc.returncode == 0, err.decode()
     finally:
         await runner.cleanup()
@@ -261,7 +287,10 @@ async def test_the_script_enrols_against_a_real_listener(
     unit = (tmp_path / "units" / "fedsky-superlink.service").read_text()
     assert f"--ssl-certfile {etc}/superlink.crt" in unit
     assert "--enable-supernode-auth" in unit
-    assert (tmp_path / "systemctl.log").read_text().splitlines() == ["daemon-reload", "enable --now fedsky-superlink.service"]
+    assert (tmp_path / "systemctl.log").read_text().splitlines() == [
+        "daemon-reload",
+        "enable --now fedsky-superlink.service",
+    ]
 
 
 # -- the readiness probe ----------------------------------------------------------------------------
@@ -270,7 +299,11 @@ async def test_the_script_enrols_against_a_real_listener(
 async def test_the_probe_needs_our_ca_and_the_right_name(pki: Pki, tmp_path: Path) -> None:
     other = Pki.init(tmp_path / "other-ca")
     results = {}
-    for label, ca, ip in (("ours", pki, "127.0.0.1"), ("foreign", other, "127.0.0.1"), ("wrong-name", pki, "192.0.2.1")):
+    for label, ca, ip in (
+        ("ours", pki, "127.0.0.1"),
+        ("foreign", other, "127.0.0.1"),
+        ("wrong-name", pki, "192.0.2.1"),
+    ):
         issued = ca.issue(common_name="agg-job-7", kind="server", ip_addresses=[ip], days=1)
         assert issued.key_pem is not None
         (tmp_path / f"{label}.crt").write_bytes(issued.cert_pem)

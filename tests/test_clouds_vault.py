@@ -113,12 +113,16 @@ async def test_another_key_is_named_as_the_problem(store: Store, tmp_path: Path)
         await other.secret("prod")
 
 
-async def test_a_sealed_blob_moved_to_another_row_does_not_open(store: Store, tmp_path: Path) -> None:
+async def test_a_sealed_blob_moved_to_another_row_does_not_open(
+    store: Store, tmp_path: Path
+) -> None:
     vault = Vault(store, load_vault_key(tmp_path / "state", environ={}))
     await vault.add(_record("prod"), Secret(SECRET))
     await vault.add(_record("test"), Secret(b"{}"))
     store.call(
-        lambda conn: conn.execute("UPDATE clouds SET sealed = (SELECT sealed FROM clouds WHERE name = 'prod') WHERE name = 'test'")
+        lambda conn: conn.execute(
+            "UPDATE clouds SET sealed = (SELECT sealed FROM clouds WHERE name = 'prod') WHERE name = 'test'"
+        )
     )
     with pytest.raises(VaultError, match="do not decrypt"):
         await vault.secret("test")
@@ -127,7 +131,9 @@ async def test_a_sealed_blob_moved_to_another_row_does_not_open(store: Store, tm
 async def test_status_updates_and_removal(store: Store, tmp_path: Path) -> None:
     vault = Vault(store, load_vault_key(tmp_path / "state", environ={}))
     await vault.add(_record(), Secret(SECRET))
-    updated = await vault.update_status("prod", status="missing-permissions", missing=("ec2:RunInstances",), message="m")
+    updated = await vault.update_status(
+        "prod", status="missing-permissions", missing=("ec2:RunInstances",), message="m"
+    )
     assert (updated.status, updated.missing) == ("missing-permissions", ("ec2:RunInstances",))
     await vault.remove("prod")
     assert await vault.list() == []

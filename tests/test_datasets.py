@@ -95,7 +95,8 @@ def test_image_folder(tmp_path: Path) -> None:
     d = load_dataset(spec, input_shape=[1, 12, 12], num_classes=2, class_names=["normal", "covid"])
     assert d.x_train.shape == (10, 1, 12, 12)
     assert d.x_eval.shape == (5, 1, 12, 12)
-    assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
+    assert d.x_train.min() >= 0.0
+    assert d.x_train.max() <= 1.0
     assert np.bincount(d.y_train).tolist() == [6, 4]  # label = index in the model's class names
     assert np.bincount(d.y_eval).tolist() == [2, 3]
     # Without class names the sorted folder names are the labels; without a test split,
@@ -103,7 +104,8 @@ def test_image_folder(tmp_path: Path) -> None:
     d2 = load_dataset(ImageFolderSpec(kind="image-folder", root=root, eval_split=None, eval_fraction=0.3),
                       input_shape=[3, 8, 8], num_classes=2)
     assert d2.x_train.shape[1:] == (3, 8, 8)
-    assert d2.train_examples == 7 and d2.eval_examples == 3
+    assert d2.train_examples == 7
+    assert d2.eval_examples == 3
 
 
 def test_image_folder_errors_keep_paths_private(tmp_path: Path) -> None:
@@ -143,7 +145,8 @@ partition = { index = 2, count = 3, scheme = "label-skew", seed = 7 }
 """)
     cat = load_catalog(toml)
     xray = cat.resolve("xray", site="hospital-a")
-    assert isinstance(xray, ImageFolderSpec) and xray.root == (tmp_path / "data").resolve()
+    assert isinstance(xray, ImageFolderSpec)
+    assert xray.root == (tmp_path / "data").resolve()
     out = write_catalog(tmp_path / "out.json", cat.datasets)
     assert out.stat().st_mode & 0o077 == 0
     assert load_catalog(out) == cat
@@ -161,6 +164,8 @@ partition = { index = 2, count = 3, scheme = "label-skew", seed = 7 }
 def test_scrub() -> None:
     text = "cannot open /srv/data/covid/x1.png in ~/shares/x and C:\\data\\a.png; 85000 KRW/month aws:us-east-1 1/2"
     out = scrub(text, ["/srv/data"])
-    assert "/srv" not in out and "shares" not in out and "C:\\data" not in out
+    assert "/srv" not in out
+    assert "shares" not in out
+    assert "C:\\data" not in out
     assert "85000 KRW/month aws:us-east-1 1/2" in out
     assert scrub("see /x/y", []) == "see <path>"

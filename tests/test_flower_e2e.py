@@ -75,6 +75,10 @@ class Federation:
             await asyncio.sleep(0.5)
         rounds, end = read_file_sink(sink)
         assert end is not None
+        for report in sink.glob("*.json"):  # what would reach the controller: no local path
+            text = report.read_text()
+            assert str(self.root) not in text
+            assert "datasets.json" not in text
         assert status == ("finished:completed" if end.status == "completed" else "finished:failed"), status
         return rounds, end, elapsed
 
@@ -122,8 +126,9 @@ async def test_two_rounds_with_exact_federated_metrics(federation: Federation) -
         await asyncio.sleep(0.5)
     assert sorted(n.status for n in nodes) == ["online"] * len(SITES)
 
-    rounds, end, elapsed = await federation.run("digits-2r")
-    assert end.status == "completed" and end.rounds_completed == 2, end.reason
+    rounds, end, _elapsed = await federation.run("digits-2r")
+    assert end.status == "completed", end.reason
+    assert end.rounds_completed == 2
     assert [r.round for r in rounds] == [1, 2]
     arch = read_model_file(federation.model).architecture
     sets = [load_dataset(_spec(i), input_shape=arch.input_shape, num_classes=arch.num_classes) for i in range(len(SITES))]
@@ -157,7 +162,8 @@ async def test_two_rounds_with_exact_federated_metrics(federation: Federation) -
 async def test_a_dataset_a_site_lacks_fails_the_run_with_a_clear_reason(federation: Federation) -> None:
     rounds, end, elapsed = await federation.run("no-dataset", dataset="chest-xray")
     assert rounds == []
-    assert end.status == "failed" and end.rounds_completed == 0
+    assert end.status == "failed"
+    assert end.rounds_completed == 0
     assert "round 1 train: 0 of 3 participants answered" in end.reason
     for site in SITES:
         assert f"dataset 'chest-xray' is not configured at site '{site}'" in end.reason
@@ -177,7 +183,8 @@ async def test_a_model_file_that_does_not_load_fails_the_run_at_once(federation:
     assert elapsed < 60
     # And one whose digest is not the job's.
     rounds, end, _ = await federation.run("bad-digest", **{"model-sha256": "0" * 64})
-    assert end.status == "failed" and "does not match the job's model digest" in end.reason
+    assert end.status == "failed"
+    assert "does not match the job's model digest" in end.reason
 
 
 @pytest.mark.asyncio(loop_scope="module")

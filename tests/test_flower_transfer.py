@@ -41,14 +41,17 @@ def _metrics(job_id: str = "job-1", rnd: int = 1) -> RoundMetrics:
 def test_split_and_assemble_in_any_order_with_duplicates() -> None:
     data = bytes(range(256)) * 9000  # 2.3 MB: five chunks
     ref, chunks = split_weights(job_id="job-1", round=3, data=data)
-    assert ref.size == len(data) and ref.chunks == len(chunks) == 5
+    assert ref.size == len(data)
+    assert ref.chunks == len(chunks) == 5
     assert all(len(c.encode()) < MAX_PAYLOAD_BYTES for c in chunks)
     asm = WeightsAssembler()
     order = [chunks[i] for i in (4, 0, 2, 2, 1)]
     assert all(asm.add(c, sender="agg-job-1") is None for c in order)
     assert asm.pending_bytes == len(data) - WEIGHTS_CHUNK_BYTES  # all but chunk 3
     done = asm.add(chunks[3], sender="agg-job-1")
-    assert done is not None and done.data == data and done.round == 3
+    assert done is not None
+    assert done.data == data
+    assert done.round == 3
     assert asm.pending_bytes == 0
     empty_ref, empty = split_weights(job_id="job-1", round=1, data=b"")
     assert empty_ref.chunks == 1
@@ -66,8 +69,8 @@ def test_assembler_refuses_bad_chunks_and_stays_bounded() -> None:
         asm.add(wrong)
     with pytest.raises(TransferError, match="not base64"):
         asm.add(chunks[0].model_copy(update={"data": "***"}))
+    asm.add(chunks[0])
     with pytest.raises(TransferError, match="count changed"):
-        asm.add(chunks[0])
         asm.add(chunks[1].model_copy(update={"count": 7}))
     # Three transfers at once with room for two: the oldest goes.
     for rnd in (1, 2, 3):
@@ -101,7 +104,8 @@ def test_file_sink(tmp_path: Path) -> None:
     rounds, end = read_file_sink(tmp_path / "out")
     assert [r.round for r in rounds] == [1, 2]
     assert (tmp_path / "out" / "round-0001.safetensors").read_bytes() == b"weights-1"
-    assert end is not None and end.status == "completed"
+    assert end is not None
+    assert end.status == "completed"
 
 
 async def test_mqtt_sink_delivers_a_26_mb_model(tmp_path: Path, pki: Pki, mqtt_broker: MqttBroker) -> None:
@@ -131,7 +135,8 @@ async def test_mqtt_sink_delivers_a_26_mb_model(tmp_path: Path, pki: Pki, mqtt_b
         async with asyncio.timeout(60):
             async for message in client.messages:
                 assert str(message.topic) == topic
-                assert isinstance(message.payload, bytes) and len(message.payload) <= MAX_PAYLOAD_BYTES
+                assert isinstance(message.payload, bytes)
+                assert len(message.payload) <= MAX_PAYLOAD_BYTES
                 msg = decode_aggregator(message.payload)
                 if isinstance(msg, WeightsChunk):
                     done = asm.add(msg, sender=f"agg-{job_id}")
@@ -143,9 +148,11 @@ async def test_mqtt_sink_delivers_a_26_mb_model(tmp_path: Path, pki: Pki, mqtt_b
                     break
         await task
     metrics = got[0]
-    assert isinstance(metrics, RoundMetrics) and metrics.weights is not None
+    assert isinstance(metrics, RoundMetrics)
+    assert metrics.weights is not None
     assert weights == blob
-    assert metrics.weights.size == len(blob) and metrics.weights.chunks == len(blob) // WEIGHTS_CHUNK_BYTES + 1
+    assert metrics.weights.size == len(blob)
+    assert metrics.weights.chunks == len(blob) // WEIGHTS_CHUNK_BYTES + 1
     parse_model_bytes(weights)
 
 

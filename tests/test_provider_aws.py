@@ -29,7 +29,9 @@ def moto() -> Any:
 
 
 @pytest.fixture
-async def linked(tmp_path: Path, pki: Pki, moto: MotoAws) -> AsyncIterator[tuple[CloudService, HealthSwitch, Store]]:
+async def linked(
+    tmp_path: Path, pki: Pki, moto: MotoAws
+) -> AsyncIterator[tuple[CloudService, HealthSwitch, Store]]:
     health = HealthSwitch()
     config = clouds_config(moto_endpoint=moto.endpoint, ready_timeout_s=1.5)
     service, store = open_service(tmp_path / "state", pki, config, health)
@@ -46,17 +48,23 @@ async def _provider(service: CloudService) -> AwsProvider:
 
 
 def _instances(moto: MotoAws, job_id: str, region: str = "us-east-1") -> list[dict[str, Any]]:
-    found = moto.client("ec2", region).describe_instances(Filters=[{"Name": "tag:fedsky:job", "Values": [job_id]}])
+    found = moto.client("ec2", region).describe_instances(
+        Filters=[{"Name": "tag:fedsky:job", "Values": [job_id]}]
+    )
     return [i for r in found["Reservations"] for i in r["Instances"]]
 
 
 def _groups(moto: MotoAws, job_id: str, region: str = "us-east-1") -> list[dict[str, Any]]:
-    found = moto.client("ec2", region).describe_security_groups(Filters=[{"Name": "tag:fedsky:job", "Values": [job_id]}])
+    found = moto.client("ec2", region).describe_security_groups(
+        Filters=[{"Name": "tag:fedsky:job", "Values": [job_id]}]
+    )
     return list(found["SecurityGroups"])
 
 
-async def test_launch_makes_the_instance_asked_for_and_terminate_removes_it(linked: Any, moto: MotoAws, pki: Pki) -> None:
-    service, health, store = linked
+async def test_launch_makes_the_instance_asked_for_and_terminate_removes_it(
+    linked: Any, moto: MotoAws, pki: Pki
+) -> None:
+    service, health, _ = linked
     provider = await service.provider_for_launch("aws", region="us-east-1")
     assert isinstance(provider, AwsProvider)
     spec = AggregatorSpec(
@@ -87,7 +95,9 @@ async def test_launch_makes_the_instance_asked_for_and_terminate_removes_it(link
     assert "KeyName" not in instance  # no SSH key pair
 
     ec2 = moto.client("ec2")
-    encoded = ec2.describe_instance_attribute(InstanceId=handle.ref, Attribute="userData")["UserData"]["Value"]
+    encoded = ec2.describe_instance_attribute(InstanceId=handle.ref, Attribute="userData")[
+        "UserData"
+    ]["Value"]
     user_data = base64.b64decode(encoded).decode()
     assert user_data.startswith("#!/bin/bash")
     assert "PRIVATE KEY" not in user_data
@@ -113,20 +123,36 @@ async def test_launch_makes_the_instance_asked_for_and_terminate_removes_it(link
     await provider.terminate(handle)  # again: nothing left to do, no error
 
 
-async def test_a_bad_instance_type_fails_clearly_and_leaves_nothing(linked: Any, moto: MotoAws) -> None:
+async def test_a_bad_instance_type_fails_clearly_and_leaves_nothing(
+    linked: Any, moto: MotoAws
+) -> None:
     service, _, _ = linked
     provider = await _provider(service)
-    spec = AggregatorSpec(job_id="job-badtype", cloud="aws", region="us-east-1", instance_type="m5.huge", allowed_sources=SOURCES)
+    spec = AggregatorSpec(
+        job_id="job-badtype",
+        cloud="aws",
+        region="us-east-1",
+        instance_type="m5.huge",
+        allowed_sources=SOURCES,
+    )
     with pytest.raises(ProviderError, match=r"InvalidInstanceType.*m5\.huge"):
         await provider.launch(spec)
     assert _instances(moto, "job-badtype") == []
     assert _groups(moto, "job-badtype") == []
 
 
-async def test_an_unknown_region_is_refused_before_anything_is_made(linked: Any, moto: MotoAws) -> None:
+async def test_an_unknown_region_is_refused_before_anything_is_made(
+    linked: Any, moto: MotoAws
+) -> None:
     service, _, _ = linked
     provider = await _provider(service)
-    spec = AggregatorSpec(job_id="job-mars", cloud="aws", region="mars-north-1", instance_type="t3.small", allowed_sources=SOURCES)
+    spec = AggregatorSpec(
+        job_id="job-mars",
+        cloud="aws",
+        region="mars-north-1",
+        instance_type="t3.small",
+        allowed_sources=SOURCES,
+    )
     with pytest.raises(ProviderError, match="unknown AWS region 'mars-north-1'"):
         await provider.launch(spec)
     with pytest.raises(ProviderError, match="unknown AWS region"):
@@ -135,12 +161,24 @@ async def test_an_unknown_region_is_refused_before_anything_is_made(linked: Any,
 
 @pytest.mark.parametrize(
     ("sources", "message"),
-    [((), "no allowed sources"), (("0.0.0.0/0",), "whole internet"), (("hospital-a",), "not an address")],
+    [
+        ((), "no allowed sources"),
+        (("0.0.0.0/0",), "whole internet"),
+        (("hospital-a",), "not an address"),
+    ],
 )
-async def test_sources_must_be_named_addresses(linked: Any, sources: tuple[str, ...], message: str) -> None:
+async def test_sources_must_be_named_addresses(
+    linked: Any, sources: tuple[str, ...], message: str
+) -> None:
     service, _, _ = linked
     provider = await _provider(service)
-    spec = AggregatorSpec(job_id="job-src", cloud="aws", region="us-east-1", instance_type="t3.small", allowed_sources=sources)
+    spec = AggregatorSpec(
+        job_id="job-src",
+        cloud="aws",
+        region="us-east-1",
+        instance_type="t3.small",
+        allowed_sources=sources,
+    )
     with pytest.raises(ProviderError, match=message):
         await provider.launch(spec)
 
@@ -149,8 +187,14 @@ async def test_an_aggregator_that_never_answers_is_terminated(linked: Any, moto:
     service, health, _ = linked
     health.ok = False
     provider = await _provider(service)
-    spec = AggregatorSpec(job_id="job-silent", cloud="aws", region="us-east-1", instance_type="t3.small", allowed_sources=SOURCES)
-    with pytest.raises(ProviderError, match="timed out .* to answer"):
+    spec = AggregatorSpec(
+        job_id="job-silent",
+        cloud="aws",
+        region="us-east-1",
+        instance_type="t3.small",
+        allowed_sources=SOURCES,
+    )
+    with pytest.raises(ProviderError, match=r"timed out .* to answer"):
         await provider.launch(spec)
     assert [i["State"]["Name"] for i in _instances(moto, "job-silent")] == ["terminated"]
     assert _groups(moto, "job-silent") == []
@@ -160,7 +204,13 @@ async def test_a_launch_cancelled_midway_cleans_up(linked: Any, moto: MotoAws) -
     service, health, _ = linked
     health.ok = False
     provider = await _provider(service)
-    spec = AggregatorSpec(job_id="job-cancel", cloud="aws", region="us-east-1", instance_type="t3.small", allowed_sources=SOURCES)
+    spec = AggregatorSpec(
+        job_id="job-cancel",
+        cloud="aws",
+        region="us-east-1",
+        instance_type="t3.small",
+        allowed_sources=SOURCES,
+    )
     task = asyncio.create_task(provider.launch(spec))
     while not health.calls:  # the instance runs; the launch waits for it to answer
         await asyncio.sleep(0.02)
@@ -176,14 +226,24 @@ async def test_sweep_terminates_only_ended_jobs_of_this_controller(
 ) -> None:
     service, _, _ = linked
     provider = await _provider(service)
-    spec = AggregatorSpec(job_id="job-live", cloud="aws", region="us-east-1", instance_type="t3.small", allowed_sources=SOURCES)
+    spec = AggregatorSpec(
+        job_id="job-live",
+        cloud="aws",
+        region="us-east-1",
+        instance_type="t3.small",
+        allowed_sources=SOURCES,
+    )
     live = await provider.launch(spec)
     ended = await provider.launch(AggregatorSpec(**{**spec.__dict__, "job_id": "job-ended"}))
     # Another controller's aggregator in the same account must survive our sweep.
-    other, other_store = open_service(tmp_path / "other", pki, clouds_config(moto_endpoint=moto.endpoint))
+    other, other_store = open_service(
+        tmp_path / "other", pki, clouds_config(moto_endpoint=moto.endpoint)
+    )
     try:
         await other.add(cloud="aws", data=moto.user("other").console_csv(), name="other")
-        foreign = await (await other.provider("other")).launch(AggregatorSpec(**{**spec.__dict__, "job_id": "job-foreign"}))
+        foreign = await (await other.provider("other")).launch(
+            AggregatorSpec(**{**spec.__dict__, "job_id": "job-foreign"})
+        )
 
         swept = await service.sweep_orphans({"job-live"})
 
@@ -199,7 +259,9 @@ async def test_sweep_terminates_only_ended_jobs_of_this_controller(
         other_store.close()
 
 
-async def test_launch_is_refused_when_the_credential_no_longer_validates(linked: Any, moto: MotoAws) -> None:
+async def test_launch_is_refused_when_the_credential_no_longer_validates(
+    linked: Any, moto: MotoAws
+) -> None:
     service, _, _ = linked
     key = moto.user("revoked")
     await service.add(cloud="aws", data=key.console_csv(), name="second")
@@ -217,3 +279,63 @@ async def test_launch_is_refused_when_the_credential_no_longer_validates(linked:
     provider = await service.provider_for_launch("aws", region="us-east-1")
     assert isinstance(provider, AwsProvider)
     assert provider.account_name == "prod"
+
+
+async def test_the_image_is_looked_up_where_none_is_configured(
+    tmp_path: Path, pki: Pki, moto: MotoAws
+) -> None:
+    from fedsky.controller.config import AwsCloudConfig
+
+    def config(name: str) -> Any:
+        aws = AwsCloudConfig(
+            endpoint_url=moto.endpoint,
+            image_owner="099720109477",  # Canonical, as moto ships its images
+            image_name=name,
+            sweep_regions=("us-east-1",),
+        )
+        return clouds_config(moto_endpoint=moto.endpoint, aws=aws)
+
+    service, store = open_service(
+        tmp_path / "a", pki, config("ubuntu/images/hvm-ssd/ubuntu-*-amd64-server-*")
+    )
+    try:
+        await service.add(cloud="aws", data=moto.user("fl").console_csv(), name="prod")
+        provider = await _provider(service)
+        handle = await provider.launch(
+            AggregatorSpec(
+                job_id="job-image",
+                cloud="aws",
+                region="us-east-1",
+                instance_type="t3.small",
+                allowed_sources=SOURCES,
+            )
+        )
+        (instance,) = _instances(moto, "job-image")
+        assert (
+            instance["ImageId"] == "ami-785db401"
+        )  # the newest of moto's two Ubuntu server images
+        await provider.terminate(handle)
+    finally:
+        store.close()
+    service, store = open_service(tmp_path / "b", pki, config("no-such-image-*"))
+    try:
+        record, result = await service.add(
+            cloud="aws", data=moto.user("fl").console_csv(), name="prod"
+        )
+        assert "no image named 'no-such-image-*'" in record.message
+        assert "ec2:RunInstances not checked" in " ".join(result.notes)
+        with pytest.raises(
+            ProviderError, match=r"no aggregator image in us-east-1: .*set clouds.aws.images"
+        ):
+            await (await _provider(service)).launch(
+                AggregatorSpec(
+                    job_id="job-noimage",
+                    cloud="aws",
+                    region="us-east-1",
+                    instance_type="t3.small",
+                    allowed_sources=SOURCES,
+                )
+            )
+        assert _instances(moto, "job-noimage") == []
+    finally:
+        store.close()

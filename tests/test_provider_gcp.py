@@ -28,9 +28,13 @@ def fake() -> Iterator[FakeGcp]:
 
 
 @pytest.fixture
-async def linked(tmp_path: Path, pki: Pki, fake: FakeGcp) -> AsyncIterator[tuple[CloudService, HealthSwitch, Store]]:
+async def linked(
+    tmp_path: Path, pki: Pki, fake: FakeGcp
+) -> AsyncIterator[tuple[CloudService, HealthSwitch, Store]]:
     health = HealthSwitch()
-    service, store = open_service(tmp_path / "state", pki, clouds_config(gcp=fake, ready_timeout_s=1.5), health)
+    service, store = open_service(
+        tmp_path / "state", pki, clouds_config(gcp=fake, ready_timeout_s=1.5), health
+    )
     await service.add(cloud="gcp", data=json.dumps(fake.new_key()).encode(), name="research")
     yield service, health, store
     store.close()
@@ -54,7 +58,9 @@ def _spec(job_id: str, **changes: Any) -> AggregatorSpec:
     return AggregatorSpec(**values)
 
 
-async def test_launch_makes_the_vm_asked_for_and_terminate_removes_it(linked: Any, fake: FakeGcp, pki: Pki) -> None:
+async def test_launch_makes_the_vm_asked_for_and_terminate_removes_it(
+    linked: Any, fake: FakeGcp, pki: Pki
+) -> None:
     service, health, _ = linked
     provider = await service.provider_for_launch("gcp", region="europe-west1")
     assert isinstance(provider, GcpProvider)
@@ -74,7 +80,10 @@ async def test_launch_makes_the_vm_asked_for_and_terminate_removes_it(linked: An
     nat_ip = vm["networkInterfaces"][0]["accessConfigs"][0]["natIP"]
     assert handle.address == f"{nat_ip}:9092"
     assert health.calls[-1] == handle.address
-    assert vm["disks"][0]["initializeParams"]["sourceImage"] == "projects/debian-cloud/global/images/family/debian-12"
+    assert (
+        vm["disks"][0]["initializeParams"]["sourceImage"]
+        == "projects/debian-cloud/global/images/family/debian-12"
+    )
     (item,) = vm["metadata"]["items"]
     assert item["key"] == "startup-script"
     script = item["value"]
@@ -97,17 +106,23 @@ async def test_launch_makes_the_vm_asked_for_and_terminate_removes_it(linked: An
     await provider.terminate(handle)
 
 
-async def test_a_failed_insert_operation_is_reported_and_cleaned_up(linked: Any, fake: FakeGcp) -> None:
+async def test_a_failed_insert_operation_is_reported_and_cleaned_up(
+    linked: Any, fake: FakeGcp
+) -> None:
     service, _, _ = linked
     provider = await _provider(service)
     fake.fail_next_insert = "ZONE_RESOURCE_POOL_EXHAUSTED"
-    with pytest.raises(ProviderError, match="instances.insert failed: ZONE_RESOURCE_POOL_EXHAUSTED"):
+    with pytest.raises(
+        ProviderError, match=r"instances\.insert failed: ZONE_RESOURCE_POOL_EXHAUSTED"
+    ):
         await provider.launch(_spec("job-g2"))
     assert fake.instances == {}
     assert fake.firewalls == {}
 
 
-async def test_a_bad_machine_type_and_an_unknown_region_fail_clearly(linked: Any, fake: FakeGcp) -> None:
+async def test_a_bad_machine_type_and_an_unknown_region_fail_clearly(
+    linked: Any, fake: FakeGcp
+) -> None:
     service, _, _ = linked
     provider = await _provider(service)
     with pytest.raises(ProviderError, match="Machine type does not exist"):
@@ -149,7 +164,10 @@ async def test_sweep_deletes_only_ended_jobs_of_this_controller(
         swept = await service.sweep_orphans({"job-live"})
 
         assert swept == ["gcp:us-central1-a/fedsky-agg-job-ended"]
-        assert sorted(name for _, name in fake.instances) == ["fedsky-agg-job-foreign", "fedsky-agg-job-live"]
+        assert sorted(name for _, name in fake.instances) == [
+            "fedsky-agg-job-foreign",
+            "fedsky-agg-job-live",
+        ]
         assert sorted(fake.firewalls) == ["fedsky-agg-job-foreign", "fedsky-agg-job-live"]
         assert await service.sweep_orphans({"job-live"}) == []
         await provider.terminate(live)
@@ -157,12 +175,33 @@ async def test_sweep_deletes_only_ended_jobs_of_this_controller(
         other_store.close()
 
 
-async def test_launch_is_refused_when_the_key_lost_its_permissions(linked: Any, fake: FakeGcp) -> None:
+async def test_launch_is_refused_when_the_key_lost_its_permissions(
+    linked: Any, fake: FakeGcp
+) -> None:
     service, _, _ = linked
     account = fake.accounts[next(iter(fake.accounts))]
     account.permissions.discard("compute.instances.create")
-    with pytest.raises(ProviderError, match=r"research: missing-permissions: .*compute\.instances\.create"):
+    with pytest.raises(
+        ProviderError, match=r"research: missing-permissions: .*compute\.instances\.create"
+    ):
         await service.provider_for_launch("gcp", region="europe-west1")
     (record,) = await service.records()
     assert record.status == "missing-permissions"
     assert record.missing == ("compute.instances.create",)
+
+
+async def test_without_an_enrolment_url_nothing_is_launched(
+    tmp_path: Path, pki: Pki, fake: FakeGcp
+) -> None:
+    service, store = open_service(tmp_path / "s", pki, clouds_config(gcp=fake, enroll_url=None))
+    try:
+        await service.add(cloud="gcp", data=json.dumps(fake.new_key()).encode(), name="research")
+        with pytest.raises(ProviderError, match=r"clouds\.enroll_url is not set"):
+            await (await _provider(service)).launch(_spec("job-g6"))
+        assert (fake.instances, fake.firewalls) == ({}, {})
+        tokens = store.call(
+            lambda conn: conn.execute("SELECT COUNT(*) FROM bootstrap_tokens").fetchone()[0]
+        )
+        assert tokens == 0
+    finally:
+        store.close()

@@ -19,17 +19,15 @@ from fedsky.shared.config import resolve_path
 from fedsky.shared.supernode import DEFAULT_MAX_WAIT_S
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-# Flower's exit codes, as the OS reports them (exit status modulo 256).
+# Flower's exit codes (the SuperNode logs "Exit Code: N"; the process itself often exits 1).
 _FLOWER_EXITS = {
-    0: "finished",
-    1: "stopped (SIGINT)",
-    3: "stopped (SIGTERM)",
-    302 % 256: "its node key is invalid",
-    305 % 256: "it could not connect to the aggregator or the aggregator refused its node key",
-    603 % 256: "the aggregator's CA certificate does not fit",
-    604 % 256: "a file it needs is missing",
-    605 % 256: "a TLS certificate is invalid",
+    302: "its node key is invalid",
+    305: "it could not connect to the aggregator, or the aggregator refused its node key",
+    603: "the aggregator's CA certificate does not fit",
+    604: "a file it needs is missing",
+    605: "a TLS certificate is invalid",
 }
+_EXIT_LINE = re.compile(r"Exit Code: (\d+)")
 
 
 class ExecutorError(Exception):
@@ -60,22 +58,37 @@ class ExitStatus:
         return self.code == 0
 
 
-def describe_exit(code: int | None, sig: int | None, *, stopped: bool) -> str:
-    if stopped:
-        return "stopped"
-    if sig is not None:
-        return f"the SuperNode was killed by signal {sig}"
-    assert code is not None
-    known = _FLOWER_EXITS.get(code)
-    return f"the SuperNode exited with code {code}" + (f": {known}" if known else "")
-
-
 _NOISE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def last_lines(text: str, n: int = 3) -> str:
     lines = [_NOISE.sub("", line).strip() for line in text.splitlines()]
     return " | ".join([line for line in lines if line][-n:])
+
+
+def describe_exit(code: int | None, sig: int | None, *, stopped: bool, log_text: str = "") -> str:
+    """Why a SuperNode ended, from its exit status and its log (scrub before sending off-site)."""
+    if stopped:
+        return "stopped"
+    if sig is not None:
+        return f"the SuperNode was killed by signal {sig}"
+    if code == 0:
+        return "the SuperNode finished"
+    lines = [_NOISE.sub("", line).strip() for line in log_text.splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        m = _EXIT_LINE.search(lines[i])
+        if m:
+            flower = int(m.group(1))
+            known = _FLOWER_EXITS.get(flower, "see Flower's exit code reference")
+            detail = []
+            for line in lines[i + 1 :]:
+                if not line or line.startswith(("For more information", "INFO", "WARNING")):
+                    break
+                detail.append(line)
+            more = f" ({' '.join(detail)})" if detail else ""
+            return f"the SuperNode failed with Flower exit code {flower}: {known}{more}"
+    tail = last_lines(log_text)
+    return f"the SuperNode exited with code {code}" + (f" ({tail})" if tail else "")
 
 
 class RunningSuperNode(Protocol):

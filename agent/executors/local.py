@@ -21,7 +21,6 @@ from fedsky.agent.executors.base import (
     ExitStatus,
     SuperNodeLaunch,
     describe_exit,
-    last_lines,
 )
 from fedsky.shared.config import ConfigError
 from fedsky.shared.datasets import load_catalog, scrub
@@ -53,10 +52,7 @@ class LocalSuperNode:
     def _finish(self, rc: int) -> ExitStatus:
         if self._status is None:
             code, sig = (rc, None) if rc >= 0 else (None, -rc)
-            reason = describe_exit(code, sig, stopped=self._stopping)
-            if not self._stopping and code != 0:
-                tail = scrub(last_lines(self.log_tail()), self._secrets)
-                reason = f"{reason} ({tail})" if tail else reason
+            reason = scrub(describe_exit(code, sig, stopped=self._stopping, log_text=self.log_tail()), self._secrets)
             self._status = ExitStatus(code=code, signal=sig, reason=reason[:1500])
             log.info("task %s: SuperNode ended: %s", self.task_id, self._status.reason)
         return self._status

@@ -82,10 +82,7 @@ class SshSuperNode:
                     code, sig = None, -rc
                 elif rc > 128 and rc - 128 in (signal.SIGTERM, signal.SIGKILL):
                     code, sig = None, rc - 128  # the remote shell reports a signal as 128 + n
-                reason = describe_exit(code, sig, stopped=self._stopping)
-                if not self._stopping and code != 0:
-                    tail = scrub(last_lines(self.log_tail()), self._secrets)
-                    reason = f"{reason} ({tail})" if tail else reason
+                reason = scrub(describe_exit(code, sig, stopped=self._stopping, log_text=self.log_tail()), self._secrets)
                 status = ExitStatus(code=code, signal=sig, reason=reason[:1500])
             self._status = status
             log.info("task %s: remote SuperNode ended: %s", self.task_id, status.reason)

@@ -29,7 +29,9 @@ def register(subparsers: Any) -> None:
     sub = parser.add_subparsers(dest="clouds_command", metavar="SUBCOMMAND")
     sub.required = True
 
-    add = sub.add_parser("add", help="link an account: upload a credential file, checked by the cloud")
+    add = sub.add_parser(
+        "add", help="link an account: upload a credential file, checked by the cloud"
+    )
     add.add_argument("cloud", choices=["aws", "gcp"])
     add.add_argument(
         "file",
@@ -37,8 +39,12 @@ def register(subparsers: Any) -> None:
         "gcp: a service-account JSON key ('-' reads stdin)",
     )
     add.add_argument("--name", help="name for the account (default: <cloud>-<account or project>)")
-    add.add_argument("--profile", help="aws: the profile to take from a credentials ini file (default: default)")
-    add.add_argument("--region", help="region to validate in (aws default: the profile's or us-east-1)")
+    add.add_argument(
+        "--profile", help="aws: the profile to take from a credentials ini file (default: default)"
+    )
+    add.add_argument(
+        "--region", help="region to validate in (aws default: the profile's or us-east-1)"
+    )
     add.add_argument("--json", action="store_true", help="print the result as JSON")
     add.set_defaults(func=_add)
 
@@ -79,8 +85,15 @@ def _add(args: argparse.Namespace) -> int:
     except OSError as exc:
         return fail(f"cannot read {args.file}: {exc.strerror}", exitcodes.USAGE)
     if len(data) > MAX_FILE_BYTES:
-        return fail(f"{args.file} is larger than {MAX_FILE_BYTES // 1024} KiB: not a credential file", exitcodes.USAGE)
-    query = {k: v for k, v in (("name", args.name), ("profile", args.profile), ("region", args.region)) if v}
+        return fail(
+            f"{args.file} is larger than {MAX_FILE_BYTES // 1024} KiB: not a credential file",
+            exitcodes.USAGE,
+        )
+    query = {
+        k: v
+        for k, v in (("name", args.name), ("profile", args.profile), ("region", args.region))
+        if v
+    }
     path = f"/v1/clouds/{quote(args.cloud)}" + (f"?{urlencode(query)}" if query else "")
     client = api_client(args)
     try:
@@ -106,9 +119,14 @@ def _list(args: argparse.Namespace) -> int:
         print_json(records)
         return exitcodes.OK
     rows = [
-        (r["name"], r["cloud"], r["account"], r["identity"], r["validated_at"], r["status"]) for r in records
+        (r["name"], r["cloud"], r["account"], r["identity"], r["validated_at"], r["status"])
+        for r in records
     ]
-    print_table(["name", "cloud", "account/project", "identity", "validated at", "status"], rows, empty="no cloud account is linked")
+    print_table(
+        ["name", "cloud", "account/project", "identity", "validated at", "status"],
+        rows,
+        empty="no cloud account is linked",
+    )
     return exitcodes.OK
 
 

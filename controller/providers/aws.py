@@ -136,18 +136,22 @@ class AwsProvider:
         ec2 = self._ec2(spec.region)
         image = self._config.images.get(spec.region)
         if image is None:
-            image = await self._call("DescribeImages", resolve_aws_image, ec2=ec2, config=self._config, region=spec.region)
+            image = await self._call(
+                "DescribeImages",
+                resolve_aws_image,
+                ec2=ec2,
+                config=self._config,
+                region=spec.region,
+            )
         if image is None:
             raise ProviderError(
                 f"no aggregator image in {spec.region}: no image named {self._config.image_name!r} from owner "
                 f"{self._config.image_owner}; set clouds.aws.images"
             )
         try:
-            token = await self._bootstrap.tokens.issue(job_id)
-            script = self._bootstrap.script(job_id=job_id, token=token)
+            script = await self._bootstrap.startup_script(job_id)
         except ValueError as exc:
             raise ProviderError(str(exc)) from None
-        handle: AggregatorHandle | None = None
         try:
             group_id = await self._create_group(ec2, job_id, sources)
             reservation = await self._call(
@@ -168,10 +172,20 @@ class AwsProvider:
                 ],
             )
             instance_id = str(reservation["Instances"][0]["InstanceId"])
-            handle = AggregatorHandle(provider=self.name, job_id=job_id, ref=instance_id, region=spec.region)
-            log.info("job %s: launched %s (%s) in %s", job_id, instance_id, spec.instance_type, spec.region)
+            handle = AggregatorHandle(
+                provider=self.name, job_id=job_id, ref=instance_id, region=spec.region
+            )
+            log.info(
+                "job %s: launched %s (%s) in %s",
+                job_id,
+                instance_id,
+                spec.instance_type,
+                spec.region,
+            )
             ip, dns = await self._wait_running(ec2, instance_id)
-            await self._bootstrap.tokens.bind(job_id, ip_addresses=[ip], dns_names=[dns] if dns else [])
+            await self._bootstrap.tokens.bind(
+                job_id, ip_addresses=[ip], dns_names=[dns] if dns else []
+            )
             handle = replace(handle, address=f"{ip}:{self._bootstrap.superlink_port}")
             await self._wait_healthy(handle)
             return handle
@@ -194,7 +208,9 @@ class AwsProvider:
         instance = await self._describe(self._ec2(handle.region), handle.ref)
         ip = instance.get("PublicIpAddress") if instance else None
         if not ip:
-            raise ProviderError(f"aggregator {handle.ref} of job {handle.job_id} has no public address")
+            raise ProviderError(
+                f"aggregator {handle.ref} of job {handle.job_id} has no public address"
+            )
         return f"{ip}:{self._bootstrap.superlink_port}"
 
     async def terminate(self, handle: AggregatorHandle) -> None:
@@ -216,7 +232,10 @@ class AwsProvider:
             pages = await self._call(
                 "DescribeInstances",
                 ec2.describe_instances,
-                Filters=[*self._owned_filters(), {"Name": "instance-state-name", "Values": _LIVE_STATES}],
+                Filters=[
+                    *self._owned_filters(),
+                    {"Name": "instance-state-name", "Values": _LIVE_STATES},
+                ],
             )
             orphans: dict[str, list[str]] = {}
             for reservation in pages.get("Reservations", []):
@@ -225,23 +244,38 @@ class AwsProvider:
                     job = tags.get(TAG_JOB, "")
                     if job not in active:
                         orphans.setdefault(job, []).append(instance["InstanceId"])
-            groups = await self._call("DescribeSecurityGroups", ec2.describe_security_groups, Filters=self._owned_filters())
+            groups = await self._call(
+                "DescribeSecurityGroups",
+                ec2.describe_security_groups,
+                Filters=self._owned_filters(),
+            )
             for group in groups.get("SecurityGroups", []):
                 job = {t["Key"]: t["Value"] for t in group.get("Tags", [])}.get(TAG_JOB, "")
                 if job not in active:
                     orphans.setdefault(job, [])
             for job, instance_ids in sorted(orphans.items()):
-                log.warning("job %s is not active: terminating its aws aggregator %s in %s", job, instance_ids, region)
+                log.warning(
+                    "job %s is not active: terminating its aws aggregator %s in %s",
+                    job,
+                    instance_ids,
+                    region,
+                )
                 await self._cleanup(region, job, instance_ids)
                 swept.extend(f"aws:{region}/{i}" for i in instance_ids)
         return swept
 
     # -- steps -----------------------------------------------------------------------------------
 
-    async def _create_group(self, ec2: Any, job_id: str, sources: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
-        vpcs = await self._call("DescribeVpcs", ec2.describe_vpcs, Filters=[{"Name": "isDefault", "Values": ["true"]}])
+    async def _create_group(
+        self, ec2: Any, job_id: str, sources: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    ) -> str:
+        vpcs = await self._call(
+            "DescribeVpcs", ec2.describe_vpcs, Filters=[{"Name": "isDefault", "Values": ["true"]}]
+        )
         if not vpcs.get("Vpcs"):
-            raise ProviderError("the region has no default VPC; create one (`aws ec2 create-default-vpc`)")
+            raise ProviderError(
+                "the region has no default VPC; create one (`aws ec2 create-default-vpc`)"
+            )
         vpc_id = vpcs["Vpcs"][0]["VpcId"]
         group = await self._call(
             "CreateSecurityGroup",
@@ -254,13 +288,24 @@ class AwsProvider:
         group_id = str(group["GroupId"])
         port = self._bootstrap.superlink_port
         permission: dict[str, Any] = {"IpProtocol": "tcp", "FromPort": port, "ToPort": port}
-        v4 = [{"CidrIp": str(n), "Description": "fedsky job site"} for n in sources if n.version == 4]
-        v6 = [{"CidrIpv6": str(n), "Description": "fedsky job site"} for n in sources if n.version == 6]
+        v4 = [
+            {"CidrIp": str(n), "Description": "fedsky job site"} for n in sources if n.version == 4
+        ]
+        v6 = [
+            {"CidrIpv6": str(n), "Description": "fedsky job site"}
+            for n in sources
+            if n.version == 6
+        ]
         if v4:
             permission["IpRanges"] = v4
         if v6:
             permission["Ipv6Ranges"] = v6
-        await self._call("AuthorizeSecurityGroupIngress", ec2.authorize_security_group_ingress, GroupId=group_id, IpPermissions=[permission])
+        await self._call(
+            "AuthorizeSecurityGroupIngress",
+            ec2.authorize_security_group_ingress,
+            GroupId=group_id,
+            IpPermissions=[permission],
+        )
         return group_id
 
     async def _describe(self, ec2: Any, instance_id: str) -> dict[str, Any] | None:
@@ -319,7 +364,10 @@ class AwsProvider:
         found = await self._call(
             "DescribeInstances",
             ec2.describe_instances,
-            Filters=[*self._owned_filters(job_id), {"Name": "instance-state-name", "Values": _LIVE_STATES}],
+            Filters=[
+                *self._owned_filters(job_id),
+                {"Name": "instance-state-name", "Values": _LIVE_STATES},
+            ],
         )
         ids = {i for i in instance_ids if i}
         for reservation in found.get("Reservations", []):
@@ -342,8 +390,17 @@ class AwsProvider:
                     return None
             return True
 
-        await wait_until(all_terminated, timeout_s=_TERMINATE_WAIT_S, interval_s=self._bootstrap.poll_interval_s, what=f"{sorted(live)} to terminate")
-        groups = await self._call("DescribeSecurityGroups", ec2.describe_security_groups, Filters=self._owned_filters(job_id))
+        await wait_until(
+            all_terminated,
+            timeout_s=_TERMINATE_WAIT_S,
+            interval_s=self._bootstrap.poll_interval_s,
+            what=f"{sorted(live)} to terminate",
+        )
+        groups = await self._call(
+            "DescribeSecurityGroups",
+            ec2.describe_security_groups,
+            Filters=self._owned_filters(job_id),
+        )
         for group in groups.get("SecurityGroups", []):
             await self._delete_group(ec2, group["GroupId"])
 

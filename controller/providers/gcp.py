@@ -125,11 +125,24 @@ class GcpProvider:
         deadline = time.monotonic() + _OP_WAIT_S
         while op.status != compute_v1.Operation.Status.DONE:
             if time.monotonic() > deadline:
-                raise ProviderError(f"GCP {what}: operation {op.name} did not finish in {_OP_WAIT_S:.0f} s")
+                raise ProviderError(
+                    f"GCP {what}: operation {op.name} did not finish in {_OP_WAIT_S:.0f} s"
+                )
             if zone is None:
-                op = await self._call(what, self._client("global_operations").wait, project=self.project, operation=op.name)
+                op = await self._call(
+                    what,
+                    self._client("global_operations").wait,
+                    project=self.project,
+                    operation=op.name,
+                )
             else:
-                op = await self._call(what, self._client("zone_operations").wait, project=self.project, zone=zone, operation=op.name)
+                op = await self._call(
+                    what,
+                    self._client("zone_operations").wait,
+                    project=self.project,
+                    zone=zone,
+                    operation=op.name,
+                )
             if op.status != compute_v1.Operation.Status.DONE:
                 await asyncio.sleep(self._bootstrap.poll_interval_s)
         if op.error and op.error.errors:
@@ -137,7 +150,9 @@ class GcpProvider:
             raise ProviderError(f"GCP {what} failed: {scrub(reasons, self._cred.secrets())}")
 
     def _labels(self, job_id: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-        labels = {_label(k): _label(v) for k, v in (extra or {}).items() if k and _label(k)[0].isalpha()}
+        labels = {
+            _label(k): _label(v) for k, v in (extra or {}).items() if k and _label(k)[0].isalpha()
+        }
         labels.update(
             {
                 LABEL_JOB: job_id,
@@ -151,12 +166,18 @@ class GcpProvider:
         return f"fedsky aggregator of job {job_id} (controller {self._bootstrap.controller_uid}): SuperLink port from the job's sites only"
 
     async def _pick_zone(self, region: str) -> str:
-        zones = await self._call("zones.list", lambda: list(self._client("zones").list(project=self.project)))
-        candidates = sorted(str(z.name) for z in zones if z.region.rsplit("/", 1)[-1] == region and z.status == "UP")
+        zones = await self._call(
+            "zones.list", lambda: list(self._client("zones").list(project=self.project))
+        )
+        candidates = sorted(
+            str(z.name) for z in zones if z.region.rsplit("/", 1)[-1] == region and z.status == "UP"
+        )
         if not candidates:
             known = sorted({z.region.rsplit("/", 1)[-1] for z in zones})
             if region not in known:
-                raise ProviderError(f"unknown GCP region {region!r} (project {self.project} has {', '.join(known[:8])}, ...)")
+                raise ProviderError(
+                    f"unknown GCP region {region!r} (project {self.project} has {', '.join(known[:8])}, ...)"
+                )
             raise ProviderError(f"no zone of GCP region {region!r} is up")
         return candidates[0]
 
@@ -172,8 +193,7 @@ class GcpProvider:
         sources = check_sources(spec.allowed_sources)
         zone = await self._pick_zone(spec.region)
         try:
-            token = await self._bootstrap.tokens.issue(job_id)
-            script = self._bootstrap.script(job_id=job_id, token=token)
+            script = await self._bootstrap.startup_script(job_id)
         except ValueError as exc:
             raise ProviderError(str(exc)) from None
         name = resource_name(job_id)
@@ -188,7 +208,12 @@ class GcpProvider:
                 source_ranges=[str(n) for n in sources],
                 target_tags=[name],
             )
-            op = await self._call("firewalls.insert", self._client("firewalls").insert_unary, project=self.project, firewall_resource=firewall)
+            op = await self._call(
+                "firewalls.insert",
+                self._client("firewalls").insert_unary,
+                project=self.project,
+                firewall_resource=firewall,
+            )
             await self._wait_op(op, zone=None, what="firewalls.insert")
             instance = compute_v1.Instance(
                 name=name,
@@ -196,7 +221,9 @@ class GcpProvider:
                 description=f"fedsky aggregator of job {job_id}",
                 labels=self._labels(job_id, spec.labels),
                 tags=compute_v1.Tags(items=[name]),
-                metadata=compute_v1.Metadata(items=[compute_v1.Items(key="startup-script", value=script)]),
+                metadata=compute_v1.Metadata(
+                    items=[compute_v1.Items(key="startup-script", value=script)]
+                ),
                 disks=[
                     compute_v1.AttachedDisk(
                         boot=True,
@@ -209,14 +236,22 @@ class GcpProvider:
                 network_interfaces=[
                     compute_v1.NetworkInterface(
                         network=self._config.network,
-                        access_configs=[compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")],
+                        access_configs=[
+                            compute_v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")
+                        ],
                     )
                 ],
             )
             op = await self._call(
-                "instances.insert", self._client("instances").insert_unary, project=self.project, zone=zone, instance_resource=instance
+                "instances.insert",
+                self._client("instances").insert_unary,
+                project=self.project,
+                zone=zone,
+                instance_resource=instance,
             )
-            handle = AggregatorHandle(provider=self.name, job_id=job_id, ref=f"{zone}/{name}", region=spec.region)
+            handle = AggregatorHandle(
+                provider=self.name, job_id=job_id, ref=f"{zone}/{name}", region=spec.region
+            )
             log.info("job %s: launching %s (%s) in %s", job_id, name, spec.instance_type, zone)
             await self._wait_op(op, zone=zone, what="instances.insert")
             ip = await self._wait_running(zone, name)
@@ -240,10 +275,18 @@ class GcpProvider:
         if handle.address:
             return handle.address
         zone, _, name = handle.ref.partition("/")
-        instance = await self._not_found_ok("instances.get", self._client("instances").get, project=self.project, zone=zone, instance=name)
+        instance = await self._not_found_ok(
+            "instances.get",
+            self._client("instances").get,
+            project=self.project,
+            zone=zone,
+            instance=name,
+        )
         ip = _nat_ip(instance) if instance is not None else None
         if not ip:
-            raise ProviderError(f"aggregator {handle.ref} of job {handle.job_id} has no public address")
+            raise ProviderError(
+                f"aggregator {handle.ref} of job {handle.job_id} has no public address"
+            )
         return f"{ip}:{self._bootstrap.superlink_port}"
 
     async def terminate(self, handle: AggregatorHandle) -> None:
@@ -259,7 +302,10 @@ class GcpProvider:
             "instances.aggregatedList",
             lambda: list(
                 self._client("instances").aggregated_list(
-                    request={"project": self.project, "filter": f'labels.{LABEL_CONTROLLER} = "{uid}"'}
+                    request={
+                        "project": self.project,
+                        "filter": f'labels.{LABEL_CONTROLLER} = "{uid}"',
+                    }
                 )
             ),
         )
@@ -275,14 +321,20 @@ class GcpProvider:
                     zone = instance.zone.rsplit("/", 1)[-1]
                     orphans.setdefault(job, []).append(zone)
                     swept.append(f"gcp:{zone}/{instance.name}")
-        firewalls = await self._call("firewalls.list", lambda: list(self._client("firewalls").list(project=self.project)))
+        firewalls = await self._call(
+            "firewalls.list", lambda: list(self._client("firewalls").list(project=self.project))
+        )
         for rule in firewalls:
             if rule.name.startswith(RESOURCE_PREFIX) and f"(controller {uid})" in rule.description:
                 job = rule.name[len(RESOURCE_PREFIX) :]
                 if job not in active:
                     orphans.setdefault(job, [])
         for job, zones in sorted(orphans.items()):
-            log.warning("job %s is not active: deleting its gcp aggregator in %s", job, zones or "(firewall only)")
+            log.warning(
+                "job %s is not active: deleting its gcp aggregator in %s",
+                job,
+                zones or "(firewall only)",
+            )
             await self._cleanup(job, zones)
         return swept
 
@@ -290,8 +342,19 @@ class GcpProvider:
 
     async def _wait_running(self, zone: str, name: str) -> str:
         async def running() -> str | None:
-            instance = await self._not_found_ok("instances.get", self._client("instances").get, project=self.project, zone=zone, instance=name)
-            if instance is None or instance.status in ("STOPPING", "STOPPED", "TERMINATED", "SUSPENDED"):
+            instance = await self._not_found_ok(
+                "instances.get",
+                self._client("instances").get,
+                project=self.project,
+                zone=zone,
+                instance=name,
+            )
+            if instance is None or instance.status in (
+                "STOPPING",
+                "STOPPED",
+                "TERMINATED",
+                "SUSPENDED",
+            ):
                 raise ProviderError(f"VM {zone}/{name} stopped while starting")
             ip = _nat_ip(instance)
             return ip if instance.status == "RUNNING" and ip else None
@@ -324,12 +387,21 @@ class GcpProvider:
         name = resource_name(job_id)
         for zone in sorted(set(zones)):
             op = await self._not_found_ok(
-                "instances.delete", self._client("instances").delete_unary, project=self.project, zone=zone, instance=name
+                "instances.delete",
+                self._client("instances").delete_unary,
+                project=self.project,
+                zone=zone,
+                instance=name,
             )
             if op is not None:
                 log.info("job %s: deleting VM %s/%s", job_id, zone, name)
                 await self._wait_op(op, zone=zone, what="instances.delete")
-        op = await self._not_found_ok("firewalls.delete", self._client("firewalls").delete_unary, project=self.project, firewall=name)
+        op = await self._not_found_ok(
+            "firewalls.delete",
+            self._client("firewalls").delete_unary,
+            project=self.project,
+            firewall=name,
+        )
         if op is not None:
             await self._wait_op(op, zone=None, what="firewalls.delete")
 

@@ -21,9 +21,9 @@ from typing import Any
 # below in case moto was imported first).
 os.environ["MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION"] = "true"
 
-import boto3  # noqa: E402
-from moto import settings as moto_settings  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
+import boto3
+from moto import settings as moto_settings
+from moto.server import ThreadedMotoServer
 
 moto_settings.EC2_ENABLE_INSTANCE_TYPE_VALIDATION = True
 
@@ -66,7 +66,10 @@ class AwsKey:
 
 def _policy(actions: Sequence[str]) -> str:
     return json.dumps(
-        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": list(actions), "Resource": "*"}]}
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": list(actions), "Resource": "*"}],
+        }
     )
 
 
@@ -86,8 +89,11 @@ class MotoAws:
         key = iam.create_access_key(UserName="admin")["AccessKey"]
         self.admin = AwsKey("admin", key["AccessKeyId"], key["SecretAccessKey"])
         self.account = boto3.client(
-            "sts", endpoint_url=self.endpoint, region_name=REGION,
-            aws_access_key_id=self.admin.access_key_id, aws_secret_access_key=self.admin.secret_access_key,
+            "sts",
+            endpoint_url=self.endpoint,
+            region_name=REGION,
+            aws_access_key_id=self.admin.access_key_id,
+            aws_secret_access_key=self.admin.secret_access_key,
         ).get_caller_identity()["Account"]
 
     def _post(self, path: str, body: bytes) -> None:
@@ -112,8 +118,11 @@ class MotoAws:
     def client(self, service: str, region: str = REGION, key: AwsKey | None = None) -> Any:
         key = key or self.admin
         return boto3.client(
-            service, endpoint_url=self.endpoint, region_name=region,
-            aws_access_key_id=key.access_key_id, aws_secret_access_key=key.secret_access_key,
+            service,
+            endpoint_url=self.endpoint,
+            region_name=region,
+            aws_access_key_id=key.access_key_id,
+            aws_secret_access_key=key.secret_access_key,
         )
 
     def user(self, name: str, actions: Sequence[str] = PROVIDER_ACTIONS) -> AwsKey:
@@ -127,7 +136,9 @@ class MotoAws:
         return AwsKey(name, key["AccessKeyId"], key["SecretAccessKey"])
 
     def set_actions(self, user: str, actions: Sequence[str]) -> None:
-        self._iam(self.admin).put_user_policy(UserName=user, PolicyName="fedsky", PolicyDocument=_policy(actions))
+        self._iam(self.admin).put_user_policy(
+            UserName=user, PolicyName="fedsky", PolicyDocument=_policy(actions)
+        )
 
     def delete_key(self, key: AwsKey) -> None:
         self._iam(self.admin).delete_access_key(UserName=key.user, AccessKeyId=key.access_key_id)

@@ -30,7 +30,9 @@ class HealthSwitch:
         return self.ok
 
 
-def clouds_config(*, moto_endpoint: str | None = None, gcp: FakeGcp | None = None, **overrides: Any) -> CloudsConfig:
+def clouds_config(
+    *, moto_endpoint: str | None = None, gcp: FakeGcp | None = None, **overrides: Any
+) -> CloudsConfig:
     aws = AwsCloudConfig(
         endpoint_url=moto_endpoint,
         images={"us-east-1": MOTO_IMAGE, "eu-west-1": MOTO_IMAGE, "ap-northeast-2": MOTO_IMAGE},
@@ -62,5 +64,7 @@ def open_service(
     config = ControllerConfig(state_dir=state_dir, clouds=clouds)
     store = Store(config.db_path)
     inventory.ensure_schema(store)  # the certificates table, as the daemon has it
-    service = CloudService.open(config=config, store=store, pki=pki, health_check=health or HealthSwitch())
+    service = CloudService.open(
+        config=config, store=store, pki=pki, health_check=health or HealthSwitch()
+    )
     return service, store

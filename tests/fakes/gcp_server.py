@@ -68,7 +68,9 @@ DEFAULT_REGIONS = {
     "us-central1": ("us-central1-a", "us-central1-b"),
     "asia-northeast3": ("asia-northeast3-a",),
 }
-_MACHINE_TYPE_RE = re.compile(r"^(e2|n1|n2|n2d|c2|c3|t2d)-(standard|highmem|highcpu)-\d{1,3}$|^e2-(micro|small|medium)$")
+_MACHINE_TYPE_RE = re.compile(
+    r"^(e2|n1|n2|n2d|c2|c3|t2d)-(standard|highmem|highcpu)-\d{1,3}$|^e2-(micro|small|medium)$"
+)
 
 
 def _b64url(data: bytes) -> str:
@@ -135,7 +137,9 @@ class FakeGcp:
         self.operations: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
         self.token_requests = 0
-        self.fail_next_insert: str | None = None  # an operation error code for the next instance insert
+        self.fail_next_insert: str | None = (
+            None  # an operation error code for the next instance insert
+        )
         self._lock = threading.RLock()
         self._ids = itertools.count(1000)
         self._server: ThreadingHTTPServer | None = None
@@ -154,17 +158,30 @@ class FakeGcp:
         return f"{self.url}/token"
 
     def add_account(
-        self, email: str, public_key: rsa.RSAPublicKey, *, permissions: set[str] | frozenset[str] | None = None
+        self,
+        email: str,
+        public_key: rsa.RSAPublicKey,
+        *,
+        permissions: set[str] | frozenset[str] | None = None,
     ) -> ServiceAccount:
-        account = ServiceAccount(email, self.project, public_key, set(ALL_PERMISSIONS if permissions is None else permissions))
+        account = ServiceAccount(
+            email,
+            self.project,
+            public_key,
+            set(ALL_PERMISSIONS if permissions is None else permissions),
+        )
         with self._lock:
             self.accounts[email] = account
         return account
 
-    def new_key(self, name: str = "fedsky", *, permissions: set[str] | frozenset[str] | None = None) -> dict[str, Any]:
+    def new_key(
+        self, name: str = "fedsky", *, permissions: set[str] | frozenset[str] | None = None
+    ) -> dict[str, Any]:
         """A key file for a new registered service account of this project."""
         email = f"{name}@{self.project}.iam.gserviceaccount.com"
-        info, key = make_service_account_key(project=self.project, email=email, token_uri=self.token_uri)
+        info, key = make_service_account_key(
+            project=self.project, email=email, token_uri=self.token_uri
+        )
         self.add_account(email, key.public_key(), permissions=permissions)
         return info
 
@@ -173,7 +190,10 @@ class FakeGcp:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-gcp", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fake-gcp",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -208,7 +228,9 @@ class FakeGcp:
             raise _Forbidden("Invalid JWT Signature.") from None
         now = time.time()
         if float(claims.get("exp", 0)) < now:
-            raise _Forbidden("Invalid JWT: Token must be a short-lived token and in a reasonable timeframe")
+            raise _Forbidden(
+                "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe"
+            )
         if float(claims.get("iat", 0)) > now + 300:
             raise _Forbidden("Invalid JWT: issued in the future")
         if audience is not None and claims.get("aud") != audience:
@@ -218,11 +240,16 @@ class FakeGcp:
     def _token(self, form: dict[str, list[str]]) -> tuple[int, dict[str, Any]]:
         self.token_requests += 1
         if form.get("grant_type", [""])[0] != "urn:ietf:params:oauth:grant-type:jwt-bearer":
-            return 400, {"error": "unsupported_grant_type", "error_description": "Invalid grant_type"}
+            return 400, {
+                "error": "unsupported_grant_type",
+                "error_description": "Invalid grant_type",
+            }
         try:
             # google-auth always addresses the assertion to Google's endpoint, whatever token_uri
             # it posts it to (which is why a foreign token_uri could replay it at Google).
-            account = self._verify_jwt(form.get("assertion", [""])[0], audience=GOOGLE_TOKEN_AUDIENCE)
+            account = self._verify_jwt(
+                form.get("assertion", [""])[0], audience=GOOGLE_TOKEN_AUDIENCE
+            )
         except _Forbidden as exc:
             return 400, {"error": "invalid_grant", "error_description": str(exc)}
         access = "ya29.fake-" + secrets.token_urlsafe(24)
@@ -251,7 +278,9 @@ class FakeGcp:
     def _region_of(self, zone: str) -> str | None:
         return next((r for r, zones in self.regions.items() if zone in zones), None)
 
-    def _new_op(self, kind: str, target: str, *, zone: str | None, error: str | None = None) -> dict[str, Any]:
+    def _new_op(
+        self, kind: str, target: str, *, zone: str | None, error: str | None = None
+    ) -> dict[str, Any]:
         name = f"operation-{next(self._ids)}-{secrets.token_hex(4)}"
         scope = f"zones/{zone}" if zone else "global"
         op = {
@@ -278,7 +307,14 @@ class FakeGcp:
                 op["status"] = "DONE"
                 op["progress"] = 100
                 if op["_error"]:
-                    op["error"] = {"errors": [{"code": op["_error"], "message": f"The operation failed: {op['_error']}"}]}
+                    op["error"] = {
+                        "errors": [
+                            {
+                                "code": op["_error"],
+                                "message": f"The operation failed: {op['_error']}",
+                            }
+                        ]
+                    }
                     op["httpErrorStatusCode"] = 503
                     op["httpErrorMessage"] = "SERVICE UNAVAILABLE"
                     # A failed insert leaves no instance behind.
@@ -297,7 +333,9 @@ class FakeGcp:
             raise _BadRequest(f"Invalid value for field 'resource.name': '{name}'")
         machine = str(body.get("machineType", "")).rsplit("/", 1)[-1]
         if not _MACHINE_TYPE_RE.fullmatch(machine):
-            raise _BadRequest(f"Invalid value for field 'resource.machineType': '{body.get('machineType')}'. Machine type does not exist.")
+            raise _BadRequest(
+                f"Invalid value for field 'resource.machineType': '{body.get('machineType')}'. Machine type does not exist."
+            )
         n = next(self._ids)
         nics = []
         for nic in body.get("networkInterfaces", []) or [{}]:
@@ -320,14 +358,18 @@ class FakeGcp:
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, query: dict[str, list[str]], body: Any, auth: str | None) -> tuple[int, Any]:
+    def handle(
+        self, method: str, path: str, query: dict[str, list[str]], body: Any, auth: str | None
+    ) -> tuple[int, Any]:
         with self._lock:
             self.requests.append((method, path))
             if path == "/token" and method == "POST":
                 return self._token(body if isinstance(body, dict) else {})
             caller = self._caller(auth)
             if caller is None:
-                return _error(401, "Request is missing required authentication credential.", "UNAUTHENTICATED")
+                return _error(
+                    401, "Request is missing required authentication credential.", "UNAUTHENTICATED"
+                )
             try:
                 return self._route(method, path, query, body, caller)
             except _Forbidden as exc:
@@ -339,7 +381,9 @@ class FakeGcp:
         if permission not in caller.permissions:
             raise _Forbidden(f"Required '{permission}' permission for '{resource}'")
 
-    def _route(self, method: str, path: str, query: dict[str, list[str]], body: Any, caller: ServiceAccount) -> tuple[int, Any]:
+    def _route(
+        self, method: str, path: str, query: dict[str, list[str]], body: Any, caller: ServiceAccount
+    ) -> tuple[int, Any]:
         m = re.fullmatch(r"/v1/projects/([^/:]+):testIamPermissions", path)
         if m and method == "POST":
             if m.group(1) != caller.project:
@@ -348,7 +392,9 @@ class FakeGcp:
             return 200, {"permissions": [p for p in asked if p in caller.permissions]}
         m = re.fullmatch(r"/compute/v1/projects/([^/]+)(/.*)", path)
         if not m:
-            return _error(404, f"The requested URL {path} was not found on this server.", "notFound")
+            return _error(
+                404, f"The requested URL {path} was not found on this server.", "notFound"
+            )
         project, rest = m.group(1), m.group(2)
         if project != self.project or caller.project != project:
             return _error(404, f"The resource 'projects/{project}' was not found", "notFound")
@@ -357,15 +403,26 @@ class FakeGcp:
         if rest == "/zones" and method == "GET":
             self._need(caller, "compute.zones.list", res)
             items = [
-                {"kind": "compute#zone", "name": z, "region": f"{self.url}/compute/v1/{res}/regions/{r}", "status": "UP",
-                 "selfLink": self._zone_url(z)}
-                for r, zones in sorted(self.regions.items()) for z in zones
+                {
+                    "kind": "compute#zone",
+                    "name": z,
+                    "region": f"{self.url}/compute/v1/{res}/regions/{r}",
+                    "status": "UP",
+                    "selfLink": self._zone_url(z),
+                }
+                for r, zones in sorted(self.regions.items())
+                for z in zones
             ]
             return 200, {"kind": "compute#zoneList", "items": items}
         if rest == "/regions" and method == "GET":
             self._need(caller, "compute.regions.list", res)
             items = [
-                {"kind": "compute#region", "name": r, "status": "UP", "zones": [self._zone_url(z) for z in zones]}
+                {
+                    "kind": "compute#region",
+                    "name": r,
+                    "status": "UP",
+                    "zones": [self._zone_url(z) for z in zones],
+                }
                 for r, zones in sorted(self.regions.items())
             ]
             return 200, {"kind": "compute#regionList", "items": items}
@@ -374,9 +431,15 @@ class FakeGcp:
             self._need(caller, "compute.regions.get", res)
             region = m.group(1)
             if region not in self.regions:
-                return _error(404, f"The resource '{res}/regions/{region}' was not found", "notFound")
-            return 200, {"kind": "compute#region", "name": region, "status": "UP",
-                         "zones": [self._zone_url(z) for z in self.regions[region]]}
+                return _error(
+                    404, f"The resource '{res}/regions/{region}' was not found", "notFound"
+                )
+            return 200, {
+                "kind": "compute#region",
+                "name": region,
+                "status": "UP",
+                "zones": [self._zone_url(z) for z in self.regions[region]],
+            }
         m = re.fullmatch(r"/zones/([^/]+)", rest)
         if m and method == "GET":
             self._need(caller, "compute.zones.get", res)
@@ -384,8 +447,12 @@ class FakeGcp:
             region = self._region_of(zone)
             if region is None:
                 return _error(404, f"The resource '{res}/zones/{zone}' was not found", "notFound")
-            return 200, {"kind": "compute#zone", "name": zone, "status": "UP",
-                         "region": f"{self.url}/compute/v1/{res}/regions/{region}"}
+            return 200, {
+                "kind": "compute#zone",
+                "name": zone,
+                "status": "UP",
+                "region": f"{self.url}/compute/v1/{res}/regions/{region}",
+            }
 
         if rest == "/aggregated/instances" and method == "GET":
             self._need(caller, "compute.instances.list", res)
@@ -403,17 +470,39 @@ class FakeGcp:
             if method == "GET":
                 self._need(caller, "compute.instances.list", res)
                 matches = _label_filter(query.get("filter", [""])[0])
-                return 200, {"kind": "compute#instanceList",
-                             "items": [i for (z, _), i in sorted(self.instances.items()) if z == zone and matches(i)]}
+                return 200, {
+                    "kind": "compute#instanceList",
+                    "items": [
+                        i
+                        for (z, _), i in sorted(self.instances.items())
+                        if z == zone and matches(i)
+                    ],
+                }
             if method == "POST":
-                self._need(caller, "compute.instances.create", f"{res}/zones/{zone}/instances/{body.get('name')}")
+                self._need(
+                    caller,
+                    "compute.instances.create",
+                    f"{res}/zones/{zone}/instances/{body.get('name')}",
+                )
                 if body.get("metadata", {}).get("items"):
-                    self._need(caller, "compute.instances.setMetadata", f"{res}/zones/{zone}/instances/{body.get('name')}")
+                    self._need(
+                        caller,
+                        "compute.instances.setMetadata",
+                        f"{res}/zones/{zone}/instances/{body.get('name')}",
+                    )
                 if body.get("labels"):
-                    self._need(caller, "compute.instances.setLabels", f"{res}/zones/{zone}/instances/{body.get('name')}")
+                    self._need(
+                        caller,
+                        "compute.instances.setLabels",
+                        f"{res}/zones/{zone}/instances/{body.get('name')}",
+                    )
                 inst = self._instance_from(zone, body)
                 if (zone, inst["name"]) in self.instances:
-                    return _error(409, f"The resource '{res}/zones/{zone}/instances/{inst['name']}' already exists", "alreadyExists")
+                    return _error(
+                        409,
+                        f"The resource '{res}/zones/{zone}/instances/{inst['name']}' already exists",
+                        "alreadyExists",
+                    )
                 self.instances[(zone, inst["name"])] = inst
                 error, self.fail_next_insert = self.fail_next_insert, None
                 return 200, self._new_op("insert", inst["selfLink"], zone=zone, error=error)
@@ -424,29 +513,55 @@ class FakeGcp:
             if method == "GET":
                 self._need(caller, "compute.instances.get", f"{res}/zones/{zone}/instances/{name}")
                 if inst is None:
-                    return _error(404, f"The resource '{res}/zones/{zone}/instances/{name}' was not found", "notFound")
+                    return _error(
+                        404,
+                        f"The resource '{res}/zones/{zone}/instances/{name}' was not found",
+                        "notFound",
+                    )
                 return 200, inst
             if method == "DELETE":
-                self._need(caller, "compute.instances.delete", f"{res}/zones/{zone}/instances/{name}")
+                self._need(
+                    caller, "compute.instances.delete", f"{res}/zones/{zone}/instances/{name}"
+                )
                 if inst is None:
-                    return _error(404, f"The resource '{res}/zones/{zone}/instances/{name}' was not found", "notFound")
+                    return _error(
+                        404,
+                        f"The resource '{res}/zones/{zone}/instances/{name}' was not found",
+                        "notFound",
+                    )
                 del self.instances[(zone, name)]
                 return 200, self._new_op("delete", inst["selfLink"], zone=zone)
 
         if rest == "/global/firewalls":
             if method == "GET":
                 self._need(caller, "compute.firewalls.list", res)
-                return 200, {"kind": "compute#firewallList", "items": [f for _, f in sorted(self.firewalls.items())]}
+                return 200, {
+                    "kind": "compute#firewallList",
+                    "items": [f for _, f in sorted(self.firewalls.items())],
+                }
             if method == "POST":
-                self._need(caller, "compute.firewalls.create", f"{res}/global/firewalls/{body.get('name')}")
-                self._need(caller, "compute.networks.updatePolicy", f"{res}/global/networks/default")
+                self._need(
+                    caller, "compute.firewalls.create", f"{res}/global/firewalls/{body.get('name')}"
+                )
+                self._need(
+                    caller, "compute.networks.updatePolicy", f"{res}/global/networks/default"
+                )
                 name = str(body.get("name", ""))
                 if name in self.firewalls:
-                    return _error(409, f"The resource '{res}/global/firewalls/{name}' already exists", "alreadyExists")
+                    return _error(
+                        409,
+                        f"The resource '{res}/global/firewalls/{name}' already exists",
+                        "alreadyExists",
+                    )
                 if not body.get("sourceRanges") and not body.get("sourceTags"):
                     return _error(400, "Invalid value for field 'resource.sourceRanges'", "invalid")
                 link = f"{self.url}/compute/v1/{res}/global/firewalls/{name}"
-                self.firewalls[name] = {**body, "kind": "compute#firewall", "id": str(next(self._ids)), "selfLink": link}
+                self.firewalls[name] = {
+                    **body,
+                    "kind": "compute#firewall",
+                    "id": str(next(self._ids)),
+                    "selfLink": link,
+                }
                 return 200, self._new_op("insert", link, zone=None)
         m = re.fullmatch(r"/global/firewalls/([^/]+)", rest)
         if m:
@@ -455,22 +570,38 @@ class FakeGcp:
             if method == "GET":
                 self._need(caller, "compute.firewalls.get", f"{res}/global/firewalls/{name}")
                 if fw is None:
-                    return _error(404, f"The resource '{res}/global/firewalls/{name}' was not found", "notFound")
+                    return _error(
+                        404,
+                        f"The resource '{res}/global/firewalls/{name}' was not found",
+                        "notFound",
+                    )
                 return 200, fw
             if method == "DELETE":
                 self._need(caller, "compute.firewalls.delete", f"{res}/global/firewalls/{name}")
                 if fw is None:
-                    return _error(404, f"The resource '{res}/global/firewalls/{name}' was not found", "notFound")
+                    return _error(
+                        404,
+                        f"The resource '{res}/global/firewalls/{name}' was not found",
+                        "notFound",
+                    )
                 del self.firewalls[name]
                 return 200, self._new_op("delete", fw["selfLink"], zone=None)
 
         m = re.fullmatch(r"/(zones/[^/]+|global)/operations/([^/]+?)(/wait)?", rest)
         if m and ((method == "GET" and not m.group(3)) or (method == "POST" and m.group(3))):
             scope, name = m.group(1), m.group(2)
-            self._need(caller, "compute.globalOperations.get" if scope == "global" else "compute.zoneOperations.get", res)
+            self._need(
+                caller,
+                "compute.globalOperations.get"
+                if scope == "global"
+                else "compute.zoneOperations.get",
+                res,
+            )
             op = self.operations.get(name)
             if op is None:
-                return _error(404, f"The resource '{res}/{scope}/operations/{name}' was not found", "notFound")
+                return _error(
+                    404, f"The resource '{res}/{scope}/operations/{name}' was not found", "notFound"
+                )
             return 200, self._op_view(op)
         return _error(404, f"The requested URL {path} was not found on this server.", "notFound")
 
@@ -521,7 +652,9 @@ class _Handler(BaseHTTPRequestHandler):
                     body = json.loads(raw)
                 except json.JSONDecodeError:
                     body = None
-        status, payload = self.fake.handle(method, parts.path, parse_qs(parts.query), body, self.headers.get("Authorization"))
+        status, payload = self.fake.handle(
+            method, parts.path, parse_qs(parts.query), body, self.headers.get("Authorization")
+        )
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=UTF-8")
