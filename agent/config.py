@@ -150,6 +150,30 @@ class FaultHookSection(_Section):
         return _check_socket_path(_resolve(value, info))
 
 
+class RttProbeSection(_Section):
+    """Measure this site's RTT to candidate regions; the optimizer prefers it to its table.
+
+    `targets` maps `cloud:region` to a `host:port` in that region that accepts TCP connections
+    (a regional API endpoint on 443 will do). Empty: no probing, the catalog's figures are used.
+    """
+
+    targets: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")]] = {}
+    interval_s: Annotated[float, Field(ge=10, le=86400)] = 600.0
+    timeout_s: Annotated[float, Field(gt=0, le=30)] = 3.0
+
+    @field_validator("targets")
+    @classmethod
+    def _locations(cls, value: dict[str, str]) -> dict[str, str]:
+        from fedsky.shared.ids import check_location
+
+        for location in value:
+            try:
+                check_location(location)
+            except InvalidIdError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class AgentConfig(_Section):
     # Default: the agent id of the installed enrolment bundle; if set, it must match it.
     agent_id: str | None = None
@@ -164,6 +188,7 @@ class AgentConfig(_Section):
     tls: TlsSection = TlsSection()
     status: StatusSection = StatusSection()
     test: FaultHookSection | None = None
+    rtt_probe: RttProbeSection = RttProbeSection()
     # Issue 4 adds the `[datasets]` (dataset name -> local path) and `[executor]` sections here.
 
     @field_validator("agent_id")

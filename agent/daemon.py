@@ -80,6 +80,9 @@ class AgentDaemon:
         # The RTT prober (agent/rtt_probe.py) plugs in here: a cheap call returning its latest
         # measurements in ms by `cloud:region`.
         self._rtt_source = rtt_source
+        self._measured_rtt: dict[str, float] = {}
+        if rtt_source is None and config.rtt_probe.targets:
+            self._rtt_source = lambda: self._measured_rtt
         self.state = AgentState(
             agent_id=identity.agent_id,
             location=identity.location,
@@ -255,6 +258,17 @@ class AgentDaemon:
 
     # --- life cycle ---------------------------------------------------------------------------
 
+    async def _rtt_prober(self) -> None:
+        from fedsky.agent.rtt_probe import probe_rtt
+
+        section = self.config.rtt_probe
+        while True:
+            measured = await probe_rtt(targets=section.targets, timeout_s=section.timeout_s)
+            if measured != self._measured_rtt:
+                self._measured_rtt = measured
+                self.request_report()
+            await asyncio.sleep(section.interval_s)
+
     async def run(self, *, stop: asyncio.Event) -> None:
         """Run until `stop` is set; StatusError if the status socket cannot be served."""
         try:
@@ -266,6 +280,8 @@ class AgentDaemon:
                     tg.create_task(self._reporter(), name="reporter"),
                     tg.create_task(self._poller(), name="inventory-poller"),
                 ]
+                if self.config.rtt_probe.targets and self._rtt_source is not None:
+                    tasks.append(tg.create_task(self._rtt_prober(), name="rtt-probe"))
                 if self.config.test is not None and self.config.test.fault_socket is not None:
                     tasks.append(
                         tg.create_task(

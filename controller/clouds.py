@@ -599,89 +599,72 @@ def validate_aws(
     """Check an AWS key by real calls (blocking: run it in a thread)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    region = region or cred.region or config.validation_region
-    # STS and DescribeRegions go to a region known to exist: an unknown one has no endpoint.
-
-    def unreachable(exc: BaseException) -> ValidationResult:
-        detail = scrub(f"{type(exc).__name__}: {exc}", cred.secrets())
-        return ValidationResult(
-            "aws", STATUS_UNREACHABLE, None, None, region, message=f"cannot reach AWS: {detail}"
-        )
-
-    try:
-        ident = aws_client(cred, "sts", config, config.validation_region).get_caller_identity()
-    except ClientError as exc:
-        code = aws_error_code(exc)
-        message = _AWS_BAD_KEY.get(code, f"AWS refused the key ({code})")
-        return ValidationResult("aws", STATUS_INVALID, None, None, region, message=message)
-    except BotoCoreError as exc:
-        return unreachable(exc)
-    account, identity = str(ident["Account"]), str(ident["Arn"])
-    ec2 = aws_client(cred, "ec2", config, config.validation_region)
+    where = region or cred.region or config.validation_region
+    account: str | None = None
+    identity: str | None = None
     missing: list[str] = []
     notes: list[str] = []
 
-    def call(action: str, fn: Any, **kwargs: Any) -> Any:
-        """Run one check; record a missing permission. Returns the response or None."""
+    def result(status: str, message: str = "") -> ValidationResult:
+        if status == STATUS_MISSING:
+            message = _missing_message(identity, account, "account", missing)
+        return ValidationResult(
+            "aws", status, account, identity, where, tuple(missing), tuple(notes), message
+        )
+
+    def check(action: str, fn: Any, **kwargs: Any) -> Any:
+        """Run one call; a denial records `action` as missing. Returns the response or None."""
         try:
             return fn(**kwargs)
         except ClientError as exc:
             code = aws_error_code(exc)
             if code == "DryRunOperation":
                 return {}
+            if code in _AWS_BAD_KEY:
+                raise
             if code in _AWS_DENIED:
                 missing.append(action)
-            elif code in _AWS_BAD_KEY:
-                raise
             else:
                 notes.append(f"{action} not checked: AWS answered {code}")
             return None
 
+    # Placeholders for the DryRun calls that need a resource id: permission is checked first.
+    instance, group = "i-00000000000000000", "sg-00000000000000000"
     try:
-        regions = call("ec2:DescribeRegions", ec2.describe_regions, AllRegions=True)
+        # STS and DescribeRegions go to a region known to exist: an unknown one has no endpoint.
+        ident = aws_client(cred, "sts", config, config.validation_region).get_caller_identity()
+        account, identity = str(ident["Account"]), str(ident["Arn"])
+        ec2 = aws_client(cred, "ec2", config, config.validation_region)
+        regions = check("ec2:DescribeRegions", ec2.describe_regions, AllRegions=True)
         if regions is not None:
             known = {r["RegionName"]: r.get("OptInStatus", "") for r in regions.get("Regions", [])}
-            if region not in known:
+            if where not in known:
                 sample = ", ".join(sorted(known)[:6])
-                return ValidationResult(
-                    "aws",
-                    STATUS_REGION,
-                    account,
-                    identity,
-                    region,
-                    message=f"unknown AWS region {region!r} (regions include {sample}, ...)",
+                return result(
+                    STATUS_REGION, f"unknown AWS region {where!r} (regions include {sample}, ...)"
                 )
-            if known[region] == "not-opted-in":
-                return ValidationResult(
-                    "aws",
+            if known[where] == "not-opted-in":
+                return result(
                     STATUS_REGION,
-                    account,
-                    identity,
-                    region,
-                    message=f"region {region!r} is not enabled for account {account}; enable it or choose another",
+                    f"region {where!r} is not enabled for account {account}; enable it or choose another",
                 )
-        if region != config.validation_region:
-            ec2 = aws_client(cred, "ec2", config, region)
+        if where != config.validation_region:
+            ec2 = aws_client(cred, "ec2", config, where)
         image: str | None = None
-        if region in config.images:
-            image = config.images[region]
+        if (
+            where in config.images
+            or check("ec2:DescribeImages", ec2.describe_images, DryRun=True) is not None
+        ):
+            image = resolve_aws_image(ec2, config, where)
+            if image is None:
+                notes.append(
+                    f"no image named {config.image_name!r} from owner {config.image_owner} in {where}: "
+                    "set clouds.aws.images"
+                )
+        if image is None:
+            notes.append("ec2:RunInstances not checked: no image to try it with")
         else:
-            try:
-                image = resolve_aws_image(ec2, config, region)
-            except ClientError as exc:
-                if aws_error_code(exc) in _AWS_DENIED:
-                    missing.append("ec2:DescribeImages")
-                else:
-                    raise
-            else:
-                if image is None:
-                    notes.append(
-                        f"no image named {config.image_name!r} from owner {config.image_owner} in {region}: "
-                        "set clouds.aws.images"
-                    )
-        call("ec2:DescribeVpcs", ec2.describe_vpcs, DryRun=True)
-        if image is not None:
-            call(
+            check(
                 "ec2:RunInstances",
                 ec2.run_instances,
                 DryRun=True,
@@ -690,69 +673,43 @@ def validate_aws(
                 MinCount=1,
                 MaxCount=1,
             )
-        else:
-            notes.append("ec2:RunInstances not checked: no image to try it with")
-        placeholder_instance, placeholder_group = "i-00000000000000000", "sg-00000000000000000"
-        call(
-            "ec2:CreateTags",
-            ec2.create_tags,
-            DryRun=True,
-            Resources=[placeholder_instance],
-            Tags=[{"Key": "fedsky:check", "Value": "1"}],
+        tag = [{"Key": "fedsky:check", "Value": "1"}]
+        rule = {
+            "IpProtocol": "tcp",
+            "FromPort": 9092,
+            "ToPort": 9092,
+            "IpRanges": [{"CidrIp": "192.0.2.1/32"}],
+        }
+        check("ec2:DescribeVpcs", ec2.describe_vpcs, DryRun=True)
+        check("ec2:CreateTags", ec2.create_tags, DryRun=True, Resources=[instance], Tags=tag)
+        check("ec2:DescribeInstances", ec2.describe_instances, DryRun=True)
+        check(
+            "ec2:TerminateInstances", ec2.terminate_instances, DryRun=True, InstanceIds=[instance]
         )
-        call("ec2:DescribeInstances", ec2.describe_instances, DryRun=True)
-        call(
-            "ec2:TerminateInstances",
-            ec2.terminate_instances,
-            DryRun=True,
-            InstanceIds=[placeholder_instance],
-        )
-        call(
+        check(
             "ec2:CreateSecurityGroup",
             ec2.create_security_group,
             DryRun=True,
             GroupName="fedsky-permission-check",
             Description="fedsky permission check (dry run)",
         )
-        call(
+        check(
             "ec2:AuthorizeSecurityGroupIngress",
             ec2.authorize_security_group_ingress,
             DryRun=True,
-            GroupId=placeholder_group,
-            IpPermissions=[
-                {
-                    "IpProtocol": "tcp",
-                    "FromPort": 9092,
-                    "ToPort": 9092,
-                    "IpRanges": [{"CidrIp": "192.0.2.1/32"}],
-                }
-            ],
+            GroupId=group,
+            IpPermissions=[rule],
         )
-        call("ec2:DescribeSecurityGroups", ec2.describe_security_groups, DryRun=True)
-        call(
-            "ec2:DeleteSecurityGroup",
-            ec2.delete_security_group,
-            DryRun=True,
-            GroupId=placeholder_group,
-        )
+        check("ec2:DescribeSecurityGroups", ec2.describe_security_groups, DryRun=True)
+        check("ec2:DeleteSecurityGroup", ec2.delete_security_group, DryRun=True, GroupId=group)
     except ClientError as exc:
         code = aws_error_code(exc)
         message = _AWS_BAD_KEY.get(code) or scrub(f"AWS answered {code}: {exc}", cred.secrets())
-        return ValidationResult("aws", STATUS_INVALID, account, identity, region, message=message)
+        return result(STATUS_INVALID, message)
     except BotoCoreError as exc:
-        return unreachable(exc)
-    if missing:
-        return ValidationResult(
-            "aws",
-            STATUS_MISSING,
-            account,
-            identity,
-            region,
-            tuple(missing),
-            tuple(notes),
-            _missing_message(identity, account, "account", missing),
-        )
-    return ValidationResult("aws", STATUS_OK, account, identity, region, (), tuple(notes), "")
+        detail = scrub(f"{type(exc).__name__}: {exc}", cred.secrets())
+        return result(STATUS_UNREACHABLE, f"cannot reach AWS: {detail}")
+    return result(STATUS_MISSING if missing else STATUS_OK)
 
 
 # GCP ----------------------------------------------------------------------------------------------
@@ -803,86 +760,52 @@ def validate_gcp(
     from google.cloud import compute_v1
 
     project, identity = cred.project_id, cred.client_email
+    missing: list[str] = []
+    notes: list[str] = []
+
+    def result(status: str, message: str = "") -> ValidationResult:
+        if status == STATUS_MISSING:
+            message = _missing_message(identity, project, "project", missing)
+        return ValidationResult(
+            "gcp", status, project, identity, region, tuple(missing), tuple(notes), message
+        )
+
     credentials = gcp_credentials(cred, config)
     try:
         credentials.refresh(Request())
     except google.auth.exceptions.RefreshError as exc:
         reason = _gcp_error(exc.args[0] if exc.args else exc, cred)
-        return ValidationResult(
-            "gcp",
+        return result(
             STATUS_INVALID,
-            project,
-            identity,
-            region,
-            message=f"Google refused the key ({reason}): it was deleted or disabled, or the file was altered",
+            f"Google refused the key ({reason}): it was deleted or disabled, or the file was altered",
         )
     except google.auth.exceptions.TransportError as exc:
-        return ValidationResult(
-            "gcp",
-            STATUS_UNREACHABLE,
-            project,
-            identity,
-            region,
-            message=f"cannot reach the token endpoint: {type(exc).__name__}",
-        )
-    missing: list[str] = []
-    notes: list[str] = []
+        return result(STATUS_UNREACHABLE, f"cannot reach the token endpoint: {type(exc).__name__}")
     zones = compute_v1.ZonesClient(
         credentials=credentials, client_options=gcp_client_options(config), transport="rest"
     )
     try:
-        listed = [
-            (z.name, z.region.rsplit("/", 1)[-1], z.status) for z in zones.list(project=project)
-        ]
+        regions = {z.region.rsplit("/", 1)[-1] for z in zones.list(project=project)}
     except gexc.Forbidden as exc:
         text = _gcp_error(exc, cred)
         if "disabled" in text.lower() or "has not been used" in text.lower():
-            return ValidationResult(
-                "gcp",
+            return result(
                 STATUS_INVALID,
-                project,
-                identity,
-                region,
-                message=f"the Compute Engine API is not enabled in project {project}: {text}",
+                f"the Compute Engine API is not enabled in project {project}: {text}",
             )
         missing.append("compute.zones.list")
-        listed = []
+        regions = set()
     except gexc.NotFound:
-        return ValidationResult(
-            "gcp",
-            STATUS_INVALID,
-            project,
-            identity,
-            region,
-            message=f"project {project!r} does not exist",
-        )
+        return result(STATUS_INVALID, f"project {project!r} does not exist")
     except (gexc.GoogleAPICallError, google.auth.exceptions.GoogleAuthError) as exc:
-        return ValidationResult(
-            "gcp",
-            STATUS_UNREACHABLE,
-            project,
-            identity,
-            region,
-            message=f"zones.list failed: {_gcp_error(exc, cred)}",
-        )
+        return result(STATUS_UNREACHABLE, f"zones.list failed: {_gcp_error(exc, cred)}")
     except OSError as exc:
-        return ValidationResult(
-            "gcp",
-            STATUS_UNREACHABLE,
-            project,
-            identity,
-            region,
-            message=f"cannot reach Compute Engine: {exc}",
-        )
-    if region is not None and listed and region not in {r for _, r, _ in listed}:
-        sample = ", ".join(sorted({r for _, r, _ in listed})[:6])
-        return ValidationResult(
-            "gcp",
+        return result(STATUS_UNREACHABLE, f"cannot reach Compute Engine: {type(exc).__name__}")
+    if region is not None and regions and region not in regions:
+        sample = ", ".join(sorted(regions)[:6])
+        return result(
             STATUS_REGION,
-            project,
-            identity,
-            region,
-            message=f"unknown GCP region {region!r} in project {project} (regions include {sample}, ...)",
+            f"unknown GCP region {region!r} in project {project} (regions include {sample}, ...)",
         )
     session = AuthorizedSession(credentials)  # type: ignore[no-untyped-call]
     url = f"{config.resource_manager_endpoint.rstrip('/')}/v1/projects/{project}:testIamPermissions"
@@ -899,18 +822,7 @@ def validate_gcp(
                 f"permissions not checked: projects.testIamPermissions answered HTTP {response.status_code} "
                 "(is the Cloud Resource Manager API enabled?)"
             )
-    if missing:
-        return ValidationResult(
-            "gcp",
-            STATUS_MISSING,
-            project,
-            identity,
-            region,
-            tuple(missing),
-            tuple(notes),
-            _missing_message(identity, project, "project", missing),
-        )
-    return ValidationResult("gcp", STATUS_OK, project, identity, region, (), tuple(notes), "")
+    return result(STATUS_MISSING if missing else STATUS_OK)
 
 
 # -- the service the API and the job pipeline use ------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,14 +21,23 @@ HOSPITALS = {"hospital-us": "aws:us-east-1", "hospital-eu": "aws:eu-central-1"}
 
 @pytest.fixture
 def box(tmp_path: Path) -> Iterator[Onebox]:
+    # A local listener stands in for a regional endpoint: hospital-us measures its RTT to it.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    probe = f'[rtt_probe]\ninterval_s = 10\ntargets = {{"aws:eu-central-1" = "127.0.0.1:{port}"}}'
     onebox = Onebox(
-        root=tmp_path / "box", report_interval_s=3.0, poll_interval_s=0.5, offline_after_s=15
+        root=tmp_path / "box",
+        report_interval_s=3.0,
+        poll_interval_s=0.5,
+        offline_after_s=15,
+        agent_extra={"hospital-us": probe},
     )
     try:
         onebox.start(HOSPITALS)
         yield onebox
     finally:
         onebox.stop()
+        listener.close()
 
 
 def _vms(box: Onebox) -> dict[tuple[str, str], dict[str, object]]:
@@ -47,8 +57,6 @@ def _wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-
 
 
 def _fault(box: Onebox, agent: str, action: str, vm: str) -> None:
-    import socket
-
     path = box.agents[agent].state_dir / "fault.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
@@ -76,6 +84,10 @@ def test_inventory_equals_libvirt_and_follows_state_changes(box: Onebox) -> None
         finally:
             conn.close()
     assert vms[("hospital-us", "vm-001")]["vcpus"] == 4
+    agents = {a["id"]: a for a in json.loads(box.fedctl("agents", "--json").stdout)}
+    # The measured RTT travels in the report; the agent without targets reports none.
+    assert 0 < agents["hospital-us"]["rtt_ms"]["aws:eu-central-1"] < 100
+    assert agents["hospital-eu"]["rtt_ms"] == {}
     assert vms[("hospital-us", "vm-001")]["disk_gib"] == 40
     assert vms[("hospital-us", "vm-003")]["state"] == "shutoff"
 

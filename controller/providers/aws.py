@@ -134,15 +134,9 @@ class AwsProvider:
         sources = check_sources(spec.allowed_sources)
         await self._check_region(spec.region)
         ec2 = self._ec2(spec.region)
-        image = self._config.images.get(spec.region)
-        if image is None:
-            image = await self._call(
-                "DescribeImages",
-                resolve_aws_image,
-                ec2=ec2,
-                config=self._config,
-                region=spec.region,
-            )
+        image = await self._call(
+            "DescribeImages", resolve_aws_image, ec2=ec2, config=self._config, region=spec.region
+        )
         if image is None:
             raise ProviderError(
                 f"no aggregator image in {spec.region}: no image named {self._config.image_name!r} from owner "
