@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from fedsky.controller import enrollment, inventory
 from fedsky.controller.bus import ControllerBus
 from fedsky.controller.store import Store
 from fedsky.shared.messages import MAX_PAYLOAD_BYTES, HostInfo, Report, VmInfo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from tests.support import MqttBroker
 
 AGENT = "hospital-test"
