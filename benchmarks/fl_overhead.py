@@ -10,9 +10,11 @@ of the fedsky app (FedAvg, exact federated metrics, file sink). Prints:
 2. The run: wall time of `flwr run`, the rounds' own durations (from the ServerApp), and the
    time outside rounds (app start, end of run).
 3. One message's life at a SuperNode, averaged over nodes and rounds, from the SuperNodes' own
-   log lines time-stamped as they are written: waiting for it (the SuperNode polls every 3 s),
-   receiving it, the SuperExec starting a `flwr-clientapp` process, that process's work
-   (interpreter start, imports, the ClientApp), sending the reply.
+   log lines time-stamped as they are written: waiting for it (the SuperNode polls every 3 s;
+   the ServerApp waits for the slowest node), receiving it, the SuperExec starting a
+   `flwr-clientapp` process up to the end of Flower's imports, the rest of that process (the
+   fedsky ClientApp: its imports, torch, the data, training or evaluation, the reply handed
+   back), sending the reply.
 4. Fixed costs a fresh ClientApp process pays, each measured in its own new interpreter.
 
 `run_bare()` is the reusable part: the fedsky-job side of the comparison calls it for the
@@ -53,7 +55,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EVENTS = {
     "Receiving:": "receiving",
     "Received successfully": "received",
-    "Start `flwr-clientapp` process": "spawned",
+    "Start `flwr-clientapp` process": "spawned",  # logged by the new process after Flower's imports
     "Sending:": "sending",
     "Sent successfully": "sent",
 }
@@ -102,8 +104,8 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> tuple[subpro
 
 
 def _phases(timelines: list[Timeline]) -> dict[str, float]:
-    parts: dict[str, list[float]] = {"wait_for_message": [], "receive": [], "start_clientapp": [],
-                                     "clientapp_process": [], "send_reply": []}
+    parts: dict[str, list[float]] = {"wait_for_message": [], "receive": [], "spawn_and_flwr_imports": [],
+                                     "fedsky_clientapp": [], "send_reply": []}
     for tl in timelines:
         last_sent: float | None = None
         cur: dict[str, float] = {}
@@ -113,8 +115,8 @@ def _phases(timelines: list[Timeline]) -> dict[str, float]:
                 if last_sent is not None:
                     parts["wait_for_message"].append(cur["receiving"] - last_sent)
                 parts["receive"].append(cur["received"] - cur["receiving"])
-                parts["start_clientapp"].append(cur["spawned"] - cur["received"])
-                parts["clientapp_process"].append(cur["sending"] - cur["spawned"])
+                parts["spawn_and_flwr_imports"].append(cur["spawned"] - cur["received"])
+                parts["fedsky_clientapp"].append(cur["sending"] - cur["spawned"])
                 parts["send_reply"].append(cur["sent"] - cur["sending"])
                 last_sent = t
                 cur = {}

@@ -650,6 +650,7 @@ def validate_aws(
                 )
         if where != config.validation_region:
             ec2 = aws_client(cred, "ec2", config, where)
+        check("ec2:DescribeVpcs", ec2.describe_vpcs, DryRun=True)
         image: str | None = None
         if (
             where in config.images
@@ -680,7 +681,6 @@ def validate_aws(
             "ToPort": 9092,
             "IpRanges": [{"CidrIp": "192.0.2.1/32"}],
         }
-        check("ec2:DescribeVpcs", ec2.describe_vpcs, DryRun=True)
         check("ec2:CreateTags", ec2.create_tags, DryRun=True, Resources=[instance], Tags=tag)
         check("ec2:DescribeInstances", ec2.describe_instances, DryRun=True)
         check(
@@ -1083,6 +1083,10 @@ class CloudService:
         Tries the named account, or every account linked for `cloud` (last known good first);
         each check updates the stored status, so `fedctl clouds list` shows why a launch was refused.
         """
+        if cloud not in CLOUDS:
+            raise ProviderError(
+                f"fedsky cannot launch on {cloud!r}: its cloud providers are {', '.join(CLOUDS)}"
+            )
         records = [r for r in await self.vault.list(cloud) if name is None or r.name == name]
         if not records:
             what = f"account {name!r}" if name else f"{cloud} account"

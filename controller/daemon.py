@@ -26,6 +26,7 @@ from fedsky.controller.bus import ControllerBus
 from fedsky.controller.config import ControllerConfig, load_controller_config
 from fedsky.controller.enrollment import record_certificate, revoked_serials
 from fedsky.controller.pki import Pki, PkiError, cert_info
+from fedsky.controller.clouds import CloudService
 from fedsky.controller.registry import Registry
 from fedsky.controller.store import Store, StoreError
 from fedsky.shared import exitcodes
@@ -152,6 +153,8 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
         )
         services = Services(config=config, store=store, pki=pki, bus=bus, broker=broker)
         services.parts["registry"] = Registry.from_controller_config(store=store, config=config)
+        clouds = CloudService.open(config=config, store=store, pki=pki)
+        services.parts["clouds"] = clouds
         app = make_app(services)
         async with asyncio.TaskGroup() as tg:
             if broker is not None:

@@ -34,9 +34,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import numpy as np
 from fedsky.shared.config import ConfigError, load_config, parse_config, resolve_path
 from fedsky.shared.jobspec import DATASET_NAME_PATTERN
 from pydantic import (
@@ -47,6 +46,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +217,8 @@ def _sklearn_data_dir() -> Path | None:
 
 
 def _bundled(kind: str) -> tuple[np.ndarray, np.ndarray, int]:
+    import numpy as np
+
     data_dir = _sklearn_data_dir()
     if data_dir is None:
         raise DatasetError(f"the bundled {kind} dataset needs scikit-learn, which is not installed")
@@ -235,6 +239,8 @@ def _bundled(kind: str) -> tuple[np.ndarray, np.ndarray, int]:
 
 def partition_indices(labels: np.ndarray, partition: Partition) -> np.ndarray:
     """The sample indices of one partition; every site computes the same split."""
+    import numpy as np
+
     n = len(labels)
     rng = np.random.default_rng(partition.seed)
     if partition.count == 1:
@@ -260,6 +266,8 @@ def partition_indices(labels: np.ndarray, partition: Partition) -> np.ndarray:
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+
     if n < 2:
         raise DatasetError(f"a dataset of {n} sample(s) cannot be split into train and eval sets")
     order = np.random.default_rng(seed).permutation(n)
@@ -268,6 +276,8 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _shape_for(x: np.ndarray, input_shape: Sequence[int], name: str) -> np.ndarray:
+    import numpy as np
+
     per_sample = int(np.prod(x.shape[1:]))
     if per_sample != int(np.prod(input_shape)):
         raise DatasetError(
@@ -278,6 +288,8 @@ def _shape_for(x: np.ndarray, input_shape: Sequence[int], name: str) -> np.ndarr
 
 
 def _load_bundled(spec: BundledDatasetSpec, input_shape: Sequence[int], num_classes: int) -> LocalData:
+    import numpy as np
+
     x, y, classes = _bundled(spec.kind)
     if classes != num_classes:
         raise DatasetError(
@@ -314,6 +326,7 @@ def _image_files(split_dir: Path) -> dict[str, list[Path]]:
 def _read_images(
     files: dict[str, list[Path]], class_index: Mapping[str, int], input_shape: Sequence[int], split: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     channels, height, width = (int(v) for v in input_shape)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ class Federation:
     handle: AggregatorHandle
     control: SuperLinkControl
     nodes: list[LocalSuperNode]
+    node_ids: list[int]
+    catalogs: list[Path]
     model: Path
 
     async def run(self, name: str, **overrides: object) -> tuple[list[RoundMetrics], RunFinished, float]:
@@ -92,12 +96,15 @@ async def federation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     control = provider.control(handle)
     executor = LocalExecutor(work_dir=root / "agent-tasks")
     nodes: list[LocalSuperNode] = []
+    node_ids: list[int] = []
+    catalogs: list[Path] = []
     try:
         for i, site in enumerate(SITES):
             site_dir = root / site
             keys = generate_node_key(site_dir / "keys")
-            await control.register_node(keys.public_key, name=site)
+            node_ids.append(await control.register_node(keys.public_key, name=site))
             catalog = write_catalog(site_dir / "datasets.json", {"digits": _spec(i)})
+            catalogs.append(catalog)
             nodes.append(await executor.start(SuperNodeLaunch(
                 task_id=f"e2e-{site}", site=site, superlink=str(handle.address),
                 root_ca=provider.tls("e2e").ca_file, private_key=keys.private_key, dataset_config=catalog,
@@ -105,7 +112,8 @@ async def federation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
             )))
         model = root / "digits.safetensors"
         make_example("digits", model, seed=3)
-        yield Federation(root=root, provider=provider, handle=handle, control=control, nodes=nodes, model=model)
+        yield Federation(root=root, provider=provider, handle=handle, control=control, nodes=nodes,
+                         node_ids=node_ids, catalogs=catalogs, model=model)
     finally:
         for node in nodes:
             status = await node.stop()
@@ -197,3 +205,73 @@ async def test_overrides_per_site(federation: Federation, tmp_path: Path) -> Non
     assert sorted(p.site for p in r.participants) == ["hospital-asia", "hospital-us"]
     assert {f.site for f in r.failures} == {"hospital-eu"}
     assert all("dataset 'digits-eu' is not configured" in f.reason for f in r.failures)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stop_a_run_and_unregister_a_node(federation: Federation) -> None:
+    sink = federation.root / "runs" / "long"
+    settings = RunSettings.model_validate({
+        "job-id": "long", "num-rounds": 50, "min-participants": len(SITES), "expected-participants": len(SITES),
+        "model-file": str(federation.model), "sink": "file", "sink-dir": str(sink),
+    })
+    run_id = await federation.control.start_run(app_dir=prepare_app_dir(federation.root / "app"), settings=settings,
+                                                run_config_file=federation.root / "long.toml")
+    t0 = time.monotonic()
+    while not (sink / "round-0001.json").exists():
+        assert time.monotonic() - t0 < 120
+        await asyncio.sleep(0.5)
+    assert await federation.control.run_status(run_id) == "running"
+    await federation.control.stop_run(run_id)
+    t1 = time.monotonic()
+    status = ""
+    while time.monotonic() - t1 < 60:
+        status = await federation.control.run_status(run_id)
+        if status.startswith("finished"):
+            break
+        await asyncio.sleep(0.5)
+    assert status == "finished:stopped"
+    # A spare key: registered, then unregistered (what failover does to a dead node's key).
+    keys = generate_node_key(federation.root / "spare")
+    node_id = await federation.control.register_node(keys.public_key, name="spare")
+    await federation.control.unregister_node(node_id)
+    states = {n.node_id: n.status for n in await federation.control.list_nodes()}
+    assert states[node_id] == "unregistered"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_failover_to_a_standby_key(federation: Federation) -> None:
+    """A hospital's SuperNode dies mid-run; its node is unregistered and a replacement with the
+    pre-registered standby key takes over: the run completes and the site is back by the end."""
+    standby = generate_node_key(federation.root / "hospital-eu" / "standby")
+    await federation.control.register_node(standby.public_key, name="hospital-eu-standby")
+    sink = federation.root / "runs" / "failover"
+    settings = RunSettings.model_validate({
+        "job-id": "failover", "num-rounds": 4, "min-participants": 2, "expected-participants": len(SITES),
+        "model-file": str(federation.model), "sink": "file", "sink-dir": str(sink), "round-timeout-s": 120,
+    })
+    run_id = await federation.control.start_run(app_dir=prepare_app_dir(federation.root / "app"), settings=settings,
+                                                run_config_file=federation.root / "failover.toml")
+    t0 = time.monotonic()
+    while not (sink / "round-0001.json").exists():
+        assert time.monotonic() - t0 < 120
+        await asyncio.sleep(0.2)
+    dead = federation.nodes[2]
+    os.killpg(dead.pid, signal.SIGKILL)
+    assert not (await dead.wait()).ok
+    await federation.control.unregister_node(federation.node_ids[2])
+    executor = LocalExecutor(work_dir=federation.root / "agent-tasks")
+    federation.nodes[2] = await executor.start(SuperNodeLaunch(
+        task_id="e2e-hospital-eu-standby", site="hospital-eu", superlink=str(federation.handle.address),
+        root_ca=federation.provider.tls("e2e").ca_file, private_key=standby.private_key,
+        dataset_config=federation.catalogs[2], node_config={"torch-threads": 1},
+    ))
+    while not (sink / "run.json").exists():
+        assert time.monotonic() - t0 < 400
+        await asyncio.sleep(0.5)
+    rounds, end = read_file_sink(sink)
+    assert end is not None
+    assert end.status == "completed", end.reason
+    assert [r.round for r in rounds] == [1, 2, 3, 4]
+    assert all(len(r.participants) >= 2 for r in rounds)
+    assert sorted(p.site for p in rounds[-1].participants) == sorted(SITES)
+    assert (await federation.control.run_status(run_id)).startswith("finished")

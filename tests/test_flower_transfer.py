@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from fedsky.controller.pki import Pki
 from fedsky.shared.flower.sink import FileSink, MqttSink, SinkError, read_file_sink
-from fedsky.shared.flower.transfer import TransferError, WeightsAssembler, split_weights
+from fedsky.shared.flower.transfer import (
+    AggregatorFeed,
+    RoundReady,
+    RunEnded,
+    TransferError,
+    WeightsAssembler,
+    split_weights,
+)
 from fedsky.shared.messages import (
     MAX_PAYLOAD_BYTES,
     WEIGHTS_CHUNK_BYTES,
@@ -19,7 +26,6 @@ from fedsky.shared.messages import (
     RoundMetrics,
     RunFinished,
     SiteContribution,
-    WeightsChunk,
     decode_aggregator,
 )
 from fedsky.shared.modelfile import make_example, parse_model_bytes
@@ -82,6 +88,46 @@ def test_assembler_refuses_bad_chunks_and_stays_bounded() -> None:
     assert asm.pending_bytes == WEIGHTS_CHUNK_BYTES
 
 
+def test_feed_pairs_rounds_with_their_weights() -> None:
+    feed = AggregatorFeed(wait_for_weights_s=30)
+    blob = b"w" * (WEIGHTS_CHUNK_BYTES + 5)
+    ref, chunks = split_weights(job_id="job-1", round=1, data=blob)
+    m1 = _metrics(rnd=1).model_copy(update={"weights": ref})
+    # Metrics first, then the chunks (the order the aggregator sends them).
+    assert feed.feed("agg-job-1", m1.encode(), now=0) == []
+    assert feed.feed("agg-job-1", chunks[0].encode(), now=1) == []
+    (ready,) = feed.feed("agg-job-1", chunks[1].encode(), now=2)
+    assert isinstance(ready, RoundReady)
+    assert ready.weights == blob
+    assert ready.metrics == m1
+    # Chunks that overtake their metrics wait for them.
+    ref2, chunks2 = split_weights(job_id="job-1", round=2, data=b"v" * 10)
+    assert feed.feed("agg-job-1", chunks2[0].encode(), now=3) == []
+    (ready2,) = feed.feed("agg-job-1", _metrics(rnd=2).model_copy(update={"weights": ref2}).encode(), now=4)
+    assert isinstance(ready2, RoundReady)
+    assert ready2.weights == b"v" * 10
+    # A round without weights goes at once; one whose weights never come goes at the run's end
+    # (or on expiry) without them.
+    (bare,) = feed.feed("agg-job-1", _metrics(rnd=3).encode(), now=5)
+    assert isinstance(bare, RoundReady)
+    assert bare.weights is None
+    ref4, _ = split_weights(job_id="job-1", round=4, data=b"lost")
+    assert feed.feed("agg-job-1", _metrics(rnd=4).model_copy(update={"weights": ref4}).encode(), now=6) == []
+    end = RunFinished(job_id="job-1", status="completed", rounds_completed=4, num_rounds=4)
+    flushed, ended = feed.feed("agg-job-1", end.encode(), now=7)
+    assert isinstance(flushed, RoundReady)
+    assert flushed.metrics.round == 4
+    assert flushed.weights is None
+    assert isinstance(ended, RunEnded)
+    assert feed.feed("agg-job-1", _metrics(rnd=5).model_copy(update={"weights": ref4}).encode(), now=8) == []
+    (late,) = feed.expire(now=100)
+    assert late.metrics.round == 5
+    # An aggregator reports only on its own job.
+    with pytest.raises(PayloadError) as err:
+        feed.feed("agg-job-2", m1.encode())
+    assert err.value.reason == "wrong_sender"
+
+
 def test_decode_aggregator_messages() -> None:
     m = _metrics()
     assert decode_aggregator(m.encode()) == m
@@ -126,9 +172,8 @@ async def test_mqtt_sink_delivers_a_26_mb_model(tmp_path: Path, pki: Pki, mqtt_b
         finally:
             sink.close()
 
-    asm = WeightsAssembler()
-    got: list[RoundMetrics | RunFinished] = []
-    weights: bytes | None = None
+    feed = AggregatorFeed()
+    got: list[RoundReady | RunEnded] = []
     async with mqtt_broker.client(ctl) as client:
         await client.subscribe(mqtt_broker.topics.all_aggregators_up, qos=1)
         task = asyncio.create_task(asyncio.to_thread(publish))
@@ -137,18 +182,16 @@ async def test_mqtt_sink_delivers_a_26_mb_model(tmp_path: Path, pki: Pki, mqtt_b
                 assert str(message.topic) == topic
                 assert isinstance(message.payload, bytes)
                 assert len(message.payload) <= MAX_PAYLOAD_BYTES
-                msg = decode_aggregator(message.payload)
-                if isinstance(msg, WeightsChunk):
-                    done = asm.add(msg, sender=f"agg-{job_id}")
-                    if done is not None:
-                        weights = done.data
-                else:
-                    got.append(msg)
-                if isinstance(msg, RunFinished):
+                parsed = mqtt_broker.topics.parse_up(str(message.topic))
+                assert parsed is not None
+                got += feed.feed(parsed.sender, message.payload)
+                if got and isinstance(got[-1], RunEnded):
                     break
         await task
-    metrics = got[0]
-    assert isinstance(metrics, RoundMetrics)
+    ready, ended = got
+    assert isinstance(ready, RoundReady)
+    assert isinstance(ended, RunEnded)
+    metrics, weights = ready.metrics, ready.weights
     assert metrics.weights is not None
     assert weights == blob
     assert metrics.weights.size == len(blob)

@@ -132,6 +132,12 @@ async def test_a_bad_machine_type_and_an_unknown_region_fail_clearly(
         await provider.launch(_spec("job-g4", region="mars-north1"))
     with pytest.raises(ProviderError, match="unknown GCP region"):
         await service.provider_for_launch("gcp", region="mars-north1")
+    with pytest.raises(ProviderError, match="cannot launch on 'azure'"):
+        await service.provider_for_launch("azure", region="eastus")
+    with pytest.raises(
+        ProviderError, match="no aws account is linked; link one with `fedctl clouds add aws FILE`"
+    ):
+        await service.provider_for_launch("aws", region="us-east-1")
 
 
 async def test_a_cancelled_launch_deletes_what_it_made(linked: Any, fake: FakeGcp) -> None:

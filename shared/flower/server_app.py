@@ -49,7 +49,7 @@ from fedsky.shared.modelfile import (
     digest,
     from_array_record,
     model_bytes,
-    read_model_file,
+    parse_model_bytes,
     to_array_record,
 )
 from flwr.app import (
@@ -191,11 +191,10 @@ def _phase(
     rnd: int,
     train: bool,
     node_sites: dict[int, str],
+    want: int,
 ) -> _Phase:
     name = "train" if train else "evaluate"
-    nodes = wait_for_nodes(
-        grid, want=settings.wait_for, minimum=settings.min_participants, timeout_s=settings.join_timeout_s
-    )
+    nodes = wait_for_nodes(grid, want=want, minimum=settings.min_participants, timeout_s=settings.join_timeout_s)
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": config}),
@@ -320,8 +319,12 @@ def load_initial_model(settings: RunSettings) -> ModelFile:
     if not settings.model_file:
         raise RunFailed("run config has no model-file")
     try:
-        model = read_model_file(settings.model_file)
-    except ModelFileError as exc:
+        data = Path(settings.model_file).read_bytes()
+    except OSError as exc:
+        raise RunFailed(f"the aggregator cannot read the model file: {exc.strerror}") from None
+    try:
+        model = parse_model_bytes(data)
+    except ModelFileError as exc:  # the reason, without the aggregator's own paths
         raise RunFailed(f"the model file does not load: {exc}") from None
     if settings.model_sha256 and model.sha256 != settings.model_sha256:
         raise RunFailed("the model file on the aggregator does not match the job's model digest")
@@ -355,11 +358,16 @@ def run_federation(grid: Grid, settings: RunSettings, sink: Sink, progress: Prog
         started_at = utcnow()
         t0 = time.monotonic()
         config = ConfigRecord({**base, "server-round": rnd})
+        # Before the first round wait (up to join-timeout-s) for every expected participant;
+        # after that, for the minimum: a node that is gone does not hold up every round, and one
+        # that comes back (or its replacement) is included as soon as it is connected.
+        want = settings.wait_for if rnd == 1 else settings.min_participants
         trained = _phase(grid, settings=settings, model=model, arrays=to_array_record(weights),
-                         config=config, rnd=rnd, train=True, node_sites=node_sites)
+                         config=config, rnd=rnd, train=True, node_sites=node_sites, want=want)
         weights = fedavg(trained.replies, model.weights)
         evaluated = _phase(grid, settings=settings, model=model, arrays=to_array_record(weights),
-                           config=config, rnd=rnd, train=False, node_sites=node_sites)
+                           config=config, rnd=rnd, train=False, node_sites=node_sites,
+                           want=settings.min_participants)
         blob = model_bytes(model.architecture, weights) if settings.sink != "none" else None
         metrics = _round_metrics(
             settings=settings, rnd=rnd, model=model, trained=trained, evaluated=evaluated,

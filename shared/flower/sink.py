@@ -115,6 +115,7 @@ class MqttSink:
         self.publish_timeout_s = publish_timeout_s
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._closing = False
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
@@ -154,7 +155,8 @@ class MqttSink:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._connected.clear()
-        log.warning("aggregator %s lost the bus: %s", self.client_id, reason)
+        if not self._closing:
+            log.warning("aggregator %s lost the bus: %s", self.client_id, reason)
 
     def _publish_all(self, messages: list[Message]) -> None:
         infos = []
@@ -189,6 +191,7 @@ class MqttSink:
         self._publish_all([message])
 
     def close(self) -> None:
+        self._closing = True
         try:
             self._client.disconnect()
         finally:

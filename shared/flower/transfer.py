@@ -1,8 +1,9 @@
 """Moving a round's global weights over the bus in chunks, and putting them back together.
 
-Plain functions and a small bounded class: no MQTT, no Flower, no torch. The aggregator splits,
-the controller's consumer feeds every `WeightsChunk` it receives to one `WeightsAssembler` and
-gets the whole file back, checked against its SHA-256, once the last piece is in.
+Plain functions and small bounded classes: no MQTT, no Flower, no torch. The aggregator splits
+(`split_weights`); the controller's consumer hands every payload from the metrics topic to one
+`AggregatorFeed`, which gives back whole rounds (metrics plus the weights file, checked against
+its SHA-256) and run ends.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from fedsky.shared.messages import WEIGHTS_CHUNK_BYTES, WeightsChunk, WeightsRef
+from fedsky.shared.ids import aggregator_id
+from fedsky.shared.messages import (
+    WEIGHTS_CHUNK_BYTES,
+    PayloadError,
+    RoundMetrics,
+    RunFinished,
+    WeightsChunk,
+    WeightsRef,
+    decode_aggregator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +146,85 @@ class WeightsAssembler:
                 f"weights for job {chunk.job_id} round {chunk.round} do not match their SHA-256"
             )
         return AssembledWeights(chunk.job_id, chunk.round, chunk.sha256, data)
+
+
+# --- The controller's side of the metrics topic ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundReady:
+    """A round to record: its metrics and, when they arrived intact, its weights."""
+
+    sender: str
+    metrics: RoundMetrics
+    weights: bytes | None
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    sender: str
+    message: RunFinished
+
+
+class AggregatorFeed:
+    """Turns what arrives on `Topics.aggregator_metrics(...)` into rounds and run ends.
+
+    A RoundMetrics that announces weights is held until its chunks are in (they follow it), then
+    handed out with them; `expire()` hands out rounds whose weights did not arrive within
+    `wait_for_weights_s` without them. A RunFinished first flushes its job's held rounds. A sender
+    may only report on its own job (`agg-<job id>`): anything else is refused as `wrong_sender`.
+    Payloads that are not valid raise PayloadError (count and drop them, as for any payload).
+    """
+
+    def __init__(self, *, assembler: WeightsAssembler | None = None, wait_for_weights_s: float = 120.0) -> None:
+        self._asm = assembler or WeightsAssembler()
+        self._wait_s = wait_for_weights_s
+        self._held: dict[tuple[str, str, int], tuple[RoundMetrics, float]] = {}
+        self._early: dict[tuple[str, str, int, str], bytes] = {}  # weights that beat their metrics
+
+    def feed(self, sender: str, payload: bytes | bytearray, *, now: float | None = None) -> list[RoundReady | RunEnded]:
+        now = time.monotonic() if now is None else now
+        msg = decode_aggregator(payload)
+        if sender != aggregator_id(msg.job_id):
+            raise PayloadError("wrong_sender", f"{sender} may not report on job {msg.job_id}")
+        out: list[RoundReady | RunEnded] = []
+        if isinstance(msg, RoundMetrics):
+            ref = msg.weights
+            if ref is None:
+                return [RoundReady(sender, msg, None)]
+            early = self._early.pop((sender, msg.job_id, msg.round, ref.sha256), None)
+            if early is not None:
+                return [RoundReady(sender, msg, early)]
+            self._held[(sender, msg.job_id, msg.round)] = (msg, now)
+            return []
+        if isinstance(msg, WeightsChunk):
+            try:
+                done = self._asm.add(msg, sender=sender, now=now)
+            except TransferError as exc:
+                log.warning("weights of job %s round %s dropped: %s", msg.job_id, msg.round, exc)
+                return out
+            if done is None:
+                return out
+            held = self._held.get((sender, msg.job_id, msg.round))
+            if held is not None and held[0].weights is not None and held[0].weights.sha256 == done.sha256:
+                del self._held[(sender, msg.job_id, msg.round)]
+                return [RoundReady(sender, held[0], done.data)]
+            if len(self._early) < 4:
+                self._early[(sender, msg.job_id, msg.round, done.sha256)] = done.data
+            return out
+        for key in [k for k in self._held if k[0] == sender and k[1] == msg.job_id]:
+            metrics, _ = self._held.pop(key)
+            out.append(RoundReady(sender, metrics, None))
+        out.append(RunEnded(sender, msg))
+        return out
+
+    def expire(self, *, now: float | None = None) -> list[RoundReady]:
+        now = time.monotonic() if now is None else now
+        out = []
+        for key, (metrics, since) in list(self._held.items()):
+            if now - since > self._wait_s:
+                del self._held[key]
+                log.warning("job %s round %s: weights did not arrive; recording the round without them",
+                            metrics.job_id, metrics.round)
+                out.append(RoundReady(key[0], metrics, None))
+        return out
