@@ -24,9 +24,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from fedsky.agent.executors.base import ExecutorConfig, LocalExecutorConfig
 from fedsky.shared.bundle import BundleError, EnrolmentBundle, read_bundle
 from fedsky.shared.config import ConfigError, load_config, resolve_path
+from fedsky.shared.datasets import DatasetSpec
 from fedsky.shared.ids import InvalidIdError, check_agent_id
+from fedsky.shared.jobspec import DATASET_NAME_PATTERN
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 DEFAULT_CONFIG_PATH = Path("/etc/fedsky/agent.toml")
@@ -189,7 +192,10 @@ class AgentConfig(_Section):
     status: StatusSection = StatusSection()
     test: FaultHookSection | None = None
     rtt_probe: RttProbeSection = RttProbeSection()
-    # Issue 4 adds the `[datasets]` (dataset name -> local path) and `[executor]` sections here.
+    # Dataset name -> local loader. Jobs name a dataset; the paths never leave this host.
+    datasets: dict[Annotated[str, Field(pattern=DATASET_NAME_PATTERN)], DatasetSpec] = {}
+    # Where a task's SuperNode runs: `local` (this host, the default) or `ssh` (inside the VM).
+    executor: ExecutorConfig = LocalExecutorConfig()
 
     @field_validator("agent_id")
     @classmethod
@@ -239,6 +245,10 @@ class AgentConfig(_Section):
     @property
     def status_socket(self) -> Path:
         return self.status.socket or self.state_dir / SOCKET_NAME
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.state_dir / "tasks"
 
     @property
     def status_file(self) -> Path:

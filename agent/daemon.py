@@ -27,7 +27,18 @@ from typing import Any, TypeVar, get_args
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
 from fedsky.shared.logs import setup_logging
-from fedsky.shared.messages import Command, Event, PingCommand, Report, VmState, utcnow
+from fedsky.shared.messages import (
+    Command,
+    Event,
+    PingCommand,
+    PrepareTaskCommand,
+    Report,
+    StartTaskCommand,
+    StopTaskCommand,
+    TaskSummary,
+    VmState,
+    utcnow,
+)
 from fedsky.shared.retry import Backoff
 from fedsky.shared.tls import client_context
 from fedsky.shared.topics import Topics
@@ -35,6 +46,7 @@ from fedsky.shared.topics import Topics
 from .config import AgentConfig, Identity, default_config_path, load_agent_config, resolve_identity
 from .inventory import FaultAction, HostProbe, InventoryError, LibvirtInventory
 from .link import AgentLink
+from .runner import TaskRunner
 from .status import AgentState, StatusError, StatusServer, resolve_group
 
 log = logging.getLogger(__name__)
@@ -114,6 +126,16 @@ class AgentDaemon:
             gid=status_gid,
             run_blocking=self.blocking,
         )
+        self.runner = TaskRunner(
+            agent_id=identity.agent_id,
+            work_dir=config.tasks_dir,
+            datasets=dict(config.datasets),
+            executor_config=config.executor,
+            blocking=self.blocking,
+            snapshot=self.inventory.snapshot,
+            emit=self.link.emit,
+            on_change=self._task_changed,
+        )
         self._seq = 0
         self._report_now = asyncio.Event()
         self._known_states: dict[str, VmState] | None = None
@@ -143,7 +165,15 @@ class AgentDaemon:
             )
             log.debug("ping %s answered", command.command_id)
             return
+        if isinstance(command, PrepareTaskCommand | StartTaskCommand | StopTaskCommand):
+            await self.runner.handle(command)
+            return
         self.link.emit(self.link.rejection(command, "this agent does not support this command"))
+
+    def _task_changed(self, summary: TaskSummary | None) -> None:
+        self.state.task = summary
+        self.state.touch()
+        self.request_report()
 
     # --- reports ------------------------------------------------------------------------------
 
@@ -220,6 +250,7 @@ class AgentDaemon:
                 log.info("VM state changed (%s); reporting now", ", ".join(changed))
                 self._known_states = states
                 self.request_report()
+                await self.runner.check_vm_states(states)
 
     # --- the test fault hook ------------------------------------------------------------------
 
@@ -290,6 +321,7 @@ class AgentDaemon:
                     )
                 await stop.wait()
                 log.info("stopping")
+                await self.runner.close()
                 await self.link.close()
                 for task in tasks:
                     task.cancel()

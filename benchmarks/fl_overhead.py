@@ -94,9 +94,17 @@ class BareResult:
     fixed_costs_s: dict[str, float]
 
 
-def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[str], Timeline, TextIO]:
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+def _spawn(
+    argv: list[str], env: dict[str, str], log_path: Path
+) -> tuple[subprocess.Popen[str], Timeline, TextIO]:
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     tl = Timeline()
     log = open(log_path, "w")  # noqa: SIM115 - the caller closes it
     threading.Thread(target=tl.follow, args=(proc.stdout, log), daemon=True).start()
@@ -104,8 +112,13 @@ def _spawn(argv: list[str], env: dict[str, str], log_path: Path) -> tuple[subpro
 
 
 def _phases(timelines: list[Timeline]) -> dict[str, float]:
-    parts: dict[str, list[float]] = {"wait_for_message": [], "receive": [], "spawn_and_flwr_imports": [],
-                                     "fedsky_clientapp": [], "send_reply": []}
+    parts: dict[str, list[float]] = {
+        "wait_for_message": [],
+        "receive": [],
+        "spawn_and_flwr_imports": [],
+        "fedsky_clientapp": [],
+        "send_reply": [],
+    }
     for tl in timelines:
         last_sent: float | None = None
         cur: dict[str, float] = {}
@@ -155,7 +168,9 @@ def fixed_costs() -> dict[str, float]:
         runs = []
         for _ in range(3):
             t0 = time.perf_counter()
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            res = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, check=True
+            )
             total = time.perf_counter() - t0
             runs.append(float(res.stdout.strip()) if name == "torch_optim_first_use" else total)
         out[name] = round(statistics.median(runs), 3)
@@ -166,12 +181,20 @@ def fixed_costs() -> dict[str, float]:
     return out
 
 
-async def run_bare(*, nodes: int = 3, rounds: int = 3, model: str = "digits", work: Path,
-                   measure_fixed_costs: bool = True) -> BareResult:
+async def run_bare(
+    *,
+    nodes: int = 3,
+    rounds: int = 3,
+    model: str = "digits",
+    work: Path,
+    measure_fixed_costs: bool = True,
+) -> BareResult:
     pki = Pki.init(work / "pki")
     provider = LocalProvider(work_dir=work / "aggregators", issue_tls=pki_tls_issuer(pki))
     t0 = time.monotonic()
-    handle = await provider.launch(AggregatorSpec(job_id="bench", cloud="local", region="local", instance_type="local"))
+    handle = await provider.launch(
+        AggregatorSpec(job_id="bench", cloud="local", region="local", instance_type="local")
+    )
     superlink_start = time.monotonic() - t0
     control = provider.control(handle)
     procs: list[subprocess.Popen[str]] = []
@@ -185,13 +208,27 @@ async def run_bare(*, nodes: int = 3, rounds: int = 3, model: str = "digits", wo
             d = work / site
             keys = generate_node_key(d / "keys")
             await control.register_node(keys.public_key, name=site)
-            catalog = write_catalog(d / "datasets.json", {"digits": BundledDatasetSpec(
-                kind="digits", partition=Partition(index=i, count=nodes, scheme="label-skew", seed=11)),
-                "xray": _synthetic_xray(d / "xray", seed=i)})
+            catalog = write_catalog(
+                d / "datasets.json",
+                {
+                    "digits": BundledDatasetSpec(
+                        kind="digits",
+                        partition=Partition(index=i, count=nodes, scheme="label-skew", seed=11),
+                    ),
+                    "xray": _synthetic_xray(d / "xray", seed=i),
+                },
+            )
             cmd = supernode_command(
-                superlink=str(handle.address), root_ca=provider.tls("bench").ca_file, private_key=keys.private_key,
-                site=site, dataset_config=catalog, runtime_port=free_port(), flwr_home=d / "flwr-home",
-                node_config={"torch-threads": 1}, executable=f"{bin_dir}/flower-supernode", bin_dir=bin_dir,
+                superlink=str(handle.address),
+                root_ca=provider.tls("bench").ca_file,
+                private_key=keys.private_key,
+                site=site,
+                dataset_config=catalog,
+                runtime_port=free_port(),
+                flwr_home=d / "flwr-home",
+                node_config={"torch-threads": 1},
+                executable=f"{bin_dir}/flower-supernode",
+                bin_dir=bin_dir,
             )
             proc, tl, log = _spawn(cmd.argv, {**os.environ, **cmd.env}, d / "supernode.log")
             logs.append(log)
@@ -206,18 +243,31 @@ async def run_bare(*, nodes: int = 3, rounds: int = 3, model: str = "digits", wo
         model_file = work / f"{model}.safetensors"
         make_example(model, model_file)  # type: ignore[arg-type]
         sink = work / "sink"
-        settings = RunSettings.model_validate({
-            "job-id": "bench", "num-rounds": rounds, "min-participants": nodes, "expected-participants": nodes,
-            "model-file": str(model_file), "dataset": "xray" if model == "xray" else "digits", "sink": "file", "sink-dir": str(sink), "learning-rate": 0.05,
-            "round-timeout-s": 600,
-        })
+        settings = RunSettings.model_validate(
+            {
+                "job-id": "bench",
+                "num-rounds": rounds,
+                "min-participants": nodes,
+                "expected-participants": nodes,
+                "model-file": str(model_file),
+                "dataset": "xray" if model == "xray" else "digits",
+                "sink": "file",
+                "sink-dir": str(sink),
+                "learning-rate": 0.05,
+                "round-timeout-s": 600,
+            }
+        )
         run_config = work / "run.toml"
         run_config.write_text(settings.to_toml())
         app = prepare_app_dir(work / "app")
         t2 = time.monotonic()
         res = await asyncio.to_thread(
-            subprocess.run, control.run_command(app_dir=app, run_config_file=run_config, stream=True),
-            env=control.env, capture_output=True, text=True, timeout=3600,
+            subprocess.run,
+            control.run_command(app_dir=app, run_config_file=run_config, stream=True),
+            env=control.env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
         )
         wall = time.monotonic() - t2
         if res.returncode != 0:
@@ -227,11 +277,17 @@ async def run_bare(*, nodes: int = 3, rounds: int = 3, model: str = "digits", wo
             raise RuntimeError(f"the run did not complete: {end}")
         durations = [r.duration_s for r in done]
         return BareResult(
-            nodes=nodes, rounds=rounds, model=model,
-            superlink_start_s=round(superlink_start, 3), nodes_online_s=round(nodes_online, 3),
-            flwr_run_wall_s=round(wall, 3), rounds_s=[round(d, 3) for d in durations],
-            outside_rounds_s=round(wall - sum(durations), 3), accuracy=[round(r.accuracy, 4) for r in done],
-            phase_s=_phases(timelines), fixed_costs_s=fixed_costs() if measure_fixed_costs else {},
+            nodes=nodes,
+            rounds=rounds,
+            model=model,
+            superlink_start_s=round(superlink_start, 3),
+            nodes_online_s=round(nodes_online, 3),
+            flwr_run_wall_s=round(wall, 3),
+            rounds_s=[round(d, 3) for d in durations],
+            outside_rounds_s=round(wall - sum(durations), 3),
+            accuracy=[round(r.accuracy, 4) for r in done],
+            phase_s=_phases(timelines),
+            fixed_costs_s=fixed_costs() if measure_fixed_costs else {},
         )
     finally:
         for proc in procs:
@@ -248,10 +304,16 @@ async def run_bare(*, nodes: int = 3, rounds: int = 3, model: str = "digits", wo
 
 
 def _print(r: BareResult) -> None:
-    print(f"bare `flwr run` of the fedsky app: {r.nodes} SuperNodes, {r.rounds} rounds, {r.model} model")
-    print(f"  set-up        SuperLink up in {r.superlink_start_s:.1f} s, SuperNodes online in {r.nodes_online_s:.1f} s")
+    print(
+        f"bare `flwr run` of the fedsky app: {r.nodes} SuperNodes, {r.rounds} rounds, {r.model} model"
+    )
+    print(
+        f"  set-up        SuperLink up in {r.superlink_start_s:.1f} s, SuperNodes online in {r.nodes_online_s:.1f} s"
+    )
     print(f"  flwr run      {r.flwr_run_wall_s:.1f} s wall")
-    print(f"  rounds        {', '.join(f'{d:.1f}' for d in r.rounds_s)} s (sum {sum(r.rounds_s):.1f} s)")
+    print(
+        f"  rounds        {', '.join(f'{d:.1f}' for d in r.rounds_s)} s (sum {sum(r.rounds_s):.1f} s)"
+    )
     print(f"  outside       {r.outside_rounds_s:.1f} s (app start, end of run)")
     print(f"  accuracy      {', '.join(f'{a:.3f}' for a in r.accuracy)}")
     print("  one message at a SuperNode (mean s):")
@@ -273,7 +335,9 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedsky-fl-overhead-"))
     try:
-        result = asyncio.run(run_bare(nodes=args.nodes, rounds=args.rounds, model=args.model, work=work))
+        result = asyncio.run(
+            run_bare(nodes=args.nodes, rounds=args.rounds, model=args.model, work=work)
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -23,10 +23,11 @@ from fedsky.controller import inventory, jobstore
 from fedsky.controller.api.app import Services, make_app
 from fedsky.controller.broker import BrokerError, ManagedBroker, prepare_broker_files
 from fedsky.controller.bus import ControllerBus
+from fedsky.controller.clouds import CloudService
 from fedsky.controller.config import ControllerConfig, load_controller_config
 from fedsky.controller.enrollment import record_certificate, revoked_serials
+from fedsky.controller.jobs import JobManager
 from fedsky.controller.pki import Pki, PkiError, cert_info
-from fedsky.controller.clouds import CloudService
 from fedsky.controller.registry import Registry
 from fedsky.controller.store import Store, StoreError
 from fedsky.shared import exitcodes
@@ -97,6 +98,18 @@ async def _sweep_offline(store: Store, config: ControllerConfig) -> None:
             )
 
 
+async def _sweep_cloud_orphans(clouds: CloudService, store: Store) -> None:
+    """Terminate aggregators tagged by fedsky whose job has ended (e.g. after a crash)."""
+    active = [j["id"] for j in await store.run(jobstore.list_jobs, states=jobstore.ACTIVE_STATES)]
+    try:
+        swept = await clouds.sweep_orphans(active)
+    except Exception as exc:  # a cloud that cannot be reached must not stop the controller
+        log.warning("sweeping orphaned aggregators failed: %s", exc)
+        return
+    for ref in swept:
+        log.warning("terminated orphaned aggregator %s", ref)
+
+
 async def _serve_api(
     app: web.Application, config: ControllerConfig, started: asyncio.Event
 ) -> None:
@@ -155,12 +168,23 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
         services.parts["registry"] = Registry.from_controller_config(store=store, config=config)
         clouds = CloudService.open(config=config, store=store, pki=pki)
         services.parts["clouds"] = clouds
+        jobs = JobManager(
+            config=config,
+            store=store,
+            pki=pki,
+            bus=bus,
+            registry=services.parts["registry"],
+            clouds=clouds,
+        )
+        services.parts["jobs"] = jobs
         app = make_app(services)
         async with asyncio.TaskGroup() as tg:
             if broker is not None:
                 tg.create_task(broker.run(), name="broker")
                 await broker.wait_ready(timeout=30)
             tg.create_task(bus.run(), name="bus")
+            tg.create_task(_sweep_cloud_orphans(clouds, store), name="cloud-orphan-sweep")
+            tg.create_task(jobs.run(), name="jobs")
             tg.create_task(_sweep_offline(store, config), name="offline-sweeper")
             tg.create_task(_serve_api(app, config, started), name="api")
     finally:

@@ -172,7 +172,9 @@ def load_catalog(path: str | Path) -> DatasetCatalog:
     return parse_config(DatasetCatalog, data, path=path)
 
 
-def write_catalog(path: str | Path, datasets: Mapping[str, BundledDatasetSpec | ImageFolderSpec]) -> Path:
+def write_catalog(
+    path: str | Path, datasets: Mapping[str, BundledDatasetSpec | ImageFolderSpec]
+) -> Path:
     """Write a catalog (JSON, owner-only: it names local paths) for a SuperNode to read."""
     path = Path(path)
     catalog = DatasetCatalog(datasets=dict(datasets))
@@ -287,7 +289,9 @@ def _shape_for(x: np.ndarray, input_shape: Sequence[int], name: str) -> np.ndarr
     return np.ascontiguousarray(x.reshape((len(x), *input_shape)), dtype=np.float32)
 
 
-def _load_bundled(spec: BundledDatasetSpec, input_shape: Sequence[int], num_classes: int) -> LocalData:
+def _load_bundled(
+    spec: BundledDatasetSpec, input_shape: Sequence[int], num_classes: int
+) -> LocalData:
     import numpy as np
 
     x, y, classes = _bundled(spec.kind)
@@ -318,13 +322,18 @@ def _load_bundled(spec: BundledDatasetSpec, input_shape: Sequence[int], num_clas
 def _image_files(split_dir: Path) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        files = sorted(
+            f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+        )
         out[class_dir.name] = files
     return out
 
 
 def _read_images(
-    files: dict[str, list[Path]], class_index: Mapping[str, int], input_shape: Sequence[int], split: str
+    files: dict[str, list[Path]],
+    class_index: Mapping[str, int],
+    input_shape: Sequence[int],
+    split: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
     from PIL import Image, UnidentifiedImageError
@@ -332,7 +341,9 @@ def _read_images(
     channels, height, width = (int(v) for v in input_shape)
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
-        raise DatasetError(f"image-folder datasets give 1 or 3 channels; the model wants {channels}")
+        raise DatasetError(
+            f"image-folder datasets give 1 or 3 channels; the model wants {channels}"
+        )
     xs: list[np.ndarray] = []
     ys: list[int] = []
     for name, paths in files.items():
@@ -354,7 +365,10 @@ def _read_images(
 
 
 def _load_image_folder(
-    spec: ImageFolderSpec, input_shape: Sequence[int], num_classes: int, class_names: Sequence[str] | None
+    spec: ImageFolderSpec,
+    input_shape: Sequence[int],
+    num_classes: int,
+    class_names: Sequence[str] | None,
 ) -> LocalData:
     if len(input_shape) != 3:
         raise DatasetError(

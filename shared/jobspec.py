@@ -204,7 +204,9 @@ def parse_job_spec_text(
         try:
             import yaml  # type: ignore[import-untyped]
         except ImportError:
-            raise ConfigError(f"{path}: YAML job specs need PyYAML; write the spec as TOML") from None
+            raise ConfigError(
+                f"{path}: YAML job specs need PyYAML; write the spec as TOML"
+            ) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

@@ -170,6 +170,9 @@ class PrepareTaskCommand(Command):
     job_id: JobId
     vm: ShortText
     dataset: ShortText
+    # Keys are kept per job, so a failover reuses the registered standby; `fresh_keys` asks for a
+    # new pair once both are spent (an unregistered key cannot register again).
+    fresh_keys: bool = False
 
 
 class StartTaskCommand(Command):

@@ -56,7 +56,9 @@ def confusion_matrix(y_true: Iterable[int], y_pred: Iterable[int], num_classes: 
     for t, p in zip(y_true, y_pred, strict=True):
         ti, pi = int(t), int(p)
         if not (0 <= ti < num_classes and 0 <= pi < num_classes):
-            raise MetricsError(f"label out of range 0..{num_classes - 1}: true {ti}, predicted {pi}")
+            raise MetricsError(
+                f"label out of range 0..{num_classes - 1}: true {ti}, predicted {pi}"
+            )
         cm[ti][pi] += 1
     return cm
 
@@ -69,7 +71,9 @@ def check_matrix(cm: Sequence[Sequence[int]]) -> Matrix:
     out: Matrix = []
     for row in cm:
         if len(row) != n:
-            raise MetricsError(f"confusion matrix is not square: a row has {len(row)} of {n} entries")
+            raise MetricsError(
+                f"confusion matrix is not square: a row has {len(row)} of {n} entries"
+            )
         values = [int(v) for v in row]
         if any(v < 0 for v in values):
             raise MetricsError("confusion matrix has a negative count")

@@ -153,10 +153,14 @@ def _params(index: int, layer: Any) -> list[ParamSpec]:
     if isinstance(layer, Conv2d):
         k = layer.kernel_size
         out = [ParamSpec(p + "weight", (layer.out_channels, layer.in_channels, k, k), "float32")]
-        return out + ([ParamSpec(p + "bias", (layer.out_channels,), "float32")] if layer.bias else [])
+        return out + (
+            [ParamSpec(p + "bias", (layer.out_channels,), "float32")] if layer.bias else []
+        )
     if isinstance(layer, Linear):
         out = [ParamSpec(p + "weight", (layer.out_features, layer.in_features), "float32")]
-        return out + ([ParamSpec(p + "bias", (layer.out_features,), "float32")] if layer.bias else [])
+        return out + (
+            [ParamSpec(p + "bias", (layer.out_features,), "float32")] if layer.bias else []
+        )
     if isinstance(layer, BatchNorm1d | BatchNorm2d):
         n = (layer.num_features,)
         return [
@@ -221,7 +225,9 @@ class Architecture(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_shape: Annotated[list[Annotated[int, Field(ge=1, le=1 << 20)]], Field(min_length=1, max_length=3)]
+    input_shape: Annotated[
+        list[Annotated[int, Field(ge=1, le=1 << 20)]], Field(min_length=1, max_length=3)
+    ]
     num_classes: Annotated[int, Field(ge=2, le=MAX_CLASSES)]
     layers: Annotated[list[Layer], Field(min_length=1, max_length=MAX_LAYERS)]
     class_names: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = None
@@ -324,12 +330,21 @@ def weights_from_safetensors(data: bytes) -> Weights:
 
 
 _ST_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
-    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
 }
 
 
-def weights_to_safetensors(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+def weights_to_safetensors(
+    weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> bytes:
     """Weights as safetensors bytes, deterministically: the same weights and metadata always give
     the same bytes (and SHA-256). The safetensors library writes its metadata map in a random
     order, so the header is written here: keys sorted, tensors in name order, padded to 8 bytes."""
@@ -342,9 +357,15 @@ def weights_to_safetensors(weights: Mapping[str, np.ndarray], metadata: Mapping[
         arr = np.asarray(weights[name])
         code = _ST_DTYPES.get(str(arr.dtype))
         if code is None:
-            raise ModelFileError(f"tensor {name} has dtype {arr.dtype}, which safetensors cannot hold")
+            raise ModelFileError(
+                f"tensor {name} has dtype {arr.dtype}, which safetensors cannot hold"
+            )
         data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         buffers.append(data)
         offset += len(data)
     text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
@@ -360,7 +381,9 @@ def check_weights(architecture: Architecture, weights: Mapping[str, np.ndarray])
     if missing:
         raise ModelFileError(f"weights are missing for {', '.join(missing[:5])}")
     if extra:
-        raise ModelFileError(f"weights hold tensors the architecture does not have: {', '.join(extra[:5])}")
+        raise ModelFileError(
+            f"weights hold tensors the architecture does not have: {', '.join(extra[:5])}"
+        )
     for name, spec in expected.items():
         arr = weights[name]
         if tuple(arr.shape) != spec.shape:
@@ -393,7 +416,9 @@ def parse_model_bytes(data: bytes) -> ModelFile:
     architecture = Architecture.from_json(arch_text)
     weights = weights_from_safetensors(data)
     check_weights(architecture, weights)
-    return ModelFile(architecture=architecture, weights=weights, sha256=digest(data), size=len(data))
+    return ModelFile(
+        architecture=architecture, weights=weights, sha256=digest(data), size=len(data)
+    )
 
 
 def read_model_file(path: str | Path) -> ModelFile:
@@ -416,11 +441,17 @@ def model_bytes(architecture: Architecture, weights: Mapping[str, np.ndarray]) -
     check_weights(architecture, weights)
     return weights_to_safetensors(
         weights,
-        {META_FORMAT: FORMAT_NAME, META_VERSION: FORMAT_VERSION, META_ARCHITECTURE: architecture.to_json()},
+        {
+            META_FORMAT: FORMAT_NAME,
+            META_VERSION: FORMAT_VERSION,
+            META_ARCHITECTURE: architecture.to_json(),
+        },
     )
 
 
-def write_model_file(path: str | Path, architecture: Architecture, weights: Mapping[str, np.ndarray]) -> str:
+def write_model_file(
+    path: str | Path, architecture: Architecture, weights: Mapping[str, np.ndarray]
+) -> str:
     """Write a model file (atomically) and return its SHA-256."""
     data = model_bytes(architecture, weights)
     path = Path(path)
@@ -474,8 +505,16 @@ def build_module(architecture: Architecture) -> torch.nn.Sequential:
     mods: list[nn.Module] = []
     for layer in architecture.layers:
         if isinstance(layer, Conv2d):
-            mods.append(nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                  stride=layer.stride, padding=layer.padding, bias=layer.bias))
+            mods.append(
+                nn.Conv2d(
+                    layer.in_channels,
+                    layer.out_channels,
+                    layer.kernel_size,
+                    stride=layer.stride,
+                    padding=layer.padding,
+                    bias=layer.bias,
+                )
+            )
         elif isinstance(layer, Linear):
             mods.append(nn.Linear(layer.in_features, layer.out_features, bias=layer.bias))
         elif isinstance(layer, MaxPool2d):
@@ -494,7 +533,10 @@ def build_module(architecture: Architecture) -> torch.nn.Sequential:
             mods.append(nn.LeakyReLU(layer.negative_slope))
         else:
             simple: dict[str, type[nn.Module]] = {
-                "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+                "relu": nn.ReLU,
+                "gelu": nn.GELU,
+                "tanh": nn.Tanh,
+                "sigmoid": nn.Sigmoid,
                 "flatten": nn.Flatten,
             }
             mods.append(simple[layer.type]())
@@ -511,7 +553,9 @@ def load_weights(module: torch.nn.Module, weights: Mapping[str, np.ndarray]) -> 
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelFileError(f"weights do not fit the network: {str(exc).splitlines()[0]}") from None
+        raise ModelFileError(
+            f"weights do not fit the network: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def module_weights(module: torch.nn.Module) -> Weights:
@@ -529,9 +573,21 @@ def example_architecture(name: ExampleName) -> Architecture:
     CNN for 64x64 grey images whose weights are about 26 MB (the original study's size)."""
     if name == "digits":
         layers: list[dict[str, Any]] = [
-            {"type": "conv2d", "in_channels": 1, "out_channels": 16, "kernel_size": 3, "padding": 1},
+            {
+                "type": "conv2d",
+                "in_channels": 1,
+                "out_channels": 16,
+                "kernel_size": 3,
+                "padding": 1,
+            },
             {"type": "relu"},
-            {"type": "conv2d", "in_channels": 16, "out_channels": 32, "kernel_size": 3, "padding": 1},
+            {
+                "type": "conv2d",
+                "in_channels": 16,
+                "out_channels": 32,
+                "kernel_size": 3,
+                "padding": 1,
+            },
             {"type": "relu"},
             {"type": "maxpool2d", "kernel_size": 2},
             {"type": "flatten"},
@@ -539,7 +595,9 @@ def example_architecture(name: ExampleName) -> Architecture:
             {"type": "relu"},
             {"type": "linear", "in_features": 64, "out_features": 10},
         ]
-        return Architecture.model_validate({"input_shape": [1, 8, 8], "num_classes": 10, "layers": layers})
+        return Architecture.model_validate(
+            {"input_shape": [1, 8, 8], "num_classes": 10, "layers": layers}
+        )
     if name == "breast_cancer":
         layers = [
             {"type": "linear", "in_features": 30, "out_features": 32},
@@ -548,10 +606,14 @@ def example_architecture(name: ExampleName) -> Architecture:
             {"type": "relu"},
             {"type": "linear", "in_features": 16, "out_features": 2},
         ]
-        return Architecture.model_validate({
-            "input_shape": [30], "num_classes": 2, "layers": layers,
-            "class_names": ["malignant", "benign"],
-        })
+        return Architecture.model_validate(
+            {
+                "input_shape": [30],
+                "num_classes": 2,
+                "layers": layers,
+                "class_names": ["malignant", "benign"],
+            }
+        )
     layers = [
         {"type": "conv2d", "in_channels": 1, "out_channels": 16, "kernel_size": 3, "padding": 1},
         {"type": "relu"},
@@ -565,10 +627,14 @@ def example_architecture(name: ExampleName) -> Architecture:
         {"type": "dropout", "p": 0.25},
         {"type": "linear", "in_features": 800, "out_features": 2},
     ]
-    return Architecture.model_validate({
-        "input_shape": [1, 64, 64], "num_classes": 2, "layers": layers,
-        "class_names": ["normal", "covid"],
-    })
+    return Architecture.model_validate(
+        {
+            "input_shape": [1, 64, 64],
+            "num_classes": 2,
+            "layers": layers,
+            "class_names": ["normal", "covid"],
+        }
+    )
 
 
 def make_example(name: ExampleName, path: str | Path, *, seed: int = 0) -> str:
@@ -582,8 +648,9 @@ def make_example(name: ExampleName, path: str | Path, *, seed: int = 0) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedsky.shared.modelfile",
-                                     description="Make and check fedsky model files.")
+    parser = argparse.ArgumentParser(
+        prog="python -m fedsky.shared.modelfile", description="Make and check fedsky model files."
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     mk = sub.add_parser("make-example", help="write a demo model file")
     mk.add_argument("name", choices=EXAMPLES)

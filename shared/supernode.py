@@ -45,13 +45,17 @@ def generate_node_key(directory: Path, name: str = "node") -> NodeKeyPair:
     priv = directory / name
     pub = directory / f"{name}.pub"
     data = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
     )
     fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     pub.write_bytes(
-        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
         + b"\n"
     )
     return NodeKeyPair(private_key=priv, public_key=pub)
@@ -69,7 +73,9 @@ def node_config_arg(config: Mapping[str, str | int | float | bool]) -> str:
             text = repr(value)
         else:
             if any(c in value for c in "\"'\n\r\\") or not value.strip() or value != value.strip():
-                raise SuperNodeConfigError(f"node config value for {key!r} has quotes, backslashes or edge spaces")
+                raise SuperNodeConfigError(
+                    f"node config value for {key!r} has quotes, backslashes or edge spaces"
+                )
             text = f'"{value}"'
         parts.append(f"{key}={text}")
     # Strings are quoted, so the text never ends in ".toml" (which Flower would read as a file).
@@ -113,12 +119,18 @@ def supernode_command(
     cfg.update(node_config or {})
     argv = [
         executable,
-        "--superlink", superlink,
-        "--root-certificates", str(root_ca),
-        "--auth-supernode-private-key", str(private_key),
-        "--node-config", node_config_arg(cfg),
-        "--host", "127.0.0.1",
-        "--port", str(runtime_port),
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(root_ca),
+        "--auth-supernode-private-key",
+        str(private_key),
+        "--node-config",
+        node_config_arg(cfg),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
     ]
     if max_wait_s is not None:
         argv += ["--max-wait-time", f"{max_wait_s:g}"]

@@ -26,7 +26,9 @@ from sklearn.datasets import load_breast_cancer, load_digits
 
 
 def test_bundled_sets_equal_sklearn() -> None:
-    d = load_dataset(BundledDatasetSpec(kind="digits", eval_fraction=0.25), input_shape=[64], num_classes=10)
+    d = load_dataset(
+        BundledDatasetSpec(kind="digits", eval_fraction=0.25), input_shape=[64], num_classes=10
+    )
     ref = load_digits()
     assert d.train_examples + d.eval_examples == len(ref.target) == 1797
     x = np.concatenate([d.x_train, d.x_eval])
@@ -44,7 +46,10 @@ def test_bundled_sets_equal_sklearn() -> None:
 @pytest.mark.parametrize("scheme", ["iid", "label-skew"])
 def test_partitions_are_disjoint_and_cover(scheme: str) -> None:
     labels = load_digits().target
-    parts = [partition_indices(labels, Partition(index=i, count=3, scheme=scheme, seed=7)) for i in range(3)]  # type: ignore[arg-type]
+    parts = [
+        partition_indices(labels, Partition(index=i, count=3, scheme=scheme, seed=7))
+        for i in range(3)
+    ]  # type: ignore[arg-type]
     joined = np.concatenate(parts)
     assert len(joined) == len(set(joined.tolist())) == len(labels)
     assert all(len(p) >= 10 for p in parts)
@@ -57,7 +62,9 @@ def test_partitions_are_disjoint_and_cover(scheme: str) -> None:
 
 
 def test_partitioned_dataset_shapes_for_the_cnn() -> None:
-    spec = BundledDatasetSpec(kind="digits", partition=Partition(index=1, count=3, scheme="label-skew", seed=7))
+    spec = BundledDatasetSpec(
+        kind="digits", partition=Partition(index=1, count=3, scheme="label-skew", seed=7)
+    )
     d = load_dataset(spec, input_shape=[1, 8, 8], num_classes=10)
     assert d.x_train.shape[1:] == (1, 8, 8)
     assert d.x_train.dtype == np.float32
@@ -72,10 +79,14 @@ def test_bundled_shape_and_class_mismatches() -> None:
     with pytest.raises(DatasetError, match="has 2 classes; the model has 10"):
         load_dataset(BundledDatasetSpec(kind="breast_cancer"), input_shape=[30], num_classes=10)
     with pytest.raises(DatasetError, match="raise alpha or lower count"):
-        partition_indices(np.arange(40) % 2, Partition(index=0, count=4, scheme="label-skew", alpha=0.01))
+        partition_indices(
+            np.arange(40) % 2, Partition(index=0, count=4, scheme="label-skew", alpha=0.01)
+        )
 
 
-def _image_folder(root: Path, split: str, counts: dict[str, int], size: tuple[int, int] = (20, 16)) -> None:
+def _image_folder(
+    root: Path, split: str, counts: dict[str, int], size: tuple[int, int] = (20, 16)
+) -> None:
     rng = np.random.default_rng(0)
     for cls, n in counts.items():
         d = root / split / cls
@@ -101,8 +112,11 @@ def test_image_folder(tmp_path: Path) -> None:
     assert np.bincount(d.y_eval).tolist() == [2, 3]
     # Without class names the sorted folder names are the labels; without a test split,
     # eval_fraction of train is held out.
-    d2 = load_dataset(ImageFolderSpec(kind="image-folder", root=root, eval_split=None, eval_fraction=0.3),
-                      input_shape=[3, 8, 8], num_classes=2)
+    d2 = load_dataset(
+        ImageFolderSpec(kind="image-folder", root=root, eval_split=None, eval_fraction=0.3),
+        input_shape=[3, 8, 8],
+        num_classes=2,
+    )
     assert d2.x_train.shape[1:] == (3, 8, 8)
     assert d2.train_examples == 7
     assert d2.eval_examples == 3
@@ -113,9 +127,17 @@ def test_image_folder_errors_keep_paths_private(tmp_path: Path) -> None:
     _image_folder(root, "train", {"normal": 2, "covid": 2, "other": 1})
     (root / "train" / "covid" / "broken.png").write_bytes(b"not an image")
     cases = [
-        (ImageFolderSpec(kind="image-folder", root=root), ["normal", "covid"], "'other' are not among"),
+        (
+            ImageFolderSpec(kind="image-folder", root=root),
+            ["normal", "covid"],
+            "'other' are not among",
+        ),
         (ImageFolderSpec(kind="image-folder", root=root), None, "3 class folders"),
-        (ImageFolderSpec(kind="image-folder", root=root, train_split="training"), None, "no 'training' split"),
+        (
+            ImageFolderSpec(kind="image-folder", root=root, train_split="training"),
+            None,
+            "no 'training' split",
+        ),
     ]
     for spec, names, message in cases:
         with pytest.raises(DatasetError) as err:
@@ -125,8 +147,12 @@ def test_image_folder_errors_keep_paths_private(tmp_path: Path) -> None:
     (root / "train" / "other" / "img0.png").unlink()
     (root / "train" / "other").rmdir()
     with pytest.raises(DatasetError) as err:
-        load_dataset(ImageFolderSpec(kind="image-folder", root=root), input_shape=[1, 8, 8], num_classes=2,
-                     class_names=["normal", "covid"])
+        load_dataset(
+            ImageFolderSpec(kind="image-folder", root=root),
+            input_shape=[1, 8, 8],
+            num_classes=2,
+            class_names=["normal", "covid"],
+        )
     assert "cannot be read" in err.value.public_message
     assert "secret-hospital-share" not in err.value.public_message
     assert "broken.png" in str(err.value)  # the local log gets the detail
@@ -158,7 +184,9 @@ partition = { index = 2, count = 3, scheme = "label-skew", seed = 7 }
     with pytest.raises(ConfigError, match=r"bad\.json: key 'datasets\.x'"):
         load_catalog(bad)
     with pytest.raises(ValidationError, match="partition index 3 must be below count 3"):
-        DatasetCatalog.model_validate({"datasets": {"d": {"kind": "digits", "partition": {"index": 3, "count": 3}}}})
+        DatasetCatalog.model_validate(
+            {"datasets": {"d": {"kind": "digits", "partition": {"index": 3, "count": 3}}}}
+        )
 
 
 def test_scrub() -> None:

@@ -31,9 +31,17 @@ def _launch(tmp_path: Path, pki: Pki, superlink: str) -> SuperNodeLaunch:
     keys = generate_node_key(tmp_path / "keys")
     ca = tmp_path / "ca.crt"
     ca.write_bytes(pki.ca_cert_pem)
-    catalog = write_catalog(tmp_path / "private-share" / "datasets.json", {"digits": BundledDatasetSpec(kind="digits")})
-    return SuperNodeLaunch(task_id="t1", site="hospital-a", superlink=superlink, root_ca=ca,
-                           private_key=keys.private_key, dataset_config=catalog)
+    catalog = write_catalog(
+        tmp_path / "private-share" / "datasets.json", {"digits": BundledDatasetSpec(kind="digits")}
+    )
+    return SuperNodeLaunch(
+        task_id="t1",
+        site="hospital-a",
+        superlink=superlink,
+        root_ca=ca,
+        private_key=keys.private_key,
+        dataset_config=catalog,
+    )
 
 
 async def test_unreachable_aggregator_ends_the_task_with_a_reason(tmp_path: Path, pki: Pki) -> None:
@@ -43,7 +51,9 @@ async def test_unreachable_aggregator_ends_the_task_with_a_reason(tmp_path: Path
     status = await node.wait()
     assert time.monotonic() - t0 < 60
     assert not status.ok
-    assert "failed with Flower exit code 305: it could not connect to the aggregator" in status.reason
+    assert (
+        "failed with Flower exit code 305: it could not connect to the aggregator" in status.reason
+    )
     assert "Connection refused" in status.reason
     assert str(tmp_path) not in status.reason
     assert not _group_alive(node.pid)
@@ -75,14 +85,23 @@ async def test_missing_files_and_bad_settings(tmp_path: Path, pki: Pki) -> None:
 
 def test_supernode_command_line(tmp_path: Path) -> None:
     cmd = supernode_command(
-        superlink="10.0.0.5:9092", root_ca=Path("/etc/ca.crt"), private_key=Path("/k/node"), site="hospital-a",
-        dataset_config=Path("/var/lib/x/datasets.json"), runtime_port=9094, flwr_home=Path("/var/lib/x/flwr"),
-        node_config={"torch-threads": 2}, bin_dir="/opt/venv/bin",
+        superlink="10.0.0.5:9092",
+        root_ca=Path("/etc/ca.crt"),
+        private_key=Path("/k/node"),
+        site="hospital-a",
+        dataset_config=Path("/var/lib/x/datasets.json"),
+        runtime_port=9094,
+        flwr_home=Path("/var/lib/x/flwr"),
+        node_config={"torch-threads": 2},
+        bin_dir="/opt/venv/bin",
     )
     argv = cmd.argv
     assert argv[argv.index("--superlink") + 1] == "10.0.0.5:9092"
     assert argv[argv.index("--auth-supernode-private-key") + 1] == "/k/node"
-    assert argv[argv.index("--node-config") + 1] == 'site="hospital-a" dataset-config="/var/lib/x/datasets.json" torch-threads=2'
+    assert (
+        argv[argv.index("--node-config") + 1]
+        == 'site="hospital-a" dataset-config="/var/lib/x/datasets.json" torch-threads=2'
+    )
     assert "--insecure" not in argv
     assert cmd.env["FLWR_HOME"] == "/var/lib/x/flwr"
     assert cmd.env["PATH"].startswith("/opt/venv/bin:")

@@ -41,9 +41,18 @@ def _ed25519(path: Path) -> str:
     key = ed25519.Ed25519PrivateKey.generate()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                  serialization.NoEncryption()))
-    return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            )
+        )
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
 
 
 @dataclass
@@ -79,8 +88,12 @@ UsePAM no
 StrictModes no
 """)
         with open(d / "sshd.log", "wb") as log:
-            proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
-                                    stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+            proc = subprocess.Popen(
+                ["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.poll() is None:
             if "Server listening" in (d / "sshd.log").read_text(errors="replace"):
@@ -94,48 +107,75 @@ StrictModes no
     import pwd
 
     try:
-        yield Sshd(port=port, client_key=d / "client_key", known_hosts=d / "known_hosts", proc=proc,
-                   user=pwd.getpwuid(os.getuid()).pw_name)
+        yield Sshd(
+            port=port,
+            client_key=d / "client_key",
+            known_hosts=d / "known_hosts",
+            proc=proc,
+            user=pwd.getpwuid(os.getuid()).pw_name,
+        )
     finally:
         proc.terminate()
         proc.wait(10)
 
 
 def _config(sshd: Sshd, tmp_path: Path, **overrides: object) -> SshExecutorConfig:
-    return SshExecutorConfig.model_validate({
-        "kind": "ssh", "user": sshd.user, "identity_file": str(sshd.client_key),
-        "known_hosts_file": str(sshd.known_hosts), "remote_work_dir": str(tmp_path / "vm"),
-        "remote_bin_dir": str(Path(sys.executable).parent), "runtime_port": free_port(),
-        "address_overrides": {"vm-1": f"127.0.0.1:{sshd.port}"}, **overrides,
-    })
+    return SshExecutorConfig.model_validate(
+        {
+            "kind": "ssh",
+            "user": sshd.user,
+            "identity_file": str(sshd.client_key),
+            "known_hosts_file": str(sshd.known_hosts),
+            "remote_work_dir": str(tmp_path / "vm"),
+            "remote_bin_dir": str(Path(sys.executable).parent),
+            "runtime_port": free_port(),
+            "address_overrides": {"vm-1": f"127.0.0.1:{sshd.port}"},
+            **overrides,
+        }
+    )
 
 
 @pytest_asyncio.fixture
 async def aggregator(tmp_path: Path) -> AsyncIterator[tuple[LocalProvider, str]]:
     pki = Pki.init(tmp_path / "pki")
     provider = LocalProvider(work_dir=tmp_path / "aggregators", issue_tls=pki_tls_issuer(pki))
-    handle = await provider.launch(AggregatorSpec(job_id="sshjob", cloud="local", region="local", instance_type="x"))
+    handle = await provider.launch(
+        AggregatorSpec(job_id="sshjob", cloud="local", region="local", instance_type="x")
+    )
     try:
         yield provider, str(handle.address)
     finally:
         await provider.terminate(handle)
 
 
-async def test_supernode_in_the_vm_joins_and_stops(tmp_path: Path, sshd: Sshd, aggregator: tuple[LocalProvider, str]) -> None:
+async def test_supernode_in_the_vm_joins_and_stops(
+    tmp_path: Path, sshd: Sshd, aggregator: tuple[LocalProvider, str]
+) -> None:
     provider, address = aggregator
     from fedsky.controller.providers.base import AggregatorHandle
 
-    handle = AggregatorHandle(provider="local", job_id="sshjob", ref="0", region="local", address=address)
+    handle = AggregatorHandle(
+        provider="local", job_id="sshjob", ref="0", region="local", address=address
+    )
     control = provider.control(handle)
     keys = generate_node_key(tmp_path / "agent" / "keys")
     await control.register_node(keys.public_key, name="hospital-a")
-    catalog = write_catalog(tmp_path / "agent" / "vm-datasets.json", {"digits": BundledDatasetSpec(kind="digits")})
+    catalog = write_catalog(
+        tmp_path / "agent" / "vm-datasets.json", {"digits": BundledDatasetSpec(kind="digits")}
+    )
     executor = make_executor(_config(sshd, tmp_path), work_dir=tmp_path / "agent" / "tasks")
     assert isinstance(executor, SshExecutor)
     node = await executor.start(
-        SuperNodeLaunch(task_id="t-ssh", site="hospital-a", superlink=address, root_ca=provider.tls("sshjob").ca_file,
-                        private_key=keys.private_key, dataset_config=catalog),
-        vm_name="vm-1", vm_addresses=("192.0.2.10",),
+        SuperNodeLaunch(
+            task_id="t-ssh",
+            site="hospital-a",
+            superlink=address,
+            root_ca=provider.tls("sshjob").ca_file,
+            private_key=keys.private_key,
+            dataset_config=catalog,
+        ),
+        vm_name="vm-1",
+        vm_addresses=("192.0.2.10",),
     )
     assert isinstance(node, SshSuperNode)
     remote = tmp_path / "vm" / "t-ssh"
@@ -167,18 +207,33 @@ async def test_ssh_failures_are_clear(tmp_path: Path, sshd: Sshd) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_text("x")
     catalog = write_catalog(tmp_path / "datasets.json", {})
-    launch = SuperNodeLaunch(task_id="t", site="hospital-a", superlink="127.0.0.1:1", root_ca=ca,
-                             private_key=keys.private_key, dataset_config=catalog)
+    launch = SuperNodeLaunch(
+        task_id="t",
+        site="hospital-a",
+        superlink="127.0.0.1:1",
+        root_ca=ca,
+        private_key=keys.private_key,
+        dataset_config=catalog,
+    )
     # Nothing listens there.
-    closed = SshExecutor(_config(sshd, tmp_path, address_overrides={"vm-1": f"127.0.0.1:{free_port()}"}), work_dir=tmp_path / "t")
+    closed = SshExecutor(
+        _config(sshd, tmp_path, address_overrides={"vm-1": f"127.0.0.1:{free_port()}"}),
+        work_dir=tmp_path / "t",
+    )
     with pytest.raises(ExecutorError, match=r"SSH connection to 127\.0\.0\.1:\d+ failed"):
         await closed.start(launch, vm_name="vm-1")
     # A host key that is not the one on record is refused, not accepted.
-    (tmp_path / "other_known_hosts").write_text(f"[127.0.0.1]:{sshd.port} {_ed25519(tmp_path / 'other')}\n")
-    spoofed = SshExecutor(_config(sshd, tmp_path, known_hosts_file=str(tmp_path / "other_known_hosts")), work_dir=tmp_path / "t")
+    (tmp_path / "other_known_hosts").write_text(
+        f"[127.0.0.1]:{sshd.port} {_ed25519(tmp_path / 'other')}\n"
+    )
+    spoofed = SshExecutor(
+        _config(sshd, tmp_path, known_hosts_file=str(tmp_path / "other_known_hosts")),
+        work_dir=tmp_path / "t",
+    )
     with pytest.raises(ExecutorError, match=r"(?i)host key"):
         await spoofed.start(launch, vm_name="vm-1")
     # No override and no usable address.
     with pytest.raises(ExecutorError, match="no address"):
-        await SshExecutor(_config(sshd, tmp_path, address_overrides={}), work_dir=tmp_path / "t").start(
-            launch, vm_name="vm-2", vm_addresses=("127.0.0.1",))
+        await SshExecutor(
+            _config(sshd, tmp_path, address_overrides={}), work_dir=tmp_path / "t"
+        ).start(launch, vm_name="vm-2", vm_addresses=("127.0.0.1",))

@@ -16,10 +16,13 @@ from fedsky.shared.jobspec import parse_job_spec_text
 from fedsky.shared.modelfile import build_module, example_architecture, load_weights, module_weights
 
 
-@pytest.mark.parametrize(("name", "make"), [
-    ("sgd", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)),
-    ("adam", lambda p, lr: torch.optim.Adam(p, lr=lr)),
-])
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("sgd", lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9)),
+        ("adam", lambda p, lr: torch.optim.Adam(p, lr=lr)),
+    ],
+)
 def test_our_optimisers_equal_torch(name: str, make: object) -> None:
     arch = example_architecture("breast_cancer")
     rng = np.random.default_rng(0)
@@ -38,7 +41,9 @@ def test_our_optimisers_equal_torch(name: str, make: object) -> None:
         for start in range(0, 100, 16):
             idx = order[start : start + 16]
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(theirs(torch.from_numpy(x)[idx]), torch.from_numpy(y)[idx]).backward()
+            torch.nn.functional.cross_entropy(
+                theirs(torch.from_numpy(x)[idx]), torch.from_numpy(y)[idx]
+            ).backward()
             opt.step()
     for key, value in module_weights(ours).items():
         np.testing.assert_allclose(value, module_weights(theirs)[key], rtol=1e-5, atol=1e-6)
@@ -57,8 +62,16 @@ def test_evaluate_counts() -> None:
 
 def test_fedavg_weights_by_examples_and_keeps_dtypes() -> None:
     ref = {"w": np.zeros((2,), np.float32), "n": np.array(0, np.int64)}
-    a = _Reply(site="a", metrics={"num-examples": 1}, weights={"w": np.array([1.0, 1.0], np.float32), "n": np.array(10)})
-    b = _Reply(site="b", metrics={"num-examples": 3}, weights={"w": np.array([5.0, 9.0], np.float32), "n": np.array(20)})
+    a = _Reply(
+        site="a",
+        metrics={"num-examples": 1},
+        weights={"w": np.array([1.0, 1.0], np.float32), "n": np.array(10)},
+    )
+    b = _Reply(
+        site="b",
+        metrics={"num-examples": 3},
+        weights={"w": np.array([5.0, 9.0], np.float32), "n": np.array(20)},
+    )
     out = fedavg([a, b], ref)
     np.testing.assert_allclose(out["w"], [4.0, 7.0])
     assert out["w"].dtype == np.float32
@@ -80,7 +93,8 @@ def test_run_config_keys_match_the_app_pyproject() -> None:
 
 
 def test_settings_for_a_job() -> None:
-    spec = parse_job_spec_text("""
+    spec = parse_job_spec_text(
+        """
 name = "demo"
 participants = ["h-a", "h-b", "h-c"]
 model = "m.safetensors"
@@ -91,9 +105,17 @@ rounds = 4
 optimizer = "adam"
 learning_rate = 0.002
 min_participants = 2
-""", path=Path("/jobs/job.toml"))
-    s = settings_for_job(spec, job_id="j7", model_file=Path("/srv/m.safetensors"), model_sha256="a" * 64,
-                         sink="mqtt", mqtt={"host": "ctl", "port": 8883, "ca": "/a", "cert": "/b", "key": "/c"})
+""",
+        path=Path("/jobs/job.toml"),
+    )
+    s = settings_for_job(
+        spec,
+        job_id="j7",
+        model_file=Path("/srv/m.safetensors"),
+        model_sha256="a" * 64,
+        sink="mqtt",
+        mqtt={"host": "ctl", "port": 8883, "ca": "/a", "cert": "/b", "key": "/c"},
+    )
     assert s.num_rounds == 4
     assert s.optimizer == "adam"
     assert s.min_participants == 2

@@ -36,11 +36,23 @@ from tests.support import MqttBroker
 def _metrics(job_id: str = "job-1", rnd: int = 1) -> RoundMetrics:
     now = datetime.now(UTC)
     return RoundMetrics(
-        job_id=job_id, round=rnd, num_rounds=2, accuracy=0.5, loss=0.7, f1=0.4, recall=0.5, precision=0.3,
-        per_class=[ClassFigures(label=i, precision=0.3, recall=0.5, f1=0.4, support=2, predicted=2) for i in range(2)],
+        job_id=job_id,
+        round=rnd,
+        num_rounds=2,
+        accuracy=0.5,
+        loss=0.7,
+        f1=0.4,
+        recall=0.5,
+        precision=0.3,
+        per_class=[
+            ClassFigures(label=i, precision=0.3, recall=0.5, f1=0.4, support=2, predicted=2)
+            for i in range(2)
+        ],
         confusion_matrix=[[1, 1], [1, 1]],
         participants=[SiteContribution(site="hospital-a", train_examples=10, eval_examples=4)],
-        started_at=now, finished_at=now, duration_s=1.5,
+        started_at=now,
+        finished_at=now,
+        duration_s=1.5,
     )
 
 
@@ -103,7 +115,9 @@ def test_feed_pairs_rounds_with_their_weights() -> None:
     # Chunks that overtake their metrics wait for them.
     ref2, chunks2 = split_weights(job_id="job-1", round=2, data=b"v" * 10)
     assert feed.feed("agg-job-1", chunks2[0].encode(), now=3) == []
-    (ready2,) = feed.feed("agg-job-1", _metrics(rnd=2).model_copy(update={"weights": ref2}).encode(), now=4)
+    (ready2,) = feed.feed(
+        "agg-job-1", _metrics(rnd=2).model_copy(update={"weights": ref2}).encode(), now=4
+    )
     assert isinstance(ready2, RoundReady)
     assert ready2.weights == b"v" * 10
     # A round without weights goes at once; one whose weights never come goes at the run's end
@@ -112,14 +126,20 @@ def test_feed_pairs_rounds_with_their_weights() -> None:
     assert isinstance(bare, RoundReady)
     assert bare.weights is None
     ref4, _ = split_weights(job_id="job-1", round=4, data=b"lost")
-    assert feed.feed("agg-job-1", _metrics(rnd=4).model_copy(update={"weights": ref4}).encode(), now=6) == []
+    assert (
+        feed.feed("agg-job-1", _metrics(rnd=4).model_copy(update={"weights": ref4}).encode(), now=6)
+        == []
+    )
     end = RunFinished(job_id="job-1", status="completed", rounds_completed=4, num_rounds=4)
     flushed, ended = feed.feed("agg-job-1", end.encode(), now=7)
     assert isinstance(flushed, RoundReady)
     assert flushed.metrics.round == 4
     assert flushed.weights is None
     assert isinstance(ended, RunEnded)
-    assert feed.feed("agg-job-1", _metrics(rnd=5).model_copy(update={"weights": ref4}).encode(), now=8) == []
+    assert (
+        feed.feed("agg-job-1", _metrics(rnd=5).model_copy(update={"weights": ref4}).encode(), now=8)
+        == []
+    )
     (late,) = feed.expire(now=100)
     assert late.metrics.round == 5
     # An aggregator reports only on its own job.
@@ -146,7 +166,9 @@ def test_file_sink(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "out")
     sink.round_finished(_metrics(rnd=1), b"weights-1")
     sink.round_finished(_metrics(rnd=2), None)
-    sink.run_finished(RunFinished(job_id="job-1", status="completed", rounds_completed=2, num_rounds=2))
+    sink.run_finished(
+        RunFinished(job_id="job-1", status="completed", rounds_completed=2, num_rounds=2)
+    )
     rounds, end = read_file_sink(tmp_path / "out")
     assert [r.round for r in rounds] == [1, 2]
     assert (tmp_path / "out" / "round-0001.safetensors").read_bytes() == b"weights-1"
@@ -154,7 +176,9 @@ def test_file_sink(tmp_path: Path) -> None:
     assert end.status == "completed"
 
 
-async def test_mqtt_sink_delivers_a_26_mb_model(tmp_path: Path, pki: Pki, mqtt_broker: MqttBroker) -> None:
+async def test_mqtt_sink_delivers_a_26_mb_model(
+    tmp_path: Path, pki: Pki, mqtt_broker: MqttBroker
+) -> None:
     job_id = "j26mb"
     agg = mqtt_broker.client_context_for(f"agg-{job_id}", kind="aggregator")
     ctl = mqtt_broker.client_context_for("controller", kind="controller")
@@ -164,11 +188,20 @@ async def test_mqtt_sink_delivers_a_26_mb_model(tmp_path: Path, pki: Pki, mqtt_b
     topic = mqtt_broker.topics.aggregator_metrics(f"agg-{job_id}")
 
     def publish() -> None:
-        sink = MqttSink(job_id=job_id, host=mqtt_broker.host, port=mqtt_broker.port, ca_file=agg.ca_file,
-                        cert_file=agg.cert_file, key_file=agg.key_file, prefix=mqtt_broker.prefix)
+        sink = MqttSink(
+            job_id=job_id,
+            host=mqtt_broker.host,
+            port=mqtt_broker.port,
+            ca_file=agg.ca_file,
+            cert_file=agg.cert_file,
+            key_file=agg.key_file,
+            prefix=mqtt_broker.prefix,
+        )
         try:
             sink.round_finished(_metrics(job_id=job_id, rnd=1), blob)
-            sink.run_finished(RunFinished(job_id=job_id, status="completed", rounds_completed=1, num_rounds=1))
+            sink.run_finished(
+                RunFinished(job_id=job_id, status="completed", rounds_completed=1, num_rounds=1)
+            )
         finally:
             sink.close()
 
@@ -202,14 +235,28 @@ async def test_mqtt_sink_delivers_a_26_mb_model(tmp_path: Path, pki: Pki, mqtt_b
 async def test_mqtt_sink_fails_clearly(tmp_path: Path, pki: Pki, mqtt_broker: MqttBroker) -> None:
     agg = mqtt_broker.client_context_for("agg-j2", kind="aggregator")
     with pytest.raises(SinkError, match="cannot load"):
-        MqttSink(job_id="j2", host=mqtt_broker.host, port=mqtt_broker.port, ca_file=tmp_path / "none.crt",
-                 cert_file=agg.cert_file, key_file=agg.key_file, prefix=mqtt_broker.prefix)
+        MqttSink(
+            job_id="j2",
+            host=mqtt_broker.host,
+            port=mqtt_broker.port,
+            ca_file=tmp_path / "none.crt",
+            cert_file=agg.cert_file,
+            key_file=agg.key_file,
+            prefix=mqtt_broker.prefix,
+        )
     mqtt_broker.stop()
 
     def unreachable() -> None:
-        MqttSink(job_id="j2", host=mqtt_broker.host, port=mqtt_broker.port, ca_file=agg.ca_file,
-                 cert_file=agg.cert_file, key_file=agg.key_file, prefix=mqtt_broker.prefix,
-                 connect_timeout_s=2.0)
+        MqttSink(
+            job_id="j2",
+            host=mqtt_broker.host,
+            port=mqtt_broker.port,
+            ca_file=agg.ca_file,
+            cert_file=agg.cert_file,
+            key_file=agg.key_file,
+            prefix=mqtt_broker.prefix,
+            connect_timeout_s=2.0,
+        )
 
     with pytest.raises(SinkError, match="cannot reach the bus"):
         await asyncio.to_thread(unreachable)

@@ -60,14 +60,19 @@ def test_good_spec(tmp_path: Path) -> None:
 
 
 def test_defaults(tmp_path: Path) -> None:
-    spec = load_job_spec(_write(tmp_path, """
+    spec = load_job_spec(
+        _write(
+            tmp_path,
+            """
 name = "small"
 participants = ["a"]
 model = "model.safetensors"
 dataset = "breast_cancer"
 [hyperparameters]
 rounds = 1
-"""))
+""",
+        )
+    )
     assert spec.min_participants == 1
     assert spec.placement.max_cost is None
     assert spec.placement.cost_weight == 0.5
@@ -92,21 +97,39 @@ placement: {max_cost: "12.5 USD/job"}
 @pytest.mark.parametrize(
     ("change", "key", "what"),
     [
-        (('optimizer = "adam"', 'optimizer = "rmsprop"'), "hyperparameters.optimizer", "'sgd' or 'adam'"),
-        (('rounds = 3', 'rounds = 0'), "hyperparameters.rounds", "greater than or equal to 1"),
+        (
+            ('optimizer = "adam"', 'optimizer = "rmsprop"'),
+            "hyperparameters.optimizer",
+            "'sgd' or 'adam'",
+        ),
+        (("rounds = 3", "rounds = 0"), "hyperparameters.rounds", "greater than or equal to 1"),
         (('"hospital-eu"]', '"controller"]'), "participants", "reserved for the controller"),
         (('"hospital-eu"]', '"hospital-us"]'), "participants", "listed twice"),
         (('"hospital-eu"]', '"Hospital_EU"]'), "participants", "invalid"),
-        (('max_cost = "85,000 KRW/month"', 'max_cost = "85000 EUR/month"'), "placement.max_cost", "USD or KRW"),
-        (('cost_weight = 0.9', 'cost_weight = 1.5'), "placement.cost_weight", "less than or equal to 1"),
+        (
+            ('max_cost = "85,000 KRW/month"', 'max_cost = "85000 EUR/month"'),
+            "placement.max_cost",
+            "USD or KRW",
+        ),
+        (
+            ("cost_weight = 0.9", "cost_weight = 1.5"),
+            "placement.cost_weight",
+            "less than or equal to 1",
+        ),
         (('selection_metric = "f1"', 'selection_metric = "auc"'), "selection_metric", "'accuracy'"),
         (('dataset = "digits"', 'dataset = "../etc"'), "dataset", "should match pattern"),
-        (('vcpus = 2', 'vcpus = 2\ngpus = 1'), "resources.gpus", "unknown key"),
-        (('min_participants = 2', 'min_participants = 4'), "(top level)", "only 3 participant"),
-        (('hospital-eu = "digits-eu"', 'hospital-x = "digits-eu"'), "(top level)", "not among the participants"),
+        (("vcpus = 2", "vcpus = 2\ngpus = 1"), "resources.gpus", "unknown key"),
+        (("min_participants = 2", "min_participants = 4"), "(top level)", "only 3 participant"),
+        (
+            ('hospital-eu = "digits-eu"', 'hospital-x = "digits-eu"'),
+            "(top level)",
+            "not among the participants",
+        ),
     ],
 )
-def test_errors_name_file_and_key(tmp_path: Path, change: tuple[str, str], key: str, what: str) -> None:
+def test_errors_name_file_and_key(
+    tmp_path: Path, change: tuple[str, str], key: str, what: str
+) -> None:
     assert change[0] in GOOD
     path = _write(tmp_path, GOOD.replace(change[0], change[1]))
     with pytest.raises(ConfigError) as err:
@@ -118,7 +141,9 @@ def test_errors_name_file_and_key(tmp_path: Path, change: tuple[str, str], key: 
 
 
 def test_missing_model_and_unreadable_files(tmp_path: Path) -> None:
-    path = _write(tmp_path, GOOD.replace('model = "model.safetensors"', 'model = "nope.safetensors"'))
+    path = _write(
+        tmp_path, GOOD.replace('model = "model.safetensors"', 'model = "nope.safetensors"')
+    )
     with pytest.raises(ConfigError, match=r"key 'model': model file not found"):
         load_job_spec(path)
     with pytest.raises(ConfigError, match="not valid TOML"):

@@ -42,15 +42,21 @@ def test_absent_classes_do_not_count_and_empty_matrix_is_zero() -> None:
     assert f.recall == 1.0
     assert f.precision == 1.0
     zero = figures([[0, 0], [0, 0]])
-    assert (zero.accuracy, zero.f1, zero.recall, zero.precision, zero.total) == (0.0, 0.0, 0.0, 0.0, 0)
+    assert (zero.accuracy, zero.f1, zero.recall, zero.precision, zero.total) == (
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0,
+    )
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(min_value=2, max_value=6).flatmap(
-        lambda k: st.lists(st.tuples(st.integers(0, k - 1), st.integers(0, k - 1)), min_size=1, max_size=80).map(
-            lambda pairs: (k, pairs)
-        )
+        lambda k: st.lists(
+            st.tuples(st.integers(0, k - 1), st.integers(0, k - 1)), min_size=1, max_size=80
+        ).map(lambda pairs: (k, pairs))
     )
 )
 def test_matches_sklearn(case: tuple[int, list[tuple[int, int]]]) -> None:
@@ -61,15 +67,25 @@ def test_matches_sklearn(case: tuple[int, list[tuple[int, int]]]) -> None:
     assert f.accuracy == pytest.approx(accuracy_score(y_true, y_pred))
     assert f.f1 == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
     assert f.recall == pytest.approx(recall_score(y_true, y_pred, average="macro", zero_division=0))
-    assert f.precision == pytest.approx(precision_score(y_true, y_pred, average="macro", zero_division=0))
+    assert f.precision == pytest.approx(
+        precision_score(y_true, y_pred, average="macro", zero_division=0)
+    )
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=30), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=30),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_summed_matrices_equal_the_union(sites: list[list[tuple[int, int]]]) -> None:
     per_site = [confusion_matrix([t for t, _ in s], [p for _, p in s], 4) for s in sites]
     union = [pair for s in sites for pair in s]
-    assert sum_matrices(per_site) == confusion_matrix([t for t, _ in union], [p for _, p in union], 4)
+    assert sum_matrices(per_site) == confusion_matrix(
+        [t for t, _ in union], [p for _, p in union], 4
+    )
 
 
 def test_flatten_round_trip_and_bad_input() -> None:

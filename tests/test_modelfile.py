@@ -55,10 +55,16 @@ def test_the_xray_example_is_the_study_size(tmp_path: Path) -> None:
 
 
 def test_array_record_round_trip_keeps_names_and_dtypes(tmp_path: Path) -> None:
-    arch = Architecture.model_validate({
-        "input_shape": [4], "num_classes": 2,
-        "layers": [{"type": "batchnorm1d", "num_features": 4}, {"type": "linear", "in_features": 4, "out_features": 2}],
-    })
+    arch = Architecture.model_validate(
+        {
+            "input_shape": [4],
+            "num_classes": 2,
+            "layers": [
+                {"type": "batchnorm1d", "num_features": 4},
+                {"type": "linear", "in_features": 4, "out_features": 2},
+            ],
+        }
+    )
     weights = module_weights(build_module(arch))
     assert weights["0.num_batches_tracked"].dtype == np.int64
     back = from_array_record(to_array_record(weights), arch)
@@ -73,13 +79,25 @@ def test_array_record_round_trip_keeps_names_and_dtypes(tmp_path: Path) -> None:
     parse_model_bytes(model_bytes(arch, cast))
 
 
-def _file(arch: dict[str, object] | str, weights: dict[str, np.ndarray], meta: dict[str, str] | None = None) -> bytes:
-    metadata = {"format": "fedsky-model", "format_version": "1", "architecture": arch if isinstance(arch, str) else json.dumps(arch)}
+def _file(
+    arch: dict[str, object] | str,
+    weights: dict[str, np.ndarray],
+    meta: dict[str, str] | None = None,
+) -> bytes:
+    metadata = {
+        "format": "fedsky-model",
+        "format_version": "1",
+        "architecture": arch if isinstance(arch, str) else json.dumps(arch),
+    }
     metadata.update(meta or {})
     return weights_to_safetensors(weights, metadata)
 
 
-LINEAR = {"input_shape": [3], "num_classes": 2, "layers": [{"type": "linear", "in_features": 3, "out_features": 2}]}
+LINEAR = {
+    "input_shape": [3],
+    "num_classes": 2,
+    "layers": [{"type": "linear", "in_features": 3, "out_features": 2}],
+}
 W = {"0.weight": np.zeros((2, 3), np.float32), "0.bias": np.zeros(2, np.float32)}
 
 
@@ -93,9 +111,30 @@ W = {"0.weight": np.zeros((2, 3), np.float32), "0.bias": np.zeros(2, np.float32)
         (_file(LINEAR, W, {"format_version": "9"}), "version '9' is not supported"),
         (_file("{not json", W), "invalid architecture"),
         (_file({**LINEAR, "num_classes": 3}, W), "expected [3]"),
-        (_file({**LINEAR, "layers": [{"type": "conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 3}]}, W), "needs a (channels, height, width) input"),
+        (
+            _file(
+                {
+                    **LINEAR,
+                    "layers": [
+                        {"type": "conv2d", "in_channels": 1, "out_channels": 2, "kernel_size": 3}
+                    ],
+                },
+                W,
+            ),
+            "needs a (channels, height, width) input",
+        ),
         (_file({**LINEAR, "layers": [{"type": "softmax"}]}, W), "invalid architecture"),
-        (_file({"input_shape": [1, 8, 8], "num_classes": 2, "layers": [{"type": "linear", "in_features": 64, "out_features": 2}]}, W), "add a flatten layer"),
+        (
+            _file(
+                {
+                    "input_shape": [1, 8, 8],
+                    "num_classes": 2,
+                    "layers": [{"type": "linear", "in_features": 64, "out_features": 2}],
+                },
+                W,
+            ),
+            "add a flatten layer",
+        ),
         (_file(LINEAR, {"0.weight": W["0.weight"]}), "missing for 0.bias"),
         (_file(LINEAR, {**W, "9.weight": W["0.bias"]}), "does not have: 9.weight"),
         (_file(LINEAR, {**W, "0.weight": np.zeros((3, 2), np.float32)}), "shape [3, 2]"),
@@ -135,7 +174,9 @@ def test_load_weights_refuses_other_shapes() -> None:
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "bc.safetensors"
     py = [sys.executable, "-m", "fedsky.shared.modelfile"]
-    made = subprocess.run([*py, "make-example", "breast_cancer", str(out)], capture_output=True, text=True, check=True)
+    made = subprocess.run(
+        [*py, "make-example", "breast_cancer", str(out)], capture_output=True, text=True, check=True
+    )
     assert "sha256" in made.stdout
     ok = subprocess.run([*py, "check", str(out)], capture_output=True, text=True, check=True)
     assert "[30], 2 classes" in ok.stdout

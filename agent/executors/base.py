@@ -105,7 +105,9 @@ class RunningSuperNode(Protocol):
 class Executor(Protocol):
     kind: str
 
-    async def start(self, launch: SuperNodeLaunch, *, vm_name: str, vm_addresses: tuple[str, ...] = ()) -> RunningSuperNode: ...
+    async def start(
+        self, launch: SuperNodeLaunch, *, vm_name: str, vm_addresses: tuple[str, ...] = ()
+    ) -> RunningSuperNode: ...
 
 
 # --- Config ---------------------------------------------------------------------------------------
@@ -168,4 +170,6 @@ def make_executor(config: LocalExecutorConfig | SshExecutorConfig, *, work_dir: 
         return SshExecutor(config, work_dir=work_dir)
     from fedsky.agent.executors.local import LocalExecutor
 
-    return LocalExecutor(work_dir=work_dir, bin_dir=config.bin_dir, max_wait_s=config.give_up_after_s)
+    return LocalExecutor(
+        work_dir=work_dir, bin_dir=config.bin_dir, max_wait_s=config.give_up_after_s
+    )

@@ -36,7 +36,9 @@ def _free_port() -> int:
 
 
 class LocalSuperNode:
-    def __init__(self, task_id: str, proc: asyncio.subprocess.Process, log_file: Path, secrets: list[Path]) -> None:
+    def __init__(
+        self, task_id: str, proc: asyncio.subprocess.Process, log_file: Path, secrets: list[Path]
+    ) -> None:
         self.task_id = task_id
         self.pid = proc.pid
         self.log_file = log_file
@@ -52,7 +54,10 @@ class LocalSuperNode:
     def _finish(self, rc: int) -> ExitStatus:
         if self._status is None:
             code, sig = (rc, None) if rc >= 0 else (None, -rc)
-            reason = scrub(describe_exit(code, sig, stopped=self._stopping, log_text=self.log_tail()), self._secrets)
+            reason = scrub(
+                describe_exit(code, sig, stopped=self._stopping, log_text=self.log_tail()),
+                self._secrets,
+            )
             self._status = ExitStatus(code=code, signal=sig, reason=reason[:1500])
             log.info("task %s: SuperNode ended: %s", self.task_id, self._status.reason)
         return self._status
@@ -69,7 +74,11 @@ class LocalSuperNode:
             try:
                 await asyncio.wait_for(self._proc.wait(), timeout_s)
             except TimeoutError:
-                log.warning("task %s: SuperNode ignored SIGTERM for %.0f s; killing it", self.task_id, timeout_s)
+                log.warning(
+                    "task %s: SuperNode ignored SIGTERM for %.0f s; killing it",
+                    self.task_id,
+                    timeout_s,
+                )
                 self._kill_group(signal.SIGKILL)
                 await self._proc.wait()
         self._kill_group(signal.SIGKILL)
@@ -102,7 +111,9 @@ def _catalog_paths(catalog: Path) -> list[Path]:
 class LocalExecutor:
     kind = "local"
 
-    def __init__(self, *, work_dir: Path, bin_dir: Path | None = None, max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
+    def __init__(
+        self, *, work_dir: Path, bin_dir: Path | None = None, max_wait_s: float = DEFAULT_MAX_WAIT_S
+    ) -> None:
         self.work_dir = Path(work_dir)
         self.bin_dir = Path(bin_dir) if bin_dir else Path(sys.executable).parent
         self.max_wait_s = max_wait_s
@@ -130,7 +141,9 @@ class LocalExecutor:
             raise ExecutorError(f"cannot start the SuperNode: {exc}") from None
         for needed in (launch.root_ca, launch.private_key, launch.dataset_config):
             if not needed.is_file():
-                raise ExecutorError(f"cannot start the SuperNode: a file it needs is missing ({needed.name})")
+                raise ExecutorError(
+                    f"cannot start the SuperNode: a file it needs is missing ({needed.name})"
+                )
         log_file = task_dir / "supernode.log"
         env = {**os.environ, **cmd.env}
         logf = await asyncio.to_thread(open, log_file, "ab")
@@ -148,4 +161,6 @@ class LocalExecutor:
             except OSError as exc:
                 raise ExecutorError(f"cannot start the SuperNode: {exc.strerror}") from None
         log.info("task %s: SuperNode pid %s for %s", launch.task_id, proc.pid, launch.superlink)
-        return LocalSuperNode(launch.task_id, proc, log_file, [task_dir, *_catalog_paths(launch.dataset_config)])
+        return LocalSuperNode(
+            launch.task_id, proc, log_file, [task_dir, *_catalog_paths(launch.dataset_config)]
+        )

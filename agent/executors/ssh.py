@@ -82,7 +82,10 @@ class SshSuperNode:
                     code, sig = None, -rc
                 elif rc > 128 and rc - 128 in (signal.SIGTERM, signal.SIGKILL):
                     code, sig = None, rc - 128  # the remote shell reports a signal as 128 + n
-                reason = scrub(describe_exit(code, sig, stopped=self._stopping, log_text=self.log_tail()), self._secrets)
+                reason = scrub(
+                    describe_exit(code, sig, stopped=self._stopping, log_text=self.log_tail()),
+                    self._secrets,
+                )
                 status = ExitStatus(code=code, signal=sig, reason=reason[:1500])
             self._status = status
             log.info("task %s: remote SuperNode ended: %s", self.task_id, status.reason)
@@ -140,23 +143,43 @@ class SshExecutor:
         c = self.config
         return [
             "ssh",
-            "-F", "/dev/null",
-            "-p", str(port),
-            "-i", str(c.identity_file),
-            "-l", c.user,
-            "-o", "BatchMode=yes",
-            "-o", "IdentitiesOnly=yes",
-            "-o", "StrictHostKeyChecking=yes",
-            "-o", f"UserKnownHostsFile={c.known_hosts_file}",
-            "-o", f"ConnectTimeout={int(c.connect_timeout_s)}",
-            "-o", "ServerAliveInterval=15",
-            "-o", "ServerAliveCountMax=3",
-            "-o", "LogLevel=ERROR",
+            "-F",
+            "/dev/null",
+            "-p",
+            str(port),
+            "-i",
+            str(c.identity_file),
+            "-l",
+            c.user,
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"UserKnownHostsFile={c.known_hosts_file}",
+            "-o",
+            f"ConnectTimeout={int(c.connect_timeout_s)}",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=3",
+            "-o",
+            "LogLevel=ERROR",
             host,
             remote_command,
         ]
 
-    async def run_remote(self, host: str, port: int, command: str, *, stdin: bytes | None = None, timeout_s: float = 60.0) -> str:
+    async def run_remote(
+        self,
+        host: str,
+        port: int,
+        command: str,
+        *,
+        stdin: bytes | None = None,
+        timeout_s: float = 60.0,
+    ) -> str:
         """Run a short command on the VM; its stdout, or ExecutorError with its stderr."""
         proc = await asyncio.create_subprocess_exec(
             *self.ssh_argv(host, port, command),
@@ -170,28 +193,46 @@ class SshExecutor:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise ExecutorError(f"SSH to {host}:{port} did not answer within {timeout_s:.0f} s") from None
+            raise ExecutorError(
+                f"SSH to {host}:{port} did not answer within {timeout_s:.0f} s"
+            ) from None
         if proc.returncode != 0:
             what = "SSH connection" if proc.returncode == SSH_FAILED else "remote command"
             detail = scrub(last_lines(err.decode(errors="replace")), [self.config.identity_file])
-            raise ExecutorError(f"{what} to {host}:{port} failed (exit {proc.returncode}): {detail}")
+            raise ExecutorError(
+                f"{what} to {host}:{port} failed (exit {proc.returncode}): {detail}"
+            )
         return out.decode(errors="replace")
 
-    async def start(self, launch: SuperNodeLaunch, *, vm_name: str, vm_addresses: tuple[str, ...] = ()) -> SshSuperNode:
+    async def start(
+        self, launch: SuperNodeLaunch, *, vm_name: str, vm_addresses: tuple[str, ...] = ()
+    ) -> SshSuperNode:
         host, port = self.address_for(vm_name, vm_addresses)
         c = self.config
         for needed in (launch.root_ca, launch.private_key, launch.dataset_config):
             if not needed.is_file():
-                raise ExecutorError(f"cannot start the SuperNode: a file it needs is missing ({needed.name})")
+                raise ExecutorError(
+                    f"cannot start the SuperNode: a file it needs is missing ({needed.name})"
+                )
         rel = f"{c.remote_work_dir.rstrip('/')}/{launch.task_id}"
-        remote_dir = (await self.run_remote(
-            host, port, f"umask 077 && mkdir -p {shlex.quote(rel)} && cd {shlex.quote(rel)} && pwd"
-        )).strip()
+        remote_dir = (
+            await self.run_remote(
+                host,
+                port,
+                f"umask 077 && mkdir -p {shlex.quote(rel)} && cd {shlex.quote(rel)} && pwd",
+            )
+        ).strip()
         if not remote_dir.startswith("/"):
             raise ExecutorError(f"the VM gave no task directory (got {remote_dir[:80]!r})")
-        for local, name in ((launch.root_ca, "ca.crt"), (launch.private_key, "node.key"), (launch.dataset_config, "datasets.json")):
+        for local, name in (
+            (launch.root_ca, "ca.crt"),
+            (launch.private_key, "node.key"),
+            (launch.dataset_config, "datasets.json"),
+        ):
             data = await asyncio.to_thread(local.read_bytes)
-            await self.run_remote(host, port, f"umask 077 && cat > {shlex.quote(f'{remote_dir}/{name}')}", stdin=data)
+            await self.run_remote(
+                host, port, f"umask 077 && cat > {shlex.quote(f'{remote_dir}/{name}')}", stdin=data
+            )
         try:
             cmd = supernode_command(
                 superlink=launch.superlink,
@@ -227,6 +268,12 @@ class SshExecutor:
             )
         log.info("task %s: SuperNode started on %s:%s over SSH", launch.task_id, host, port)
         return SshSuperNode(
-            self, task_id=launch.task_id, host=host, port=port, remote_dir=remote_dir, proc=proc,
-            log_file=log_file, secrets=[task_dir, Path(remote_dir), *_catalog_paths(launch.dataset_config)],
+            self,
+            task_id=launch.task_id,
+            host=host,
+            port=port,
+            remote_dir=remote_dir,
+            proc=proc,
+            log_file=log_file,
+            secrets=[task_dir, Path(remote_dir), *_catalog_paths(launch.dataset_config)],
         )

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 log = logging.getLogger(__name__)
 
 # Route modules under fedsky.controller.api, in registration order.
-ROUTE_MODULES: tuple[str, ...] = ("agents", "models", "clouds")
+ROUTE_MODULES: tuple[str, ...] = ("agents", "jobs", "models", "clouds")
 
 MAX_BODY_BYTES = 64 << 20  # uploads (model files, credential files) stay well under this
 

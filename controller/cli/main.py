@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "agents",
     "vms",
     "place",
+    "job",
     "bench",
     "models",
     "clouds",

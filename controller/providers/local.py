@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsky.controller.pki import Pki, atomic_write
 from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
 from fedsky.controller.providers.superlink import (
     SuperLinkControl,
@@ -48,21 +49,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def pki_tls_issuer(pki: object) -> TlsIssuer:
-    """A TlsIssuer over fedsky's CA (`fedsky.controller.pki.Pki`): a `server` certificate with
-    every name the SuperLink is reached by."""
-    from fedsky.controller.pki import Pki, atomic_write
-
-    assert isinstance(pki, Pki)
+def pki_tls_issuer(pki: Pki) -> TlsIssuer:
+    """A TlsIssuer over fedsky's CA: a `server` certificate (30 days) with every name the
+    SuperLink is reached by, written beside the CA certificate and the key (0600)."""
 
     def issue(job_id: str, directory: Path, names: tuple[str, ...]) -> SuperLinkTls:
         dns = [n for n in names if not _is_ip(n)]
         ips = [n for n in names if _is_ip(n)]
         cert = pki.issue(
-            common_name=dns[0] if dns else ips[0], kind="server", dns_names=dns, ip_addresses=ips, days=30
+            common_name=dns[0] if dns else ips[0],
+            kind="server",
+            dns_names=dns,
+            ip_addresses=ips,
+            days=30,
         )
         directory.mkdir(parents=True, exist_ok=True)
-        ca, crt, key = directory / "ca.crt", directory / "superlink.crt", directory / "superlink.key"
+        ca, crt, key = (
+            directory / "ca.crt",
+            directory / "superlink.crt",
+            directory / "superlink.key",
+        )
         atomic_write(ca, pki.ca_cert_pem, mode=0o644)
         atomic_write(crt, cert.cert_pem, mode=0o644)
         assert cert.key_pem is not None
@@ -129,14 +135,17 @@ class LocalProvider:
 
     def tls(self, job_id: str) -> SuperLinkTls:
         d = self.paths(job_id).tls_dir
-        return SuperLinkTls(ca_file=d / "ca.crt", cert_file=d / "superlink.crt", key_file=d / "superlink.key")
+        return SuperLinkTls(
+            ca_file=d / "ca.crt", cert_file=d / "superlink.crt", key_file=d / "superlink.key"
+        )
 
     def control(self, handle: AggregatorHandle) -> SuperLinkControl:
         """The Flower control (register keys, start runs) of a launched aggregator."""
         if handle.address is None:
             raise ProviderError(f"aggregator of job {handle.job_id} has no address yet")
         return SuperLinkControl(
-            flwr_home=self.paths(handle.job_id).flwr_home, address=handle.address,
+            flwr_home=self.paths(handle.job_id).flwr_home,
+            address=handle.address,
             root_ca=self.tls(handle.job_id).ca_file,
         )
 
@@ -159,7 +168,11 @@ class LocalProvider:
                 address = f"{self.advertise_host}:{port}"
                 log.info("job %s: SuperLink pid %s listening on %s", spec.job_id, proc.pid, address)
                 return AggregatorHandle(
-                    provider=self.name, job_id=spec.job_id, ref=str(proc.pid), region=spec.region, address=address,
+                    provider=self.name,
+                    job_id=spec.job_id,
+                    ref=str(proc.pid),
+                    region=spec.region,
+                    address=address,
                 )
             _kill_group(proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -188,10 +201,17 @@ class LocalProvider:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return False, f"exited with code {proc.returncode}: {_log_tail(paths.log_file)}"
-            if _tls_ready("127.0.0.1" if self.bind_host in ("0.0.0.0", "") else self.bind_host, port, tls.ca_file):
+            if _tls_ready(
+                "127.0.0.1" if self.bind_host in ("0.0.0.0", "") else self.bind_host,
+                port,
+                tls.ca_file,
+            ):
                 return True, ""
             time.sleep(0.2)
-        return False, f"not answering after {self.start_timeout_s:.0f} s: {_log_tail(paths.log_file)}"
+        return (
+            False,
+            f"not answering after {self.start_timeout_s:.0f} s: {_log_tail(paths.log_file)}",
+        )
 
     async def healthy(self, handle: AggregatorHandle) -> bool:
         return await asyncio.to_thread(self._healthy, handle)
@@ -247,13 +267,19 @@ class LocalProvider:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
-        return any(b"flower-superlink" in part for part in cmdline) and str(self.paths(handle.job_id).database).encode() in cmdline
+        return (
+            any(b"flower-superlink" in part for part in cmdline)
+            and str(self.paths(handle.job_id).database).encode() in cmdline
+        )
 
 
 def _tls_ready(host: str, port: int, ca_file: Path) -> bool:
     ctx = ssl.create_default_context(cafile=str(ca_file))
     try:
-        with socket.create_connection((host, port), timeout=2) as raw, ctx.wrap_socket(raw, server_hostname=host):
+        with (
+            socket.create_connection((host, port), timeout=2) as raw,
+            ctx.wrap_socket(raw, server_hostname=host),
+        ):
             return True
     except (OSError, ssl.SSLError):
         return False

@@ -78,9 +78,12 @@ def superlink_command(
     """
     cmd = [
         executable or str(flower_bin_dir() / "flower-superlink"),
-        "--host", host,
-        "--port", str(port),
-        "--database", str(database),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--database",
+        str(database),
         "--disable-runtime-dependency-installation",
     ]
     if tls is None:
@@ -89,19 +92,30 @@ def superlink_command(
         cmd.append("--insecure")
     else:
         cmd += [
-            "--ssl-ca-certfile", str(tls.ca_file),
-            "--ssl-certfile", str(tls.cert_file),
-            "--ssl-keyfile", str(tls.key_file),
+            "--ssl-ca-certfile",
+            str(tls.ca_file),
+            "--ssl-certfile",
+            str(tls.cert_file),
+            "--ssl-keyfile",
+            str(tls.key_file),
         ]
         if node_auth:
             cmd.append("--enable-supernode-auth")
     return cmd
 
 
-def write_connection(flwr_home: Path, *, address: str, root_ca: Path | None, name: str = CONNECTION) -> Path:
+def write_connection(
+    flwr_home: Path, *, address: str, root_ca: Path | None, name: str = CONNECTION
+) -> Path:
     """Write `$FLWR_HOME/config.toml` with one SuperLink connection, the default."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f"address = {json.dumps(address)}"]
+    lines = [
+        "[superlink]",
+        f'default = "{name}"',
+        "",
+        f"[superlink.{name}]",
+        f"address = {json.dumps(address)}",
+    ]
     if root_ca is None:
         lines.append("insecure = true")
     else:
@@ -139,7 +153,14 @@ class FlowerCliError(ProviderError):
 class SuperLinkControl:
     """Control API of one SuperLink through the `flwr` CLI with its own FLWR_HOME."""
 
-    def __init__(self, *, flwr_home: Path, address: str, root_ca: Path | None, timeout_s: float = CLI_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        *,
+        flwr_home: Path,
+        address: str,
+        root_ca: Path | None,
+        timeout_s: float = CLI_TIMEOUT_S,
+    ) -> None:
         self.flwr_home = flwr_home
         self.address = address
         self.root_ca = root_ca
@@ -165,22 +186,28 @@ class SuperLinkControl:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise FlowerCliError(f"`flwr {args[0]}` did not finish within {timeout_s or self.timeout_s:.0f} s") from None
+            raise FlowerCliError(
+                f"`flwr {args[0]}` did not finish within {timeout_s or self.timeout_s:.0f} s"
+            ) from None
         stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
         if proc.returncode != 0:
-            raise FlowerCliError(f"`flwr {' '.join(args[:2])}` failed (exit {proc.returncode}): {_tail(stdout + stderr)}")
+            raise FlowerCliError(
+                f"`flwr {' '.join(args[:2])}` failed (exit {proc.returncode}): {_tail(stdout + stderr)}"
+            )
         return stdout, stderr
 
     async def _json(self, *args: str, timeout_s: float | None = None) -> dict[str, Any]:
         out, err = await self._flwr(*args, "--format", "json", timeout_s=timeout_s)
         try:
-            data = json.loads(out[out.index("{"):])
+            data = json.loads(out[out.index("{") :])
         except (ValueError, json.JSONDecodeError):
             raise FlowerCliError(f"`flwr {args[0]}` gave no JSON: {_tail(out + err)}") from None
         if not isinstance(data, dict):
             raise FlowerCliError(f"`flwr {args[0]}` gave unexpected JSON")
         if data.get("success") is False:
-            raise FlowerCliError(f"`flwr {' '.join(args[:2])}` failed: {data.get('error-message', data)}")
+            raise FlowerCliError(
+                f"`flwr {' '.join(args[:2])}` failed: {data.get('error-message', data)}"
+            )
         return data
 
     async def register_node(self, public_key: Path, *, name: str | None = None) -> int:
@@ -200,16 +227,24 @@ class SuperLinkControl:
         data = await self._json("supernode", "ls", CONNECTION)
         out = []
         for n in data.get("nodes", []):
-            out.append(NodeStatus(
-                node_id=int(n.get("node-id", 0)), status=str(n.get("status", "")),
-                name=str(n.get("name", "") or ""), raw=n,
-            ))
+            out.append(
+                NodeStatus(
+                    node_id=int(n.get("node-id", 0)),
+                    status=str(n.get("status", "")),
+                    name=str(n.get("name", "") or ""),
+                    raw=n,
+                )
+            )
         return out
 
-    async def start_run(self, *, app_dir: Path, settings: RunSettings, run_config_file: Path) -> int:
+    async def start_run(
+        self, *, app_dir: Path, settings: RunSettings, run_config_file: Path
+    ) -> int:
         """Start the fedsky app with `settings`; returns the run id at once (no streaming)."""
         await asyncio.to_thread(run_config_file.write_text, settings.to_toml())
-        data = await self._json("run", str(app_dir), CONNECTION, "--run-config", str(run_config_file))
+        data = await self._json(
+            "run", str(app_dir), CONNECTION, "--run-config", str(run_config_file)
+        )
         run_id = data.get("run-id")
         if run_id is None:
             raise FlowerCliError(f"`flwr run` started no run: {data}")
@@ -226,13 +261,21 @@ class SuperLinkControl:
     async def stop_run(self, run_id: int) -> None:
         await self._json("stop", str(run_id), CONNECTION)
 
-    def run_command(self, *, app_dir: Path, run_config_file: Path, stream: bool = True) -> list[str]:
+    def run_command(
+        self, *, app_dir: Path, run_config_file: Path, stream: bool = True
+    ) -> list[str]:
         """The `flwr run` command line (for a caller that runs and follows it itself)."""
-        cmd = [str(flower_bin_dir() / "flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config_file)]
+        cmd = [
+            str(flower_bin_dir() / "flwr"),
+            "run",
+            str(app_dir),
+            CONNECTION,
+            "--run-config",
+            str(run_config_file),
+        ]
         return cmd + (["--stream"] if stream else [])
 
 
 def _tail(text: str, lines: int = 8) -> str:
     kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
     return " | ".join(kept)[-1500:] or "(no output)"
-

@@ -12,12 +12,12 @@ Flower error whose reason is scrubbed of local paths; the full detail goes to th
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from fedsky.shared.datasets import DatasetError, LocalData, load_catalog, load_dataset, scrub
+from fedsky.shared.flower.runconfig import TaskConfig
 from fedsky.shared.ids import InvalidIdError, check_agent_id
 from fedsky.shared.metrics import flatten
 from fedsky.shared.modelfile import (
@@ -32,6 +32,7 @@ from fedsky.shared.modelfile import (
 )
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def _site(context: Context) -> str:
         raise _ClientFailure(ERR_CONFIG, str(exc)) from None
 
 
-def _data(context: Context, site: str, config: ConfigRecord, architecture: Architecture) -> tuple[LocalData, list[Path]]:
+def _data(
+    context: Context, site: str, config: TaskConfig, architecture: Architecture
+) -> tuple[LocalData, list[Path]]:
     catalog_path = context.node_config.get("dataset-config")
     if not isinstance(catalog_path, str) or not catalog_path:
         raise _ClientFailure(ERR_CONFIG, f"site {site!r} has no dataset-config in its node config")
@@ -70,9 +73,7 @@ def _data(context: Context, site: str, config: ConfigRecord, architecture: Archi
     except Exception as exc:
         log.error("cannot load dataset config: %s", exc)
         raise _ClientFailure(ERR_DATASET, f"site {site!r} cannot read its dataset config") from None
-    overrides = json.loads(str(config.get("dataset-overrides", "{}")))
-    name = str(overrides.get(site, config["dataset"]))
-    spec = catalog.resolve(name, site=site)
+    spec = catalog.resolve(config.dataset_for(site), site=site)
     data = load_dataset(
         spec,
         input_shape=architecture.input_shape,
@@ -95,17 +96,23 @@ def _handle(msg: Message, context: Context, *, train: bool) -> Message:
 
             torch.set_num_threads(threads)
         site = _site(context)
-        config = msg.content.config_records["config"]
         try:
-            architecture = Architecture.from_json(str(config["architecture"]))
-        except KeyError:
-            raise _ClientFailure(ERR_CONFIG, "the message carries no architecture") from None
+            config = TaskConfig.model_validate(dict(msg.content.config_records["config"]))
+        except (KeyError, ValidationError) as exc:
+            raise _ClientFailure(
+                ERR_CONFIG, f"the message's config is not a fedsky task: {exc}"
+            ) from None
+        architecture = Architecture.from_json(config.architecture)
         data, secrets = _data(context, site, config, architecture)
         module = build_module(architecture)
         weights = from_array_record(msg.content.array_records["arrays"], architecture)
         check_weights(architecture, weights)
         load_weights(module, weights)
-        return _train(msg, config, site, module, data) if train else _evaluate(msg, config, site, module, data, architecture)
+        return (
+            _train(msg, config, site, module, data)
+            if train
+            else _evaluate(msg, config, site, module, data, architecture)
+        )
     except _ClientFailure as exc:
         reason = exc.public
         code = exc.code
@@ -128,26 +135,30 @@ def _reply(msg: Message, site: str, metrics: dict[str, Any], arrays: ArrayRecord
     return Message(content=content, reply_to=msg)
 
 
-def _train(msg: Message, config: ConfigRecord, site: str, module: Any, data: LocalData) -> Message:
+def _train(msg: Message, config: TaskConfig, site: str, module: Any, data: LocalData) -> Message:
     from fedsky.shared.flower.training import site_seed, train
 
-    rnd = int(config.get("server-round", 0))  # type: ignore[arg-type]
     result = train(
         module,
         data.x_train,
         data.y_train,
-        epochs=int(config["local-epochs"]),  # type: ignore[arg-type]
-        batch_size=int(config["batch-size"]),  # type: ignore[arg-type]
-        learning_rate=float(config["learning-rate"]),  # type: ignore[arg-type]
-        optimizer=str(config["optimizer"]),
-        seed=site_seed(int(config.get("seed", 0)), rnd, site),  # type: ignore[arg-type]
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        seed=site_seed(config.seed, config.server_round, site),
     )
     metrics = {"num-examples": result.examples, "train-loss": result.loss}
     return _reply(msg, site, metrics, to_array_record(module_weights(module)))
 
 
 def _evaluate(
-    msg: Message, config: ConfigRecord, site: str, module: Any, data: LocalData, architecture: Architecture
+    msg: Message,
+    config: TaskConfig,
+    site: str,
+    module: Any,
+    data: LocalData,
+    architecture: Architecture,
 ) -> Message:
     from fedsky.shared.flower.training import evaluate
 
@@ -156,7 +167,7 @@ def _evaluate(
         data.x_eval,
         data.y_eval,
         num_classes=architecture.num_classes,
-        batch_size=int(config.get("eval-batch-size", 256)),  # type: ignore[arg-type]
+        batch_size=config.eval_batch_size,
     )
     metrics = {
         "num-examples": result.examples,

@@ -31,11 +31,17 @@ class RunSettings(BaseModel):
     # Replies needed in every phase of every round; fewer fails the run.
     min_participants: Annotated[int, Field(ge=1)] = Field(default=1, alias="min-participants")
     # How many to wait for before the first round (up to join-timeout-s); 0 means min-participants.
-    expected_participants: Annotated[int, Field(ge=0)] = Field(default=0, alias="expected-participants")
+    expected_participants: Annotated[int, Field(ge=0)] = Field(
+        default=0, alias="expected-participants"
+    )
     # Always finite: a node that died after pulling its message would otherwise stall the round
     # for Flower's default of an hour.
-    round_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = Field(default=300.0, alias="round-timeout-s")
-    join_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = Field(default=120.0, alias="join-timeout-s")
+    round_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        default=300.0, alias="round-timeout-s"
+    )
+    join_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        default=120.0, alias="join-timeout-s"
+    )
     model_file: str = Field(default="", alias="model-file")
     model_sha256: str = Field(default="", alias="model-sha256", pattern=r"^([0-9a-f]{64})?$")
     dataset: str = Field(default="digits", pattern=DATASET_NAME_PATTERN)
@@ -50,7 +56,9 @@ class RunSettings(BaseModel):
     mqtt_cert: str = Field(default="", alias="mqtt-cert")
     mqtt_key: str = Field(default="", alias="mqtt-key")
     topic_prefix: str = Field(default=DEFAULT_PREFIX, alias="topic-prefix")
-    publish_timeout_s: Annotated[float, Field(gt=0)] = Field(default=60.0, alias="publish-timeout-s")
+    publish_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=60.0, alias="publish-timeout-s"
+    )
 
     @field_validator("dataset_overrides")
     @classmethod
@@ -132,12 +140,70 @@ def settings_for_job(
         "sink-dir": str(sink_dir) if sink_dir else "",
     }
     if mqtt:
-        data.update({
-            "mqtt-host": str(mqtt["host"]),
-            "mqtt-port": int(mqtt["port"]),
-            "mqtt-ca": str(mqtt["ca"]),
-            "mqtt-cert": str(mqtt["cert"]),
-            "mqtt-key": str(mqtt["key"]),
-            "topic-prefix": str(mqtt.get("prefix", DEFAULT_PREFIX)),
-        })
+        data.update(
+            {
+                "mqtt-host": str(mqtt["host"]),
+                "mqtt-port": int(mqtt["port"]),
+                "mqtt-ca": str(mqtt["ca"]),
+                "mqtt-cert": str(mqtt["cert"]),
+                "mqtt-key": str(mqtt["key"]),
+                "topic-prefix": str(mqtt.get("prefix", DEFAULT_PREFIX)),
+            }
+        )
     return RunSettings.model_validate(data)
+
+
+class TaskConfig(BaseModel):
+    """The config each train/evaluate message carries to the ClientApps (Flower's ConfigRecord
+    holds str/int/float/bool values; the keys are these aliases)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    architecture: str  # the model's architecture JSON (fedsky.shared.modelfile.Architecture)
+    server_round: Annotated[int, Field(ge=1)] = Field(alias="server-round")
+    local_epochs: Annotated[int, Field(ge=1)] = Field(alias="local-epochs")
+    batch_size: Annotated[int, Field(ge=1)] = Field(alias="batch-size")
+    eval_batch_size: Annotated[int, Field(ge=1)] = Field(alias="eval-batch-size")
+    learning_rate: Annotated[float, Field(gt=0)] = Field(alias="learning-rate")
+    optimizer: Literal["sgd", "adam"]
+    seed: int
+    dataset: str = Field(pattern=DATASET_NAME_PATTERN)
+    dataset_overrides: dict[str, Annotated[str, Field(pattern=DATASET_NAME_PATTERN)]] = Field(
+        default={}, alias="dataset-overrides"
+    )
+    job_id: str = Field(alias="job-id")
+
+    @field_validator("dataset_overrides", mode="before")
+    @classmethod
+    def _json(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
+    @classmethod
+    def for_round(
+        cls, settings: RunSettings, *, architecture_json: str, server_round: int
+    ) -> TaskConfig:
+        return cls.model_validate(
+            {
+                "architecture": architecture_json,
+                "server-round": server_round,
+                "local-epochs": settings.local_epochs,
+                "batch-size": settings.batch_size,
+                "eval-batch-size": settings.eval_batch_size,
+                "learning-rate": settings.learning_rate,
+                "optimizer": settings.optimizer,
+                "seed": settings.seed,
+                "dataset": settings.dataset,
+                "dataset-overrides": settings.overrides,
+                "job-id": settings.job_id,
+            }
+        )
+
+    def to_record_values(self) -> dict[str, str | int | float]:
+        data: dict[str, str | int | float] = self.model_dump(
+            by_alias=True, exclude={"dataset_overrides"}
+        )
+        data["dataset-overrides"] = json.dumps(self.dataset_overrides, sort_keys=True)
+        return data
+
+    def dataset_for(self, site: str) -> str:
+        return self.dataset_overrides.get(site, self.dataset)

@@ -14,7 +14,6 @@ failover) and fail with a reason a person can act on.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from fedsky.shared.datasets import scrub
-from fedsky.shared.flower.runconfig import RunSettings
+from fedsky.shared.flower.runconfig import RunSettings, TaskConfig
 from fedsky.shared.flower.sink import FileSink, MqttSink, NullSink, Sink
 from fedsky.shared.ids import InvalidIdError, check_agent_id
 from fedsky.shared.messages import (
@@ -55,7 +54,6 @@ from fedsky.shared.modelfile import (
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
-    ConfigRecordValues,
     Context,
     Message,
     MessageType,
@@ -93,7 +91,9 @@ def make_sink(settings: RunSettings) -> Sink:
     if settings.sink == "mqtt":
         missing = [k for k in ("mqtt_ca", "mqtt_cert", "mqtt_key") if not getattr(settings, k)]
         if missing:
-            raise RunFailed(f"run config sets sink = 'mqtt' but lacks {', '.join(m.replace('_', '-') for m in missing)}")
+            raise RunFailed(
+                f"run config sets sink = 'mqtt' but lacks {', '.join(m.replace('_', '-') for m in missing)}"
+            )
         return MqttSink(
             job_id=settings.job_id,
             host=settings.mqtt_host,
@@ -127,15 +127,18 @@ def wait_for_nodes(grid: Grid, *, want: int, minimum: int, timeout_s: float) -> 
         delay = min(1.0, delay * 1.5)
 
 
-def exchange(grid: Grid, messages: list[Message], *, timeout_s: float) -> tuple[dict[int, Message], set[int]]:
+def exchange(
+    grid: Grid, messages: list[Message], *, timeout_s: float
+) -> tuple[dict[int, Message], set[int]]:
     """Push `messages`, pull replies until all are in or the deadline; (replies by node, silent nodes)."""
-    dst = {}
-    ids = []
-    for mid, msg in zip(grid.push_messages(messages), messages, strict=True):
-        if mid:
-            dst[mid] = msg.metadata.dst_node_id
-            ids.append(mid)
-    waiting = set(ids)
+    pushed = list(grid.push_messages(messages))
+    if len(pushed) != len(messages):
+        # Flower's grid returns no ids when the SuperLink refuses the push (e.g. too large).
+        raise RunFailed(
+            f"the SuperLink accepted {len(pushed)} of {len(messages)} messages of the round"
+        )
+    dst = {mid: msg.metadata.dst_node_id for mid, msg in zip(pushed, messages, strict=True) if mid}
+    waiting = set(dst)
     replies: dict[int, Message] = {}
     deadline = time.monotonic() + timeout_s
     delay = 0.1
@@ -148,7 +151,9 @@ def exchange(grid: Grid, messages: list[Message], *, timeout_s: float) -> tuple[
         if waiting:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(1.0, delay * 1.5)
-    silent = {dst[m] for m in waiting} | {m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in dst.values()}
+    silent = {dst[m] for m in waiting} | (
+        {m.metadata.dst_node_id for m in messages} - set(dst.values())
+    )
     return replies, silent
 
 
@@ -167,7 +172,9 @@ def _parse_reply(reply: Message, *, train: bool, model: ModelFile) -> _Reply:
         site = check_agent_id(str(content.config_records["site"]["site"]))
     except (KeyError, InvalidIdError, TypeError) as exc:
         raise ValueError(f"reply without a valid site: {exc}") from None
-    metrics: dict[str, float | int | list[int] | list[float]] = dict(content.metric_records["metrics"])
+    metrics: dict[str, float | int | list[int] | list[float]] = dict(
+        content.metric_records["metrics"]
+    )
     n = metrics.get("num-examples")
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"{site}: reply has no positive num-examples")
@@ -194,7 +201,9 @@ def _phase(
     want: int,
 ) -> _Phase:
     name = "train" if train else "evaluate"
-    nodes = wait_for_nodes(grid, want=want, minimum=settings.min_participants, timeout_s=settings.join_timeout_s)
+    nodes = wait_for_nodes(
+        grid, want=want, minimum=settings.min_participants, timeout_s=settings.join_timeout_s
+    )
     messages = [
         Message(
             RecordDict({"arrays": arrays, "config": config}),
@@ -217,21 +226,33 @@ def _phase(
         try:
             parsed = _parse_reply(reply, train=train, model=model)
         except ValueError as exc:
-            out.failures.append(SiteFailure(site=node_sites.get(node), phase=name, reason=str(exc)[:2000]))
+            out.failures.append(
+                SiteFailure(site=node_sites.get(node), phase=name, reason=str(exc)[:2000])
+            )
             continue
         if parsed.site in seen:
-            out.failures.append(SiteFailure(site=parsed.site, phase=name, reason="a second node answered for this site"))
+            out.failures.append(
+                SiteFailure(
+                    site=parsed.site, phase=name, reason="a second node answered for this site"
+                )
+            )
             continue
         seen.add(parsed.site)
         node_sites[node] = parsed.site
         out.replies.append(parsed)
     for node in sorted(silent):
-        out.failures.append(SiteFailure(
-            site=node_sites.get(node), phase=name,
-            reason=f"no reply within the round timeout of {settings.round_timeout_s:.0f} s",
-        ))
+        out.failures.append(
+            SiteFailure(
+                site=node_sites.get(node),
+                phase=name,
+                reason=f"no reply within the round timeout of {settings.round_timeout_s:.0f} s",
+            )
+        )
     if len(out.replies) < settings.min_participants:
-        why = "; ".join(f"{f.site or 'unknown site'}: {f.reason}" for f in out.failures) or "no replies"
+        why = (
+            "; ".join(f"{f.site or 'unknown site'}: {f.reason}" for f in out.failures)
+            or "no replies"
+        )
         raise RunFailed(
             f"round {rnd} {name}: {len(out.replies)} of {len(nodes)} participants answered, "
             f"{settings.min_participants} needed ({why})"
@@ -242,7 +263,9 @@ def _phase(
 def fedavg(replies: Iterable[_Reply], reference: Weights) -> Weights:
     """Average the replies' weights, weighted by their training examples."""
     total = 0
-    acc: dict[str, np.ndarray] = {k: np.zeros(v.shape, dtype=np.float64) for k, v in reference.items()}
+    acc: dict[str, np.ndarray] = {
+        k: np.zeros(v.shape, dtype=np.float64) for k, v in reference.items()
+    }
     for r in replies:
         n = int(r.metrics["num-examples"])  # type: ignore[arg-type]
         total += n
@@ -252,8 +275,17 @@ def fedavg(replies: Iterable[_Reply], reference: Weights) -> Weights:
     return cast_like({k: v / total for k, v in acc.items()}, reference)
 
 
+def _number(metrics: dict[str, float | int | list[int] | list[float]], key: str) -> float | None:
+    value = metrics.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
 def _weighted(replies: list[_Reply], key: str) -> float | None:
-    pairs = [(float(r.metrics[key]), int(r.metrics["num-examples"])) for r in replies if isinstance(r.metrics.get(key), int | float)]  # type: ignore[arg-type]
+    pairs = [
+        (v, _number(r.metrics, "num-examples") or 0.0)
+        for r in replies
+        if (v := _number(r.metrics, key)) is not None
+    ]
     n = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / n if n else None
 
@@ -273,7 +305,9 @@ def _round_metrics(
     try:
         cm = sum_matrices(unflatten(r.metrics["confusion"], k) for r in evaluated.replies)  # type: ignore[arg-type]
     except (KeyError, MetricsError) as exc:
-        raise RunFailed(f"round {rnd}: an evaluation reply has no usable confusion matrix ({exc})") from None
+        raise RunFailed(
+            f"round {rnd}: an evaluation reply has no usable confusion matrix ({exc})"
+        ) from None
     fig = figures(cm)
     loss = _weighted(evaluated.replies, "eval-loss")
     sites: dict[str, dict[str, Any]] = {}
@@ -301,12 +335,20 @@ def _round_metrics(
         precision=fig.precision,
         train_loss=_weighted(trained.replies, "train-loss"),
         per_class=[
-            ClassFigures(label=c.label, precision=c.precision, recall=c.recall, f1=c.f1,
-                         support=c.support, predicted=c.predicted)
+            ClassFigures(
+                label=c.label,
+                precision=c.precision,
+                recall=c.recall,
+                f1=c.f1,
+                support=c.support,
+                predicted=c.predicted,
+            )
             for c in fig.per_class
         ],
         confusion_matrix=cm,
-        participants=[SiteContribution.model_validate({"site": s, **v}) for s, v in sorted(sites.items())],
+        participants=[
+            SiteContribution.model_validate({"site": s, **v}) for s, v in sorted(sites.items())
+        ],
         failures=trained.failures + evaluated.failures,
         started_at=started_at,
         finished_at=utcnow(),
@@ -336,47 +378,70 @@ class Progress:
     rounds_completed: int = 0
 
 
-def run_federation(grid: Grid, settings: RunSettings, sink: Sink, progress: Progress | None = None) -> None:
+def run_federation(
+    grid: Grid, settings: RunSettings, sink: Sink, progress: Progress | None = None
+) -> None:
     """Run every round, handing each to `sink`. Raises RunFailed with a reason."""
     progress = progress if progress is not None else Progress()
     model = load_initial_model(settings)
     weights = dict(model.weights)
-    base: dict[str, ConfigRecordValues] = {
-        "architecture": model.architecture.to_json(),
-        "local-epochs": settings.local_epochs,
-        "batch-size": settings.batch_size,
-        "eval-batch-size": settings.eval_batch_size,
-        "learning-rate": settings.learning_rate,
-        "optimizer": settings.optimizer,
-        "seed": settings.seed,
-        "dataset": settings.dataset,
-        "dataset-overrides": json.dumps(settings.overrides),
-        "job-id": settings.job_id,
-    }
     node_sites: dict[int, str] = {}
     for rnd in range(1, settings.num_rounds + 1):
         started_at = utcnow()
         t0 = time.monotonic()
-        config = ConfigRecord({**base, "server-round": rnd})
+        task = TaskConfig.for_round(
+            settings, architecture_json=model.architecture.to_json(), server_round=rnd
+        )
+        config = ConfigRecord(dict(task.to_record_values()))
         # Before the first round wait (up to join-timeout-s) for every expected participant;
         # after that, for the minimum: a node that is gone does not hold up every round, and one
         # that comes back (or its replacement) is included as soon as it is connected.
         want = settings.wait_for if rnd == 1 else settings.min_participants
-        trained = _phase(grid, settings=settings, model=model, arrays=to_array_record(weights),
-                         config=config, rnd=rnd, train=True, node_sites=node_sites, want=want)
+        trained = _phase(
+            grid,
+            settings=settings,
+            model=model,
+            arrays=to_array_record(weights),
+            config=config,
+            rnd=rnd,
+            train=True,
+            node_sites=node_sites,
+            want=want,
+        )
         weights = fedavg(trained.replies, model.weights)
-        evaluated = _phase(grid, settings=settings, model=model, arrays=to_array_record(weights),
-                           config=config, rnd=rnd, train=False, node_sites=node_sites,
-                           want=settings.min_participants)
+        evaluated = _phase(
+            grid,
+            settings=settings,
+            model=model,
+            arrays=to_array_record(weights),
+            config=config,
+            rnd=rnd,
+            train=False,
+            node_sites=node_sites,
+            want=settings.min_participants,
+        )
         blob = model_bytes(model.architecture, weights) if settings.sink != "none" else None
         metrics = _round_metrics(
-            settings=settings, rnd=rnd, model=model, trained=trained, evaluated=evaluated,
-            started_at=started_at, duration_s=time.monotonic() - t0, weights_blob=blob,
+            settings=settings,
+            rnd=rnd,
+            model=model,
+            trained=trained,
+            evaluated=evaluated,
+            started_at=started_at,
+            duration_s=time.monotonic() - t0,
+            weights_blob=blob,
         )
         log.info(
             "round %d/%d: accuracy %.4f loss %.4f f1 %.4f recall %.4f precision %.4f (%d sites, %.1f s)",
-            rnd, settings.num_rounds, metrics.accuracy, metrics.loss, metrics.f1, metrics.recall,
-            metrics.precision, len(metrics.participants), metrics.duration_s,
+            rnd,
+            settings.num_rounds,
+            metrics.accuracy,
+            metrics.loss,
+            metrics.f1,
+            metrics.recall,
+            metrics.precision,
+            len(metrics.participants),
+            metrics.duration_s,
         )
         sink.round_finished(metrics, blob)
         progress.rounds_completed = rnd

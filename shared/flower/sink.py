@@ -122,7 +122,9 @@ class MqttSink:
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         try:
-            client.tls_set_context(client_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file))
+            client.tls_set_context(
+                client_context(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+            )
         except (OSError, ValueError) as exc:
             raise SinkError(f"cannot load the aggregator's bus credentials: {exc}") from None
         client.reconnect_delay_set(1, 30)
@@ -153,7 +155,9 @@ class MqttSink:
             self._refused = None
         self._connected.set()
 
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
         self._connected.clear()
         if not self._closing:
             log.warning("aggregator %s lost the bus: %s", self.client_id, reason)
@@ -163,7 +167,9 @@ class MqttSink:
         for msg in messages:
             payload = msg.encode()
             if len(payload) > MAX_PAYLOAD_BYTES:
-                raise SinkError(f"a {type(msg).__name__} of {len(payload)} bytes exceeds the bus limit")
+                raise SinkError(
+                    f"a {type(msg).__name__} of {len(payload)} bytes exceeds the bus limit"
+                )
             infos.append(self._client.publish(self.topic, payload, qos=1))
         for info in infos:
             try:

@@ -57,7 +57,13 @@ class _Sgd:
 class _Adam:
     """Adam (betas 0.9, 0.999, eps 1e-8), as torch.optim.Adam computes it; see _Sgd for why."""
 
-    def __init__(self, params: list[nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
@@ -114,7 +120,9 @@ def train(
 
 
 @torch.no_grad()
-def predict(module: nn.Module, x: np.ndarray, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def predict(
+    module: nn.Module, x: np.ndarray, *, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Logits and predicted labels, batch by batch, in evaluation mode."""
     module.eval()
     xt = torch.from_numpy(x)
@@ -124,7 +132,15 @@ def predict(module: nn.Module, x: np.ndarray, *, batch_size: int = 256) -> tuple
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, x: np.ndarray, y: np.ndarray, *, num_classes: int, batch_size: int = 256) -> EvalResult:
+def evaluate(
+    module: nn.Module, x: np.ndarray, y: np.ndarray, *, num_classes: int, batch_size: int = 256
+) -> EvalResult:
     logits, pred = predict(module, x, batch_size=batch_size)
-    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y), reduction="mean"))
-    return EvalResult(examples=len(y), loss=loss, confusion=confusion_matrix(y.tolist(), pred.tolist(), num_classes))
+    loss = float(
+        nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y), reduction="mean")
+    )
+    return EvalResult(
+        examples=len(y),
+        loss=loss,
+        confusion=confusion_matrix(y.tolist(), pred.tolist(), num_classes),
+    )

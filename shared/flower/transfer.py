@@ -109,10 +109,16 @@ class WeightsAssembler:
             self._bytes > self._max_bytes or len(self._pending) > self._max_transfers
         ):
             oldest = min(self._pending, key=lambda k: self._pending[k].touched)
-            log.warning("dropping weights transfer for job %s round %s: over the bound", oldest[1], oldest[2])
+            log.warning(
+                "dropping weights transfer for job %s round %s: over the bound",
+                oldest[1],
+                oldest[2],
+            )
             self._drop(oldest)
 
-    def add(self, chunk: WeightsChunk, *, sender: str = "", now: float | None = None) -> AssembledWeights | None:
+    def add(
+        self, chunk: WeightsChunk, *, sender: str = "", now: float | None = None
+    ) -> AssembledWeights | None:
         now = time.monotonic() if now is None else now
         key = (sender, chunk.job_id, chunk.round, chunk.sha256)
         if chunk.index >= chunk.count:
@@ -176,13 +182,17 @@ class AggregatorFeed:
     Payloads that are not valid raise PayloadError (count and drop them, as for any payload).
     """
 
-    def __init__(self, *, assembler: WeightsAssembler | None = None, wait_for_weights_s: float = 120.0) -> None:
+    def __init__(
+        self, *, assembler: WeightsAssembler | None = None, wait_for_weights_s: float = 120.0
+    ) -> None:
         self._asm = assembler or WeightsAssembler()
         self._wait_s = wait_for_weights_s
         self._held: dict[tuple[str, str, int], tuple[RoundMetrics, float]] = {}
         self._early: dict[tuple[str, str, int, str], bytes] = {}  # weights that beat their metrics
 
-    def feed(self, sender: str, payload: bytes | bytearray, *, now: float | None = None) -> list[RoundReady | RunEnded]:
+    def feed(
+        self, sender: str, payload: bytes | bytearray, *, now: float | None = None
+    ) -> list[RoundReady | RunEnded]:
         now = time.monotonic() if now is None else now
         msg = decode_aggregator(payload)
         if sender != aggregator_id(msg.job_id):
@@ -206,7 +216,11 @@ class AggregatorFeed:
             if done is None:
                 return out
             held = self._held.get((sender, msg.job_id, msg.round))
-            if held is not None and held[0].weights is not None and held[0].weights.sha256 == done.sha256:
+            if (
+                held is not None
+                and held[0].weights is not None
+                and held[0].weights.sha256 == done.sha256
+            ):
                 del self._held[(sender, msg.job_id, msg.round)]
                 return [RoundReady(sender, held[0], done.data)]
             if len(self._early) < 4:
@@ -224,7 +238,10 @@ class AggregatorFeed:
         for key, (metrics, since) in list(self._held.items()):
             if now - since > self._wait_s:
                 del self._held[key]
-                log.warning("job %s round %s: weights did not arrive; recording the round without them",
-                            metrics.job_id, metrics.round)
+                log.warning(
+                    "job %s round %s: weights did not arrive; recording the round without them",
+                    metrics.job_id,
+                    metrics.round,
+                )
                 out.append(RoundReady(key[0], metrics, None))
         return out

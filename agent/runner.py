@@ -1,0 +1,323 @@
+"""The agent's task runner: prepare, start and stop one participant's SuperNode per task.
+
+`prepare_task`: re-check the VM (its state may have changed since the controller chose it) and
+the dataset name, then make the task's two SuperNode keys (node and standby) here; only the
+public halves leave, in the `task_acknowledged` event. `start_task`: start the SuperNode on the
+VM through the configured executor with the key the controller names; report `task_starting`,
+`task_running`, and `task_finished` or `task_failed` (with a reason scrubbed of local paths)
+when it ends. `stop_task`: stop it and report `task_stopped`. A task whose VM leaves the running
+state is stopped and reported failed at once, so the controller can move it to another VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fedsky.agent.executors.base import (
+    Executor,
+    ExecutorError,
+    RunningSuperNode,
+    SuperNodeLaunch,
+    make_executor,
+)
+from fedsky.shared.datasets import BundledDatasetSpec, ImageFolderSpec, scrub, write_catalog
+from fedsky.shared.messages import (
+    Event,
+    EventKind,
+    PrepareTaskCommand,
+    StartTaskCommand,
+    StopTaskCommand,
+    TaskSummary,
+    VmInfo,
+    utcnow,
+)
+from fedsky.shared.supernode import NodeKeyPair, generate_node_key
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Blocking = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+@dataclass
+class _Task:
+    task_id: str
+    job_id: str
+    vm: str
+    vm_uuid: str
+    dataset: str
+    directory: Path
+    keys: dict[str, NodeKeyPair] = field(default_factory=dict)
+    running: RunningSuperNode | None = None
+    watcher: asyncio.Task[None] | None = None
+    stopping: bool = False
+    state: str = "assigned"
+
+
+class TaskRunner:
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        work_dir: Path,
+        datasets: dict[str, BundledDatasetSpec | ImageFolderSpec],
+        executor_config: Any,
+        blocking: Blocking[Any],
+        snapshot: Callable[[], list[VmInfo]],
+        emit: Callable[[Event], None],
+        on_change: Callable[[TaskSummary | None], None],
+    ) -> None:
+        self.agent_id = agent_id
+        self.work_dir = work_dir
+        self.datasets = datasets
+        self.executor: Executor = make_executor(executor_config, work_dir=work_dir)
+        self._blocking = blocking
+        self._snapshot = snapshot
+        self._emit_event = emit
+        self._on_change = on_change
+        self.tasks: dict[str, _Task] = {}
+
+    # --- events -------------------------------------------------------------------------------
+
+    def _emit(
+        self,
+        kind: EventKind,
+        task: _Task | str,
+        command_id: str | None,
+        detail: str = "",
+        **extra: Any,
+    ) -> None:
+        task_id = task if isinstance(task, str) else task.task_id
+        if not isinstance(task, str):
+            task.state = kind
+        safe = scrub(detail, [str(self.work_dir), *self._local_paths()])[:2000]
+        self._emit_event(
+            Event(
+                agent_id=self.agent_id,
+                kind=kind,
+                task_id=task_id,
+                command_id=command_id,
+                detail=safe,
+                **extra,
+            )
+        )
+        self._publish_summary()
+
+    def _local_paths(self) -> list[str]:
+        return [str(s.root) for s in self.datasets.values() if isinstance(s, ImageFolderSpec)]
+
+    def _publish_summary(self) -> None:
+        active = [t for t in self.tasks.values() if t.running is not None and t.running.running]
+        if not active:
+            self._on_change(None)
+            return
+        task = active[-1]
+        self._on_change(
+            TaskSummary(
+                task_id=task.task_id,
+                job_id=task.job_id,
+                vm=task.vm,
+                state="running",
+                since=utcnow(),
+            )
+        )
+
+    # --- commands -----------------------------------------------------------------------------
+
+    async def handle(
+        self, command: PrepareTaskCommand | StartTaskCommand | StopTaskCommand
+    ) -> None:
+        if isinstance(command, PrepareTaskCommand):
+            await self._prepare(command)
+        elif isinstance(command, StartTaskCommand):
+            await self._start(command)
+        else:
+            await self._stop(command.task_id, command.command_id, command.reason)
+
+    async def _find_vm(self, name: str) -> VmInfo | None:
+        vms = await self._blocking(self._snapshot)
+        return next((vm for vm in vms if vm.name == name), None)
+
+    async def _prepare(self, cmd: PrepareTaskCommand) -> None:
+        if cmd.dataset not in self.datasets:
+            self._emit(
+                "task_failed",
+                cmd.task_id,
+                cmd.command_id,
+                f"dataset {cmd.dataset!r} is not configured at {self.agent_id}",
+            )
+            return
+        vm = await self._find_vm(cmd.vm)
+        if vm is None or vm.state != "running":
+            state = "missing" if vm is None else vm.state
+            self._emit(
+                "task_failed",
+                cmd.task_id,
+                cmd.command_id,
+                f"vm-check: {cmd.vm} is {state}, not running",
+            )
+            return
+        existing = self.tasks.get(cmd.task_id)
+        if existing is None:
+            directory = self.work_dir / cmd.task_id
+            task = _Task(
+                task_id=cmd.task_id,
+                job_id=cmd.job_id,
+                vm=cmd.vm,
+                vm_uuid=vm.uuid,
+                dataset=cmd.dataset,
+                directory=directory,
+            )
+
+            keys_dir = self.work_dir / "keys" / cmd.job_id
+
+            def job_keys() -> dict[str, NodeKeyPair]:
+                # Per job, not per task: a failover to another VM uses the standby key the
+                # controller registered at the start, with no registration round trip.
+                pairs = {}
+                for role in ("node", "standby"):
+                    pair = NodeKeyPair(
+                        private_key=keys_dir / role, public_key=keys_dir / f"{role}.pub"
+                    )
+                    if cmd.fresh_keys or not pair.private_key.exists():
+                        pair = generate_node_key(keys_dir, role)
+                    pairs[role] = pair
+                return pairs
+
+            task.keys = await self._blocking(job_keys)
+            self.tasks[cmd.task_id] = task
+        else:
+            task = existing  # a redelivered command: answer again with the same keys
+        public = await self._blocking(
+            lambda: {role: pair.public_text() for role, pair in task.keys.items()}
+        )
+        self._emit(
+            "task_acknowledged", task, cmd.command_id, f"{cmd.vm} is running", public_keys=public
+        )
+
+    async def _start(self, cmd: StartTaskCommand) -> None:
+        task = self.tasks.get(cmd.task_id)
+        if task is None:
+            self._emit(
+                "task_failed", cmd.task_id, cmd.command_id, "unknown task: it was not prepared here"
+            )
+            return
+        if task.running is not None and task.running.running:
+            self._emit("task_running", task, cmd.command_id, "already running")
+            return
+        vm = await self._find_vm(task.vm)
+        if vm is None or vm.state != "running":
+            state = "missing" if vm is None else vm.state
+            self._emit(
+                "task_failed", task, cmd.command_id, f"vm-check: {task.vm} is {state}, not running"
+            )
+            return
+        dataset = self.datasets.get(cmd.dataset)
+        if dataset is None:
+            self._emit(
+                "task_failed",
+                task,
+                cmd.command_id,
+                f"dataset {cmd.dataset!r} is not configured at {self.agent_id}",
+            )
+            return
+        root_ca = task.directory / "aggregator-ca.crt"
+        catalog = task.directory / "datasets.json"
+
+        def write_files() -> None:
+            root_ca.write_text(cmd.ca_pem)
+            write_catalog(catalog, {cmd.dataset: dataset})
+
+        await self._blocking(write_files)
+        launch = SuperNodeLaunch(
+            task_id=task.task_id,
+            site=self.agent_id,
+            superlink=cmd.superlink,
+            root_ca=root_ca,
+            private_key=task.keys[cmd.key].private_key,
+            dataset_config=catalog,
+            node_config=dict(cmd.node_config),
+        )
+        self._emit(
+            "task_starting",
+            task,
+            cmd.command_id,
+            f"starting the SuperNode on {task.vm} with the {cmd.key} key",
+        )
+        task.stopping = False
+        try:
+            task.running = await self.executor.start(
+                launch, vm_name=vm.name, vm_addresses=tuple(vm.addresses)
+            )
+        except ExecutorError as exc:
+            self._emit("task_failed", task, cmd.command_id, f"supernode: {exc}")
+            return
+        self._emit("task_running", task, cmd.command_id, f"SuperNode running on {task.vm}")
+        task.watcher = asyncio.create_task(
+            self._watch(task, cmd.command_id), name=f"task-{task.task_id}"
+        )
+
+    async def _watch(self, task: _Task, command_id: str) -> None:
+        assert task.running is not None
+        status = await task.running.wait()
+        if task.stopping:
+            return  # _stop reports
+        if status.ok:
+            self._emit("task_finished", task, command_id, "the SuperNode exited normally")
+        else:
+            self._emit("task_failed", task, command_id, f"supernode: {status.reason}")
+
+    async def _stop(
+        self, task_id: str, command_id: str | None, reason: str, *, failed: str | None = None
+    ) -> None:
+        task = self.tasks.pop(task_id, None)
+        if task is None:
+            self._emit("task_stopped", task_id, command_id, "nothing was running")
+            return
+        task.stopping = True
+        if task.running is not None and task.running.running:
+            await task.running.stop()
+        if task.watcher is not None:
+            task.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task.watcher
+        last_of_job = not any(t.job_id == task.job_id for t in self.tasks.values())
+
+        def remove_files() -> None:
+            shutil.rmtree(task.directory, ignore_errors=True)
+            if last_of_job:
+                shutil.rmtree(self.work_dir / "keys" / task.job_id, ignore_errors=True)
+
+        await self._blocking(remove_files)
+        if failed:
+            self._emit("task_failed", task, command_id, failed)
+        else:
+            self._emit("task_stopped", task, command_id, reason or "stopped")
+
+    # --- VM watch -----------------------------------------------------------------------------
+
+    async def check_vm_states(self, states: Mapping[str, str]) -> None:
+        """Called with every poll (uuid -> state): a running task whose VM stopped fails now."""
+        for task in list(self.tasks.values()):
+            if task.running is None or not task.running.running:
+                continue
+            state = states.get(task.vm_uuid, "missing")
+            if state != "running":
+                log.warning(
+                    "task %s: VM %s is %s; stopping its SuperNode", task.task_id, task.vm, state
+                )
+                await self._stop(
+                    task.task_id, None, "", failed=f"vm-left-running: {task.vm} is {state}"
+                )
+
+    async def close(self) -> None:
+        for task_id in list(self.tasks):
+            with contextlib.suppress(Exception):
+                await self._stop(task_id, None, "the agent is stopping")

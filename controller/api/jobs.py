@@ -1,0 +1,107 @@
+"""API views for jobs: upload a model file, submit, list, status, cancel, logs, explain."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from aiohttp import web
+from fedsky.controller import jobstore
+from fedsky.controller.api.app import SERVICES, ApiProblem, Services, json_ok
+from fedsky.controller.jobs import JobManager, JobRejected, store_model_file
+from fedsky.shared import exitcodes
+from fedsky.shared.modelfile import ModelFileError
+from pydantic import BaseModel, ConfigDict, Field
+
+routes = web.RouteTableDef()
+
+MAX_MODEL_BYTES = 60 << 20
+
+
+class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: dict[str, Any]
+    model_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def _svc(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+def _jobs(request: web.Request) -> JobManager:
+    manager = _svc(request).parts.get("jobs")
+    if manager is None:
+        raise ApiProblem(503, "the job manager is not running", exit_code=exitcodes.UNAVAILABLE)
+    assert isinstance(manager, JobManager)
+    return manager
+
+
+async def _job(request: web.Request) -> dict[str, Any]:
+    job_id = request.match_info["job_id"]
+    try:
+        job: dict[str, Any] = await _svc(request).store.run(jobstore.get_job, job_id)
+    except jobstore.JobNotFound:
+        raise ApiProblem(404, f"no job {job_id!r}") from None
+    return job
+
+
+@routes.post("/v1/model-files")
+async def upload_model_file(request: web.Request) -> web.Response:
+    data = await request.read()
+    if not data:
+        raise ApiProblem(400, "empty model file", exit_code=exitcodes.USAGE)
+    if len(data) > MAX_MODEL_BYTES:
+        raise ApiProblem(413, f"model file larger than {MAX_MODEL_BYTES >> 20} MiB")
+    try:
+        info = await asyncio.to_thread(store_model_file, _svc(request).config, data)
+    except ModelFileError as exc:
+        raise ApiProblem(
+            400, f"the model file does not load: {exc}", exit_code=exitcodes.USAGE
+        ) from None
+    return json_ok(info, status=201)
+
+
+@routes.post("/v1/jobs")
+async def submit(request: web.Request) -> web.Response:
+    body = SubmitRequest.model_validate(await request.json())
+    try:
+        job_id = await _jobs(request).submit(spec_data=body.spec, model_digest=body.model_digest)
+    except JobRejected as exc:
+        raise ApiProblem(
+            422, str(exc), exit_code=exitcodes.INFEASIBLE if exc.infeasible else exitcodes.FAILED
+        ) from None
+    job = await _svc(request).store.run(jobstore.get_job, job_id)
+    return json_ok(job, status=201)
+
+
+@routes.get("/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    return json_ok(await _svc(request).store.run(jobstore.list_jobs))
+
+
+@routes.get("/v1/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    return json_ok(await _job(request))
+
+
+@routes.post("/v1/jobs/{job_id}/cancel")
+async def cancel(request: web.Request) -> web.Response:
+    job = await _job(request)
+    if job["state"] in jobstore.END_STATES:
+        raise ApiProblem(409, f"job {job['id']} already ended: {job['state']}")
+    await _jobs(request).cancel(job["id"])
+    return json_ok(await _job(request))
+
+
+@routes.get("/v1/jobs/{job_id}/logs")
+async def logs(request: web.Request) -> web.Response:
+    job = await _job(request)
+    after = int(request.query.get("after", "0"))
+    return json_ok(await _svc(request).store.run(jobstore.job_log, job["id"], after_id=after))
+
+
+@routes.get("/v1/jobs/{job_id}/explain")
+async def explain(request: web.Request) -> web.Response:
+    job = await _job(request)
+    return json_ok(await _jobs(request).explain(job["id"]))
