@@ -232,6 +232,7 @@ class TaskRunner:
         catalog = task.directory / "datasets.json"
 
         def write_files() -> None:
+            task.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             root_ca.write_text(cmd.ca_pem)
             write_catalog(catalog, {cmd.dataset: dataset})
 

@@ -114,6 +114,7 @@ class _JobRun:
     control: SuperLinkControl | None = None
     superlink_ca_pem: str = ""
     run_id: int | None = None
+    cancel_requested: bool = False
     finished: asyncio.Future[RunFinished] | None = None
     failures: asyncio.Queue[tuple[str, FailureReason, str]] = field(default_factory=asyncio.Queue)
 
@@ -263,15 +264,20 @@ class JobManager:
         )
 
     async def cancel(self, job_id: str) -> bool:
-        moved = await self.store.run(
-            jobstore.set_state, job_id, "cancelled", message="cancelled by the operator"
-        )
+        """Cancel an active job; returns once its SuperNodes and aggregator are stopped."""
         driver = self._drivers.get(job_id)
-        if moved and driver is not None:
-            driver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(driver)
-        return bool(moved)
+        run = self._runs.get(job_id)
+        if driver is None or run is None or driver.done():
+            return bool(
+                await self.store.run(
+                    jobstore.set_state, job_id, "cancelled", message="cancelled by the operator"
+                )
+            )
+        run.cancel_requested = True
+        driver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(driver)
+        return True
 
     # --- the driver -------------------------------------------------------------------------
 
@@ -285,42 +291,41 @@ class JobManager:
             },
         )
         self._runs[job_id] = run
+        state: jobstore.JobState = "failed"
+        error: str | None = None
+        message: str | None = None
         try:
             await self._set(job_id, "placing")
             placement = await self._place(run)
             await self._set(job_id, "launching")
             await self._launch(run, placement)
             await self._set(job_id, "assigning")
-            await asyncio.gather(*(self._assign(run, p) for p in run.participants.values()))
+            await self._assign_all(run)
             await self._set(job_id, "training")
             outcome = await self._train(run)
-            if outcome.status == "completed":
-                await self._set(
-                    job_id, "completed", message=f"completed {outcome.rounds_completed} round(s)"
-                )
-            else:
+            if outcome.status != "completed":
                 raise JobFailure(outcome.reason or "the run failed")
+            state, message = "completed", f"completed {outcome.rounds_completed} round(s)"
         except asyncio.CancelledError:
-            job = await self.store.run(jobstore.get_job, job_id)
-            if job["state"] != "cancelled":
-                await self.store.run(
-                    jobstore.set_state,
-                    job_id,
-                    "failed",
-                    error="the controller stopped during the job",
-                )
-            await self._cleanup(job_id, run=run)
+            if run.cancel_requested:
+                state, message = "cancelled", "cancelled by the operator"
+            else:
+                error = "the controller stopped during the job"
+            await self._finish(run, state, error=error, message=message)
             raise
         except JobFailure as exc:
-            await self.store.run(
-                jobstore.set_state, job_id, "failed", error=str(exc), message=f"failed: {exc}"
-            )
+            error, message = str(exc), f"failed: {exc}"
         except Exception as exc:
             log.exception("job %s failed unexpectedly", job_id)
-            await self.store.run(
-                jobstore.set_state, job_id, "failed", error=f"internal error: {type(exc).__name__}"
-            )
-        await self._cleanup(job_id, run=run)
+            error = f"internal error: {type(exc).__name__}"
+        await self._finish(run, state, error=error, message=message)
+
+    async def _finish(
+        self, run: _JobRun, state: jobstore.JobState, *, error: str | None, message: str | None
+    ) -> None:
+        """Clean up first, then record the end state: a job shown as ended has nothing running."""
+        await self._cleanup(run.job_id, run=run, final_state=state)
+        await self.store.run(jobstore.set_state, run.job_id, state, error=error, message=message)
 
     async def _set(self, job_id: str, state: jobstore.JobState, message: str | None = None) -> None:
         if not await self.store.run(jobstore.set_state, job_id, state, message=message):
@@ -530,6 +535,15 @@ class JobManager:
                     "warning",
                 )
                 failure = (exc.reason, exc.detail)
+
+    async def _assign_all(self, run: _JobRun) -> None:
+        """Assign every participant at once; the first that cannot be placed stops the rest."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                for part in run.participants.values():
+                    group.create_task(self._assign(run, part), name=f"assign-{part.name}")
+        except* JobFailure as failures:
+            raise failures.exceptions[0] from None
 
     async def _start_on_vm(self, run: _JobRun, part: _Participant) -> None:
         assert run.control is not None
@@ -828,7 +842,12 @@ class JobManager:
     # --- cleanup ----------------------------------------------------------------------------
 
     async def _cleanup(
-        self, job_id: str, *, run: _JobRun | None = None, job: Mapping[str, Any] | None = None
+        self,
+        job_id: str,
+        *,
+        run: _JobRun | None = None,
+        job: Mapping[str, Any] | None = None,
+        final_state: str | None = None,
     ) -> None:
         """Stop every SuperNode, terminate the aggregator, revoke the job's certificate."""
         if job is None:
@@ -845,7 +864,7 @@ class JobManager:
                         StopTaskCommand(
                             expires_at=_expiry(self.config),
                             task_id=task["id"],
-                            reason=f"job {job['state']}",
+                            reason=f"job {final_state or job['state']}",
                         ),
                     )
                 await self.store.run(
@@ -867,9 +886,10 @@ class JobManager:
                 await self._log(job_id, f"terminating the aggregator failed: {exc}", "error")
         with contextlib.suppress(Exception):
             await self.store.run(revoke_common_name, self.pki, aggregator_id(job_id))
-        final = await self.store.run(jobstore.get_job, job_id)
+        if final_state is None:
+            final_state = str((await self.store.run(jobstore.get_job, job_id))["state"])
         with contextlib.suppress(Exception):
-            await self.registry.finish_job(job_id=job_id, status=final["state"])
+            await self.registry.finish_job(job_id=job_id, status=final_state)
         self._runs.pop(job_id, None)
         self._drivers.pop(job_id, None)
 

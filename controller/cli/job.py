@@ -73,7 +73,9 @@ def _submit(args: argparse.Namespace) -> int:
         print_json(job)
         return exitcodes.OK
     print(
-        f"job {job['id']} submitted ({spec.name}: {len(spec.participants)} participants, {spec.hyperparameters.rounds} rounds)"
+        f"job {job['id']} submitted ({spec.name}: {len(spec.participants)} participants, "
+        f"{spec.hyperparameters.rounds} rounds)",
+        file=sys.stderr if args.json else sys.stdout,
     )
     if not args.follow:
         print(f"follow it with: fedctl job logs {job['id']} --follow")
