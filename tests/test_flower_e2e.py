@@ -305,8 +305,9 @@ async def test_stop_a_run_and_unregister_a_node(federation: Federation) -> None:
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_failover_to_a_standby_key(federation: Federation) -> None:
-    """A hospital's SuperNode dies mid-run; its node is unregistered and a replacement with the
-    pre-registered standby key takes over: the run completes and the site is back by the end."""
+    """A hospital's SuperNode dies mid-round with every site required; its node is unregistered
+    (its pending message fails at once) and a replacement with the pre-registered standby key
+    joins: the phase is re-sent to it and every round completes with every site."""
     standby = generate_node_key(federation.root / "hospital-eu" / "standby")
     await federation.control.register_node(standby.public_key, name="hospital-eu-standby")
     sink = federation.root / "runs" / "failover"
@@ -314,7 +315,7 @@ async def test_failover_to_a_standby_key(federation: Federation) -> None:
         {
             "job-id": "failover",
             "num-rounds": 3,
-            "min-participants": 2,
+            "min-participants": len(SITES),
             "expected-participants": len(SITES),
             "model-file": str(federation.model),
             "sink": "file",
@@ -331,6 +332,7 @@ async def test_failover_to_a_standby_key(federation: Federation) -> None:
     while not (sink / "round-0001.json").exists():
         assert time.monotonic() - t0 < 120
         await asyncio.sleep(0.2)
+    # Round 2's messages are pushed the moment round 1 is written: the kill lands mid-round.
     dead = federation.nodes[2]
     os.killpg(dead.pid, signal.SIGKILL)
     assert not (await dead.wait()).ok
@@ -354,8 +356,13 @@ async def test_failover_to_a_standby_key(federation: Federation) -> None:
     assert end is not None
     assert end.status == "completed", end.reason
     assert [r.round for r in rounds] == [1, 2, 3]
-    assert all(len(r.participants) >= 2 for r in rounds)
-    assert sorted(p.site for p in rounds[-1].participants) == sorted(SITES)
+    for r in rounds:
+        assert sorted(p.site for p in r.participants) == sorted(SITES)
+    # The dead node's message failed (round 2) and was re-sent to the standby.
+    assert rounds[0].failures == []
+    failed = [f for r in rounds for f in r.failures]
+    assert failed, "the kill was not noticed mid-round"
+    assert {f.site for f in failed} == {"hospital-eu"}
     status = ""
     for _ in range(60):
         status = await federation.control.run_status(run_id)

@@ -42,6 +42,10 @@ class RunSettings(BaseModel):
     join_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = Field(
         default=120.0, alias="join-timeout-s"
     )
+    # A phase that falls short of min-participants because nodes failed or fell silent (a VM
+    # died, its node was unregistered) waits up to join-timeout-s for replacements and re-sends
+    # to them, this many times, before the run fails.
+    phase_retries: Annotated[int, Field(ge=0, le=10)] = Field(default=2, alias="phase-retries")
     model_file: str = Field(default="", alias="model-file")
     model_sha256: str = Field(default="", alias="model-sha256", pattern=r"^([0-9a-f]{64})?$")
     dataset: str = Field(default="digits", pattern=DATASET_NAME_PATTERN)

@@ -4,7 +4,10 @@ Every round: send the global weights to every connected participant for training
 returned weights by training examples (FedAvg), send the new weights out for evaluation, sum the
 participants' confusion matrices and compute accuracy, macro F1, recall and precision from the
 sum (so they equal the figures of the union of the evaluation sets), the loss weighted by
-evaluation examples; then hand the round to the sink.
+evaluation examples; then hand the round to the sink. A phase that falls short of
+min-participants because nodes failed or fell silent waits for their replacements (fedsky's
+failover starts one with the site's standby key) and re-sends to them, so a round can still
+complete with every site.
 
 The loop is ours rather than `FedAvg.start` because: Flower's node sampling waits for nodes
 without a deadline; its `send_and_receive` polls every 3 s (we poll from 0.1 s up); and a round
@@ -66,6 +69,11 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
+# Error codes from 1000 up are the fedsky ClientApp's own answers (client_app.ERR_*); below
+# are Flower's (node unavailable, message gone, ClientApp crashed).
+FEDSKY_ERROR_CODES = 1000
+
+
 class RunFailed(RuntimeError):
     """The run cannot go on; the message says why (it is reported to the controller)."""
 
@@ -108,12 +116,19 @@ def make_sink(settings: RunSettings) -> Sink:
     return NullSink()
 
 
-def wait_for_nodes(grid: Grid, *, want: int, minimum: int, timeout_s: float) -> list[int]:
-    """Connected node ids once `want` are there, or `minimum` at the deadline."""
+def wait_for_nodes(
+    grid: Grid,
+    *,
+    want: int,
+    minimum: int,
+    timeout_s: float,
+    exclude: frozenset[int] = frozenset(),
+) -> list[int]:
+    """Connected node ids (but `exclude`) once `want` are there, or `minimum` at the deadline."""
     deadline = time.monotonic() + timeout_s
     delay = 0.2
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(set(grid.get_node_ids()) - exclude)
         if len(nodes) >= want:
             return nodes
         if time.monotonic() >= deadline:
@@ -200,64 +215,112 @@ def _phase(
     node_sites: dict[int, str],
     want: int,
 ) -> _Phase:
+    """One phase of a round; re-sent to replacement nodes when failures leave it short.
+
+    A node's answer is final when it is a reply or the fedsky ClientApp's own error (the site
+    lacks the dataset, ...: a replacement at that site would say the same). Silence and Flower's
+    own errors (the node was unregistered or went offline, the ClientApp process crashed) are
+    what failover repairs, so only a phase short for those reasons waits for nodes it has not
+    heard from and asks them again.
+    """
     name = "train" if train else "evaluate"
     nodes = wait_for_nodes(
         grid, want=want, minimum=settings.min_participants, timeout_s=settings.join_timeout_s
     )
-    messages = [
-        Message(
-            RecordDict({"arrays": arrays, "config": config}),
-            dst_node_id=node,
-            message_type=MessageType.TRAIN if train else MessageType.EVALUATE,
-            group_id=str(rnd),
-            ttl=settings.round_timeout_s + 60,
-        )
-        for node in nodes
-    ]
-    replies, silent = exchange(grid, messages, timeout_s=settings.round_timeout_s)
     out = _Phase()
     seen: set[str] = set()
-    for node, reply in sorted(replies.items()):
-        if reply.has_error():
-            reason = scrub(str(reply.error.reason or f"error code {reply.error.code}"))[:2000]
-            site = node_sites.get(node) or _site_of(reason)
-            out.failures.append(SiteFailure(site=site, phase=name, reason=reason))
-            continue
-        try:
-            parsed = _parse_reply(reply, train=train, model=model)
-        except ValueError as exc:
-            out.failures.append(
-                SiteFailure(site=node_sites.get(node), phase=name, reason=str(exc)[:2000])
+    answered: set[int] = set()  # nodes whose answer is final
+    targets = nodes
+    resent = 0
+    why_stopped = ""
+    while True:
+        messages = [
+            Message(
+                RecordDict({"arrays": arrays, "config": config}),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN if train else MessageType.EVALUATE,
+                group_id=str(rnd),
+                ttl=settings.round_timeout_s + 60,
             )
-            continue
-        if parsed.site in seen:
+            for node in targets
+        ]
+        replies, silent = exchange(grid, messages, timeout_s=settings.round_timeout_s)
+        repairable = len(silent)
+        for node, reply in sorted(replies.items()):
+            if reply.has_error():
+                reason = scrub(str(reply.error.reason or f"error code {reply.error.code}"))[:2000]
+                site = node_sites.get(node) or _site_of(reason)
+                out.failures.append(SiteFailure(site=site, phase=name, reason=reason))
+                if reply.error.code >= FEDSKY_ERROR_CODES:
+                    answered.add(node)
+                else:
+                    repairable += 1
+                continue
+            answered.add(node)
+            try:
+                parsed = _parse_reply(reply, train=train, model=model)
+            except ValueError as exc:
+                out.failures.append(
+                    SiteFailure(site=node_sites.get(node), phase=name, reason=str(exc)[:2000])
+                )
+                continue
+            if parsed.site in seen:
+                out.failures.append(
+                    SiteFailure(
+                        site=parsed.site, phase=name, reason="a second node answered for this site"
+                    )
+                )
+                continue
+            seen.add(parsed.site)
+            node_sites[node] = parsed.site
+            out.replies.append(parsed)
+        for node in sorted(silent):
             out.failures.append(
                 SiteFailure(
-                    site=parsed.site, phase=name, reason="a second node answered for this site"
+                    site=node_sites.get(node),
+                    phase=name,
+                    reason=f"no reply within the round timeout of {settings.round_timeout_s:.0f} s",
                 )
             )
-            continue
-        seen.add(parsed.site)
-        node_sites[node] = parsed.site
-        out.replies.append(parsed)
-    for node in sorted(silent):
-        out.failures.append(
-            SiteFailure(
-                site=node_sites.get(node),
-                phase=name,
-                reason=f"no reply within the round timeout of {settings.round_timeout_s:.0f} s",
+        short = settings.min_participants - len(out.replies)
+        if short <= 0:
+            return out
+        if repairable < short:
+            break  # final answers alone leave it short: no replacement can make up for them
+        if resent >= settings.phase_retries:
+            why_stopped = f" after re-sending {resent} time(s)"
+            break
+        resent += 1
+        log.warning(
+            "round %d %s: %d of the %d replies needed are in; waiting up to %.0f s for %d node(s) "
+            "to re-send to (re-send %d of %d)",
+            rnd,
+            name,
+            len(out.replies),
+            settings.min_participants,
+            settings.join_timeout_s,
+            short,
+            resent,
+            settings.phase_retries,
+        )
+        try:
+            targets = wait_for_nodes(
+                grid,
+                want=short,
+                minimum=short,
+                timeout_s=settings.join_timeout_s,
+                exclude=frozenset(answered),
             )
-        )
-    if len(out.replies) < settings.min_participants:
-        why = (
-            "; ".join(f"{f.site or 'unknown site'}: {f.reason}" for f in out.failures)
-            or "no replies"
-        )
-        raise RunFailed(
-            f"round {rnd} {name}: {len(out.replies)} of {len(nodes)} participants answered, "
-            f"{settings.min_participants} needed ({why})"
-        )
-    return out
+        except RunFailed:
+            why_stopped = (
+                f" and no replacement node connected within {settings.join_timeout_s:.0f} s"
+            )
+            break
+    why = "; ".join(f"{f.site or 'unknown site'}: {f.reason}" for f in out.failures) or "no replies"
+    raise RunFailed(
+        f"round {rnd} {name}: {len(out.replies)} of {len(nodes)} participants answered, "
+        f"{settings.min_participants} needed{why_stopped} ({why})"
+    )
 
 
 def fedavg(replies: Iterable[_Reply], reference: Weights) -> Weights:
