@@ -17,8 +17,17 @@ of the fedsky app (FedAvg, exact federated metrics, file sink). Prints:
    back), sending the reply.
 4. Fixed costs a fresh ClientApp process pays, each measured in its own new interpreter.
 
-`run_bare()` is the reusable part: the fedsky-job side of the comparison calls it for the
-bare figure.
+Then the same app, data, model and rounds as a fedsky job (`--no-job` skips it): a controller
+with its managed broker and one agent per hospital on libvirt test nodes (`Onebox`), each agent
+with the same partition as a dataset, and `fedctl job submit SPEC --follow --json` timed from
+start to end. Printed: both wall times, their ratio, the job's fixed start-up (submit to the
+start of round 1, from the job log) and where it goes (placing, launching the aggregator,
+assigning: per-participant VM choice, keys, registration, SuperNode start; `flwr run`; the
+ServerApp up to its first round), and the time after the last round (the job's end, clean-up,
+`--follow` noticing). The aim: job wall time within 1.1x of bare plus a fixed start-up under
+10 s.
+
+`run_bare()` and `run_job()` are the reusable parts.
 """
 
 from __future__ import annotations
@@ -38,9 +47,11 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+from fedsky.controller.onebox import STUDY_HOSPITALS, Onebox
 from fedsky.controller.pki import Pki
 from fedsky.controller.providers.base import AggregatorSpec
 from fedsky.controller.providers.local import LocalProvider, free_port, pki_tls_issuer
@@ -188,7 +199,9 @@ async def run_bare(
     model: str = "digits",
     work: Path,
     measure_fixed_costs: bool = True,
+    torch_threads: int | None = 1,
 ) -> BareResult:
+    """`torch_threads=None` leaves torch its default, as a fedsky job's SuperNodes do."""
     pki = Pki.init(work / "pki")
     provider = LocalProvider(work_dir=work / "aggregators", issue_tls=pki_tls_issuer(pki))
     t0 = time.monotonic()
@@ -226,7 +239,7 @@ async def run_bare(
                 dataset_config=catalog,
                 runtime_port=free_port(),
                 flwr_home=d / "flwr-home",
-                node_config={"torch-threads": 1},
+                node_config={"torch-threads": torch_threads} if torch_threads else {},
                 executable=f"{bin_dir}/flower-supernode",
                 bin_dir=bin_dir,
             )
@@ -303,6 +316,155 @@ async def run_bare(
         await provider.terminate(handle)
 
 
+@dataclass
+class JobResult:
+    nodes: int
+    rounds: int
+    model: str
+    onebox_start_s: float  # controller, broker, agents online (not part of the job)
+    submit_wall_s: float  # `fedctl job submit --follow --json`, start to exit
+    startup_s: float  # submit to the start of round 1
+    stages_s: dict[str, float]  # the start-up, step by step, from the job log
+    rounds_s: list[float]
+    after_rounds_s: float  # end of the last round to the exit of `fedctl`
+    accuracy: list[float]
+    log: list[str] = field(default_factory=list)
+
+
+_ROUND_LINE = re.compile(r"^round (\d+)/\d+: .*\(\d+ sites, ([0-9.]+) s\)$")
+
+
+def _dataset_toml(name: str, spec: BundledDatasetSpec | ImageFolderSpec) -> str:
+    if isinstance(spec, ImageFolderSpec):
+        return f'[datasets.{name}]\nkind = "image-folder"\nroot = {json.dumps(str(spec.root))}\n'
+    p = spec.partition
+    assert p is not None
+    return (
+        f'[datasets.{name}]\nkind = "{spec.kind}"\n'
+        f'partition = {{ index = {p.index}, count = {p.count}, scheme = "{p.scheme}", '
+        f"seed = {p.seed} }}\n"
+    )
+
+
+def _job_spec(directory: Path, *, hospitals: list[str], rounds: int, model: str) -> Path:
+    """The job: what `run_bare` runs (learning rate 0.05, 1 local epoch, batch 32)."""
+    model_file = directory / f"{model}.safetensors"
+    make_example(model, model_file)  # type: ignore[arg-type]
+    spec = directory / "job.toml"
+    spec.write_text(
+        f'name = "fl-overhead"\n'
+        f"participants = {json.dumps(hospitals)}\n"
+        f'model = "{model_file.name}"\n'
+        f'dataset = "{"xray" if model == "xray" else "digits"}"\n'
+        'selection_metric = "f1"\n'
+        "[hyperparameters]\n"
+        f"rounds = {rounds}\n"
+        "local_epochs = 1\n"
+        "batch_size = 32\n"
+        "learning_rate = 0.05\n"
+        "round_timeout_s = 600\n"
+        "[resources]\nvcpus = 2\nmemory_gib = 4\ndisk_gib = 20\n"
+        "[placement]\n"
+        'max_cost = "85000 KRW/month"\n'
+        "max_latency_ms = 250\n"
+        "cost_weight = 0.5\n"
+    )
+    return spec
+
+
+def _stamp(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def _stages(lines: list[dict[str, Any]], submitted: float) -> tuple[dict[str, float], float]:
+    """Start-up steps (seconds after submit, each from the job log) and round 1's start."""
+    marks: dict[str, float] = {}
+    round1 = None
+    for line in lines:
+        at, msg = _stamp(line["at"]), str(line["message"])
+        for key, prefix in (
+            ("created", "job "),
+            ("placing", "state: placing"),
+            ("placed", "placed on "),
+            ("aggregator_up", "aggregator up"),
+            ("assigning", "state: assigning"),
+            ("training", "state: training"),
+            ("flwr_run_started", "Flower run "),
+        ):
+            if msg.startswith(prefix) and key not in marks:
+                marks[key] = at
+        m = _ROUND_LINE.match(msg)
+        if m and int(m.group(1)) == 1:
+            round1 = at - float(m.group(2))  # the line is written at the round's end
+    if round1 is None:
+        raise RuntimeError("the job log has no line for round 1")
+    steps: dict[str, float] = {}
+    prev, prev_name = submitted, "submit"
+    for key in (
+        "created",
+        "placing",
+        "placed",
+        "aggregator_up",
+        "assigning",
+        "training",
+        "flwr_run_started",
+    ):
+        if key in marks:
+            steps[f"{prev_name}->{key}"] = round(marks[key] - prev, 3)
+            prev, prev_name = marks[key], key
+    steps[f"{prev_name}->round_1_start"] = round(round1 - prev, 3)
+    return steps, round1
+
+
+def run_job(*, nodes: int = 3, rounds: int = 3, model: str = "digits", work: Path) -> JobResult:
+    """The same federation as `run_bare`, as a fedsky job through the controller and agents."""
+    locations = list(STUDY_HOSPITALS.values())
+    hospitals = {f"hospital-{i}": locations[i % len(locations)] for i in range(nodes)}
+    extra = {}
+    for i, name in enumerate(hospitals):
+        data: BundledDatasetSpec | ImageFolderSpec = BundledDatasetSpec(
+            kind="digits", partition=Partition(index=i, count=nodes, scheme="label-skew", seed=11)
+        )
+        if model == "xray":
+            data = _synthetic_xray(work / "data" / name, seed=i)
+        extra[name] = _dataset_toml("xray" if model == "xray" else "digits", data)
+    box = Onebox(root=work / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra)
+    try:
+        t0 = time.monotonic()
+        box.start(hospitals)
+        onebox_start = time.monotonic() - t0
+        spec = _job_spec(work, hospitals=list(hospitals), rounds=rounds, model=model)
+        submitted = time.time()
+        t1 = time.monotonic()
+        done = box.fedctl("job", "submit", str(spec), "--follow", "--json", timeout=3600)
+        wall = time.monotonic() - t1
+        ended = submitted + wall
+        job = json.loads(done.stdout)
+        lines: list[dict[str, Any]] = box.api.get(f"/v1/jobs/{job['id']}/logs?after=0")
+        text = [f"{ln['at'][11:23]} {ln['message']}" for ln in lines]
+        if job["state"] != "completed":
+            raise RuntimeError(f"the job did not complete: {job.get('error')}\n" + "\n".join(text))
+        stages, round1 = _stages(lines, submitted)
+        models = box.api.get(f"/v1/jobs/{job['id']}/models")
+        kept = models["rounds"] if isinstance(models, dict) else models
+        last_end = max(_stamp(ln["at"]) for ln in lines if _ROUND_LINE.match(str(ln["message"])))
+        return JobResult(
+            nodes=nodes,
+            rounds=rounds,
+            model=model,
+            onebox_start_s=round(onebox_start, 3),
+            submit_wall_s=round(wall, 3),
+            startup_s=round(round1 - submitted, 3),
+            stages_s=stages,
+            rounds_s=[round(float(r["duration_s"]), 3) for r in kept],
+            after_rounds_s=round(ended - last_end, 3),
+            accuracy=[round(float(r["metrics"]["accuracy"]), 4) for r in kept],
+            log=text,
+        )
+    finally:
+        box.stop()
+
+
 def _print(r: BareResult) -> None:
     print(
         f"bare `flwr run` of the fedsky app: {r.nodes} SuperNodes, {r.rounds} rounds, {r.model} model"
@@ -325,26 +487,71 @@ def _print(r: BareResult) -> None:
             print(f"    {k:<32} {v:6.2f}")
 
 
+def _print_job(job: JobResult, bare: BareResult) -> None:
+    print(f"the same as a fedsky job (`fedctl job submit --follow`), {job.nodes} agents")
+    print(f"  set-up        controller, broker, agents online in {job.onebox_start_s:.1f} s")
+    print(f"  job           {job.submit_wall_s:.1f} s wall")
+    print(
+        f"  rounds        {', '.join(f'{d:.1f}' for d in job.rounds_s)} s (sum {sum(job.rounds_s):.1f} s)"
+    )
+    print(f"  start-up      {job.startup_s:.1f} s from submit to the start of round 1:")
+    for k, v in job.stages_s.items():
+        print(f"    {k:<34} {v:6.2f}")
+    print(f"  after rounds  {job.after_rounds_s:.1f} s (job end, clean-up, fedctl noticing)")
+    print(f"  accuracy      {', '.join(f'{a:.3f}' for a in job.accuracy)}")
+    rounds_bare = sum(bare.rounds_s)
+    rounds_job = sum(job.rounds_s)
+    print("comparison")
+    print(
+        f"  wall          bare {bare.flwr_run_wall_s:.1f} s, fedsky job {job.submit_wall_s:.1f} s: "
+        f"ratio {job.submit_wall_s / bare.flwr_run_wall_s:.2f}"
+    )
+    print(
+        f"  rounds        bare {rounds_bare:.1f} s, fedsky job {rounds_job:.1f} s: "
+        f"ratio {rounds_job / rounds_bare:.2f}"
+    )
+    print(
+        f"  fixed         job start-up {job.startup_s:.1f} s; "
+        f"job wall - 1.1 x bare wall = {job.submit_wall_s - 1.1 * bare.flwr_run_wall_s:.1f} s"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", choices=("digits", "xray"), default="digits")
+    parser.add_argument("--no-job", action="store_true", help="only the bare `flwr run`")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedsky-fl-overhead-"))
+    job: JobResult | None = None
     try:
-        result = asyncio.run(
-            run_bare(nodes=args.nodes, rounds=args.rounds, model=args.model, work=work)
+        # Bare first, with nothing else of fedsky running; torch threads as a job's SuperNodes
+        # have them (the default), so that both sides run the same ClientApps.
+        bare = asyncio.run(
+            run_bare(
+                nodes=args.nodes,
+                rounds=args.rounds,
+                model=args.model,
+                work=work / "bare",
+                measure_fixed_costs=False,
+                torch_threads=None if not args.no_job else 1,
+            )
         )
+        if not args.no_job:
+            job = run_job(nodes=args.nodes, rounds=args.rounds, model=args.model, work=work / "job")
+        bare.fixed_costs_s = fixed_costs()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
+        print(json.dumps({"bare": asdict(bare), "job": asdict(job) if job else None}, indent=2))
     else:
-        _print(result)
+        _print(bare)
+        if job is not None:
+            _print_job(job, bare)
         if args.keep:
             print(f"  logs in {work}")
     return 0

@@ -7,6 +7,7 @@ config file's directory.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,7 +15,7 @@ from fedsky.controller.orchestrator import Policy
 from fedsky.controller.registry import RegistryConfig
 from fedsky.shared.config import load_config, resolve_path
 from fedsky.shared.topics import DEFAULT_PREFIX
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -86,6 +87,15 @@ class CloudsConfig(_Section):
     # The URL the aggregator VMs use to redeem their one-time token for a certificate (the
     # controller's enrolment listener, reachable from the cloud). Required to launch on a cloud.
     enroll_url: str | None = None
+    # Where the daemon serves the enrolment route alone, over TLS with a certificate from
+    # fedsky's CA for `enroll_url`'s host ("host:port", "[::]:8443"). Unset: no such listener.
+    enroll_listen: (
+        Annotated[str, Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):\d{1,5}$")] | None
+    ) = None
+    # CIDRs the cloud aggregator's SuperLink port is opened to besides the job's VMs' public
+    # addresses: where the hospitals' SuperNodes and the controller reach the internet from
+    # (their NAT gateways), which the controller cannot see for itself.
+    allowed_sources: tuple[str, ...] = ()
     superlink_port: Port = 9092
     # How the VM gets fedsky's `aggregator` extra: a pip requirement (a wheel URL the VM can
     # reach, or a name on `pip_index_url`), or nothing when the image has it (`preinstalled`).
@@ -98,6 +108,29 @@ class CloudsConfig(_Section):
     poll_interval_s: Annotated[float, Field(gt=0)] = 5.0
     aws: AwsCloudConfig = AwsCloudConfig()
     gcp: GcpCloudConfig = GcpCloudConfig()
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for source in value:
+            try:
+                network = ipaddress.ip_network(source.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{source!r} is not an address or CIDR") from None
+            if network.prefixlen == 0:
+                raise ValueError(f"{source!r} would open the SuperLink to the whole internet")
+            out.append(str(network))
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _listener_needs_url(self) -> CloudsConfig:
+        if self.enroll_listen and not self.enroll_url:
+            raise ValueError(
+                "enroll_listen is set but enroll_url is not: set enroll_url to the https URL "
+                "the aggregator VMs reach this listener at"
+            )
+        return self
 
 
 class ControllerConfig(_Section):

@@ -25,6 +25,7 @@ from fedsky.controller.broker import BrokerError, ManagedBroker, prepare_broker_
 from fedsky.controller.bus import ControllerBus
 from fedsky.controller.clouds import CloudService
 from fedsky.controller.config import ControllerConfig, load_controller_config
+from fedsky.controller.enroll_listener import listener_tls, serve_enroll
 from fedsky.controller.enrollment import record_certificate, revoked_serials
 from fedsky.controller.jobs import JobManager
 from fedsky.controller.pki import Pki, PkiError, cert_info
@@ -178,6 +179,11 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
         )
         services.parts["jobs"] = jobs
         app = make_app(services)
+        enroll_tls = (
+            listener_tls(pki=pki, store=store, clouds=config.clouds)
+            if config.clouds.enroll_listen
+            else None
+        )
         async with asyncio.TaskGroup() as tg:
             if broker is not None:
                 tg.create_task(broker.run(), name="broker")
@@ -186,6 +192,11 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
             tg.create_task(_sweep_cloud_orphans(clouds, store), name="cloud-orphan-sweep")
             tg.create_task(jobs.run(), name="jobs")
             tg.create_task(_sweep_offline(store, config), name="offline-sweeper")
+            if enroll_tls is not None and config.clouds.enroll_listen:
+                tg.create_task(
+                    serve_enroll(services, listen=config.clouds.enroll_listen, tls=enroll_tls),
+                    name="enroll-listener",
+                )
             tg.create_task(_serve_api(app, config, started), name="api")
     finally:
         store.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import time
@@ -36,8 +37,10 @@ from fedsky.controller.bus import BusUnavailable, ControllerBus
 from fedsky.controller.config import ControllerConfig
 from fedsky.controller.enrollment import record_certificate, revoke_common_name
 from fedsky.controller.orchestrator import (
+    AttemptState,
     FailureReason,
     MinResources,
+    OrchestratorError,
     QueueStore,
     candidates_from_inventory,
     check_feasible,
@@ -427,7 +430,7 @@ class JobManager:
             cloud=choice["cloud"],
             region=choice["region"],
             instance_type=choice["instance_type"],
-            allowed_sources=("127.0.0.1/32",),
+            allowed_sources=await self._allowed_sources(run, provider),
             labels={"fedsky-job": run.job_id},
         )
         try:
@@ -460,6 +463,36 @@ class JobManager:
             flwr_home=run.directory / "control", address=address, root_ca=ca
         )
         self._issue_aggregator_identity(run)
+
+    async def _allowed_sources(self, run: _JobRun, provider: AggregatorProvider) -> tuple[str, ...]:
+        """Who may reach the job's SuperLink: its sites and the controller.
+
+        A cloud SuperLink is opened to the public addresses of the participants' VMs, the
+        controller's (`broker.public_host` when it is a public IP address) and the networks in
+        `clouds.allowed_sources`: where hospitals behind NAT and the controller reach the
+        internet from, which the controller cannot see for itself.
+        """
+        if provider is self.local:
+            return ("127.0.0.1/32",)  # a SuperLink on this machine: no network rule to write
+        sources = list(self.config.clouds.allowed_sources)
+        addresses = [self.config.broker_public_host]
+        for participant in run.spec.participants:
+            for vm in await self.store.run(inventory.list_vms, participant):
+                addresses.extend(vm["addresses"])
+        for address in addresses:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                continue  # a host name: list its addresses in clouds.allowed_sources
+            if ip.is_global:
+                sources.append(str(ipaddress.ip_network(ip)))
+        if not sources:
+            raise JobFailure(
+                "no address is allowed to reach a cloud aggregator: none of the job's VMs has a "
+                "public address; set clouds.allowed_sources to the networks the hospitals and "
+                "the controller reach the internet from"
+            )
+        return tuple(dict.fromkeys(sources))
 
     def _issue_aggregator_identity(self, run: _JobRun) -> None:
         """The ServerApp's own bus certificate (`agg-<job>`), revoked when the job ends."""
@@ -871,6 +904,13 @@ class JobManager:
                     jobstore.set_task_state, task["id"], "stopped", reason="the job ended"
                 )
             self._waiters.pop(task["id"], None)
+        # End the participants' attempts so their VMs count as free again.
+        outcome: AttemptState = "succeeded" if final_state == "completed" else "cancelled"
+        for participant in job["spec"]["participants"]:
+            with contextlib.suppress(OrchestratorError):
+                await self.queue.mark_async(
+                    job_id=job_id, participant=participant, state=outcome, now=time.time()
+                )
         handle = run.handle if run else _handle_from(job)
         provider = run.provider if run else None
         if handle is not None:

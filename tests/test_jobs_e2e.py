@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from fedsky.controller.onebox import Onebox
 from fedsky.shared.modelfile import make_example
 
@@ -26,11 +25,13 @@ def _datasets(index: int, count: int) -> str:
     )
 
 
-def write_job(directory: Path, *, participants: list[str], rounds: int, dataset: str = "digits", **extra: Any) -> Path:
+def write_job(
+    directory: Path, *, participants: list[str], rounds: int, dataset: str = "digits", **extra: Any
+) -> Path:
     model = directory / "digits.safetensors"
     if not model.exists():
         make_example("digits", model)
-    resources = extra.get("resources", 'vcpus = 2\nmemory_gib = 4\ndisk_gib = 20')
+    resources = extra.get("resources", "vcpus = 2\nmemory_gib = 4\ndisk_gib = 20")
     spec = directory / f"job-{rounds}-{dataset}.toml"
     spec.write_text(
         f'name = "{extra.get("name", "digits-e2e")}"\n'
@@ -56,7 +57,9 @@ def write_job(directory: Path, *, participants: list[str], rounds: int, dataset:
 @pytest.fixture
 def box(tmp_path: Path) -> Iterator[Onebox]:
     extra = {name: _datasets(i, len(HOSPITALS)) for i, name in enumerate(HOSPITALS)}
-    onebox = Onebox(root=tmp_path / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra)
+    onebox = Onebox(
+        root=tmp_path / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra
+    )
     try:
         onebox.start(HOSPITALS)
         yield onebox
@@ -73,7 +76,9 @@ def wait_job(box: Onebox, job_id: str, states: tuple[str, ...], timeout: float) 
             return job
         time.sleep(0.5)
     logs = box.fedctl("job", "logs", job_id, check=False).stdout
-    raise AssertionError(f"job {job_id} is {job.get('state')} after {timeout} s, not {states}\n{logs}")
+    raise AssertionError(
+        f"job {job_id} is {job.get('state')} after {timeout} s, not {states}\n{logs}"
+    )
 
 
 def superlink_pids(box: Onebox) -> list[int]:
@@ -85,7 +90,9 @@ def superlink_pids(box: Onebox) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(b"flower-superlink" in c for c in cmd[:2]) and any(str(box.root).encode() in c for c in cmd):
+        if any(b"flower-superlink" in c for c in cmd[:2]) and any(
+            str(box.root).encode() in c for c in cmd
+        ):
             out.append(int(proc.name))
     return out
 
@@ -97,8 +104,303 @@ def test_two_round_job_completes_and_aggregator_is_gone(box: Onebox, tmp_path: P
     assert job["state"] == "completed", box.fedctl("job", "logs", job["id"]).stdout
     assert job["rounds_done"] == 2
     rounds = box.api.get(f"/v1/jobs/{job['id']}/models")
-    assert [r["round"] for r in rounds["rounds"]] == [1, 2] if isinstance(rounds, dict) else [r["round"] for r in rounds] == [1, 2]
+    assert (
+        [r["round"] for r in rounds["rounds"]] == [1, 2]
+        if isinstance(rounds, dict)
+        else [r["round"] for r in rounds] == [1, 2]
+    )
     assert superlink_pids(box) == []
     tasks = {t["participant"]: t for t in job["tasks"]}
     assert set(tasks) == set(HOSPITALS)
     assert all(t["vm"] in ("vm-001", "vm-002") for t in tasks.values())
+
+
+# --- what leaves a hospital --------------------------------------------------------------------
+
+
+def _xray_folder(root: Path, *, seed: int) -> list[bytes]:
+    """A small chest-X-ray-style image folder (`<root>/<split>/<class>/*.png`); returns every
+    image's pixels as the ClientApp sees them (float32 bytes), to search for later."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    samples = []
+    for split, n in (("train", 24), ("test", 8)):
+        for label, cls in enumerate(("covid", "normal")):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, size=(8, 8), dtype=np.uint8)
+                pixels[:, :4] = 40 if label == 0 else 210  # learnable, and unique per image
+                Image.fromarray(pixels, mode="L").save(folder / f"patient-{i:03d}.png")
+                samples.append((pixels.astype(np.float32) / 255.0).tobytes())
+    return samples
+
+
+def _xray_model(path: Path) -> None:
+    import torch
+    from fedsky.shared.modelfile import Architecture, build_module, module_weights, write_model_file
+
+    arch = Architecture.model_validate(
+        {
+            "input_shape": [1, 8, 8],
+            "num_classes": 2,
+            "class_names": ["covid", "normal"],
+            "layers": [
+                {"type": "flatten"},
+                {"type": "linear", "in_features": 64, "out_features": 16},
+                {"type": "relu"},
+                {"type": "linear", "in_features": 16, "out_features": 2},
+            ],
+        }
+    )
+    torch.manual_seed(0)
+    write_model_file(path, arch, module_weights(build_module(arch)))
+
+
+def test_nothing_but_parameters_and_metrics_leave_the_hospitals(tmp_path: Path) -> None:
+    """Capture everything the controller and the aggregator receive during a job: no dataset
+    path and no sample is in it."""
+    import asyncio
+    import ssl
+
+    import aiomqtt
+
+    secret_roots = {name: tmp_path / f"PRIVATE-{name}-records" for name in HOSPITALS}
+    samples: list[bytes] = []
+    for i, root in enumerate(secret_roots.values()):
+        samples += _xray_folder(root, seed=i)
+    extra = {
+        name: f'[datasets.xray]\nkind = "image-folder"\nroot = "{root}"\n'
+        for name, root in secret_roots.items()
+    }
+    box = Onebox(
+        root=tmp_path / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra
+    )
+    captured: list[bytes] = []
+    stop = asyncio.Event()
+
+    async def spy() -> None:
+        # The controller's own identity: it may read every `up` topic of every agent and aggregator.
+        pki = box.controller_dir / "state" / "pki"
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(pki / "controller.crt", pki / "controller.key")
+        async with aiomqtt.Client(
+            "127.0.0.1",
+            box.broker_port,
+            identifier="privacy-spy",
+            tls_context=ctx,
+            protocol=aiomqtt.ProtocolVersion.V5,
+        ) as client:
+            await client.subscribe(f"{box.topic_prefix}/#", qos=1)
+            async with asyncio.timeout(600):
+                async for message in client.messages:
+                    captured.append(bytes(message.payload))  # type: ignore[arg-type]
+                    if stop.is_set():
+                        return
+
+    try:
+        box.start(HOSPITALS)
+        _xray_model(tmp_path / "xray.safetensors")
+        spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=2, dataset="xray")
+        spec.write_text(spec.read_text().replace("digits.safetensors", "xray.safetensors"))
+
+        jobs_dir = box.controller_dir / "state" / "jobs"
+        aggregator_seen = {"replies": 0, "leaks": []}
+
+        def watch_aggregator() -> None:
+            # The SuperLink holds each reply in its state database until the ServerApp has
+            # pulled it: scan the database (and its WAL) many times while the job runs.
+            while not stop.is_set():
+                blob = b"".join(
+                    p.read_bytes() for p in jobs_dir.glob("*/superlink.db*") if p.is_file()
+                )
+                if b"eval-loss" in blob or b"train-loss" in blob:
+                    aggregator_seen["replies"] += 1
+                for root in secret_roots.values():
+                    if str(root).encode() in blob or b"PRIVATE-" in blob:
+                        aggregator_seen["leaks"].append("path")
+                for sample in samples:
+                    if sample[:32] in blob:
+                        aggregator_seen["leaks"].append("sample")
+                        break
+                time.sleep(0.2)
+
+        async def run_job() -> dict[str, Any]:
+            spy_task = asyncio.create_task(spy())
+            watcher = asyncio.create_task(asyncio.to_thread(watch_aggregator))
+            await asyncio.sleep(1.0)
+            done = await asyncio.to_thread(
+                box.fedctl, "job", "submit", str(spec), "--follow", "--json", timeout=600
+            )
+            stop.set()
+            await watcher
+            # One more message wakes the spy (the next report).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(15):
+                    await spy_task
+            return json.loads(done.stdout)
+
+        import contextlib
+
+        job = asyncio.run(run_job())
+        assert job["state"] == "completed", box.fedctl("job", "logs", job["id"]).stdout
+        # What the aggregator received is in its SuperLink's state database (and WAL).
+        job_dir = box.controller_dir / "state" / "jobs" / job["id"]
+        superlink_bytes = b"".join(p.read_bytes() for p in job_dir.glob("superlink.db*"))
+        controller_bytes = b"".join(
+            p.read_bytes() for p in (box.controller_dir / "state").glob("controller.db*")
+        )
+        api = json.dumps(
+            [
+                box.api.get("/v1/agents"),
+                box.api.get("/v1/vms"),
+                box.api.get(f"/v1/jobs/{job['id']}"),
+            ]
+        ).encode()
+        logs = (box.controller_dir / "controller.log").read_bytes()
+    finally:
+        box.stop()
+
+    bus = b"\n".join(captured)
+    # The captures are real: they hold what each hospital did send.
+    assert b"round_metrics" in bus
+    assert b"hospital-us" in bus
+    assert aggregator_seen["replies"] > 0  # the hospitals' replies were seen at the aggregator
+    assert aggregator_seen["leaks"] == []
+    for name, root in secret_roots.items():
+        for blob, where in (
+            (bus, "bus"),
+            (superlink_bytes, "aggregator"),
+            (controller_bytes, "controller db"),
+            (api, "API"),
+            (logs, "controller log"),
+        ):
+            assert str(root).encode() not in blob, f"{name}'s data path reached the {where}"
+            assert b"PRIVATE-" not in blob, f"a data path reached the {where}"
+            assert b"patient-0" not in blob, f"a file name reached the {where}"
+    for sample in samples:
+        probe = sample[:32]  # the first 8 pixels as the ClientApp holds them
+        assert probe not in bus
+        assert probe not in superlink_bytes
+
+
+# --- bad input, unreachable aggregator, cancel -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Onebox]:
+    root = tmp_path_factory.mktemp("jobs-bad")
+    extra = {name: _datasets(i, len(HOSPITALS)) for i, name in enumerate(HOSPITALS)}
+    onebox = Onebox(
+        root=root / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra
+    )
+    try:
+        onebox.start(HOSPITALS)
+        yield onebox
+    finally:
+        onebox.stop()
+
+
+def _job_count(box: Onebox) -> int:
+    return len(box.api.get("/v1/jobs"))
+
+
+def test_malformed_spec_and_unloadable_model_are_refused(
+    shared_box: Onebox, tmp_path: Path
+) -> None:
+    before = _job_count(shared_box)
+    spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        spec.read_text().replace('optimizer = "sgd"\n', "").replace("rounds = 2", "rounds = -1")
+    )
+    done = shared_box.fedctl("job", "submit", str(bad), check=False)
+    assert done.returncode == 2
+    assert str(bad) in done.stderr
+    assert "hyperparameters.rounds" in done.stderr
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}   " + b"\x00" * 64)
+    spec2 = tmp_path / "broken-model.toml"
+    spec2.write_text(spec.read_text().replace("digits.safetensors", "broken.safetensors"))
+    done = shared_box.fedctl("job", "submit", str(spec2), check=False)
+    assert done.returncode == 2
+    assert "the model file does not load" in done.stderr
+    assert _job_count(shared_box) == before  # nothing was created
+
+
+def test_resources_no_vm_has_are_refused_before_launch(shared_box: Onebox, tmp_path: Path) -> None:
+    before = _job_count(shared_box)
+    spec = write_job(
+        tmp_path, participants=list(HOSPITALS), rounds=1, resources="vcpus = 64\nmemory_gib = 4"
+    )
+    done = shared_box.fedctl("job", "submit", str(spec), check=False)
+    assert done.returncode == 3
+    assert "hospital-us" in done.stderr
+    assert "64" in done.stderr
+    assert _job_count(shared_box) == before
+
+
+def test_dataset_a_hospital_lacks_fails_the_job_clearly(shared_box: Onebox, tmp_path: Path) -> None:
+    spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=1, dataset="chest-xray")
+    done = shared_box.fedctl(
+        "job", "submit", str(spec), "--follow", "--json", check=False, timeout=300
+    )
+    job = json.loads(done.stdout)
+    assert done.returncode == 1
+    assert job["state"] == "failed"
+    assert "dataset 'chest-xray' is not configured at hospital-" in job["error"]
+    assert superlink_pids(shared_box) == []
+
+
+def _pids(marker: bytes, box: Onebox) -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker in cmd and str(box.root).encode() in cmd:
+                out.append(int(proc.name))
+    return out
+
+
+def test_cancel_mid_training_stops_every_supernode_and_the_aggregator(
+    shared_box: Onebox, tmp_path: Path
+) -> None:
+    spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=20, name="to-cancel")
+    job = json.loads(shared_box.fedctl("job", "submit", str(spec), "--json").stdout)
+    wait_job(shared_box, job["id"], ("training",), timeout=120)
+    assert superlink_pids(shared_box)
+    assert len(_pids(b"flower-supernode", shared_box)) == len(HOSPITALS)
+    done = shared_box.fedctl("job", "cancel", job["id"])
+    assert "cancelled" in done.stdout
+    assert superlink_pids(shared_box) == []
+    deadline = time.monotonic() + 30
+    while _pids(b"flower-supernode", shared_box) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _pids(b"flower-supernode", shared_box) == []
+    tasks = shared_box.api.get(f"/v1/jobs/{job['id']}")["tasks"]
+    assert {t["state"] for t in tasks} == {"stopped"}
+
+
+def test_unreachable_aggregator_fails_the_job_not_hangs(shared_box: Onebox, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=20, name="lost-aggregator")
+    job = json.loads(shared_box.fedctl("job", "submit", str(spec), "--json").stdout)
+    wait_job(shared_box, job["id"], ("training",), timeout=120)
+    for pid in superlink_pids(shared_box):
+        os.kill(pid, signal.SIGKILL)
+    ended = wait_job(shared_box, job["id"], ("failed", "completed", "cancelled"), timeout=90)
+    assert ended["state"] == "failed"
+    assert "aggregator" in ended["error"]
+    deadline = time.monotonic() + 30
+    while _pids(b"flower-supernode", shared_box) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _pids(b"flower-supernode", shared_box) == []

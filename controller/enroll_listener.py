@@ -1,0 +1,122 @@
+"""The enrolment listener: the one route aggregator VMs call, alone on its own TLS port.
+
+The operator's API stays on its unix socket (or a private TCP address); a cloud VM reaches only
+`POST /v1/aggregators/enroll`, here, at `clouds.enroll_listen`. Its certificate comes from
+fedsky's CA and names the host of `clouds.enroll_url`: the VM's startup script checks the
+listener against the CA certificate it carries, so no public CA is involved. The certificate is
+issued once and reused while it covers that name and is valid for another 30 days.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fedsky.controller.api.app import Services
+from fedsky.controller.api.clouds import make_enroll_app
+from fedsky.controller.config import CloudsConfig
+from fedsky.controller.enrollment import record_certificate
+from fedsky.controller.pki import Pki, PkiError, atomic_write, write_private_key
+from fedsky.controller.store import Store
+from fedsky.shared.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+CERT_FILE = "enroll-listener.crt"
+KEY_FILE = "enroll-listener.key"
+CERT_DAYS = 365
+RENEW_BEFORE = timedelta(days=30)
+
+
+def listener_host(clouds: CloudsConfig) -> str:
+    """The name the VMs use for the listener: `enroll_url`'s host; ConfigError if unusable."""
+    url = clouds.enroll_url or ""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(
+            f"clouds.enroll_url must be an https URL with a host when clouds.enroll_listen is set "
+            f"(the VMs check the listener against fedsky's CA), not {url!r}"
+        )
+    return parts.hostname
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _names(host: str) -> tuple[list[str], list[str]]:
+    try:
+        return [], [str(ipaddress.ip_address(host))]
+    except ValueError:
+        return [host.lower()], []
+
+
+def _reusable(pki: Pki, cert_file: Path, key_file: Path, dns: list[str], ips: list[str]) -> bool:
+    try:
+        pem = cert_file.read_bytes()
+        info = pki.verify(pem)
+        cert = x509.load_pem_x509_certificate(pem)
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, TypeError, PkiError, x509.ExtensionNotFound):
+        return False
+    if cert.public_key() != key.public_key():
+        return False
+    if info.not_after - datetime.now(UTC) < RENEW_BEFORE:
+        return False
+    have_dns = set(san.get_values_for_type(x509.DNSName))
+    have_ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return set(dns) <= have_dns and set(ips) <= have_ips
+
+
+def listener_tls(*, pki: Pki, store: Store, clouds: CloudsConfig) -> ssl.SSLContext:
+    """The listener's server context; issues (and records) its certificate when needed."""
+    host = listener_host(clouds)
+    dns, ips = _names(host)
+    cert_file, key_file = pki.directory / CERT_FILE, pki.directory / KEY_FILE
+    if not _reusable(pki, cert_file, key_file, dns, ips):
+        try:
+            issued = pki.issue(
+                common_name=host if len(host) <= 64 else "fedsky-enroll",
+                kind="server",
+                dns_names=dns,
+                ip_addresses=ips,
+                days=CERT_DAYS,
+            )
+        except PkiError as exc:
+            raise ConfigError(f"clouds.enroll_url: {exc}") from None
+        assert issued.key_pem is not None
+        write_private_key(key_file, issued.key_pem, overwrite=True)
+        atomic_write(cert_file, issued.cert_pem, mode=0o644)
+        store.call(record_certificate, issued)
+        log.info("issued the enrolment listener's certificate for %s", host)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    return ctx
+
+
+async def serve_enroll(
+    services: Services, *, listen: str, tls: ssl.SSLContext, started: asyncio.Event | None = None
+) -> None:
+    """Serve the enrolment route on `listen` ("host:port") until cancelled."""
+    runner = web.AppRunner(make_enroll_app(services), access_log=None)
+    await runner.setup()
+    try:
+        host, port = _split_listen(listen)
+        await web.TCPSite(runner, host, port, ssl_context=tls).start()
+        log.info("aggregator enrolment listening on https://%s", listen)
+        if started is not None:
+            started.set()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
