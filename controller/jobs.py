@@ -638,7 +638,11 @@ class JobManager:
         part.node_id = part.registered[part.public_keys[role]]
         assert part.vm is not None
         await self.store.run(
-            jobstore.set_task_state, task_id, "acknowledged", node_id=str(part.node_id)
+            jobstore.set_task_state,
+            task_id,
+            "acknowledged",
+            node_id=str(part.node_id),
+            key_role=role,
         )
         assert run.handle.address is not None
         await self._command(

@@ -243,6 +243,7 @@ def set_task_state(
     *,
     reason: str = "",
     node_id: str | None = None,
+    key_role: str | None = None,
 ) -> None:
     with transaction(conn):
         row = conn.execute(
@@ -252,8 +253,9 @@ def set_task_state(
             return
         conn.execute(
             "UPDATE tasks SET state = ?, reason = CASE WHEN ? = '' THEN reason ELSE ? END, "
-            "node_id = COALESCE(?, node_id), updated_at = ? WHERE id = ?",
-            (state, reason, reason, node_id, _now(), task_id),
+            "node_id = COALESCE(?, node_id), key_role = COALESCE(?, key_role), updated_at = ? "
+            "WHERE id = ?",
+            (state, reason, reason, node_id, key_role, _now(), task_id),
         )
         text = f"{row['participant']}: task on {row['vm']} {state}" + (
             f": {reason}" if reason else ""

@@ -387,11 +387,12 @@ class VmPlayer:
             self._thread.join(5)
 
 
-def test_an_aws_aggregator_that_enrols_and_answers_is_terminated_after_a_controller_restart(
-    aws_box: AwsBox, account: tuple[str, AwsKey], tmp_path: Path
+@pytest.mark.parametrize("ending", ["cancel", "restart"])
+def test_an_aws_aggregator_that_enrols_and_answers_is_terminated_when_the_job_ends(
+    aws_box: AwsBox, account: tuple[str, AwsKey], tmp_path: Path, ending: str
 ) -> None:
     name, _ = account
-    job_id = _submit(aws_box, tmp_path, "digits-aws-vm")
+    job_id = _submit(aws_box, tmp_path, f"digits-aws-vm-{ending}")
     region = _choice(aws_box, job_id)["region"]
     instance = _wait_instance(aws_box, job_id, region)
     vm = VmPlayer(aws_box, tmp_path)
@@ -416,20 +417,26 @@ def test_an_aws_aggregator_that_enrols_and_answers_is_terminated_after_a_control
         }
         assert f"aggregator up at {address} (aws)" in _logs(aws_box, job_id)
 
-        # A controller that dies mid-job fails the job at its next start and terminates the
-        # aggregator through the stored handle and account.
-        aws_box.box.stop_controller(signal.SIGKILL)
-        assert _instances(aws_box, job_id, region)[0]["State"]["Name"] == "running"
-        aws_box.box.start_controller()
-        job = _wait_job(aws_box, job_id, ("failed",), timeout=30)
+        if ending == "cancel":
+            # The running job's clean-up terminates through the handle the launch returned.
+            out = aws_box.box.fedctl("job", "cancel", job_id)
+            assert f"job {job_id}: cancelled" in out.stdout
+            _assert_gone(aws_box, job_id, region)
+        else:
+            # A controller that dies mid-job fails the job at its next start and terminates the
+            # aggregator through the stored handle and account.
+            aws_box.box.stop_controller(signal.SIGKILL)
+            assert _instances(aws_box, job_id, region)[0]["State"]["Name"] == "running"
+            aws_box.box.start_controller()
+            job = _wait_job(aws_box, job_id, ("failed",), timeout=30)
+            assert job["error"] == "the controller restarted while the job was assigning"
+            deadline = time.monotonic() + 20
+            while _instances(aws_box, job_id, region)[0]["State"]["Name"] != "terminated":
+                assert time.monotonic() < deadline, _logs(aws_box, job_id)
+                time.sleep(0.2)
+            _assert_gone(aws_box, job_id, region)
     finally:
         vm.stop()
-    assert job["error"] == "the controller restarted while the job was assigning"
-    deadline = time.monotonic() + 20
-    while _instances(aws_box, job_id, region)[0]["State"]["Name"] != "terminated":
-        assert time.monotonic() < deadline, _logs(aws_box, job_id)
-        time.sleep(0.2)
-    _assert_gone(aws_box, job_id, region)
     assert f"aggregator terminated (aws {instance['InstanceId']})" in _logs(aws_box, job_id)
     aws_box.box.wait_agents_online(list(HOSPITALS))
 

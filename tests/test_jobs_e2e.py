@@ -110,6 +110,7 @@ def test_two_round_job_completes_and_aggregator_is_gone(box: Onebox, tmp_path: P
         else [r["round"] for r in rounds] == [1, 2]
     )
     assert superlink_pids(box) == []
+    _downloaded_model_reproduces_stored_accuracy(box, job["id"], tmp_path)
     tasks = {t["participant"]: t for t in job["tasks"]}
     assert set(tasks) == set(HOSPITALS)
     assert all(t["vm"] in ("vm-001", "vm-002") for t in tasks.values())
@@ -404,3 +405,41 @@ def test_unreachable_aggregator_fails_the_job_not_hangs(shared_box: Onebox, tmp_
     while _pids(b"flower-supernode", shared_box) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _pids(b"flower-supernode", shared_box) == []
+
+
+def _downloaded_model_reproduces_stored_accuracy(box: Onebox, job_id: str, tmp_path: Path) -> None:
+    """The Model Manager's download loads into the job's network and gives the stored accuracy
+    on the same evaluation data (the union of the hospitals' evaluation slices)."""
+    import numpy as np
+    import torch
+
+    from fedsky.shared.datasets import BundledDatasetSpec, Partition, load_dataset
+    from fedsky.shared.modelfile import build_module, load_weights, read_model_file
+
+    out = tmp_path / "best.safetensors"
+    box.fedctl("models", "download", job_id, "--best", "--metric", "accuracy", "-o", str(out))
+    assert "OK" in box.fedctl("models", "verify", str(out)).stdout
+    meta = json.loads(out.with_name(out.name + ".meta.json").read_text())
+    stored = meta["metadata"]["metrics"]["accuracy"]
+    model = read_model_file(out)
+    net = build_module(model.architecture)
+    load_weights(net, model.weights)
+    net.eval()
+    xs, ys = [], []
+    for i in range(len(HOSPITALS)):
+        spec = BundledDatasetSpec(
+            kind="digits",
+            partition=Partition(index=i, count=len(HOSPITALS), scheme="label-skew", seed=7),
+        )
+        data = load_dataset(
+            spec,
+            input_shape=model.architecture.input_shape,
+            num_classes=model.architecture.num_classes,
+        )
+        xs.append(data.x_eval)
+        ys.append(data.y_eval)
+    x = torch.from_numpy(np.concatenate(xs))
+    y = np.concatenate(ys)
+    with torch.no_grad():
+        predicted = net(x).argmax(dim=1).numpy()
+    assert float((predicted == y).mean()) == pytest.approx(stored, abs=1e-9)

@@ -3,31 +3,43 @@ connection, node key registration, starting and stopping runs.
 
 The `local` provider runs the SuperLink as a child process; the cloud providers put the same
 command line into their VM's start-up script and talk to it with the same `SuperLinkControl`.
-Every call to the `flwr` CLI runs in a subprocess with this aggregator's own FLWR_HOME, a
-timeout, and an error that says what failed.
+It speaks the SuperLink's Control API (protobuf over HTTPS, verified against fedsky's CA) in
+this process through Flower's own client, the calls the `flwr` CLI makes: a `flwr` process per
+call costs seconds of interpreter and import start-up each (two registrations per participant,
+the run start, a status poll every few seconds), a request costs milliseconds. Every call has a
+timeout and an error that says what failed. The aggregator's FLWR_HOME still holds a `flwr`
+connection for an operator's `flwr` commands and `run_command`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import shutil
+import ssl
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedsky.controller.providers.base import ProviderError
 from fedsky.shared.flower.runconfig import RunSettings
 
+if TYPE_CHECKING:
+    from flwr.supercore.control import ControlHttpClient
+
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 CONNECTION = "fedsky"
-CLI_TIMEOUT_S = 60.0
+CLI_TIMEOUT_S = 60.0  # per Control API request
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_S = "0.2"
 
@@ -147,11 +159,43 @@ class NodeStatus:
 
 
 class FlowerCliError(ProviderError):
-    """A `flwr` command failed; the message has its output (no secrets: keys are files)."""
+    """A Control API call failed; the message says which and why (no secrets: keys are files)."""
+
+
+def _public_key_bytes(path: Path) -> bytes:
+    """The key as the SuperLink stores it; a clear error for a file that is not a NIST EC key."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
+
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except OSError as exc:
+        raise FlowerCliError(f"cannot read the node key {path.name}: {exc.strerror}") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise FlowerCliError(f"{path.name} is not an OpenSSH public key") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not uses_nist_ec_curve(key):
+        raise FlowerCliError(f"{path.name} is not a NIST EC (e.g. P-384) public key")
+    return bytes(public_key_to_bytes(key))
+
+
+class _VersionHeaders:
+    """Flower's runtime-version request headers (the SuperLink checks them), without the `flwr`
+    CLI's interceptor, which exits the process on a version mismatch."""
+
+    def __init__(self) -> None:
+        from flwr.supercore.runtime_version_compatibility import RuntimeVersionMetadata
+
+        self._headers = dict(RuntimeVersionMetadata.from_local_component("flwr CLI").as_metadata())
+
+    def intercept(self, context: Any, call_next: Any) -> Any:
+        context.request.headers.update(self._headers)
+        return call_next(context)
 
 
 class SuperLinkControl:
-    """Control API of one SuperLink through the `flwr` CLI with its own FLWR_HOME."""
+    """Control API of one SuperLink (what the `flwr` CLI does), called from this process."""
 
     def __init__(
         self,
@@ -171,95 +215,131 @@ class SuperLinkControl:
     def env(self) -> dict[str, str]:
         return flower_env(self.flwr_home)
 
-    async def _flwr(self, *args: str, timeout_s: float | None = None) -> tuple[str, str]:
-        cmd = [str(flower_bin_dir() / "flwr"), *args]
-        proc = await asyncio.create_subprocess_exec(
-            *cmd,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-            start_new_session=True,
+    @contextmanager
+    def _client(self, what: str) -> Iterator[ControlHttpClient]:
+        """A client for one call; Flower's HTTP errors become a FlowerCliError about `what`."""
+        import click
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.cli.utils import flwr_cli_exc_handler
+        from flwr.supercore.control import ControlHttpClient
+
+        verify: ssl.SSLContext | bool
+        if self.root_ca is None:
+            scheme, verify = "http", False
+        else:
+            # Verified against fedsky's CA, host name included, as the `flwr` CLI does.
+            scheme, verify = "https", ssl.create_default_context(cafile=str(self.root_ca))
+        client = ControlHttpClient(
+            f"{scheme}://{self.address}",
+            interceptors=[CliClientHttpInterceptor(), _VersionHeaders()],
+            verify=verify,
+            timeout=self.timeout_s,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout_s or self.timeout_s)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+            with flwr_cli_exc_handler():
+                yield client
+        except click.ClickException as exc:
             raise FlowerCliError(
-                f"`flwr {args[0]}` did not finish within {timeout_s or self.timeout_s:.0f} s"
+                f"{what} at the SuperLink {self.address} failed: {exc.format_message()}"
             ) from None
-        stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-        if proc.returncode != 0:
-            raise FlowerCliError(
-                f"`flwr {' '.join(args[:2])}` failed (exit {proc.returncode}): {_tail(stdout + stderr)}"
-            )
-        return stdout, stderr
+        finally:
+            client.close()
 
-    async def _json(self, *args: str, timeout_s: float | None = None) -> dict[str, Any]:
-        out, err = await self._flwr(*args, "--format", "json", timeout_s=timeout_s)
-        try:
-            data = json.loads(out[out.index("{") :])
-        except (ValueError, json.JSONDecodeError):
-            raise FlowerCliError(f"`flwr {args[0]}` gave no JSON: {_tail(out + err)}") from None
-        if not isinstance(data, dict):
-            raise FlowerCliError(f"`flwr {args[0]}` gave unexpected JSON")
-        if data.get("success") is False:
-            raise FlowerCliError(
-                f"`flwr {' '.join(args[:2])}` failed: {data.get('error-message', data)}"
-            )
-        return data
+    async def _call(self, what: str, fn: Callable[[ControlHttpClient], T]) -> T:
+        def blocking() -> T:
+            with self._client(what) as client:
+                return fn(client)
+
+        return await asyncio.to_thread(blocking)
 
     async def register_node(self, public_key: Path, *, name: str | None = None) -> int:
         """Register a SuperNode public key (OpenSSH, NIST P-384); returns its node id."""
-        args = ["supernode", "register", str(public_key), CONNECTION]
-        if name:
-            args += ["--name", name]
-        data = await self._json(*args)
-        return int(data["node-id"])
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+
+        key = await asyncio.to_thread(_public_key_bytes, public_key)
+        request = RegisterNodeRequest(public_key=key, name=name)
+        response = await self._call("registering a node key", lambda c: c.RegisterNode(request))
+        if not response.node_id:
+            raise FlowerCliError(f"the SuperLink {self.address} registered no node for the key")
+        return int(response.node_id)
 
     async def unregister_node(self, node_id: int) -> None:
         """Unregister a node: its pending messages fail at once (failover) and its key can never
         be registered again on this SuperLink."""
-        await self._json("supernode", "unregister", str(node_id), CONNECTION)
+        from flwr.proto.control_pb2 import UnregisterNodeRequest
+
+        request = UnregisterNodeRequest(node_id=node_id)
+        await self._call(f"unregistering node {node_id}", lambda c: c.UnregisterNode(request))
 
     async def list_nodes(self) -> list[NodeStatus]:
-        data = await self._json("supernode", "ls", CONNECTION)
-        out = []
-        for n in data.get("nodes", []):
-            out.append(
-                NodeStatus(
-                    node_id=int(n.get("node-id", 0)),
-                    status=str(n.get("status", "")),
-                    name=str(n.get("name", "") or ""),
-                    raw=n,
-                )
+        from flwr.proto.control_pb2 import ListNodesRequest
+        from google.protobuf.json_format import MessageToDict
+
+        response = await self._call("listing nodes", lambda c: c.ListNodes(ListNodesRequest()))
+        return [
+            NodeStatus(
+                node_id=int(n.node_id),
+                status=str(n.status),
+                name=str(n.name or ""),
+                raw=MessageToDict(n, preserving_proto_field_name=True),
             )
-        return out
+            for n in response.nodes_info
+        ]
 
     async def start_run(
         self, *, app_dir: Path, settings: RunSettings, run_config_file: Path
     ) -> int:
-        """Start the fedsky app with `settings`; returns the run id at once (no streaming)."""
-        await asyncio.to_thread(run_config_file.write_text, settings.to_toml())
-        data = await self._json(
-            "run", str(app_dir), CONNECTION, "--run-config", str(run_config_file)
-        )
-        run_id = data.get("run-id")
-        if run_id is None:
-            raise FlowerCliError(f"`flwr run` started no run: {data}")
-        return int(run_id)
+        """Start the fedsky app with `settings` (kept in `run_config_file`); returns the run id.
+
+        What `flwr run APP --run-config FILE` sends: the app bundle built from `app_dir` and the
+        run config as overrides of the app's defaults.
+        """
+        from flwr.cli.build import build_fab_from_disk
+        from flwr.common.config import parse_config_args
+        from flwr.common.serde import fab_to_proto, user_config_to_proto
+        from flwr.proto.control_pb2 import StartRunRequest
+        from flwr.supercore.fab import Fab
+
+        def request() -> StartRunRequest:
+            run_config_file.write_text(settings.to_toml())
+            try:
+                fab = build_fab_from_disk(app_dir)
+            except Exception as exc:  # Flower raises several kinds for a bad app directory
+                raise FlowerCliError(f"building the app bundle from {app_dir}: {exc}") from None
+            return StartRunRequest(
+                fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {})),
+                override_config=user_config_to_proto(parse_config_args([str(run_config_file)])),
+                federation="",
+                app_spec="",
+            )
+
+        req = await asyncio.to_thread(request)
+        response = await self._call("starting the run", lambda c: c.StartRun(req))
+        if not response.HasField("run_id"):
+            raise FlowerCliError(f"the SuperLink {self.address} started no run")
+        return int(response.run_id)
 
     async def run_status(self, run_id: int) -> str:
         """Flower's status of a run, e.g. 'running', 'finished:completed', 'finished:failed'."""
-        data = await self._json("ls", CONNECTION, "--run-id", str(run_id))
-        for run in data.get("runs", []):
-            if int(run.get("run-id", -1)) == run_id:
-                return str(run.get("status", ""))
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        response = await self._call(
+            f"reading run {run_id}", lambda c: c.ListRuns(ListRunsRequest(run_id=run_id))
+        )
+        for run in response.run_dict.values():
+            if int(run.run_id) == run_id:
+                status, sub = str(run.status.status), str(run.status.sub_status)
+                return f"{status}:{sub}" if sub else status
         raise FlowerCliError(f"run {run_id} is not known to the SuperLink")
 
     async def stop_run(self, run_id: int) -> None:
-        await self._json("stop", str(run_id), CONNECTION)
+        from flwr.proto.control_pb2 import StopRunRequest
+
+        response = await self._call(
+            f"stopping run {run_id}", lambda c: c.StopRun(StopRunRequest(run_id=run_id))
+        )
+        if not response.success:
+            raise FlowerCliError(f"the SuperLink {self.address} did not stop run {run_id}")
 
     def run_command(
         self, *, app_dir: Path, run_config_file: Path, stream: bool = True
@@ -274,8 +354,3 @@ class SuperLinkControl:
             str(run_config_file),
         ]
         return cmd + (["--stream"] if stream else [])
-
-
-def _tail(text: str, lines: int = 8) -> str:
-    kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
-    return " | ".join(kept)[-1500:] or "(no output)"

@@ -1,0 +1,71 @@
+"""Failover with real agents: the VM running a participant's SuperNode is destroyed mid-training
+(through the agent's own libvirt connection) and the participant moves to its next VM."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from fedsky.controller.onebox import Onebox
+
+from tests.test_jobs_e2e import HOSPITALS, _datasets, wait_job, write_job
+
+pytestmark = pytest.mark.e2e
+
+
+def _fault(box: Onebox, agent: str, action: str, vm: str) -> None:
+    path = box.agents[agent].state_dir / "fault.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(json.dumps({"action": action, "vm": vm}).encode() + b"\n")
+        assert json.loads(sock.recv(65536))["ok"]
+
+
+def test_destroyed_vm_moves_the_participant_and_the_job_completes(tmp_path: Path) -> None:
+    extra = {name: _datasets(i, len(HOSPITALS)) for i, name in enumerate(HOSPITALS)}
+    box = Onebox(
+        root=tmp_path / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra
+    )
+    try:
+        box.start(HOSPITALS)
+        spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=5, round_timeout_s=90)
+        job = json.loads(box.fedctl("job", "submit", str(spec), "--json").stdout)
+        deadline = time.monotonic() + 180
+        while box.api.get(f"/v1/jobs/{job['id']}")["rounds_done"] < 1:
+            assert time.monotonic() < deadline, box.fedctl("job", "logs", job["id"]).stdout
+            time.sleep(0.5)
+        running = {
+            t["participant"]: t
+            for t in box.api.get(f"/v1/jobs/{job['id']}")["tasks"]
+            if t["state"] == "running"
+        }
+        victim = running["hospital-us"]["vm"]
+        _fault(box, "hospital-us", "destroy", victim)
+        ended = wait_job(box, job["id"], ("completed", "failed", "cancelled"), timeout=600)
+        logs = box.fedctl("job", "logs", job["id"]).stdout
+        assert ended["state"] == "completed", logs
+        us = [t for t in ended["tasks"] if t["participant"] == "hospital-us"]
+        assert len(us) == 2, us
+        assert us[0]["vm"] == victim
+        assert us[0]["state"] == "failed"
+        assert "vm-left-running" in us[0]["reason"] or "vm-" in us[0]["reason"]
+        assert us[1]["vm"] != victim
+        assert us[1]["key_role"] == "standby"
+        # Never a VM below the minimum or not running.
+        assert {t["vm"] for t in ended["tasks"]} <= {"vm-001", "vm-002"}
+        # Every round, the last included, has every participant.
+        rounds = box.api.get(f"/v1/jobs/{job['id']}/models")
+        rounds = rounds["rounds"] if isinstance(rounds, dict) else rounds
+        assert len(rounds) == 5
+        last = rounds[-1]
+        sites = {p["site"] for p in last["participants"]}
+        assert sites == set(HOSPITALS), last
+        explain = box.fedctl("job", "explain", job["id"]).stdout
+        assert "hospital-us" in explain
+        assert victim in explain
+    finally:
+        box.stop()
