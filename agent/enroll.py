@@ -13,9 +13,7 @@ For one-machine set-ups `fedctl agents enroll ... --with-key` makes the key too;
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedsky.shared.bundle import BundleError, EnrolmentBundle, read_bundle
+from fedsky.shared.files import atomic_write
 from fedsky.shared.ids import InvalidIdError, check_agent_id
 
 _MAX_KEY_BYTES = 64 * 1024
@@ -70,25 +69,6 @@ def _owner_of(directory: Path) -> tuple[int, int] | None:
         return None
     st = directory.stat()
     return st.st_uid, st.st_gid
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int, owner: tuple[int, int] | None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # mkstemp made it 0600: set owner and mode before a byte of it is written.
-            if owner is not None:
-                os.fchown(fh.fileno(), *owner)
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _prepare_state_dir(state_dir: Path) -> None:
@@ -148,7 +128,7 @@ def make_request(*, name: str, paths: InstallPaths, new_key: bool = False) -> Re
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _atomic_write(paths.key_file, pem, mode=0o600, owner=_owner_of(paths.state_dir))
+        atomic_write(paths.key_file, pem, mode=0o600, owner=_owner_of(paths.state_dir))
         created = True
     csr = (
         x509.CertificateSigningRequestBuilder()
@@ -262,12 +242,12 @@ def install_bundle(
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            _atomic_write(paths.key_file, pem, mode=0o600, owner=owner)
+            atomic_write(paths.key_file, pem, mode=0o600, owner=owner)
     elif paths.key_file.stat().st_mode & 0o077:
         os.chmod(paths.key_file, 0o600)  # a private key is for the agent alone
 
-    _atomic_write(paths.ca_file, bundle.ca_pem.encode(), mode=0o644, owner=owner)
-    _atomic_write(paths.cert_file, bundle.cert_pem.encode(), mode=0o644, owner=owner)
+    atomic_write(paths.ca_file, bundle.ca_pem.encode(), mode=0o644, owner=owner)
+    atomic_write(paths.cert_file, bundle.cert_pem.encode(), mode=0o644, owner=owner)
     # Last: its presence is what makes the agent count as enrolled.
-    _atomic_write(paths.bundle_file, bundle.dump().encode(), mode=0o640, owner=owner)
+    atomic_write(paths.bundle_file, bundle.dump().encode(), mode=0o640, owner=owner)
     return bundle

@@ -289,7 +289,11 @@ class TaskRunner:
             task.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task.watcher
-        last_of_job = not any(t.job_id == task.job_id for t in self.tasks.values())
+        # The job's keys outlive a failed task: the controller moves the participant to another
+        # VM with the standby key it registered at the start. They go with the job's last stop.
+        last_of_job = failed is None and not any(
+            t.job_id == task.job_id for t in self.tasks.values()
+        )
 
         def remove_files() -> None:
             shutil.rmtree(task.directory, ignore_errors=True)

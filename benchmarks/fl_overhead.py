@@ -516,44 +516,79 @@ def _print_job(job: JobResult, bare: BareResult) -> None:
     )
 
 
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", choices=("digits", "xray"), default="digits")
     parser.add_argument("--no-job", action="store_true", help="only the bare `flwr run`")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="bare/job pairs to run (medians are printed)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedsky-fl-overhead-"))
-    job: JobResult | None = None
+    pairs: list[tuple[BareResult, JobResult | None, str]] = []
     try:
-        # Bare first, with nothing else of fedsky running; torch threads as a job's SuperNodes
-        # have them (the default), so that both sides run the same ClientApps.
-        bare = asyncio.run(
-            run_bare(
-                nodes=args.nodes,
-                rounds=args.rounds,
-                model=args.model,
-                work=work / "bare",
-                measure_fixed_costs=False,
-                torch_threads=None if not args.no_job else 1,
+        for i in range(max(1, args.repeat)):
+            # Bare first, with nothing else of fedsky running; in a comparison torch keeps its
+            # default threads, as a job's SuperNodes have it, so both run the same ClientApps.
+            load_before = _load()
+            bare = asyncio.run(
+                run_bare(
+                    nodes=args.nodes,
+                    rounds=args.rounds,
+                    model=args.model,
+                    work=work / f"bare-{i}",
+                    measure_fixed_costs=False,
+                    torch_threads=1 if args.no_job else None,
+                )
             )
-        )
-        if not args.no_job:
-            job = run_job(nodes=args.nodes, rounds=args.rounds, model=args.model, work=work / "job")
-        bare.fixed_costs_s = fixed_costs()
+            job = None
+            if not args.no_job:
+                job = run_job(
+                    nodes=args.nodes, rounds=args.rounds, model=args.model, work=work / f"job-{i}"
+                )
+            pairs.append((bare, job, f"{load_before} -> {_load()}"))
+        pairs[-1][0].fixed_costs_s = fixed_costs()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps({"bare": asdict(bare), "job": asdict(job) if job else None}, indent=2))
-    else:
-        _print(bare)
-        if job is not None:
-            _print_job(job, bare)
-        if args.keep:
-            print(f"  logs in {work}")
+        out = [
+            {"bare": asdict(b), "job": asdict(j) if j else None, "load_average": load}
+            for b, j, load in pairs
+        ]
+        print(json.dumps(out if len(out) > 1 else out[0], indent=2))
+        return 0
+    bare, job, load = pairs[-1]
+    _print(bare)
+    if job is not None:
+        _print_job(job, bare)
+    print(f"  load average (1, 5, 15 min) {load}  (other work on this host slows both sides)")
+    if len(pairs) > 1 and job is not None:
+        print(f"{len(pairs)} pairs (bare wall, job wall, ratio, rounds ratio, start-up):")
+        ratios, round_ratios, startups = [], [], []
+        for b, j, load in pairs:
+            assert j is not None
+            ratios.append(j.submit_wall_s / b.flwr_run_wall_s)
+            round_ratios.append(sum(j.rounds_s) / sum(b.rounds_s))
+            startups.append(j.startup_s)
+            print(
+                f"  {b.flwr_run_wall_s:6.1f} s {j.submit_wall_s:6.1f} s  {ratios[-1]:.2f}  "
+                f"{round_ratios[-1]:.2f}  {j.startup_s:4.1f} s   load {load}"
+            )
+        print(
+            f"  median: wall ratio {statistics.median(ratios):.2f}, rounds ratio "
+            f"{statistics.median(round_ratios):.2f}, start-up {statistics.median(startups):.1f} s"
+        )
+    if args.keep:
+        print(f"  logs in {work}")
     return 0
 
 

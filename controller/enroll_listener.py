@@ -24,9 +24,10 @@ from fedsky.controller.api.app import Services
 from fedsky.controller.api.clouds import make_enroll_app
 from fedsky.controller.config import CloudsConfig
 from fedsky.controller.enrollment import record_certificate
-from fedsky.controller.pki import Pki, PkiError, atomic_write, write_private_key
+from fedsky.controller.pki import Pki, PkiError, write_private_key
 from fedsky.controller.store import Store
 from fedsky.shared.config import ConfigError
+from fedsky.shared.files import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from fedsky.controller.orchestrator import (
     candidates_from_inventory,
     check_feasible,
 )
-from fedsky.controller.pki import Pki, atomic_write, write_private_key
+from fedsky.controller.pki import Pki, write_private_key
 from fedsky.controller.providers.base import (
     AggregatorHandle,
     AggregatorProvider,
@@ -56,6 +56,7 @@ from fedsky.controller.providers.local import LocalProvider, pki_tls_issuer
 from fedsky.controller.providers.superlink import SuperLinkControl, prepare_app_dir
 from fedsky.controller.registry import Registry
 from fedsky.controller.store import Store
+from fedsky.shared.files import atomic_write
 from fedsky.shared.flower.runconfig import settings_for_job
 from fedsky.shared.flower.transfer import AggregatorFeed, RoundReady, RunEnded
 from fedsky.shared.ids import aggregator_id
@@ -752,7 +753,7 @@ class JobManager:
                 run_config_file=run.directory / "run-config.toml",
             )
         except ProviderError as exc:
-            raise JobFailure(f"starting the Flower run: {exc}") from None
+            raise JobFailure(f"the aggregator did not start the Flower run: {exc}") from None
         await self._log(
             run.job_id, f"Flower run {run.run_id} started: {spec.hyperparameters.rounds} round(s)"
         )

@@ -10,12 +10,10 @@ Private keys are written 0600 from the moment the file exists, and never logged.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,6 +25,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fedsky.shared.files import atomic_write
 from fedsky.shared.ids import CONTROLLER_ID, InvalidIdError, check_agent_id, is_aggregator_id
 
 log = logging.getLogger(__name__)
@@ -143,29 +142,6 @@ def write_private_key(path: Path, key_pem: bytes, *, overwrite: bool = False) ->
     if path.exists() and not overwrite:
         raise PkiError(f"{path} already exists; refusing to overwrite a private key")
     atomic_write(path, key_pem, mode=0o600)
-
-
-def atomic_write(path: Path, data: bytes, *, mode: int, group: int | None = None) -> None:
-    """Replace `path` with `data` so that readers see the old or the new file, never a mix.
-
-    The file has `mode` (and `group`) before its first byte is written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    # mkstemp creates the file 0600; fchmod (and fchown) before any byte is written.
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            if group is not None:
-                os.fchown(fh.fileno(), -1, group)
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
 
 
 def _parse_san(dns_names: Sequence[str], ip_addresses: Sequence[str]) -> list[x509.GeneralName]:

@@ -380,41 +380,34 @@ def _reason(exc: ValidationError) -> str:
     return "invalid"
 
 
-def decode(model: type[M], payload: bytes | bytearray) -> M:
-    """Parse `payload` as `model`; raise PayloadError (never anything else) if it is not one."""
+def _parsed(payload: bytes | bytearray) -> dict[str, Any]:
     data = _load_json(payload)
     if not isinstance(data, dict):
         raise PayloadError("invalid", "payload is not a JSON object")
+    return data
+
+
+def _validated(model: type[M], data: dict[str, Any], *, skip: int = 0) -> M:
+    """Validate, turning any error into PayloadError; `skip` drops a wrapper's location parts."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+        where = ".".join(str(p) for p in first.get("loc", ())[skip:]) or "payload"
         raise PayloadError(_reason(exc), f"{where}: {first.get('msg', 'invalid')}") from None
+
+
+def decode(model: type[M], payload: bytes | bytearray) -> M:
+    """Parse `payload` as `model`; raise PayloadError (never anything else) if it is not one."""
+    return _validated(model, _parsed(payload))
 
 
 def decode_command(
     payload: bytes | bytearray,
 ) -> PingCommand | PrepareTaskCommand | StartTaskCommand | StopTaskCommand:
-    data = _load_json(payload)
-    if not isinstance(data, dict):
-        raise PayloadError("invalid", "payload is not a JSON object")
-    try:
-        return CommandEnvelope.model_validate({"command": data}).command
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "payload"
-        raise PayloadError(_reason(exc), f"{where}: {first.get('msg', 'invalid')}") from None
+    return _validated(CommandEnvelope, {"command": _parsed(payload)}, skip=1).command
 
 
 def decode_aggregator(payload: bytes | bytearray) -> RoundMetrics | WeightsChunk | RunFinished:
     """Parse a message from a job's aggregator (metrics topic); PayloadError if it is not one."""
-    data = _load_json(payload)
-    if not isinstance(data, dict):
-        raise PayloadError("invalid", "payload is not a JSON object")
-    try:
-        return _AggregatorEnvelope.model_validate({"message": data}).message
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "payload"
-        raise PayloadError(_reason(exc), f"{where}: {first.get('msg', 'invalid')}") from None
+    return _validated(_AggregatorEnvelope, {"message": _parsed(payload)}, skip=1).message

@@ -25,7 +25,7 @@ import pytest_asyncio
 from fedsky.agent.executors.base import SuperNodeLaunch
 from fedsky.agent.executors.local import LocalExecutor, LocalSuperNode
 from fedsky.controller.pki import Pki
-from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec
+from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
 from fedsky.controller.providers.local import LocalProvider, _group_alive, pki_tls_issuer
 from fedsky.controller.providers.superlink import SuperLinkControl, prepare_app_dir
 from fedsky.shared.datasets import BundledDatasetSpec, Partition, load_dataset, write_catalog
@@ -301,6 +301,15 @@ async def test_stop_a_run_and_unregister_a_node(federation: Federation) -> None:
     await federation.control.unregister_node(node_id)
     states = {n.node_id: n.status for n in await federation.control.list_nodes()}
     assert states[node_id] == "unregistered"
+    # The SuperLink's refusals come back as errors that say what was refused.
+    with pytest.raises(ProviderError, match="registering a node key at the SuperLink"):
+        await federation.control.register_node(keys.public_key, name="spare-again")
+    not_a_key = federation.root / "spare" / "not-a-key.pub"
+    not_a_key.write_text("ssh-rsa AAAA\n")
+    with pytest.raises(ProviderError, match="not-a-key.pub is not an OpenSSH public key"):
+        await federation.control.register_node(not_a_key)
+    with pytest.raises(ProviderError, match="run 12345 is not known|reading run 12345"):
+        await federation.control.run_status(12345)
 
 
 @pytest.mark.asyncio(loop_scope="module")

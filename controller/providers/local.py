@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsky.controller.pki import Pki, atomic_write
+from fedsky.controller.pki import Pki
 from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
 from fedsky.controller.providers.superlink import (
     SuperLinkControl,
@@ -33,6 +33,7 @@ from fedsky.controller.providers.superlink import (
     flower_env,
     superlink_command,
 )
+from fedsky.shared.files import atomic_write
 
 log = logging.getLogger(__name__)
 
