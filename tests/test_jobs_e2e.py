@@ -412,7 +412,6 @@ def _downloaded_model_reproduces_stored_accuracy(box: Onebox, job_id: str, tmp_p
     on the same evaluation data (the union of the hospitals' evaluation slices)."""
     import numpy as np
     import torch
-
     from fedsky.shared.datasets import BundledDatasetSpec, Partition, load_dataset
     from fedsky.shared.modelfile import build_module, load_weights, read_model_file
 
