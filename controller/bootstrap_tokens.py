@@ -1,8 +1,12 @@
-"""How a cloud aggregator VM gets its certificate without a private key ever travelling.
+"""How a cloud aggregator VM gets its certificates without a private key ever travelling.
 
-The controller puts a one-time enrolment token in the VM's startup script. The VM makes its own
-key, sends a CSR with the token to `POST /v1/aggregators/enroll`, and gets back a server
-certificate from the controller's CA. The token:
+The controller puts a one-time enrolment token in the VM's startup script. The VM makes two
+keys, one for the SuperLink's TLS and one for the ServerApp's bus identity (`agg-<job id>`),
+sends both CSRs with the token to `POST /v1/aggregators/enroll`, and gets back a server
+certificate and an `aggregator` client certificate from the controller's CA, the broker's
+public address and the digest of the job's model file. With its new client certificate it then
+fetches the model file (`GET /v1/aggregators/model`, mutual TLS) and checks the digest. The
+token:
 
 - is 256 random bits, shown once (in the startup script) and stored only as its SHA-256 (a
   leaked database does not let anyone enrol; a fast hash suffices for random tokens);
@@ -12,7 +16,9 @@ certificate from the controller's CA. The token:
 - only yields a certificate for the names the controller recorded for that job (`bind`, done
   once the cloud reports the VM's public address). The CSR's own names are ignored: a stolen
   token cannot get a certificate for the broker's name or anyone else's. Until the address is
-  bound the token answers "not ready" (409) without being spent, and the VM retries.
+  bound the token answers "not ready" (409) without being spent, and the VM retries. The bus
+  certificate is `agg-<job id>`'s whatever the CSR asks, carries no names, and is revoked with
+  the job's other certificates when the job ends.
 
 The module also renders the startup script (bash: cloud-init user data on EC2, the
 `startup-script` metadata on GCE) and holds the readiness probe, the one seam tests replace
@@ -33,15 +39,39 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
-from fedsky.controller.pki import IssuedCertificate, Pki
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from fedsky.controller.pki import IssuedCertificate, Pki, PkiError
+from fedsky.controller.providers.base import AggregatorFiles
 from fedsky.controller.store import Store, transaction
 from fedsky.shared.ids import aggregator_id
 
 log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "fsk1_"  # noqa: S105 - a marker that makes leaked tokens easy to find, not a secret
+
+# Where the startup script puts what the ServerApp needs on the VM. The bus key stays root's
+# (0600) and reaches the SuperLink's service, a systemd DynamicUser, as a credential
+# (`LoadCredential`), so the run config names it under the unit's credentials directory.
+VM_DATA_DIR = "/var/lib/fedsky-aggregator"
+VM_UNIT = "fedsky-superlink.service"
+VM_BUS_KEY_CREDENTIAL = "agg-key"
+VM_FILES = AggregatorFiles(
+    model_file=Path(VM_DATA_DIR, "model.safetensors"),
+    ca=Path(VM_DATA_DIR, "bus", "ca.crt"),
+    cert=Path(VM_DATA_DIR, "bus", "agg.crt"),
+    key=Path("/run/credentials", VM_UNIT, VM_BUS_KEY_CREDENTIAL),
+)
+MODEL_PATH = "/v1/aggregators/model"
+
+
+def model_url(enroll_url: str) -> str:
+    """Where a VM fetches its job's model file: beside the enrolment route, on the same listener."""
+    return urljoin(enroll_url, "model")
 
 SCHEMA = [
     """
@@ -188,46 +218,90 @@ def redeem_token(
 
 
 @dataclass(frozen=True)
+class BrokerEndpoint:
+    """The broker as the aggregator VM reaches it (the controller's `broker.public_host`)."""
+
+    host: str
+    port: int
+    topic_prefix: str
+
+
+@dataclass(frozen=True)
 class EnrolledAggregator:
+    """The enrolment's answer: the certificates, where the broker is, the model to fetch."""
+
     job_id: str
-    cert_pem: bytes
+    cert_pem: bytes  # the SuperLink's server certificate
     ca_pem: bytes
+    bus_cert_pem: bytes  # agg-<job id>, an `aggregator` client certificate
+    broker: BrokerEndpoint
+    model_sha256: str | None  # None only for a token whose job has no record
+
+
+@dataclass(frozen=True)
+class AggregatorCertificates:
+    """What one token redemption signed."""
+
+    job_id: str
+    server: IssuedCertificate
+    bus: IssuedCertificate
 
 
 def enroll_aggregator(
-    conn: sqlite3.Connection, pki: Pki, *, token: str, csr_pem: bytes, days: int
-) -> tuple[EnrolledAggregator, IssuedCertificate]:
-    """Redeem `token` for a server certificate on the VM's key; returns it and the issued record.
+    conn: sqlite3.Connection,
+    pki: Pki,
+    *,
+    token: str,
+    csr_pem: bytes,
+    bus_csr_pem: bytes,
+    days: int,
+) -> AggregatorCertificates:
+    """Redeem `token` for the SuperLink's server certificate and the ServerApp's bus certificate.
 
-    The certificate's names are the ones bound to the token (the VM's public address) plus
-    `localhost`/`127.0.0.1` for checks on the VM itself; the CSR's names are ignored (its subject
-    must be the aggregator's name). A CSR the CA refuses raises `PkiError` and spends nothing.
+    The server certificate's names are the ones bound to the token (the VM's public address)
+    plus `localhost`/`127.0.0.1` for checks on the VM itself; the CSR's names are ignored (its
+    subject must be the aggregator's name). The bus certificate is an `aggregator` client
+    certificate for `agg-<job id>` without names, on a key of its own. A CSR the CA refuses
+    raises `PkiError` and spends nothing.
     """
-    issued: list[IssuedCertificate] = []
+    issued: list[tuple[IssuedCertificate, IssuedCertificate]] = []
 
     def sign(grant: TokenGrant) -> None:
-        issued.append(
-            pki.issue(
-                common_name=grant.common_name,
-                kind="server",
-                csr_pem=csr_pem,
-                dns_names=[*grant.dns_names, "localhost"],
-                ip_addresses=[*grant.ip_addresses, "127.0.0.1"],
-                days=days,
-            )
+        server = pki.issue(
+            common_name=grant.common_name,
+            kind="server",
+            csr_pem=csr_pem,
+            dns_names=[*grant.dns_names, "localhost"],
+            ip_addresses=[*grant.ip_addresses, "127.0.0.1"],
+            days=days,
         )
+        bus = pki.issue(
+            common_name=grant.common_name, kind="aggregator", csr_pem=bus_csr_pem, days=days
+        )
+        # Two keys: the SuperLink's (serving the internet) and the bus identity's stay apart.
+        if _public_key(server) == _public_key(bus):
+            raise PkiError("the bus CSR must be for a key of its own, not the SuperLink's")
+        issued.append((server, bus))
 
     grant = redeem_token(conn, token, use=sign)
-    cert = issued[0]
+    server, bus = issued[0]
     log.info(
-        "aggregator of job %s enrolled: certificate serial %s for %s",
+        "aggregator of job %s enrolled: server certificate serial %s for %s, bus certificate "
+        "serial %s",
         grant.job_id,
-        cert.serial,
+        server.serial,
         grant.ip_addresses,
+        bus.serial,
     )
-    return EnrolledAggregator(
-        job_id=grant.job_id, cert_pem=cert.cert_pem, ca_pem=pki.ca_cert_pem
-    ), cert
+    return AggregatorCertificates(job_id=grant.job_id, server=server, bus=bus)
+
+
+def _public_key(cert: IssuedCertificate) -> bytes:
+    return (
+        x509.load_pem_x509_certificate(cert.cert_pem)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 # -- what the providers use ----------------------------------------------------------------------

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from fedsky.shared.ids import check_agent_id
 
 # How long a SuperNode keeps trying to reach an aggregator that does not answer before it gives
@@ -40,6 +38,11 @@ class NodeKeyPair:
 
 def generate_node_key(directory: Path, name: str = "node") -> NodeKeyPair:
     """Make a P-384 key pair: `<name>` (OpenSSH private key, 0600) and `<name>.pub`."""
+    # Imported here: the agent daemon loads this module at start, and cryptography is several
+    # MB of resident memory it otherwise needs only when a task arrives.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP384R1())
     priv = directory / name

@@ -7,6 +7,7 @@ VM. Every method is async; blocking SDK calls run in a thread inside the provide
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 
@@ -42,8 +43,26 @@ class AggregatorHandle:
     address: str | None = None  # host:port of the SuperLink once known
 
 
+@dataclass(frozen=True)
+class AggregatorFiles:
+    """Where the job's ServerApp finds its model file and its bus identity (`agg-<job id>`).
+
+    Paths on the aggregator's host: they go into the Flower run config, and the ServerApp runs
+    next to the SuperLink (on the controller for `local`, on the VM for a cloud provider).
+    """
+
+    model_file: Path
+    ca: Path
+    cert: Path
+    key: Path
+
+
 class AggregatorProvider(Protocol):
     name: str
+
+    def aggregator_files(self, job_id: str, *, model_file: Path) -> AggregatorFiles:
+        """The run config's paths; `model_file` is the controller's copy of the job's model."""
+        ...
 
     async def launch(self, spec: AggregatorSpec) -> AggregatorHandle: ...
 

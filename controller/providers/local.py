@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsky.controller.pki import Pki
-from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
+from fedsky.controller.providers.base import (
+    AggregatorFiles,
+    AggregatorHandle,
+    AggregatorSpec,
+    ProviderError,
+)
 from fedsky.controller.providers.superlink import (
     SuperLinkControl,
     SuperLinkTls,
@@ -109,6 +114,11 @@ class LocalPaths:
     def log_file(self) -> Path:
         return self.job_dir / "superlink.log"
 
+    @property
+    def bus_dir(self) -> Path:
+        """The ServerApp's bus identity (`agg-<job id>`): ca.crt, agg.crt, agg.key."""
+        return self.job_dir / "bus"
+
 
 class LocalProvider:
     """Runs each job's SuperLink as a child process group of the controller."""
@@ -138,6 +148,13 @@ class LocalProvider:
         d = self.paths(job_id).tls_dir
         return SuperLinkTls(
             ca_file=d / "ca.crt", cert_file=d / "superlink.crt", key_file=d / "superlink.key"
+        )
+
+    def aggregator_files(self, job_id: str, *, model_file: Path) -> AggregatorFiles:
+        """The ServerApp runs on this machine: the controller's model file, the job's bus dir."""
+        bus = self.paths(job_id).bus_dir
+        return AggregatorFiles(
+            model_file=model_file, ca=bus / "ca.crt", cert=bus / "agg.crt", key=bus / "agg.key"
         )
 
     def control(self, handle: AggregatorHandle) -> SuperLinkControl:
