@@ -401,12 +401,13 @@ class VmBootstrap:
 
 _SCRIPT = r"""#!/bin/bash
 # fedsky aggregator bootstrap, job @JOB@. This script holds a one-time enrolment token (single
-# use, short-lived) and the CA's public certificate; the TLS key is made here and never leaves.
+# use, short-lived) and the CA's public certificate; the keys are made here and never leave.
 set -euo pipefail
-umask 022  # the venv and certificates are read by the SuperLink's service user
+umask 022  # the venv, certificates and model file are read by the SuperLink's service user
 DIR=@DIR@
+DATA=@DATA@
 VENV=@VENV@
-install -d -m 755 "$DIR"
+install -d -m 755 "$DIR" "$DATA" "$DATA/bus"
 cd "$DIR"
 cat > ca.pem <<'FEDSKY_CA'
 @CA@FEDSKY_CA
@@ -416,12 +417,19 @@ if [ ! -x "$VENV/bin/flower-superlink" ]; then
   @INSTALL@
 fi
 
-# The key stays root's (0600); systemd hands it to the service (LoadCredential).
+# Two keys, both root's (0600), handed to the service by systemd (LoadCredential): the
+# SuperLink's TLS key, and the ServerApp's bus identity (@CN@) for its metrics.
 (umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out superlink.key)
+(umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$DATA/bus/agg.key")
 openssl req -new -key superlink.key -subj "/CN=@CN@" -out superlink.csr
+openssl req -new -key "$DATA/bus/agg.key" -subj "/CN=@CN@" -out bus.csr
 (umask 077; python3 - <<'FEDSKY_PY'
 import json
-body = {"token": open("token").read(), "csr_pem": open("superlink.csr").read()}
+body = {
+    "token": open("token").read(),
+    "csr_pem": open("superlink.csr").read(),
+    "bus_csr_pem": open("bus.csr").read(),
+}
 open("request.json", "w").write(json.dumps(body))
 FEDSKY_PY
 )
@@ -438,9 +446,35 @@ for attempt in $(seq 1 120); do
 done
 rm -f token request.json
 [ "$code" = 200 ] || { echo "fedsky: enrolment did not succeed (HTTP $code)" >&2; exit 1; }
-python3 -c 'import json; open("superlink.crt", "w").write(json.load(open("enroll.json"))["cert_pem"])'
+python3 - "$DATA" <<'FEDSKY_PY'
+import json, sys
+answer, data = json.load(open("enroll.json")), sys.argv[1]
+open("superlink.crt", "w").write(answer["cert_pem"])
+open(data + "/bus/agg.crt", "w").write(answer["bus_cert_pem"])
+open(data + "/bus/ca.crt", "w").write(answer["ca_pem"])
+open("model.sha256", "w").write(answer.get("model_sha256") or "")
+FEDSKY_PY
 
-cat > @UNITDIR@/fedsky-superlink.service <<'FEDSKY_UNIT'
+# The job's model file, over mutual TLS with the new bus certificate, checked against the digest
+# the enrolment named. 403/404 are final (a revoked certificate, an ended job); others retry.
+sha=$(cat model.sha256)
+[ -n "$sha" ] || { echo "fedsky: the controller named no model file for job @JOB@" >&2; exit 1; }
+for attempt in $(seq 1 60); do
+  code=$(curl -sS --cacert ca.pem --cert "$DATA/bus/agg.crt" --key "$DATA/bus/agg.key" \
+         -o "$DATA/model.part" -w '%{http_code}' @MODEL_URL@) || code=000
+  case "$code" in
+    200)
+      if echo "$sha  $DATA/model.part" | sha256sum -c --status; then break; fi
+      echo "fedsky: the model file fetched does not have digest $sha; fetching again" >&2
+      code=000; sleep 5 ;;
+    403|404) echo "fedsky: the model file was refused (HTTP $code)" >&2; exit 1 ;;
+    *) sleep 5 ;;
+  esac
+done
+[ "$code" = 200 ] || { echo "fedsky: could not fetch the model file (HTTP $code)" >&2; exit 1; }
+mv "$DATA/model.part" "$DATA/model.safetensors"
+
+cat > @UNITDIR@/@UNIT@ <<'FEDSKY_UNIT'
 [Unit]
 Description=fedsky aggregator (Flower SuperLink), job @JOB@
 After=network-online.target
@@ -451,6 +485,7 @@ Type=simple
 DynamicUser=yes
 StateDirectory=fedsky-superlink
 LoadCredential=key:@DIR@/superlink.key
+LoadCredential=@BUSKEY@:@DATA@/bus/agg.key
 Environment=FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_HOME=/var/lib/fedsky-superlink/flwr PATH=@VENV@/bin:/usr/local/bin:/usr/bin:/bin
 ExecStart=@VENV@/bin/flower-superlink --host 0.0.0.0 --port @PORT@ --database /var/lib/fedsky-superlink/state.db --disable-runtime-dependency-installation --ssl-ca-certfile @DIR@/ca.pem --ssl-certfile @DIR@/superlink.crt --ssl-keyfile ${CREDENTIALS_DIRECTORY}/key --enable-supernode-auth
 Restart=on-failure
@@ -463,7 +498,7 @@ PrivateTmp=yes
 WantedBy=multi-user.target
 FEDSKY_UNIT
 systemctl daemon-reload
-systemctl enable --now fedsky-superlink.service
+systemctl enable --now @UNIT@
 """
 
 
@@ -478,13 +513,15 @@ def render_startup_script(
     pip_index_url: str | None,
     preinstalled: bool,
     directory: str = "/etc/fedsky/aggregator",
+    data_dir: str = VM_DATA_DIR,
     venv: str = "/opt/fedsky/venv",
     unit_dir: str = "/etc/systemd/system",
 ) -> str:
-    """The VM's startup script: install (unless preinstalled), make a key, enrol, start the SuperLink.
+    """The VM's startup script: install (unless preinstalled), make the keys, enrol, fetch the
+    model file, start the SuperLink.
 
-    `directory`, `venv` and `unit_dir` are where things go on the VM (tests run the script in
-    a scratch directory).
+    `directory`, `data_dir`, `venv` and `unit_dir` are where things go on the VM (tests run the
+    script in a scratch directory); the run config names `data_dir`'s files (`VM_FILES`).
     """
     if preinstalled:
         install = (
@@ -507,8 +544,12 @@ def render_startup_script(
         "@TOKEN@": shlex.quote(token),
         "@INSTALL@": install,
         "@URL@": shlex.quote(enroll_url),
+        "@MODEL_URL@": shlex.quote(model_url(enroll_url)),
         "@PORT@": str(port),
         "@DIR@": shlex.quote(directory),
+        "@DATA@": shlex.quote(data_dir),
+        "@UNIT@": VM_UNIT,
+        "@BUSKEY@": VM_BUS_KEY_CREDENTIAL,
         "@VENV@": shlex.quote(venv),
         "@UNITDIR@": shlex.quote(unit_dir),
     }
