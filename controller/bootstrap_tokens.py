@@ -73,6 +73,7 @@ def model_url(enroll_url: str) -> str:
     """Where a VM fetches its job's model file: beside the enrolment route, on the same listener."""
     return urljoin(enroll_url, "model")
 
+
 SCHEMA = [
     """
     CREATE TABLE bootstrap_tokens (

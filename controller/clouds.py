@@ -40,20 +40,27 @@ import threading
 import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedsky.controller import bootstrap_tokens
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fedsky.controller import bootstrap_tokens, jobstore
 from fedsky.controller.bootstrap_tokens import (
+    BrokerEndpoint,
     EnrolledAggregator,
     HealthCheck,
     TokenIssuer,
     VmBootstrap,
 )
 from fedsky.controller.config import AwsCloudConfig, CloudsConfig, ControllerConfig, GcpCloudConfig
+from fedsky.controller.pki import PkiError
 from fedsky.controller.providers.base import AggregatorProvider, ProviderError
 from fedsky.controller.store import Store
 from fedsky.controller.vault import CloudRecord, Secret, Vault, VaultError, load_vault_key, now_iso
 from fedsky.shared import exitcodes
+from fedsky.shared.ids import AGGREGATOR_PREFIX, is_aggregator_id
 
 if TYPE_CHECKING:
     from fedsky.controller.providers.aws import AwsProvider
@@ -857,11 +864,16 @@ class CloudService:
         vault: Vault,
         pki: Any = None,
         health_check: HealthCheck | None = None,
+        broker: BrokerEndpoint | None = None,
+        model_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.vault = vault
         self.pki = pki
+        # What an aggregator VM is told at enrolment, and where the jobs' model files are.
+        self.broker = broker
+        self.model_dir = model_dir
         self._health_check = health_check
         self._uid: str | None = None
 
@@ -875,11 +887,25 @@ class CloudService:
         health_check: HealthCheck | None = None,
     ) -> CloudService:
         """Load the vault key, declare the tables; fails with VaultError on a bad key."""
+        # Imported here: the job pipeline is heavy, and only its model files' place is needed.
+        from fedsky.controller.jobs import model_files_dir
+
         Vault.ensure_schema(store)
         bootstrap_tokens.ensure_schema(store)
+        jobstore.ensure_schema(store)  # enrolment reads the job's model and state
         vault = Vault(store, load_vault_key(config.state_dir))
         return cls(
-            config=config.clouds, store=store, vault=vault, pki=pki, health_check=health_check
+            config=config.clouds,
+            store=store,
+            vault=vault,
+            pki=pki,
+            health_check=health_check,
+            broker=BrokerEndpoint(
+                host=config.broker_public_host,
+                port=config.broker.port,
+                topic_prefix=config.bus.topic_prefix,
+            ),
+            model_dir=model_files_dir(config),
         )
 
     # -- parse and validate ---------------------------------------------------------------------
@@ -1126,30 +1152,101 @@ class CloudService:
                 log.warning("orphan sweep skipped account %r: %s", record.name, exc)
         return swept
 
-    async def enroll_aggregator(self, *, token: str, csr_pem: bytes) -> EnrolledAggregator:
-        """Redeem a VM's one-time token for a server certificate (see `bootstrap_tokens`)."""
-        if self.pki is None:
+    async def enroll_aggregator(
+        self, *, token: str, csr_pem: bytes, bus_csr_pem: bytes
+    ) -> EnrolledAggregator:
+        """Redeem a VM's one-time token for its two certificates (see `bootstrap_tokens`).
+
+        Both are recorded, so the job's end revokes them by name with the rest of `agg-<job>`'s.
+        """
+        if self.pki is None or self.broker is None:
             raise CloudError("the controller has no CA loaded", http_status=503)
         from fedsky.controller.enrollment import record_certificate
 
         pki = self.pki
         days = self.config.cert_days
 
-        def enroll(conn: Any) -> tuple[EnrolledAggregator, Any]:
+        def enroll(conn: Any) -> bootstrap_tokens.AggregatorCertificates:
             return bootstrap_tokens.enroll_aggregator(
-                conn, pki, token=token, csr_pem=csr_pem, days=days
+                conn, pki, token=token, csr_pem=csr_pem, bus_csr_pem=bus_csr_pem, days=days
             )
 
-        enrolled, issued = await self.store.run(enroll)
+        certs = await self.store.run(enroll)
+        for issued in (certs.server, certs.bus):
+            try:
+                await self.store.run(record_certificate, issued)
+            except Exception:  # issued already; a missing record only weakens revocation by name
+                log.exception(
+                    "could not record the %s certificate of job %s's aggregator",
+                    issued.kind,
+                    certs.job_id,
+                )
         try:
-            await self.store.run(record_certificate, issued)
-        except (
-            Exception
-        ):  # the certificate was issued; a missing record only weakens revocation by name
-            log.exception(
-                "could not record the certificate of job %s's aggregator", enrolled.job_id
-            )
-        return enrolled
+            job = await self.store.run(jobstore.get_job, certs.job_id)
+            model_sha256: str | None = str(job["model_digest"])
+        except jobstore.JobNotFound:
+            log.error("aggregator of job %s enrolled, but the job has no record", certs.job_id)
+            model_sha256 = None
+        return EnrolledAggregator(
+            job_id=certs.job_id,
+            cert_pem=certs.server.cert_pem,
+            ca_pem=pki.ca_cert_pem,
+            bus_cert_pem=certs.bus.cert_pem,
+            broker=self.broker,
+            model_sha256=model_sha256,
+        )
+
+    async def aggregator_model(self, peer_cert_der: bytes | None) -> tuple[Path, str]:
+        """The model file (path, SHA-256) of the job whose aggregator presented `peer_cert_der`.
+
+        Only to a bus certificate this CA issued to `agg-<job id>`, recorded as an `aggregator`
+        certificate and not revoked (CloudError 403), of a job that is still active (404).
+        """
+        if self.pki is None or self.model_dir is None:
+            raise CloudError("the controller has no CA loaded", http_status=503)
+        refused = CloudError(
+            "a valid aggregator bus certificate is required (mutual TLS)", http_status=403
+        )
+        if not peer_cert_der:
+            raise refused
+        try:
+            cert = x509.load_der_x509_certificate(peer_cert_der)
+            self.pki.verify(cert.public_bytes(serialization.Encoding.PEM))
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            common_name = str(names[0].value) if names else ""
+            usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except (ValueError, PkiError, x509.ExtensionNotFound):
+            raise refused from None
+        if not is_aggregator_id(common_name) or ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+            raise refused
+        job_id = common_name.removeprefix(AGGREGATOR_PREFIX)
+        serial = str(cert.serial_number)
+
+        def lookup(conn: Any) -> tuple[Any, dict[str, Any] | None]:
+            row = conn.execute(
+                "SELECT common_name, kind, revoked_at FROM certificates WHERE serial = ?",
+                (serial,),
+            ).fetchone()
+            try:
+                return row, jobstore.get_job(conn, job_id)
+            except jobstore.JobNotFound:
+                return row, None
+
+        row, job = await self.store.run(lookup)
+        if (
+            row is None
+            or row["common_name"] != common_name
+            or row["kind"] != "aggregator"
+            or row["revoked_at"] is not None
+        ):
+            raise refused
+        if job is None or job["state"] not in jobstore.ACTIVE_STATES:
+            raise CloudError(f"job {job_id} is not active", http_status=404)
+        digest = str(job["model_digest"])
+        path = self.model_dir / f"{digest}.safetensors"
+        if not path.is_file():
+            raise CloudError(f"the model file of job {job_id} is missing", http_status=404)
+        return path, digest
 
 
 def with_result(record: CloudRecord, result: ValidationResult) -> dict[str, Any]:

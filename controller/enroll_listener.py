@@ -1,9 +1,10 @@
-"""The enrolment listener: the one route aggregator VMs call, alone on its own TLS port.
+"""The enrolment listener: the routes aggregator VMs call, alone on their own TLS port.
 
 The operator's API stays on its unix socket (or a private TCP address); a cloud VM reaches only
-`POST /v1/aggregators/enroll`, here, at `clouds.enroll_listen`. Its certificate comes from
-fedsky's CA and names the host of `clouds.enroll_url`: the VM's startup script checks the
-listener against the CA certificate it carries, so no public CA is involved. The certificate is
+`POST /v1/aggregators/enroll` and then `GET /v1/aggregators/model` (with the bus certificate it
+just got as its client certificate), here, at `clouds.enroll_listen`. The listener's certificate
+comes from fedsky's CA and names the host of `clouds.enroll_url`: the VM's startup script checks
+the listener against the CA certificate it carries, so no public CA is involved. The certificate is
 issued once and reused while it covers that name and is valid for another 30 days.
 """
 
@@ -103,13 +104,17 @@ def listener_tls(*, pki: Pki, store: Store, clouds: CloudsConfig) -> ssl.SSLCont
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    # Enrolment needs no client certificate; the model file needs the aggregator's bus
+    # certificate. One presented must chain to fedsky's CA (the route checks the rest).
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cadata=pki.ca_cert_pem.decode())
     return ctx
 
 
 async def serve_enroll(
     services: Services, *, listen: str, tls: ssl.SSLContext, started: asyncio.Event | None = None
 ) -> None:
-    """Serve the enrolment route on `listen` ("host:port") until cancelled."""
+    """Serve the enrolment routes on `listen` ("host:port") until cancelled."""
     runner = web.AppRunner(make_enroll_app(services), access_log=None)
     await runner.setup()
     try:

@@ -463,7 +463,9 @@ class JobManager:
         run.control = SuperLinkControl(
             flwr_home=run.directory / "control", address=address, root_ca=ca
         )
-        self._issue_aggregator_identity(run)
+        if provider is self.local:
+            # A cloud VM made its own bus key and got its certificate with its enrolment token.
+            self._issue_aggregator_identity(run)
 
     async def _allowed_sources(self, run: _JobRun, provider: AggregatorProvider) -> tuple[str, ...]:
         """Who may reach the job's SuperLink: its sites and the controller.
@@ -500,7 +502,7 @@ class JobManager:
         agg = aggregator_id(run.job_id)
         issued = self.pki.issue(common_name=agg, kind="aggregator", days=30)
         assert issued.key_pem is not None
-        bus_dir = run.directory / "bus"
+        bus_dir = self.local.paths(run.job_id).bus_dir
         bus_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_private_key(bus_dir / "agg.key", issued.key_pem, overwrite=True)
         atomic_write(bus_dir / "agg.crt", issued.cert_pem, mode=0o644)
@@ -727,20 +729,23 @@ class JobManager:
         assert run.handle is not None
         spec = run.spec
         model_digest = _digest_of(await self.store.run(jobstore.get_job, run.job_id))
-        bus_dir = run.directory / "bus"
-        broker_host = self.config.broker_public_host
+        assert run.provider is not None
+        # Paths on the aggregator's host: the controller's for `local`, the VM's for a cloud.
+        files = run.provider.aggregator_files(
+            run.job_id, model_file=model_files_dir(self.config) / f"{model_digest}.safetensors"
+        )
         settings = settings_for_job(
             spec,
             job_id=run.job_id,
-            model_file=model_files_dir(self.config) / f"{model_digest}.safetensors",
+            model_file=files.model_file,
             model_sha256=model_digest,
             sink="mqtt",
             mqtt={
-                "host": broker_host,
+                "host": self.config.broker_public_host,
                 "port": self.config.broker.port,
-                "ca": bus_dir / "ca.crt",
-                "cert": bus_dir / "agg.crt",
-                "key": bus_dir / "agg.key",
+                "ca": files.ca,
+                "cert": files.cert,
+                "key": files.key,
                 "prefix": self.config.bus.topic_prefix,
             },
         )

@@ -168,9 +168,9 @@ async def test_a_full_run_leaks_no_secret(
             token = next(word for word in script.split() if word.startswith("fsk1_")).strip("'")
             tokens.append(token)
             _, csr = make_csr(f"agg-{job}")
-            async with session.post(
-                f"{url}/v1/aggregators/enroll", json={"token": token, "csr_pem": csr.decode()}
-            ) as resp:
+            _, bus_csr = make_csr(f"agg-{job}")
+            body = {"token": token, "csr_pem": csr.decode(), "bus_csr_pem": bus_csr.decode()}
+            async with session.post(f"{url}/v1/aggregators/enroll", json=body) as resp:
                 assert resp.status == 200, await resp.text()
             await provider.terminate(handle)
     assert await _fedctl(url, "remove", "research") == 0

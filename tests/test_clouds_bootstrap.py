@@ -3,28 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import os
+import re
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientError, ClientSession, TCPConnector, web
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedsky.controller import bootstrap_tokens as bt
+from fedsky.controller import jobstore
 from fedsky.controller.api.app import Services, make_app
 from fedsky.controller.api.clouds import make_enroll_app
 from fedsky.controller.clouds import CloudService
-from fedsky.controller.pki import Pki, PkiError
+from fedsky.controller.config import CloudsConfig
+from fedsky.controller.enroll_listener import listener_tls
+from fedsky.controller.enrollment import record_certificate, revoke_common_name
+from fedsky.controller.onebox import free_port
+from fedsky.controller.pki import IssuedCertificate, Pki, PkiError
 from fedsky.controller.store import Store
 
 from tests.fakes.clouds import clouds_config, open_service
 from tests.support.csr import make_csr
+
+# The bus identity's CSR (agg-job-7, a key of its own) that goes with every enrolment here.
+BUS_KEY, BUS_CSR = make_csr("agg-job-7")
 
 
 @pytest.fixture
@@ -44,6 +56,23 @@ def _bind(store: Store, job_id: str = "job-7", ip: str = "198.51.100.20") -> int
     return store.call(lambda conn: bt.bind_addresses(conn, job_id=job_id, ip_addresses=[ip]))
 
 
+MODEL = b"the model file of job 7 (the route serves bytes; it does not parse them)"
+
+
+def _job(service: CloudService, job_id: str = "job-7", data: bytes = MODEL) -> str:
+    """A job record and its model file, as the job pipeline leaves them; returns the digest."""
+    assert service.model_dir is not None
+    digest = hashlib.sha256(data).hexdigest()
+    service.model_dir.mkdir(parents=True, exist_ok=True)
+    (service.model_dir / f"{digest}.safetensors").write_bytes(data)
+    service.store.call(
+        lambda conn: jobstore.create_job(
+            conn, job_id=job_id, name=job_id, spec={}, model_digest=digest
+        )
+    )
+    return digest
+
+
 async def test_a_token_buys_one_certificate_for_the_bound_address_only(
     service: CloudService, pki: Pki
 ) -> None:
@@ -51,11 +80,11 @@ async def test_a_token_buys_one_certificate_for_the_bound_address_only(
     token = _issue(store)
     _, csr = make_csr("agg-job-7")
     with pytest.raises(bt.TokenError) as caught:
-        await service.enroll_aggregator(token=token, csr_pem=csr)
+        await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
     assert caught.value.not_ready  # no address yet: not spent, the VM retries
     assert _bind(store) == 1
 
-    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr)
+    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
 
     assert enrolled.job_id == "job-7"
     assert enrolled.ca_pem == pki.ca_cert_pem
@@ -74,20 +103,23 @@ async def test_a_token_buys_one_certificate_for_the_bound_address_only(
     recorded = store.call(
         lambda conn: conn.execute("SELECT common_name, kind FROM certificates").fetchall()
     )
-    assert [(r["common_name"], r["kind"]) for r in recorded] == [("agg-job-7", "server")]
+    assert sorted((r["common_name"], r["kind"]) for r in recorded) == [
+        ("agg-job-7", "aggregator"),
+        ("agg-job-7", "server"),
+    ]
 
     with pytest.raises(bt.TokenError, match="already used"):
-        await service.enroll_aggregator(token=token, csr_pem=csr)
+        await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
 
 
 async def test_a_csr_asking_for_other_names_gets_only_the_bound_ones(service: CloudService) -> None:
     token = _issue(service.store)
     _bind(service.store)
-    wants_broker = [
+    wants_broker: list[x509.ExtensionType] = [
         x509.SubjectAlternativeName([x509.DNSName("broker.example"), x509.DNSName("controller")])
     ]
-    _, csr = make_csr("agg-job-7", extensions=wants_broker)  # type: ignore[list-item]
-    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr)
+    _, csr = make_csr("agg-job-7", extensions=wants_broker)
+    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
     sans = x509.load_pem_x509_certificate(enrolled.cert_pem).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )
@@ -99,9 +131,11 @@ async def test_a_refused_csr_spends_nothing(service: CloudService) -> None:
     _bind(service.store)
     _, other_name = make_csr("controller")
     with pytest.raises(PkiError, match="is for 'controller', not 'agg-job-7'"):
-        await service.enroll_aggregator(token=token, csr_pem=other_name)
+        await service.enroll_aggregator(token=token, csr_pem=other_name, bus_csr_pem=BUS_CSR)
     _, csr = make_csr("agg-job-7")
-    assert (await service.enroll_aggregator(token=token, csr_pem=csr)).job_id == "job-7"
+    assert (
+        await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+    ).job_id == "job-7"
 
 
 async def test_expired_revoked_and_unknown_tokens(service: CloudService) -> None:
@@ -110,14 +144,51 @@ async def test_expired_revoked_and_unknown_tokens(service: CloudService) -> None
     old = _issue(store, ttl_s=60, now=datetime.now(UTC) - timedelta(minutes=5))
     _bind(store)
     with pytest.raises(bt.TokenError, match="expired"):
-        await service.enroll_aggregator(token=old, csr_pem=csr)
+        await service.enroll_aggregator(token=old, csr_pem=csr, bus_csr_pem=BUS_CSR)
     revoked = _issue(store)
     _bind(store)
     store.call(lambda conn: bt.revoke_tokens(conn, job_id="job-7"))
     with pytest.raises(bt.TokenError, match="revoked"):
-        await service.enroll_aggregator(token=revoked, csr_pem=csr)
+        await service.enroll_aggregator(token=revoked, csr_pem=csr, bus_csr_pem=BUS_CSR)
     with pytest.raises(bt.TokenError, match="unknown token"):
-        await service.enroll_aggregator(token=revoked[:-2] + "xx", csr_pem=csr)
+        await service.enroll_aggregator(token=revoked[:-2] + "xx", csr_pem=csr, bus_csr_pem=BUS_CSR)
+
+
+async def test_the_bus_certificate_is_the_jobs_aggregator_on_a_key_of_its_own(
+    service: CloudService, pki: Pki
+) -> None:
+    digest = _job(service)
+    token = _issue(service.store)
+    _bind(service.store)
+    _, csr = make_csr("agg-job-7")
+    key = ec.generate_private_key(ec.SECP256R1())
+    _, same_a = make_csr("agg-job-7", key=key)
+    _, same_b = make_csr("agg-job-7", key=key)
+    with pytest.raises(PkiError, match="a key of its own"):
+        await service.enroll_aggregator(token=token, csr_pem=same_a, bus_csr_pem=same_b)
+    _, controller = make_csr("controller")
+    with pytest.raises(PkiError, match="is for 'controller', not 'agg-job-7'"):
+        await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=controller)
+
+    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+
+    bus = x509.load_pem_x509_certificate(enrolled.bus_cert_pem)
+    pki.verify(enrolled.bus_cert_pem)
+    assert bus.subject.rfc4514_string() == "CN=agg-job-7"
+    assert bus.public_key() == x509.load_pem_x509_csr(BUS_CSR).public_key()
+    assert bus.extensions.get_extension_for_class(
+        x509.ExtendedKeyUsage
+    ).value == x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    with pytest.raises(x509.ExtensionNotFound):  # a bus client, never a server
+        bus.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert enrolled.model_sha256 == digest
+    assert enrolled.broker == bt.BrokerEndpoint(
+        host="127.0.0.1", port=8883, topic_prefix="fedsky/v1"
+    )
+    # The job's end revokes both by name, as it does the local aggregator's.
+    assert service.store.call(revoke_common_name, pki, "agg-job-7") == 2
+    crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(bus.serial_number) is not None
 
 
 def test_tokens_are_stored_hashed(service: CloudService) -> None:
@@ -154,7 +225,7 @@ async def test_the_enrol_route(http: tuple[str, str], service: CloudService) -> 
     api, enroll_only = http
     token = _issue(service.store)
     _, csr = make_csr("agg-job-7")
-    body = {"token": token, "csr_pem": csr.decode()}
+    body = {"token": token, "csr_pem": csr.decode(), "bus_csr_pem": BUS_CSR.decode()}
     async with ClientSession() as session:
         async with session.post(f"{enroll_only}/v1/aggregators/enroll", json=body) as resp:
             assert resp.status == 409
@@ -174,9 +245,121 @@ async def test_the_enrol_route(http: tuple[str, str], service: CloudService) -> 
         ) as resp:
             assert resp.status == 400
             assert token not in await resp.text()
+        assert got["bus_cert_pem"].count("BEGIN CERTIFICATE") == 1
+        assert got["broker"] == {"host": "127.0.0.1", "port": 8883, "topic_prefix": "fedsky/v1"}
+        assert got["model_sha256"] is None  # job-7 has no record here
+        # The model file needs the bus certificate over TLS; the operator's API has no such route.
+        async with session.get(f"{enroll_only}/v1/aggregators/model") as resp:
+            assert resp.status == 403
+        async with session.get(f"{api}/v1/aggregators/model") as resp:
+            assert resp.status == 404
         # The enrolment listener serves nothing else.
         async with session.get(f"{enroll_only}/v1/clouds") as resp:
             assert resp.status == 404
+
+
+# -- the enrolment listener: the model file over mutual TLS ----------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _listener(
+    service: CloudService, pki: Pki, *, middlewares: Sequence[Any] = ()
+) -> AsyncIterator[str]:
+    """The enrolment app behind the daemon's own listener TLS (`listener_tls`); yields its URL."""
+    port = free_port()
+    base = f"https://127.0.0.1:{port}"
+    tls = listener_tls(
+        pki=pki,
+        store=service.store,
+        clouds=CloudsConfig(enroll_url=f"{base}/v1/aggregators/enroll"),
+    )
+    app = make_enroll_app(Services(config=None, store=service.store, parts={"clouds": service}))
+    app.middlewares.extend(middlewares)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    try:
+        yield base
+    finally:
+        await runner.cleanup()
+
+
+def _client_tls(
+    pki: Pki, tmp: Path, name: str, cert_pem: bytes | None = None, key_pem: bytes | None = None
+) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=pki.ca_cert_pem.decode())
+    if cert_pem is not None and key_pem is not None:
+        (tmp / f"{name}.crt").write_bytes(cert_pem)
+        (tmp / f"{name}.key").write_bytes(key_pem)
+        ctx.load_cert_chain(tmp / f"{name}.crt", tmp / f"{name}.key")
+    return ctx
+
+
+async def _get_model(base: str, ctx: ssl.SSLContext) -> tuple[int, bytes, str]:
+    async with (
+        ClientSession(connector=TCPConnector(ssl=ctx)) as http,
+        http.get(f"{base}/v1/aggregators/model") as resp,
+    ):
+        return resp.status, await resp.read(), resp.headers.get("X-Fedsky-Model-Sha256", "")
+
+
+def _issued_key(issued: IssuedCertificate) -> bytes:
+    assert issued.key_pem is not None
+    return issued.key_pem
+
+
+async def test_the_model_file_goes_only_to_a_live_aggregator_certificate_of_an_active_job(
+    service: CloudService, pki: Pki, tmp_path: Path
+) -> None:
+    digest = _job(service)
+    other_model = b"job 8's model"
+    _job(service, "job-8", other_model)
+    token = _issue(service.store)
+    _bind(service.store)
+    superlink_key, csr = make_csr("agg-job-7")
+    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+    bus = _client_tls(pki, tmp_path, "bus", enrolled.bus_cert_pem, BUS_KEY)
+    job8 = pki.issue(common_name="agg-job-8", kind="aggregator", days=1)
+    service.store.call(record_certificate, job8)
+    unrecorded = pki.issue(common_name="agg-job-7", kind="aggregator", days=1)
+    agent = pki.issue(common_name="hospital-a", kind="agent", days=1)
+    service.store.call(record_certificate, agent)
+    foreign = Pki.init(tmp_path / "foreign-ca").issue(
+        common_name="agg-job-7", kind="aggregator", days=1
+    )
+
+    async with _listener(service, pki) as base:
+        assert await _get_model(base, bus) == (200, MODEL, digest)
+        # The certificate names the job: another aggregator gets its own job's model.
+        job8_tls = _client_tls(pki, tmp_path, "job8", job8.cert_pem, _issued_key(job8))
+        status, body, _ = await _get_model(base, job8_tls)
+        assert (status, body) == (200, other_model)
+        refused = {
+            "no client certificate": _client_tls(pki, tmp_path, "none"),
+            "an agent's": _client_tls(pki, tmp_path, "agent", agent.cert_pem, _issued_key(agent)),
+            "one the controller never recorded": _client_tls(
+                pki, tmp_path, "unrecorded", unrecorded.cert_pem, _issued_key(unrecorded)
+            ),
+        }
+        for what, ctx in refused.items():
+            status, body, _ = await _get_model(base, ctx)
+            assert status == 403, what
+            assert MODEL not in body
+        # The SuperLink's server certificate (serverAuth only) and another CA's: the listener's TLS
+        # drops them before any HTTP.
+        server_tls = _client_tls(pki, tmp_path, "server", enrolled.cert_pem, superlink_key)
+        for ctx in (
+            _client_tls(pki, tmp_path, "foreign", foreign.cert_pem, _issued_key(foreign)),
+            server_tls,
+        ):
+            with pytest.raises((ClientError, ssl.SSLError)):
+                await _get_model(base, ctx)
+
+        # Once the job has ended, or the certificate is revoked, nothing more.
+        service.store.call(lambda conn: jobstore.set_state(conn, "job-8", "completed"))
+        assert (await _get_model(base, job8_tls))[0] == 404
+        service.store.call(revoke_common_name, pki, "agg-job-7")
+        assert (await _get_model(base, bus))[0] == 403
 
 
 # -- the VM's script --------------------------------------------------------------------------------
@@ -193,6 +376,7 @@ def _script(pki: Pki, tmp: Path, **changes: Any) -> str:
         "pip_index_url": None,
         "preinstalled": False,
         "directory": str(tmp / "etc"),
+        "data_dir": str(tmp / "data"),
         "venv": str(tmp / "venv"),
         "unit_dir": str(tmp / "units"),
     }
@@ -214,83 +398,152 @@ def test_the_script_is_valid_bash_and_holds_no_key(pki: Pki, tmp_path: Path) -> 
     )
     with pytest.raises(ValueError, match="does not make a valid aggregator id"):
         _script(pki, tmp_path, job_id="job; rm -rf /")
+    # The model file is fetched beside the enrolment route, whatever prefix a proxy adds.
+    assert bt.model_url("https://c.example:8443/v1/aggregators/enroll") == (
+        "https://c.example:8443/v1/aggregators/model"
+    )
+    assert bt.model_url("https://c.example/fl/v1/aggregators/enroll") == (
+        "https://c.example/fl/v1/aggregators/model"
+    )
 
 
-async def test_the_script_enrols_against_a_real_listener(
+def _vm(tmp_path: Path) -> dict[str, str]:
+    """A scratch "VM": the image's venv (preinstalled), and systemctl recording its calls."""
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "flower-superlink").write_text("#!/bin/sh\n")
+    (venv_bin / "flower-superlink").chmod(0o755)
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/systemctl.log\n')
+    (stubs / "systemctl").chmod(0o755)
+    (tmp_path / "units").mkdir()
+    return {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
+
+
+async def _start_script(script: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        "bash",
+        "-s",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(script.encode())
+    proc.stdin.close()
+    return proc
+
+
+async def test_the_script_enrols_and_fetches_the_model_against_a_real_listener(
     service: CloudService, pki: Pki, tmp_path: Path
 ) -> None:
-    """Run the startup script (minus the package install and systemd) against the enrolment app over TLS."""
-    listener = pki.issue(common_name="127.0.0.1", kind="server", ip_addresses=["127.0.0.1"], days=1)
-    (tmp_path / "tls.crt").write_bytes(listener.cert_pem)
-    assert listener.key_pem is not None
-    (tmp_path / "tls.key").write_bytes(listener.key_pem)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
-    seen: list[bytes] = []
+    """Run the startup script (minus the package install and systemd) against the listener."""
+    seen: list[tuple[str, str, bytes]] = []
 
     @web.middleware
     async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-        seen.append(await request.read())
-        return await handler(request)
+        seen.append((request.method, request.path, await request.read()))
+        response: web.StreamResponse = await handler(request)
+        return response
 
-    app = make_enroll_app(Services(config=None, store=service.store, parts={"clouds": service}))
-    app.middlewares.append(record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    digest = _job(service)
+    env = _vm(tmp_path)
+    async with _listener(service, pki, middlewares=[record]) as base:
         token = _issue(service.store)
         _bind(service.store, ip="198.51.100.20")
-        venv_bin = tmp_path / "venv" / "bin"
-        venv_bin.mkdir(parents=True)
-        (venv_bin / "flower-superlink").write_text("#!/bin/sh\n")
-        (venv_bin / "flower-superlink").chmod(0o755)
-        stubs = tmp_path / "stubs"
-        stubs.mkdir()
-        (stubs / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/systemctl.log\n')
-        (stubs / "systemctl").chmod(0o755)
-        (tmp_path / "units").mkdir()
         script = _script(
             pki,
             tmp_path,
             token=token,
             preinstalled=True,
-            enroll_url=f"https://127.0.0.1:{port}/v1/aggregators/enroll",
+            enroll_url=f"{base}/v1/aggregators/enroll",
         )
-        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}"}
-        proc = await asyncio.create_subprocess_exec(
-            "bash",
-            "-s",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        _, err = await asyncio.wait_for(proc.communicate(script.encode()), 60)
+        proc = await _start_script(script, env)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()
-    finally:
-        await runner.cleanup()
 
-    etc = tmp_path / "etc"
+    etc, data = tmp_path / "etc", tmp_path / "data"
     cert = x509.load_pem_x509_certificate((etc / "superlink.crt").read_bytes())
     pki.verify((etc / "superlink.crt").read_bytes())
     assert cert.subject.rfc4514_string() == "CN=agg-job-7"
     assert (etc / "superlink.key").stat().st_mode & 0o077 == 0
     assert not (etc / "token").exists()
     assert not (etc / "request.json").exists()
-    # The key was made on the "VM" and never sent: the controller saw a CSR and the token only.
-    (request,) = seen
-    assert b"PRIVATE KEY" not in request
-    assert json.loads(request)["token"] == token
-    unit = (tmp_path / "units" / "fedsky-superlink.service").read_text()
+    # The bus identity and the model file, where the run config says they are on a VM.
+    bus = x509.load_pem_x509_certificate((data / "bus" / "agg.crt").read_bytes())
+    pki.verify((data / "bus" / "agg.crt").read_bytes())
+    assert bus.subject.rfc4514_string() == "CN=agg-job-7"
+    assert bus.public_key() != cert.public_key()
+    assert (data / "bus" / "agg.key").stat().st_mode & 0o077 == 0
+    assert (data / "bus" / "ca.crt").read_bytes() == pki.ca_cert_pem
+    assert (data / "model.safetensors").read_bytes() == MODEL
+    assert hashlib.sha256(MODEL).hexdigest() == digest
+    assert not (data / "model.part").exists()
+    for path in (bt.VM_FILES.model_file, bt.VM_FILES.ca, bt.VM_FILES.cert):
+        assert (data / path.relative_to(bt.VM_DATA_DIR)).is_file(), path
+    # The keys were made on the "VM" and never sent: the controller saw two CSRs and the token,
+    # then a GET with the new client certificate.
+    (enrol, fetch) = seen
+    assert enrol[:2] == ("POST", "/v1/aggregators/enroll")
+    assert b"PRIVATE KEY" not in enrol[2]
+    body = json.loads(enrol[2])
+    assert body["token"] == token
+    assert sorted(body) == ["bus_csr_pem", "csr_pem", "token"]
+    assert fetch == ("GET", "/v1/aggregators/model", b"")
+    (unit_file,) = (tmp_path / "units").iterdir()
+    assert unit_file.name == bt.VM_UNIT
+    unit = unit_file.read_text()
     assert f"--ssl-certfile {etc}/superlink.crt" in unit
     assert "--enable-supernode-auth" in unit
+    # The bus key reaches the ServerApp as a credential, at the path the run config names.
+    credential = re.search(rf"^LoadCredential=([\w-]+):{data}/bus/agg.key$", unit, re.M)
+    assert credential is not None, unit
+    assert bt.VM_FILES.key == Path("/run/credentials", unit_file.name, credential.group(1))
     assert (tmp_path / "systemctl.log").read_text().splitlines() == [
         "daemon-reload",
-        "enable --now fedsky-superlink.service",
+        f"enable --now {bt.VM_UNIT}",
     ]
+
+
+@pytest.mark.parametrize("trouble", ["tampered", "job-ended"])
+async def test_the_script_starts_nothing_without_the_right_model_file(
+    service: CloudService, pki: Pki, tmp_path: Path, trouble: str
+) -> None:
+    digest = _job(service)
+    assert service.model_dir is not None
+    if trouble == "tampered":
+        (service.model_dir / f"{digest}.safetensors").write_bytes(b"not the model of job 7")
+    env = _vm(tmp_path)
+    async with _listener(service, pki) as base:
+        token = _issue(service.store)
+        _bind(service.store)
+        if trouble == "job-ended":
+            service.store.call(lambda conn: jobstore.set_state(conn, "job-7", "cancelled"))
+        script = _script(
+            pki,
+            tmp_path,
+            token=token,
+            preinstalled=True,
+            enroll_url=f"{base}/v1/aggregators/enroll",
+        )
+        proc = await _start_script(script, env)
+        assert proc.stderr is not None
+        if trouble == "tampered":
+            # It keeps fetching (a transfer may have been cut short); stop it at the first miss.
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert f"does not have digest {digest}" in line.decode()
+            proc.kill()
+            await proc.wait()
+        else:
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 1
+            assert "the model file was refused (HTTP 404)" in err.decode()
+    assert (tmp_path / "data" / "bus" / "agg.crt").exists()  # enrolled, then stopped
+    assert not (tmp_path / "data" / "model.safetensors").exists()
+    assert not (tmp_path / "units" / bt.VM_UNIT).exists()
+    assert not (tmp_path / "systemctl.log").exists()
 
 
 # -- the readiness probe ----------------------------------------------------------------------------

@@ -98,10 +98,17 @@ async def test_the_listener_serves_the_enrolment_route_only_over_tls(
         client_ctx = ssl.create_default_context(cadata=pki.ca_cert_pem.decode())
         async with ClientSession(connector=TCPConnector(ssl=client_ctx)) as http:
             _, csr = make_csr("agg-job-1")
-            body = {"token": "fsk1_" + "A" * 43, "csr_pem": csr.decode()}
+            body = {
+                "token": "fsk1_" + "A" * 43,
+                "csr_pem": csr.decode(),
+                "bus_csr_pem": csr.decode(),
+            }
             async with http.post(url, json=body) as resp:
                 assert resp.status == 403
                 assert "invalid, used or expired" in json.loads(await resp.read())["error"]
+            # The model file only to an aggregator's client certificate (test_clouds_bootstrap).
+            async with http.get(f"https://127.0.0.1:{port}/v1/aggregators/model") as resp:
+                assert resp.status == 403
             # The operator's API is not behind this listener.
             for path in ("/v1/health", "/v1/clouds", "/v1/jobs"):
                 async with http.get(f"https://127.0.0.1:{port}{path}") as resp:

@@ -5,8 +5,10 @@ Everything runs as an operator would run it: the controller and the agents as pr
 cancelled with `fedctl job`. moto's server (IAM authentication on) plays EC2; boto3 against it
 checks what the controller made. moto's instances run nothing, so the SuperLink never answers
 the controller's readiness probe unless a test plays the VM itself: it reads the user data,
-redeems the one-time token at the controller's enrolment listener and serves TLS with the
-certificate it got.
+redeems the one-time token at the controller's enrolment listener for the SuperLink's
+certificate and the ServerApp's bus certificate, fetches the job's model file with the latter
+(mutual TLS), publishes on the aggregator's metrics topic as `agg-<job>`, and serves TLS with
+the SuperLink's certificate.
 
 moto gives its instances public addresses from 54.214.0.0/16; here they get 127.0.0.1, so the
 controller's real readiness probe (a TLS handshake with `address:clouds.superlink_port`) stays
@@ -15,8 +17,10 @@ on this machine.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import re
 import signal
@@ -31,11 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 from cryptography import x509
 from fedsky.controller.onebox import Onebox, free_port
 from fedsky.controller.placement import load_catalog
 from fedsky.shared.modelfile import make_example
+from fedsky.shared.tls import client_context
+from fedsky.shared.topics import Topics
 
 from tests.fakes.aws import AwsKey, MotoAws, shared_moto
 from tests.fakes.clouds import MOTO_IMAGE
@@ -316,7 +323,9 @@ def test_cancelling_a_job_while_its_aws_aggregator_launches_terminates_it(
 
 
 class VmPlayer:
-    """What the aggregator VM's startup script does, done by the test: enrol, then serve TLS."""
+    """What the aggregator VM's startup script does, done by the test: enrol (two keys, two
+    CSRs, one token), fetch the model file over mutual TLS, then serve TLS; and what its
+    ServerApp does on the bus: publish metrics as `agg-<job>`."""
 
     def __init__(self, aws: AwsBox, directory: Path) -> None:
         self.aws = aws
@@ -334,9 +343,17 @@ class VmPlayer:
         assert url
         assert ca
         key_pem, csr_pem = make_csr(f"agg-{job_id}")
+        bus_key_pem, bus_csr_pem = make_csr(f"agg-{job_id}")
         # As curl --cacert does: the listener must present a certificate from the CA in the script.
         ctx = ssl.create_default_context(cadata=ca.group(0))
-        body = json.dumps({"token": token.group(0), "csr_pem": csr_pem.decode()}).encode()
+        self._ca = ca.group(0)
+        body = json.dumps(
+            {
+                "token": token.group(0),
+                "csr_pem": csr_pem.decode(),
+                "bus_csr_pem": bus_csr_pem.decode(),
+            }
+        ).encode()
         deadline = time.monotonic() + 20
         while True:
             request = urllib.request.Request(  # noqa: S310
@@ -354,7 +371,65 @@ class VmPlayer:
             time.sleep(0.1)
         (self.directory / "superlink.key").write_bytes(key_pem)
         (self.directory / "superlink.crt").write_text(answer["cert_pem"])
+        self.answer: dict[str, Any] = answer
+        self.bus = self.directory / "bus"
+        self.bus.mkdir()
+        (self.bus / "agg.key").write_bytes(bus_key_pem)
+        (self.bus / "agg.crt").write_text(answer["bus_cert_pem"])
+        (self.bus / "ca.crt").write_text(answer["ca_pem"])
+        model_url = re.search(r"https://\S+/v1/aggregators/model", user_data)
+        assert model_url
+        self.model_url = model_url.group(0)
         return x509.load_pem_x509_certificate(answer["cert_pem"].encode())
+
+    def fetch_model(self) -> bytes:
+        """GET the job's model file with the bus certificate; check the digest enrolment named."""
+        ctx = ssl.create_default_context(cadata=self._ca)
+        ctx.load_cert_chain(self.bus / "agg.crt", self.bus / "agg.key")
+        # The URL is the https one the controller wrote into the user data.
+        with urllib.request.urlopen(self.model_url, context=ctx, timeout=10) as resp:  # noqa: S310
+            data: bytes = resp.read()
+        assert hashlib.sha256(data).hexdigest() == self.answer["model_sha256"]
+        return data
+
+    def publish_metrics(self, job_id: str) -> None:
+        """Publish on `agg-<job>`'s metrics topic with the bus certificate; the controller's
+        identity, subscribed beside the controller, sees it arrive."""
+        broker = self.answer["broker"]
+        topic = Topics(broker["topic_prefix"]).aggregator_metrics(f"agg-{job_id}")
+        pki_dir = self.aws.box.controller_dir / "state" / "pki"
+        watcher_tls = client_context(
+            ca_file=pki_dir / "ca.crt",
+            cert_file=pki_dir / "controller.crt",
+            key_file=pki_dir / "controller.key",
+        )
+        agg_tls = client_context(
+            ca_file=self.bus / "ca.crt",
+            cert_file=self.bus / "agg.crt",
+            key_file=self.bus / "agg.key",
+        )
+
+        def client(ctx: ssl.SSLContext, name: str) -> aiomqtt.Client:
+            return aiomqtt.Client(
+                broker["host"],
+                int(broker["port"]),
+                identifier=f"{name}-{job_id}",
+                tls_context=ctx,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                timeout=10,
+            )
+
+        async def publish() -> None:
+            async with client(watcher_tls, "test-watcher") as watcher:
+                await watcher.subscribe(topic, qos=1)
+                async with client(agg_tls, "test-agg") as agg:
+                    await agg.publish(topic, b"vm-player", qos=1)
+                async with asyncio.timeout(10):
+                    async for message in watcher.messages:
+                        if message.payload == b"vm-player":
+                            return
+
+        asyncio.run(publish())
 
     def serve(self) -> None:
         """Answer TLS handshakes on the SuperLink port with the enrolled certificate."""
@@ -403,6 +478,18 @@ def test_an_aws_aggregator_that_enrols_and_answers_is_terminated_when_the_job_en
         assert str(instance["PublicIpAddress"]) in {
             str(ip) for ip in san.get_values_for_type(x509.IPAddress)
         }
+        # The ServerApp's bus identity, the broker as the VM reaches it, and the job's model.
+        bus_cert = x509.load_pem_x509_certificate(vm.answer["bus_cert_pem"].encode())
+        assert bus_cert.subject.rfc4514_string() == f"CN=agg-{job_id}"
+        assert vm.answer["broker"] == {
+            "host": "127.0.0.1",
+            "port": aws_box.box.broker_port,
+            "topic_prefix": aws_box.box.topic_prefix,
+        }
+        uploaded = (tmp_path / "digits.safetensors").read_bytes()
+        assert vm.answer["model_sha256"] == hashlib.sha256(uploaded).hexdigest()
+        assert vm.fetch_model() == uploaded
+        vm.publish_metrics(job_id)
         vm.serve()
 
         job = _wait_job(aws_box, job_id, ("assigning", "training", "failed", "cancelled"))
@@ -438,6 +525,17 @@ def test_an_aws_aggregator_that_enrols_and_answers_is_terminated_when_the_job_en
     finally:
         vm.stop()
     assert f"aggregator terminated (aws {instance['InstanceId']})" in _logs(aws_box, job_id)
+    # The VM's bus certificate ends with the job, as a local aggregator's does.
+    crl_file = aws_box.box.controller_dir / "state" / "pki" / "crl.pem"
+    deadline = time.monotonic() + 10
+    while (
+        x509.load_pem_x509_crl(crl_file.read_bytes()).get_revoked_certificate_by_serial_number(
+            bus_cert.serial_number
+        )
+        is None
+    ):
+        assert time.monotonic() < deadline, f"agg-{job_id}'s bus certificate is not on the CRL"
+        time.sleep(0.2)
     aws_box.box.wait_agents_online(list(HOSPITALS))
 
 

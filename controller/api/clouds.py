@@ -5,9 +5,12 @@
 carry what `fedctl clouds list` shows, never a secret.
 
 `POST /v1/aggregators/enroll` is what a cloud aggregator VM calls with its one-time token and
-CSR. It is in `routes` (the operator's API) and in `enroll_routes`: the controller serves the
-latter alone on a listener the clouds can reach (`make_enroll_app`), so that the operator's API
-never has to face the internet.
+two CSRs (the SuperLink's and its bus identity's). It is in `routes` (the operator's API) and in
+`enroll_routes`: the controller serves the latter alone on a listener the clouds can reach
+(`make_enroll_app`), so that the operator's API never has to face the internet. The VM then
+fetches its job's model file there, `GET /v1/aggregators/model`, with the bus certificate it
+just got as its TLS client certificate; that route is in `enroll_routes` only (the operator's
+API has no client certificates).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Annotated
 
 from aiohttp import web
 from fedsky.controller.api.app import SERVICES, ApiProblem, Services, json_error, json_ok
-from fedsky.controller.bootstrap_tokens import TokenError
+from fedsky.controller.bootstrap_tokens import MODEL_PATH, TokenError
 from fedsky.controller.clouds import MAX_FILE_BYTES, CloudError, CloudService, with_result
 from fedsky.controller.pki import PkiError
 from fedsky.shared import exitcodes
@@ -94,14 +97,15 @@ class EnrollAggregatorRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     token: Annotated[str, Field(min_length=16, max_length=256)]
-    csr_pem: Annotated[str, Field(min_length=64, max_length=16384)]
+    csr_pem: Annotated[str, Field(min_length=64, max_length=16384)]  # the SuperLink's key
+    bus_csr_pem: Annotated[str, Field(min_length=64, max_length=16384)]  # agg-<job>'s key
 
     def __repr__(self) -> str:
         return "EnrollAggregatorRequest(token=***)"
 
 
 async def enroll_aggregator(request: web.Request) -> web.Response:
-    """Redeem a one-time token and a CSR for the aggregator's server certificate."""
+    """Redeem a one-time token and two CSRs for the aggregator's server and bus certificates."""
     raw = await request.read()
     if len(raw) > ENROLL_MAX_BYTES:
         return json_error(413, "request too large")
@@ -110,13 +114,17 @@ async def enroll_aggregator(request: web.Request) -> web.Response:
     except ValidationError:
         # pydantic's message would quote the input, which holds the token.
         return json_error(
-            400, "expected a JSON object with 'token' and 'csr_pem'", exit_code=exitcodes.USAGE
+            400,
+            "expected a JSON object with 'token', 'csr_pem' and 'bus_csr_pem'",
+            exit_code=exitcodes.USAGE,
         )
     service = request.app[SERVICES].parts.get("clouds")
     if not isinstance(service, CloudService):
         return json_error(503, "enrolment is not available", exit_code=exitcodes.UNAVAILABLE)
     try:
-        enrolled = await service.enroll_aggregator(token=body.token, csr_pem=body.csr_pem.encode())
+        enrolled = await service.enroll_aggregator(
+            token=body.token, csr_pem=body.csr_pem.encode(), bus_csr_pem=body.bus_csr_pem.encode()
+        )
     except TokenError as exc:
         if exc.not_ready:
             return json_error(
@@ -134,12 +142,40 @@ async def enroll_aggregator(request: web.Request) -> web.Response:
             "job_id": enrolled.job_id,
             "cert_pem": enrolled.cert_pem.decode(),
             "ca_pem": enrolled.ca_pem.decode(),
+            "bus_cert_pem": enrolled.bus_cert_pem.decode(),
+            "broker": {
+                "host": enrolled.broker.host,
+                "port": enrolled.broker.port,
+                "topic_prefix": enrolled.broker.topic_prefix,
+            },
+            "model_sha256": enrolled.model_sha256,
         }
+    )
+
+
+async def aggregator_model(request: web.Request) -> web.StreamResponse:
+    """The job's model file, to the aggregator whose bus certificate the TLS client presented."""
+    service = request.app[SERVICES].parts.get("clouds")
+    if not isinstance(service, CloudService):
+        return json_error(503, "enrolment is not available", exit_code=exitcodes.UNAVAILABLE)
+    transport = request.transport
+    tls = transport.get_extra_info("ssl_object") if transport is not None else None
+    peer = tls.getpeercert(binary_form=True) if tls is not None else None
+    try:
+        path, digest = await service.aggregator_model(peer)
+    except CloudError as exc:
+        if exc.http_status == 403:
+            log.warning("model file refused to %s: %s", request.remote, exc.message)
+        return _problem(exc)
+    return web.FileResponse(
+        path,
+        headers={"Content-Type": "application/octet-stream", "X-Fedsky-Model-Sha256": digest},
     )
 
 
 routes.post("/v1/aggregators/enroll")(enroll_aggregator)
 enroll_routes.post("/v1/aggregators/enroll")(enroll_aggregator)
+enroll_routes.get(MODEL_PATH)(aggregator_model)
 
 
 def make_enroll_app(services: Services) -> web.Application:

@@ -3,7 +3,8 @@
 Launch: a security group in the region's default VPC that opens only the SuperLink's port and
 only to `spec.allowed_sources`; an instance of the chosen type from the aggregator image, with
 the bootstrap script as user data (it installs fedsky's `aggregator` extra unless the image has
-it, makes its own key, redeems a one-time token for its certificate and starts the SuperLink);
+it, makes its own keys, redeems a one-time token for the SuperLink's certificate and the
+ServerApp's bus certificate, fetches the job's model file and starts the SuperLink);
 IMDSv2 only, no key pair, no SSH. Everything is tagged `fedsky:job`, `fedsky:controller` and
 `fedsky:managed`, which is how `terminate` and `sweep_orphans` find it again.
 
@@ -21,9 +22,10 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
-from fedsky.controller.bootstrap_tokens import VmBootstrap
+from fedsky.controller.bootstrap_tokens import VM_FILES, VmBootstrap
 from fedsky.controller.clouds import (
     AwsCredential,
     aws_client,
@@ -32,7 +34,12 @@ from fedsky.controller.clouds import (
     scrub,
 )
 from fedsky.controller.config import AwsCloudConfig
-from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
+from fedsky.controller.providers.base import (
+    AggregatorFiles,
+    AggregatorHandle,
+    AggregatorSpec,
+    ProviderError,
+)
 from fedsky.controller.providers.cloudcommon import (
     check_job_id,
     check_sources,
@@ -188,6 +195,10 @@ class AwsProvider:
             log.warning("job %s: launch on aws did not complete; cleaning up", job_id)
             await asyncio.shield(self._cleanup(spec.region, job_id))
             raise
+
+    def aggregator_files(self, job_id: str, *, model_file: Path) -> AggregatorFiles:
+        """The ServerApp runs on the VM: the files its startup script fetched and made there."""
+        return VM_FILES
 
     async def healthy(self, handle: AggregatorHandle) -> bool:
         try:

@@ -4,8 +4,9 @@ Launch: a firewall rule `fedsky-agg-<job>` on the configured network that admits
 SuperLink's port, only from `spec.allowed_sources`, only to instances carrying the same network
 tag; a VM in the first zone of the region that is up, from the configured image, with the
 bootstrap script as `startup-script` metadata (it installs fedsky's `aggregator` extra unless
-the image has it, makes its own key, redeems a one-time token for its certificate and starts
-the SuperLink), labelled `fedsky-job`, `fedsky-controller` and `fedsky-managed`.
+the image has it, makes its own keys, redeems a one-time token for the SuperLink's certificate
+and the ServerApp's bus certificate, fetches the job's model file and starts the SuperLink),
+labelled `fedsky-job`, `fedsky-controller` and `fedsky-managed`.
 
 Calls use `*_unary` and our own wait on zone or global operations: the long-running-operation
 helper of google-cloud-compute polls through a client that ignores a custom endpoint. The SDK is
@@ -21,12 +22,18 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
-from fedsky.controller.bootstrap_tokens import VmBootstrap
+from fedsky.controller.bootstrap_tokens import VM_FILES, VmBootstrap
 from fedsky.controller.clouds import GcpCredential, gcp_client_options, gcp_credentials, scrub
 from fedsky.controller.config import GcpCloudConfig
-from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
+from fedsky.controller.providers.base import (
+    AggregatorFiles,
+    AggregatorHandle,
+    AggregatorSpec,
+    ProviderError,
+)
 from fedsky.controller.providers.cloudcommon import (
     RESOURCE_PREFIX,
     check_job_id,
@@ -263,6 +270,10 @@ class GcpProvider:
             log.warning("job %s: launch on gcp did not complete; cleaning up", job_id)
             await asyncio.shield(self._cleanup(job_id, [zone]))
             raise
+
+    def aggregator_files(self, job_id: str, *, model_file: Path) -> AggregatorFiles:
+        """The ServerApp runs on the VM: the files its startup script fetched and made there."""
+        return VM_FILES
 
     async def healthy(self, handle: AggregatorHandle) -> bool:
         try:
