@@ -176,6 +176,7 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
             bus=bus,
             registry=services.parts["registry"],
             clouds=clouds,
+            broker=broker,
         )
         services.parts["jobs"] = jobs
         app = make_app(services)

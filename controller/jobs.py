@@ -157,6 +157,7 @@ class JobManager:
         bus: ControllerBus,
         registry: Registry,
         clouds: Any = None,
+        broker: Any = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -164,6 +165,9 @@ class JobManager:
         self.bus = bus
         self.registry = registry
         self.clouds = clouds
+        # The managed broker (None with an external one: its operator reloads it, see the docs).
+        self.broker = broker
+        self._crl_dirty = False
         self.queue = QueueStore(store)
         self.jobs_dir = config.state_dir / "jobs"
         self.local = LocalProvider(work_dir=self.jobs_dir, issue_tls=pki_tls_issuer(pki))
@@ -935,13 +939,33 @@ class JobManager:
                 )
                 await self._log(job_id, f"terminating the aggregator failed: {exc}", "error")
         with contextlib.suppress(Exception):
-            await self.store.run(revoke_common_name, self.pki, aggregator_id(job_id))
+            if await self.store.run(revoke_common_name, self.pki, aggregator_id(job_id)):
+                self._crl_dirty = True
+        await self._enforce_revocations(ending=job_id)
         if final_state is None:
             final_state = str((await self.store.run(jobstore.get_job, job_id))["state"])
         with contextlib.suppress(Exception):
             await self.registry.finish_job(job_id=job_id, status=final_state)
         self._runs.pop(job_id, None)
         self._drivers.pop(job_id, None)
+
+    async def _enforce_revocations(self, *, ending: str) -> None:
+        """Restart the managed broker so it loads the CRL with the ended jobs' certificates.
+
+        Mosquitto 2.0 applies a new CRL only on restart, and a restart drops every connection:
+        it waits until no other job is running so that no aggregator loses its bus mid-round.
+        Agents reconnect within seconds (their sessions and queued commands are kept).
+        """
+        if not self._crl_dirty or self.broker is None:
+            return
+        if any(job_id != ending for job_id in self._runs):
+            return
+        self._crl_dirty = False
+        try:
+            await self.broker.restart()
+        except Exception as exc:
+            self._crl_dirty = True
+            log.error("restarting the broker to apply revocations failed: %s", exc)
 
     async def _provider_for_handle(
         self, handle: AggregatorHandle, job: Mapping[str, Any]

@@ -110,6 +110,8 @@ def test_two_round_job_completes_and_aggregator_is_gone(box: Onebox, tmp_path: P
         else [r["round"] for r in rounds] == [1, 2]
     )
     assert superlink_pids(box) == []
+    _aggregator_identity_is_refused_after_the_job(box, job["id"])
+    box.wait_agents_online(list(HOSPITALS), timeout=60)  # they rode out the broker's restart
     _downloaded_model_reproduces_stored_accuracy(box, job["id"], tmp_path)
     tasks = {t["participant"]: t for t in job["tasks"]}
     assert set(tasks) == set(HOSPITALS)
@@ -442,3 +444,33 @@ def _downloaded_model_reproduces_stored_accuracy(box: Onebox, job_id: str, tmp_p
     with torch.no_grad():
         predicted = net(x).argmax(dim=1).numpy()
     assert float((predicted == y).mean()) == pytest.approx(stored, abs=1e-9)
+
+
+def _aggregator_identity_is_refused_after_the_job(box: Onebox, job_id: str) -> None:
+    """The job's own bus certificate (`agg-<job>`) is revoked and the broker enforces it."""
+    import asyncio
+    import ssl
+
+    import aiomqtt
+
+    bus = box.controller_dir / "state" / "jobs" / job_id / "bus"
+    ctx = ssl.create_default_context(cafile=str(bus / "ca.crt"))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(bus / "agg.crt", bus / "agg.key")
+
+    async def connect() -> None:
+        async with aiomqtt.Client(
+            "127.0.0.1", box.broker_port, identifier="late-aggregator", tls_context=ctx, timeout=5
+        ):
+            pass
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            asyncio.run(connect())
+        except aiomqtt.MqttError:
+            return  # refused
+        assert time.monotonic() < deadline, (
+            "the ended job's certificate still connects to the broker"
+        )
+        time.sleep(1.0)
