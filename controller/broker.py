@@ -291,9 +291,7 @@ def _runtime_dir(root: Path, broker_dir: Path) -> Path:
         st = os.lstat(path)
         # Nobody else may have made or be able to change what Mosquitto will trust.
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-            raise BrokerError(
-                f"{path} must be a directory owned by root and writable only by it"
-            )
+            raise BrokerError(f"{path} must be a directory owned by root and writable only by it")
     return directory
 
 
@@ -773,4 +771,3 @@ class ManagedBroker:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-

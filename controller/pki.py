@@ -546,4 +546,3 @@ class Pki:
         """The serials on the current CRL."""
         crl = self._read_crl()
         return set() if crl is None else {entry.serial_number for entry in crl}
-

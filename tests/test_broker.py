@@ -379,9 +379,7 @@ async def test_restart_loads_a_new_crl(pki: Pki, broker_dir: Path, tmp_path: Pat
         assert await _connects(files, other)
 
 
-async def test_first_start_failure_reports_the_brokers_reason(
-    pki: Pki, broker_dir: Path
-) -> None:
+async def test_first_start_failure_reports_the_brokers_reason(pki: Pki, broker_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 from datetime import UTC, datetime
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from tests.support import MqttBroker
 
 AGENT = "hospital-test"
+_SEQS = itertools.count(1000)
 
 
 def valid_report(seq: int, *, agent_id: str = AGENT) -> dict[str, Any]:
@@ -151,7 +153,7 @@ def enrolled_store(tmp_path: Path, mqtt_broker: MqttBroker) -> Store:
 def test_hostile_payloads_are_counted_and_dropped(
     payloads: list[bytes], mqtt_broker: MqttBroker, enrolled_store: Store
 ) -> None:
-    seq = len(payloads) + 1000
+    seq = next(_SEQS)  # unique per example: the store keeps the previous examples' reports
     bus = asyncio.run(_run_scenario(mqtt_broker, enrolled_store, payloads, seq))
     # Every hostile payload was rejected; the valid report after them was stored.
     assert bus.stats.rejects.total == len(payloads)

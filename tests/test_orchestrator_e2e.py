@@ -69,3 +69,33 @@ def test_destroyed_vm_moves_the_participant_and_the_job_completes(tmp_path: Path
         assert victim in explain
     finally:
         box.stop()
+
+
+def test_queue_position_survives_a_controller_restart(tmp_path: Path) -> None:
+    """Successive jobs take each participant's VMs in turn, and a restarted controller goes on
+    from where the queue was: a fresh queue would give the second job the first job's VMs."""
+    extra = {name: _datasets(i, len(HOSPITALS)) for i, name in enumerate(HOSPITALS)}
+    box = Onebox(
+        root=tmp_path / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra
+    )
+    try:
+        box.start(HOSPITALS)
+        spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=1)
+        first = json.loads(
+            box.fedctl("job", "submit", str(spec), "--follow", "--json", timeout=300).stdout
+        )
+        assert first["state"] == "completed"
+        first_vms = {t["participant"]: t["vm"] for t in first["tasks"]}
+        box.stop_controller()
+        box.start_controller()
+        box.wait_agents_online(list(HOSPITALS), timeout=60)
+        second = json.loads(
+            box.fedctl("job", "submit", str(spec), "--follow", "--json", timeout=300).stdout
+        )
+        assert second["state"] == "completed"
+        second_vms = {t["participant"]: t["vm"] for t in second["tasks"]}
+        for name in HOSPITALS:
+            assert second_vms[name] != first_vms[name], (first_vms, second_vms)
+            assert {first_vms[name], second_vms[name]} == {"vm-001", "vm-002"}
+    finally:
+        box.stop()

@@ -23,7 +23,9 @@ BLOCKER = textwrap.dedent(
 
 def _run(code: str, blocked: set[str]) -> subprocess.CompletedProcess[str]:
     script = BLOCKER.format(blocked=sorted(blocked)) + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_agent_daemon_and_agentctl_need_no_torch_flwr_or_numpy() -> None:
