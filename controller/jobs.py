@@ -121,6 +121,8 @@ class _JobRun:
     cancel_requested: bool = False
     finished: asyncio.Future[RunFinished] | None = None
     failures: asyncio.Queue[tuple[str, FailureReason, str]] = field(default_factory=asyncio.Queue)
+    # One task per started SuperNode, following its events; cancelled when the job ends.
+    followers: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 def model_files_dir(config: ControllerConfig) -> Path:
@@ -668,7 +670,11 @@ class JobManager:
             want=("task_running",),
         )
         await self.store.run(jobstore.set_task_state, task_id, "running")
-        asyncio.get_running_loop().create_task(self._follow_task(run, part, task_id, waiter))
+        run.followers.append(
+            asyncio.get_running_loop().create_task(
+                self._follow_task(run, part, task_id, waiter), name=f"follow-{task_id}"
+            )
+        )
 
     async def _command(
         self, agent: str, command: Command, waiter: asyncio.Queue[Event], *, want: tuple[str, ...]
@@ -946,6 +952,9 @@ class JobManager:
             final_state = str((await self.store.run(jobstore.get_job, job_id))["state"])
         with contextlib.suppress(Exception):
             await self.registry.finish_job(job_id=job_id, status=final_state)
+        if run is not None:
+            for follower in run.followers:
+                follower.cancel()
         self._runs.pop(job_id, None)
         self._drivers.pop(job_id, None)
 
