@@ -15,8 +15,8 @@ from fedsky.agent.executors.base import (
 )
 from fedsky.agent.executors.local import LocalExecutor, LocalSuperNode
 from fedsky.controller.pki import Pki
-from fedsky.controller.providers.local import _group_alive
 from fedsky.shared.datasets import BundledDatasetSpec, write_catalog
+from fedsky.shared.procs import group_alive as _group_alive
 from fedsky.shared.supernode import (
     SuperNodeConfigError,
     generate_node_key,

@@ -26,7 +26,7 @@ from fedsky.agent.executors.base import SuperNodeLaunch
 from fedsky.agent.executors.local import LocalExecutor, LocalSuperNode
 from fedsky.controller.pki import Pki
 from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
-from fedsky.controller.providers.local import LocalProvider, _group_alive, pki_tls_issuer
+from fedsky.controller.providers.local import LocalProvider, pki_tls_issuer
 from fedsky.controller.providers.superlink import SuperLinkControl, prepare_app_dir
 from fedsky.shared.datasets import BundledDatasetSpec, Partition, load_dataset, write_catalog
 from fedsky.shared.flower.runconfig import RunSettings
@@ -35,6 +35,7 @@ from fedsky.shared.flower.training import predict
 from fedsky.shared.messages import RoundMetrics, RunFinished
 from fedsky.shared.metrics import confusion_matrix
 from fedsky.shared.modelfile import build_module, load_weights, make_example, read_model_file
+from fedsky.shared.procs import group_alive as _group_alive
 from fedsky.shared.supernode import generate_node_key
 from sklearn.metrics import f1_score, precision_score, recall_score
 

@@ -24,6 +24,7 @@ from fedsky.agent.executors.base import (
 )
 from fedsky.shared.config import ConfigError
 from fedsky.shared.datasets import load_catalog, scrub
+from fedsky.shared.procs import wait_group_gone
 from fedsky.shared.supernode import DEFAULT_MAX_WAIT_S, SuperNodeConfigError, supernode_command
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class LocalSuperNode:
     async def wait(self) -> ExitStatus:
         rc = await self._proc.wait()
         self._kill_group(signal.SIGKILL)  # leftover ClientApp processes of a crashed SuperNode
+        await wait_group_gone(self.pid)
         return self._finish(rc)
 
     async def stop(self, *, timeout_s: float = 10.0) -> ExitStatus:
@@ -82,6 +84,7 @@ class LocalSuperNode:
                 self._kill_group(signal.SIGKILL)
                 await self._proc.wait()
         self._kill_group(signal.SIGKILL)
+        await wait_group_gone(self.pid)
         rc = self._proc.returncode
         assert rc is not None
         return self._finish(rc)

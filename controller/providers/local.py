@@ -39,6 +39,7 @@ from fedsky.controller.providers.superlink import (
     superlink_command,
 )
 from fedsky.shared.files import atomic_write
+from fedsky.shared.procs import group_alive
 
 log = logging.getLogger(__name__)
 
@@ -260,11 +261,11 @@ class LocalProvider:
         pid = int(handle.ref)
         _signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while time.monotonic() < deadline and _group_alive(pid):
+        while time.monotonic() < deadline and group_alive(pid):
             if proc is not None:
                 proc.poll()
             time.sleep(0.1)
-        if _group_alive(pid):
+        if group_alive(pid):
             log.warning("job %s: SuperLink did not stop on SIGTERM; killing it", handle.job_id)
             _signal_group(pid, signal.SIGKILL)
         if proc is not None:
@@ -280,7 +281,7 @@ class LocalProvider:
             return False
         proc = self._procs.get(handle.job_id)
         if proc is not None and proc.pid == pid:
-            return proc.poll() is None or _group_alive(pid)
+            return proc.poll() is None or group_alive(pid)
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
@@ -306,27 +307,6 @@ def _tls_ready(host: str, port: int, ca_file: Path) -> bool:
 def _signal_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Zombies count as gone: look for a member that still runs.
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
 
 
 def _kill_group(pid: int) -> None:
