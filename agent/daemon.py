@@ -215,6 +215,9 @@ class AgentDaemon:
         )
         self._seq += 1
         self._known_states = {vm.uuid: vm.state for vm in vms}
+        # The poller only sees changes after the last report: a VM that stopped between a poll
+        # and this report must still stop its task here.
+        await self.runner.check_vm_states(self._known_states)
         self.state.vms = vms
         self.state.host = host
         self.state.inventory_at = now
