@@ -44,6 +44,7 @@ from fedsky.controller.providers.cloudcommon import (
     check_job_id,
     check_sources,
     resource_name,
+    wait_superlink_answers,
     wait_until,
 )
 
@@ -347,17 +348,13 @@ class AwsProvider:
 
     async def _wait_healthy(self, handle: AggregatorHandle) -> None:
         assert handle.address is not None
-        address = handle.address
-
-        async def answers() -> bool | None:
-            return True if await self._bootstrap.health_check(address) else None
-
-        await wait_until(
-            answers,
+        await wait_superlink_answers(
+            health_check=self._bootstrap.health_check,
+            address=handle.address,
             timeout_s=self._bootstrap.ready_timeout_s,
             interval_s=self._bootstrap.poll_interval_s,
-            what=f"the SuperLink of {handle.ref} to answer on {address} "
-            f"(see `aws ec2 get-console-output --instance-id {handle.ref}`)",
+            ref=handle.ref,
+            console_hint=f"aws ec2 get-console-output --instance-id {handle.ref}",
         )
 
     async def _cleanup(self, region: str, job_id: str, instance_ids: Collection[str] = ()) -> None:

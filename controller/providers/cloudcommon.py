@@ -66,3 +66,26 @@ async def wait_until(
         if time.monotonic() >= deadline:
             raise ProviderError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(interval_s)
+
+
+async def wait_superlink_answers(
+    *,
+    health_check: Callable[[str], Awaitable[bool]],
+    address: str,
+    timeout_s: float,
+    interval_s: float,
+    ref: str,
+    console_hint: str,
+) -> None:
+    """Wait until the aggregator VM's SuperLink answers at `address`; `console_hint` tells the
+    operator where the VM's start-up log is when it does not."""
+
+    async def answers() -> bool | None:
+        return True if await health_check(address) else None
+
+    await wait_until(
+        answers,
+        timeout_s=timeout_s,
+        interval_s=interval_s,
+        what=f"the SuperLink of {ref} to answer on {address} (see `{console_hint}`)",
+    )

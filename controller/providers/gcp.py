@@ -39,6 +39,7 @@ from fedsky.controller.providers.cloudcommon import (
     check_job_id,
     check_sources,
     resource_name,
+    wait_superlink_answers,
     wait_until,
 )
 
@@ -379,17 +380,13 @@ class GcpProvider:
 
     async def _wait_healthy(self, handle: AggregatorHandle) -> None:
         assert handle.address is not None
-        address = handle.address
-
-        async def answers() -> bool | None:
-            return True if await self._bootstrap.health_check(address) else None
-
-        await wait_until(
-            answers,
+        await wait_superlink_answers(
+            health_check=self._bootstrap.health_check,
+            address=handle.address,
             timeout_s=self._bootstrap.ready_timeout_s,
             interval_s=self._bootstrap.poll_interval_s,
-            what=f"the SuperLink of {handle.ref} to answer on {address} "
-            f"(see `gcloud compute instances get-serial-port-output {handle.ref.partition('/')[2]}`)",
+            ref=handle.ref,
+            console_hint=f"gcloud compute instances get-serial-port-output {handle.ref.partition('/')[2]}",
         )
 
     async def _cleanup(self, job_id: str, zones: Collection[str]) -> None:
