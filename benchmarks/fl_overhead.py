@@ -51,11 +51,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedsky.controller.clouds.base import AggregatorSpec
+from fedsky.controller.clouds.local import LocalProvider, free_port, pki_tls_issuer
+from fedsky.controller.clouds.superlink import prepare_app_dir
 from fedsky.controller.onebox import STUDY_HOSPITALS, Onebox
-from fedsky.controller.pki import Pki
-from fedsky.controller.providers.base import AggregatorSpec
-from fedsky.controller.providers.local import LocalProvider, free_port, pki_tls_issuer
-from fedsky.controller.providers.superlink import prepare_app_dir
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.datasets import BundledDatasetSpec, ImageFolderSpec, Partition, write_catalog
 from fedsky.shared.flower.runconfig import RunSettings
 from fedsky.shared.flower.sink import read_file_sink

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedsky.controller.orchestrator import MinResources, Policy, eligible
-from fedsky.controller.orchestrator_sim import Scenario, parse_scenario
+from fedsky.controller.orchestrator.core import MinResources, Policy, eligible
+from fedsky.controller.orchestrator.simulator import Scenario, parse_scenario
 
 STUDY = Path(__file__).resolve().parent / "scenarios" / "study.json"
 POLICIES = ("fedsky", "random")

@@ -19,17 +19,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
-from fedsky.controller import inventory, jobstore
-from fedsky.controller.api.app import Services, make_app
-from fedsky.controller.broker import BrokerError, ManagedBroker, prepare_broker_files
-from fedsky.controller.bus import ControllerBus
-from fedsky.controller.clouds import CloudService
+from fedsky.controller.api.app import make_app
+from fedsky.controller.api.enroll_listener import listener_tls, serve_enroll
+from fedsky.controller.bus.broker import BrokerError, ManagedBroker, prepare_broker_files
+from fedsky.controller.bus.consumer import ControllerBus
+from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.config import ControllerConfig, load_controller_config
-from fedsky.controller.enroll_listener import listener_tls, serve_enroll
-from fedsky.controller.enrollment import record_certificate, revoked_serials
-from fedsky.controller.jobs import JobManager
-from fedsky.controller.pki import Pki, PkiError, cert_info
-from fedsky.controller.registry import Registry
+from fedsky.controller.inventory import store as inventory
+from fedsky.controller.jobs import store as jobstore
+from fedsky.controller.jobs.manager import JobManager
+from fedsky.controller.models.registry import Registry
+from fedsky.controller.security.enrollment import record_certificate, revoked_serials
+from fedsky.controller.security.pki import Pki, PkiError, cert_info
+from fedsky.controller.services import Services
 from fedsky.controller.store import Store, StoreError
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
@@ -165,20 +167,27 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
             store=store,
             history_per_agent=config.inventory.history_per_agent,
         )
-        services = Services(config=config, store=store, pki=pki, bus=bus, broker=broker)
-        services.parts["registry"] = Registry.from_controller_config(store=store, config=config)
+        models = Registry.from_controller_config(store=store, config=config)
         clouds = CloudService.open(config=config, store=store, pki=pki)
-        services.parts["clouds"] = clouds
         jobs = JobManager(
             config=config,
             store=store,
             pki=pki,
             bus=bus,
-            registry=services.parts["registry"],
+            registry=models,
             clouds=clouds,
             broker=broker,
         )
-        services.parts["jobs"] = jobs
+        services = Services(
+            store=store,
+            config=config,
+            pki=pki,
+            bus=bus,
+            broker=broker,
+            models=models,
+            clouds=clouds,
+            jobs=jobs,
+        )
         app = make_app(services)
         enroll_tls = (
             listener_tls(pki=pki, store=store, clouds=config.clouds)

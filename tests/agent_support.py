@@ -14,7 +14,7 @@ from typing import Any
 from fedsky.agent.config import AgentConfig, load_agent_config, resolve_identity
 from fedsky.agent.daemon import AgentDaemon
 from fedsky.agent.enroll import InstallPaths, install_bundle, make_request
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.bundle import EnrolmentBundle
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 
 from tests.support import MqttBroker, broker_directory
 

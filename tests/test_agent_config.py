@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from fedsky.agent.config import AgentConfig, load_agent_config, resolve_identity
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.config import ConfigError
 
 from tests.agent_support import enrol

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from fedsky.agent import cli
 from fedsky.agent.config import AgentConfig, resolve_identity
 from fedsky.agent.enroll import EnrolError, InstallPaths, install_bundle, make_request
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 from fedsky.shared import exitcodes
 from fedsky.shared.bundle import EnrolmentBundle
 

@@ -15,7 +15,7 @@ from fedsky.agent.config import load_agent_config, resolve_identity
 from fedsky.agent.daemon import AgentDaemon
 from fedsky.agent.status import AgentState, StatusError, write_status_file
 from fedsky.agent.testnode import write_test_node
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 from fedsky.shared import exitcodes
 from fedsky.shared.messages import utcnow
 

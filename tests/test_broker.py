@@ -19,7 +19,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from cryptography import x509
-from fedsky.controller.broker import (
+from fedsky.controller.bus.broker import (
     MAX_PACKET_SIZE,
     BrokerError,
     BrokerFiles,
@@ -30,7 +30,7 @@ from fedsky.controller.broker import (
     render_acl,
     render_config,
 )
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.messages import MAX_PAYLOAD_BYTES
 from fedsky.shared.retry import Backoff
 
@@ -308,7 +308,7 @@ def test_runtime_directory_must_be_roots_alone(pki: Pki, broker_dir: Path, tmp_p
 async def test_managed_broker_serves_and_stops_without_orphan(
     pki: Pki, broker_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="fedsky.controller.broker")
+    caplog.set_level(logging.DEBUG, logger="fedsky.controller.bus.broker")
     files = _files(pki, broker_dir)
     broker = ManagedBroker(files=files, backoff=FAST)
     async with _running(broker):

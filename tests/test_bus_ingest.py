@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedsky.controller import enrollment, inventory
-from fedsky.controller.bus import ControllerBus
+from fedsky.controller.bus.consumer import ControllerBus
+from fedsky.controller.inventory import store as inventory
+from fedsky.controller.security import enrollment
 from fedsky.controller.store import Store
 from fedsky.shared.messages import MAX_PAYLOAD_BYTES, HostInfo, Report, VmInfo
 from hypothesis import HealthCheck, given, settings
@@ -171,7 +172,7 @@ def test_rejections_are_logged_once_per_sender_and_reason(
         + [b"x" * (MAX_PAYLOAD_BYTES + 1)] * 2
     )
     payloads += [_bad_field(("agent_id",), "someone-else")] * 2
-    with caplog.at_level(logging.WARNING, logger="fedsky.controller.bus"):
+    with caplog.at_level(logging.WARNING, logger="fedsky.controller.bus.consumer"):
         bus = asyncio.run(_run_scenario(mqtt_broker, enrolled_store, payloads, 7))
     assert bus.stats.rejects.by_reason() == {
         "not_json": 5,

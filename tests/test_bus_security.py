@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 
 from tests.support import MqttBroker, receive_until, write_credentials
 

@@ -17,11 +17,12 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession, web
-from fedsky.controller.api.app import Services, make_app
+from fedsky.controller.api.app import make_app
 from fedsky.controller.cli.main import main as fedctl
-from fedsky.controller.clouds import CloudService
-from fedsky.controller.pki import Pki
-from fedsky.controller.providers.base import AggregatorSpec
+from fedsky.controller.clouds.base import AggregatorSpec
+from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.security.pki import Pki
+from fedsky.controller.services import Services
 
 from tests.fakes.aws import MotoAws, shared_moto
 from tests.fakes.clouds import clouds_config, open_service
@@ -66,7 +67,7 @@ async def api(
         tmp_path / "state", pki, clouds_config(moto_endpoint=moto.endpoint, gcp=fake)
     )
     recorder = Recorder()
-    app = make_app(Services(config=None, store=store, pki=pki, parts={"clouds": service}))
+    app = make_app(Services(store=store, pki=pki, clouds=service))
     app.middlewares.insert(0, recorder.middleware)  # outermost: sees error responses too
     runner = web.AppRunner(app)
     await runner.setup()

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedsky.controller.clouds import AWS_ACTIONS, CloudError, CloudService
-from fedsky.controller.pki import Pki
+from fedsky.controller.clouds.service import AWS_ACTIONS, CloudError, CloudService
+from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 
 from tests.fakes.aws import PROVIDER_ACTIONS, AwsKey, MotoAws, shared_moto

@@ -20,16 +20,17 @@ from aiohttp import ClientError, ClientSession, TCPConnector, web
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from fedsky.controller import bootstrap_tokens as bt
-from fedsky.controller import jobstore
-from fedsky.controller.api.app import Services, make_app
+from fedsky.controller.api.app import make_app
 from fedsky.controller.api.clouds import make_enroll_app
-from fedsky.controller.clouds import CloudService
-from fedsky.controller.config import CloudsConfig
-from fedsky.controller.enroll_listener import listener_tls
-from fedsky.controller.enrollment import record_certificate, revoke_common_name
+from fedsky.controller.api.enroll_listener import listener_tls
+from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.clouds.settings import CloudsConfig
+from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.onebox import free_port
-from fedsky.controller.pki import IssuedCertificate, Pki, PkiError
+from fedsky.controller.security import bootstrap_tokens as bt
+from fedsky.controller.security.enrollment import record_certificate, revoke_common_name
+from fedsky.controller.security.pki import IssuedCertificate, Pki, PkiError
+from fedsky.controller.services import Services
 from fedsky.controller.store import Store
 
 from tests.fakes.clouds import clouds_config, open_service
@@ -206,7 +207,7 @@ def test_tokens_are_stored_hashed(service: CloudService) -> None:
 @pytest.fixture
 async def http(service: CloudService) -> AsyncIterator[tuple[str, str]]:
     """The operator's API and the enrolment-only app, each on a loopback port."""
-    services = Services(config=None, store=service.store, parts={"clouds": service})
+    services = Services(store=service.store, clouds=service)
     runners = []
     urls = []
     for app in (make_app(services), make_enroll_app(services)):
@@ -273,7 +274,7 @@ async def _listener(
         store=service.store,
         clouds=CloudsConfig(enroll_url=f"{base}/v1/aggregators/enroll"),
     )
-    app = make_enroll_app(Services(config=None, store=service.store, parts={"clouds": service}))
+    app = make_enroll_app(Services(store=service.store, clouds=service))
     app.middlewares.extend(middlewares)
     runner = web.AppRunner(app)
     await runner.setup()

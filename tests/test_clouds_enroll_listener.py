@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession, TCPConnector
 from cryptography import x509
-from fedsky.controller import inventory
-from fedsky.controller.api.app import Services
-from fedsky.controller.config import CloudsConfig, load_controller_config
-from fedsky.controller.enroll_listener import listener_tls, serve_enroll
+from fedsky.controller.api.enroll_listener import listener_tls, serve_enroll
+from fedsky.controller.clouds.settings import CloudsConfig
+from fedsky.controller.config import load_controller_config
+from fedsky.controller.inventory import store as inventory
 from fedsky.controller.onebox import free_port
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
+from fedsky.controller.services import Services
 from fedsky.controller.store import Store
 from fedsky.shared.config import ConfigError
 
@@ -89,7 +90,7 @@ async def test_the_listener_serves_the_enrolment_route_only_over_tls(
     )
     tls = listener_tls(pki=pki, store=store, clouds=service.config)
     started = asyncio.Event()
-    services = Services(config=None, store=store, pki=pki, parts={"clouds": service})
+    services = Services(store=store, pki=pki, clouds=service)
     task = asyncio.create_task(
         serve_enroll(services, listen=f"127.0.0.1:{port}", tls=tls, started=started)
     )

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fedsky.controller.clouds import CloudError, CloudService
-from fedsky.controller.pki import Pki
+from fedsky.controller.clouds.service import CloudError, CloudService
+from fedsky.controller.security.pki import Pki
 
 from tests.fakes.clouds import clouds_config, open_service
 from tests.fakes.gcp_server import ALL_PERMISSIONS, FakeGcp, make_service_account_key, running_fake

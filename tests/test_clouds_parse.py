@@ -7,14 +7,14 @@ import json
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fedsky.controller.clouds import (
+from fedsky.controller.clouds.service import (
     CloudService,
     CredentialFormatError,
     gcp_token_uri,
     parse_aws,
     parse_gcp,
 )
-from fedsky.controller.config import GcpCloudConfig
+from fedsky.controller.clouds.settings import GcpCloudConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -9,8 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from fedsky.controller.store import Store
-from fedsky.controller.vault import (
+from fedsky.controller.clouds.vault import (
     KEY_ENV,
     CloudRecord,
     Secret,
@@ -19,6 +18,7 @@ from fedsky.controller.vault import (
     load_vault_key,
     now_iso,
 )
+from fedsky.controller.store import Store
 
 SECRET = b'{"secret_access_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCYz1EXAMPLEK"}'
 

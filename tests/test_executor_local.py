@@ -14,7 +14,7 @@ from fedsky.agent.executors.base import (
     make_executor,
 )
 from fedsky.agent.executors.local import LocalExecutor, LocalSuperNode
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.datasets import BundledDatasetSpec, write_catalog
 from fedsky.shared.procs import group_alive as _group_alive
 from fedsky.shared.supernode import (

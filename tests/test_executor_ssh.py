@@ -26,9 +26,9 @@ from fedsky.agent.executors.base import (
     make_executor,
 )
 from fedsky.agent.executors.ssh import SshExecutor, SshSuperNode
-from fedsky.controller.pki import Pki
-from fedsky.controller.providers.base import AggregatorSpec
-from fedsky.controller.providers.local import LocalProvider, pki_tls_issuer
+from fedsky.controller.clouds.base import AggregatorSpec
+from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.datasets import BundledDatasetSpec, write_catalog
 from fedsky.shared.supernode import generate_node_key
 
@@ -152,7 +152,7 @@ async def test_supernode_in_the_vm_joins_and_stops(
     tmp_path: Path, sshd: Sshd, aggregator: tuple[LocalProvider, str]
 ) -> None:
     provider, address = aggregator
-    from fedsky.controller.providers.base import AggregatorHandle
+    from fedsky.controller.clouds.base import AggregatorHandle
 
     handle = AggregatorHandle(
         provider="local", job_id="sshjob", ref="0", region="local", address=address

@@ -24,10 +24,10 @@ import pytest
 import pytest_asyncio
 from fedsky.agent.executors.base import SuperNodeLaunch
 from fedsky.agent.executors.local import LocalExecutor, LocalSuperNode
-from fedsky.controller.pki import Pki
-from fedsky.controller.providers.base import AggregatorHandle, AggregatorSpec, ProviderError
-from fedsky.controller.providers.local import LocalProvider, pki_tls_issuer
-from fedsky.controller.providers.superlink import SuperLinkControl, prepare_app_dir
+from fedsky.controller.clouds.base import AggregatorHandle, AggregatorSpec, ProviderError
+from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
+from fedsky.controller.clouds.superlink import SuperLinkControl, prepare_app_dir
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.datasets import BundledDatasetSpec, Partition, load_dataset, write_catalog
 from fedsky.shared.flower.runconfig import RunSettings
 from fedsky.shared.flower.sink import read_file_sink

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from fedsky.controller.pki import Pki
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.flower.sink import FileSink, MqttSink, SinkError, read_file_sink
 from fedsky.shared.flower.transfer import (
     AggregatorFeed,

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fedsky.controller.orchestrator import (
+from fedsky.controller.orchestrator.core import (
     Failure,
     FailureReason,
     MinResources,
@@ -110,7 +110,7 @@ def test_thresholds_are_the_policys() -> None:
 
 
 def test_resting_vm_is_skipped_until_its_rest_ends() -> None:
-    from fedsky.controller.orchestrator import Rest
+    from fedsky.controller.orchestrator.core import Rest
 
     rest = Rest(until=100.0, reason="vm_left_running")
     assert skip_reasons(vm("a"), minimum=MIN, policy=POLICY, now=40, rest=rest) == [

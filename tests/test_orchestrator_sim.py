@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from fedsky.controller.cli import bench
-from fedsky.controller.orchestrator_sim import (
+from fedsky.controller.orchestrator.simulator import (
     ScenarioError,
     load_scenario,
     parse_scenario,

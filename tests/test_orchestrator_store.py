@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from fedsky.controller.orchestrator import (
+from fedsky.controller.orchestrator.core import (
     FailureReason,
     MinResources,
     OrchestratorError,
@@ -341,8 +341,8 @@ def test_explain_of_a_participant_with_no_vm(tmp_path: Path) -> None:
 def test_candidates_from_the_real_inventory_tables(tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from fedsky.controller import inventory
-    from fedsky.controller.orchestrator import QueueState, candidates_from_inventory, choose
+    from fedsky.controller.inventory import store as inventory
+    from fedsky.controller.orchestrator.core import QueueState, candidates_from_inventory, choose
     from fedsky.shared.messages import HostInfo, Report, VmInfo
 
     store = Store(tmp_path / "c.db")

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from fedsky.controller.pki import (
+from fedsky.controller.security.pki import (
     CRL_DAYS,
     IssuedCertificate,
     Pki,

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedsky.controller.clouds import CloudService
-from fedsky.controller.pki import Pki
-from fedsky.controller.providers.aws import AwsProvider
-from fedsky.controller.providers.base import AggregatorSpec, ProviderError
+from fedsky.controller.clouds.aws.provider import AwsProvider
+from fedsky.controller.clouds.base import AggregatorSpec, ProviderError
+from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 
 from tests.fakes.aws import MotoAws, shared_moto
@@ -284,7 +284,7 @@ async def test_launch_is_refused_when_the_credential_no_longer_validates(
 async def test_the_image_is_looked_up_where_none_is_configured(
     tmp_path: Path, pki: Pki, moto: MotoAws
 ) -> None:
-    from fedsky.controller.config import AwsCloudConfig
+    from fedsky.controller.clouds.settings import AwsCloudConfig
 
     def config(name: str) -> Any:
         aws = AwsCloudConfig(

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedsky.controller.clouds import CloudService
-from fedsky.controller.pki import Pki
-from fedsky.controller.providers.base import AggregatorSpec, ProviderError
-from fedsky.controller.providers.gcp import GcpProvider
+from fedsky.controller.clouds.base import AggregatorSpec, ProviderError
+from fedsky.controller.clouds.gcp.provider import GcpProvider
+from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 
 from tests.fakes.clouds import ENROLL_URL, HealthSwitch, clouds_config, open_service

@@ -16,10 +16,11 @@ from urllib.parse import urlencode
 import numpy as np
 import pytest
 from aiohttp import web
-from fedsky.controller.api.app import Services, make_app
+from fedsky.controller.api.app import make_app
 from fedsky.controller.cli.client import ApiClient, ApiError
 from fedsky.controller.cli.main import main as fedctl
-from fedsky.controller.registry import Registry, RegistryConfig
+from fedsky.controller.models.registry import Registry, RegistryConfig
+from fedsky.controller.services import Services
 from fedsky.controller.store import Store
 from fedsky.shared import exitcodes
 from safetensors.numpy import save
@@ -63,7 +64,7 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
         store=store, root=tmp_path / "models", config=RegistryConfig(retention="all")
     )
     runner = web.AppRunner(
-        make_app(Services(config=None, store=store, parts={"registry": registry}))
+        make_app(Services(store=store, models=registry))
     )
     run(runner.setup())
     run(web.UnixSite(runner, socket).start())

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fedsky.controller.registry import (
+from fedsky.controller.models.registry import (
     Registry,
     RegistryConfig,
     SigningKey,

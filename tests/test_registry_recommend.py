@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from fedsky.controller.registry import (
+from fedsky.controller.models.registry import (
     CheckpointRow,
     Criteria,
     RetentionPolicy,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedsky.controller.registry import (
+from fedsky.controller.models.registry import (
     CheckpointCorrupted,
     NotFound,
     Registry,

@@ -8,9 +8,11 @@ from datetime import timedelta
 from typing import Annotated
 
 from aiohttp import web
-from fedsky.controller import enrollment, inventory
-from fedsky.controller.api.app import SERVICES, ApiProblem, Services, json_ok
-from fedsky.controller.bus import BusUnavailable
+from fedsky.controller.api.app import SERVICES, ApiProblem, json_ok
+from fedsky.controller.bus.consumer import BusUnavailable
+from fedsky.controller.inventory import store as inventory
+from fedsky.controller.security import enrollment
+from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
 from fedsky.shared.ids import InvalidIdError
 from fedsky.shared.messages import Event, make_ping
@@ -41,7 +43,7 @@ async def health(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "bus_connected": bool(bus and bus.connected),
-            "broker_managed": svc.config.broker.managed,
+            "broker_managed": svc.need_config().broker.managed,
             "broker_pid": getattr(svc.broker, "pid", None),
             "received": bus.stats.received if bus else 0,
             "reports_stored": bus.stats.reports_stored if bus else 0,
@@ -90,11 +92,11 @@ async def enrol(request: web.Request) -> web.Response:
         )
     if body.csr_pem is not None and body.with_key:
         raise ApiProblem(400, "--csr and --with-key exclude each other", exit_code=exitcodes.USAGE)
-    cfg = svc.config
+    cfg = svc.need_config()
     try:
         result = await svc.store.run(
             enrollment.enroll_agent,
-            svc.pki,
+            svc.need_pki(),
             agent_id=body.name,
             location=body.location,
             csr_pem=body.csr_pem.encode() if body.csr_pem else None,
@@ -118,18 +120,18 @@ async def revoke(request: web.Request) -> web.Response:
     svc = _services(request)
     agent_id = request.match_info["agent_id"]
     try:
-        count = await svc.store.run(enrollment.revoke_agent, svc.pki, agent_id)
+        count = await svc.store.run(enrollment.revoke_agent, svc.need_pki(), agent_id)
     except enrollment.EnrolmentError as exc:
         raise ApiProblem(404 if exc.not_found else 409, str(exc)) from None
     log.info("revoked %d certificate(s) of agent %s", count, agent_id)
-    if svc.config.broker.managed and svc.broker is not None:
+    if svc.need_config().broker.managed and svc.broker is not None:
         # Mosquitto 2.0 reads its CRL only at start: restart it; agents reconnect.
         await svc.broker.restart()
         enforcement = "the managed broker was restarted and refuses the certificate from now on"
     else:
-        from fedsky.controller.broker import external_revocation_instructions
+        from fedsky.controller.bus.broker import external_revocation_instructions
 
-        enforcement = external_revocation_instructions(crl_path=svc.pki.crl_path)
+        enforcement = external_revocation_instructions(crl_path=svc.need_pki().crl_path)
     return json_ok(
         {"agent_id": agent_id, "revoked_certificates": count, "enforcement": enforcement}
     )
@@ -143,6 +145,7 @@ async def ping(request: web.Request) -> web.Response:
     agent = await svc.store.run(inventory.get_agent, agent_id)
     if agent is None or agent["state"] == "revoked":
         raise ApiProblem(404, f"no enrolled agent {agent_id!r}")
+    bus = svc.need_bus()
     command = make_ping(ttl=timedelta(seconds=timeout))
     loop = asyncio.get_running_loop()
     answered: asyncio.Future[Event] = loop.create_future()
@@ -151,17 +154,17 @@ async def ping(request: web.Request) -> web.Response:
         if event.command_id == command.command_id and not answered.done():
             answered.set_result(event)
 
-    svc.bus.add_event_listener(on_event)
+    bus.add_event_listener(on_event)
     started = loop.time()
     try:
-        await svc.bus.send_command(agent_id, command)
+        await bus.send_command(agent_id, command)
         event = await asyncio.wait_for(answered, timeout)
     except BusUnavailable as exc:
         raise ApiProblem(503, str(exc), exit_code=exitcodes.UNAVAILABLE) from None
     except TimeoutError:
         raise ApiProblem(504, f"agent {agent_id!r} did not answer within {timeout:g} s") from None
     finally:
-        svc.bus.remove_event_listener(on_event)
+        bus.remove_event_listener(on_event)
     return json_ok(
         {
             "agent_id": agent_id,

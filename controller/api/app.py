@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any
 
 from aiohttp import web
+from fedsky.controller.services import PartUnavailable, Services
 from fedsky.shared import exitcodes
 from pydantic import ValidationError
 
@@ -24,22 +24,6 @@ log = logging.getLogger(__name__)
 ROUTE_MODULES: tuple[str, ...] = ("agents", "jobs", "models", "clouds")
 
 MAX_BODY_BYTES = 64 << 20  # uploads (model files, credential files) stay well under this
-
-
-@dataclass
-class Services:
-    """Everything the views may use; the daemon fills it in at start.
-
-    Typed loosely on purpose for the optional parts: each part's route module knows the type of
-    the object it registered under `parts`.
-    """
-
-    config: Any
-    store: Any
-    pki: Any = None
-    bus: Any = None
-    broker: Any = None
-    parts: dict[str, Any] = field(default_factory=dict)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -74,6 +58,8 @@ async def _errors(
         return await handler(request)
     except ApiProblem as exc:
         return json_error(exc.status, exc.message, exit_code=exc.exit_code)
+    except PartUnavailable as exc:
+        return json_error(503, str(exc), exit_code=exitcodes.UNAVAILABLE)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"

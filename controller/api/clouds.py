@@ -19,10 +19,11 @@ import logging
 from typing import Annotated
 
 from aiohttp import web
-from fedsky.controller.api.app import SERVICES, ApiProblem, Services, json_error, json_ok
-from fedsky.controller.bootstrap_tokens import MODEL_PATH, TokenError
-from fedsky.controller.clouds import MAX_FILE_BYTES, CloudError, CloudService, with_result
-from fedsky.controller.pki import PkiError
+from fedsky.controller.api.app import SERVICES, ApiProblem, json_error, json_ok
+from fedsky.controller.clouds.service import MAX_FILE_BYTES, CloudError, CloudService, with_result
+from fedsky.controller.security.bootstrap_tokens import MODEL_PATH, TokenError
+from fedsky.controller.security.pki import PkiError
+from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,7 +35,7 @@ ENROLL_MAX_BYTES = 32 * 1024
 
 
 def _clouds(request: web.Request) -> CloudService:
-    service = request.app[SERVICES].parts.get("clouds")
+    service = request.app[SERVICES].clouds
     if service is None:
         raise ApiProblem(
             503,
@@ -118,7 +119,7 @@ async def enroll_aggregator(request: web.Request) -> web.Response:
             "expected a JSON object with 'token', 'csr_pem' and 'bus_csr_pem'",
             exit_code=exitcodes.USAGE,
         )
-    service = request.app[SERVICES].parts.get("clouds")
+    service = request.app[SERVICES].clouds
     if not isinstance(service, CloudService):
         return json_error(503, "enrolment is not available", exit_code=exitcodes.UNAVAILABLE)
     try:
@@ -155,7 +156,7 @@ async def enroll_aggregator(request: web.Request) -> web.Response:
 
 async def aggregator_model(request: web.Request) -> web.StreamResponse:
     """The job's model file, to the aggregator whose bus certificate the TLS client presented."""
-    service = request.app[SERVICES].parts.get("clouds")
+    service = request.app[SERVICES].clouds
     if not isinstance(service, CloudService):
         return json_error(503, "enrolment is not available", exit_code=exitcodes.UNAVAILABLE)
     transport = request.transport

@@ -6,9 +6,10 @@ import asyncio
 from typing import Annotated, Any
 
 from aiohttp import web
-from fedsky.controller import jobstore
-from fedsky.controller.api.app import SERVICES, ApiProblem, Services, json_ok
-from fedsky.controller.jobs import JobManager, JobRejected, store_model_file
+from fedsky.controller.api.app import SERVICES, ApiProblem, json_ok
+from fedsky.controller.jobs import store as jobstore
+from fedsky.controller.jobs.manager import JobManager, JobRejected, store_model_file
+from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
 from fedsky.shared.modelfile import ModelFileError
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +31,7 @@ def _svc(request: web.Request) -> Services:
 
 
 def _jobs(request: web.Request) -> JobManager:
-    manager = _svc(request).parts.get("jobs")
+    manager = _svc(request).jobs
     if manager is None:
         raise ApiProblem(503, "the job manager is not running", exit_code=exitcodes.UNAVAILABLE)
     assert isinstance(manager, JobManager)
@@ -54,7 +55,7 @@ async def upload_model_file(request: web.Request) -> web.Response:
     if len(data) > MAX_MODEL_BYTES:
         raise ApiProblem(413, f"model file larger than {MAX_MODEL_BYTES >> 20} MiB")
     try:
-        info = await asyncio.to_thread(store_model_file, _svc(request).config, data)
+        info = await asyncio.to_thread(store_model_file, _svc(request).need_config(), data)
     except ModelFileError as exc:
         raise ApiProblem(
             400, f"the model file does not load: {exc}", exit_code=exitcodes.USAGE

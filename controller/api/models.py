@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from fedsky.controller.api.app import SERVICES, ApiProblem, json_ok
-from fedsky.controller.registry import (
+from fedsky.controller.models.registry import (
     CheckpointCorrupted,
     Criteria,
     Infeasible,
@@ -40,7 +40,7 @@ MAX_RUNNERS_UP = 50
 
 
 def _registry(request: web.Request) -> Registry:
-    registry = request.app[SERVICES].parts.get("registry")
+    registry = request.app[SERVICES].models
     if registry is None:
         raise ApiProblem(503, "the model registry is not running", exit_code=exitcodes.UNAVAILABLE)
     assert isinstance(registry, Registry)

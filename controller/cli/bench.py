@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
 
 def _orchestrator(args: argparse.Namespace) -> int:
     # Imported here so that every other fedctl command starts without the simulator.
-    from fedsky.controller.orchestrator_sim import ScenarioError, load_scenario, simulate
+    from fedsky.controller.orchestrator.simulator import ScenarioError, load_scenario, simulate
 
     try:
         scenario = load_scenario(args.scenario)

@@ -7,7 +7,7 @@ import argparse
 from fedsky.controller.cli.client import config_path
 from fedsky.controller.cli.output import fail
 from fedsky.controller.config import load_controller_config
-from fedsky.controller.pki import Pki, PkiError
+from fedsky.controller.security.pki import Pki, PkiError
 from fedsky.shared import exitcodes
 
 

@@ -209,7 +209,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from fedsky.controller.orchestrator import render_explain
+    from fedsky.controller.orchestrator.core import render_explain
 
     data, code = call_api(lambda: api_client(args).get(f"/v1/jobs/{args.job}/explain"))
     if data is None:

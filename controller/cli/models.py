@@ -18,7 +18,7 @@ from urllib.parse import quote, urlencode
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedsky.controller.cli.client import ApiClient
 from fedsky.controller.cli.output import api_client, call_api, fail, print_json, print_table
-from fedsky.controller.registry import (
+from fedsky.controller.models.registry import (
     METRICS,
     VerificationError,
     load_public_key,

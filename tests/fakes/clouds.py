@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsky.controller import inventory
-from fedsky.controller.clouds import CloudService
-from fedsky.controller.config import AwsCloudConfig, CloudsConfig, ControllerConfig, GcpCloudConfig
-from fedsky.controller.pki import Pki
+from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.clouds.settings import AwsCloudConfig, CloudsConfig, GcpCloudConfig
+from fedsky.controller.config import ControllerConfig
+from fedsky.controller.inventory import store as inventory
+from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 
 from tests.fakes.gcp_server import FakeGcp

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from fedsky.controller.broker import BrokerFiles, prepare_broker_files
-from fedsky.controller.pki import CertKind, IssuedCertificate, Pki, write_private_key
+from fedsky.controller.bus.broker import BrokerFiles, prepare_broker_files
+from fedsky.controller.security.pki import CertKind, IssuedCertificate, Pki, write_private_key
 from fedsky.shared.tls import client_context
 from fedsky.shared.topics import Topics
 

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fedsky.controller.pki import Pki, PkiError
+from fedsky.controller.security.pki import Pki, PkiError
 from fedsky.shared.files import atomic_write
 from fedsky.shared.ids import CONTROLLER_ID
 from fedsky.shared.messages import MAX_PAYLOAD_BYTES

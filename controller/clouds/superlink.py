@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fedsky.controller.providers.base import ProviderError
+from fedsky.controller.clouds.base import ProviderError
 from fedsky.shared.flower.runconfig import RunSettings
 
 if TYPE_CHECKING:

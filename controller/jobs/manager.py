@@ -32,11 +32,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fedsky.controller import inventory, jobstore
-from fedsky.controller.bus import BusUnavailable, ControllerBus
+from fedsky.controller.bus.consumer import BusUnavailable, ControllerBus
+from fedsky.controller.clouds.base import (
+    AggregatorHandle,
+    AggregatorProvider,
+    AggregatorSpec,
+    ProviderError,
+)
+from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
+from fedsky.controller.clouds.superlink import SuperLinkControl, prepare_app_dir
 from fedsky.controller.config import ControllerConfig
-from fedsky.controller.enrollment import record_certificate, revoke_common_name
-from fedsky.controller.orchestrator import (
+from fedsky.controller.inventory import store as inventory
+from fedsky.controller.jobs import store as jobstore
+from fedsky.controller.models.registry import Registry
+from fedsky.controller.orchestrator.core import (
     AttemptState,
     FailureReason,
     MinResources,
@@ -45,16 +54,8 @@ from fedsky.controller.orchestrator import (
     candidates_from_inventory,
     check_feasible,
 )
-from fedsky.controller.pki import Pki, write_private_key
-from fedsky.controller.providers.base import (
-    AggregatorHandle,
-    AggregatorProvider,
-    AggregatorSpec,
-    ProviderError,
-)
-from fedsky.controller.providers.local import LocalProvider, pki_tls_issuer
-from fedsky.controller.providers.superlink import SuperLinkControl, prepare_app_dir
-from fedsky.controller.registry import Registry
+from fedsky.controller.security.enrollment import record_certificate, revoke_common_name
+from fedsky.controller.security.pki import Pki, write_private_key
 from fedsky.controller.store import Store
 from fedsky.shared.files import atomic_write
 from fedsky.shared.flower.runconfig import settings_for_job

@@ -1,7 +1,7 @@
 """The controller's side of the bus: consume what agents and aggregators send, send commands.
 
 The transport is thin: it parses the topic, decodes the payload into its model and hands it to
-plain service functions (`fedsky.controller.inventory`) through the store's thread. Reports are
+plain service functions (`fedsky.controller.inventory.store`) through the store's thread. Reports are
 batched: the consumer puts them on a bounded queue and one ingest task writes each batch in a
 single transaction, which is what lets one controller hold thousands of agents.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiomqtt
-from fedsky.controller import inventory
+from fedsky.controller.inventory import store as inventory
 from fedsky.controller.store import Store
 from fedsky.shared.ids import CONTROLLER_ID, is_agent_id, is_aggregator_id
 from fedsky.shared.messages import (

@@ -25,19 +25,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsky.controller.pki import Pki
-from fedsky.controller.providers.base import (
+from fedsky.controller.clouds.base import (
     AggregatorFiles,
     AggregatorHandle,
     AggregatorSpec,
     ProviderError,
 )
-from fedsky.controller.providers.superlink import (
+from fedsky.controller.clouds.superlink import (
     SuperLinkControl,
     SuperLinkTls,
     flower_env,
     superlink_command,
 )
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.files import atomic_write
 from fedsky.shared.procs import group_alive
 

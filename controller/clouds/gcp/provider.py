@@ -25,16 +25,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedsky.controller.bootstrap_tokens import VM_FILES, VmBootstrap
-from fedsky.controller.clouds import GcpCredential, gcp_client_options, gcp_credentials, scrub
-from fedsky.controller.config import GcpCloudConfig
-from fedsky.controller.providers.base import (
+from fedsky.controller.clouds.base import (
     AggregatorFiles,
     AggregatorHandle,
     AggregatorSpec,
     ProviderError,
 )
-from fedsky.controller.providers.cloudcommon import (
+from fedsky.controller.clouds.common import (
     RESOURCE_PREFIX,
     check_job_id,
     check_sources,
@@ -42,6 +39,14 @@ from fedsky.controller.providers.cloudcommon import (
     wait_superlink_answers,
     wait_until,
 )
+from fedsky.controller.clouds.service import (
+    GcpCredential,
+    gcp_client_options,
+    gcp_credentials,
+    scrub,
+)
+from fedsky.controller.clouds.settings import GcpCloudConfig
+from fedsky.controller.security.bootstrap_tokens import VM_FILES, VmBootstrap
 
 log = logging.getLogger(__name__)
 

@@ -25,28 +25,28 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedsky.controller.bootstrap_tokens import VM_FILES, VmBootstrap
-from fedsky.controller.clouds import (
-    AwsCredential,
-    aws_client,
-    aws_error_code,
-    resolve_aws_image,
-    scrub,
-)
-from fedsky.controller.config import AwsCloudConfig
-from fedsky.controller.providers.base import (
+from fedsky.controller.clouds.base import (
     AggregatorFiles,
     AggregatorHandle,
     AggregatorSpec,
     ProviderError,
 )
-from fedsky.controller.providers.cloudcommon import (
+from fedsky.controller.clouds.common import (
     check_job_id,
     check_sources,
     resource_name,
     wait_superlink_answers,
     wait_until,
 )
+from fedsky.controller.clouds.service import (
+    AwsCredential,
+    aws_client,
+    aws_error_code,
+    resolve_aws_image,
+    scrub,
+)
+from fedsky.controller.clouds.settings import AwsCloudConfig
+from fedsky.controller.security.bootstrap_tokens import VM_FILES, VmBootstrap
 
 log = logging.getLogger(__name__)
 

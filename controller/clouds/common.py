@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from fedsky.controller.providers.base import ProviderError
+from fedsky.controller.clouds.base import ProviderError
 
 T = TypeVar("T")
 

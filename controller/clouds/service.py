@@ -1,7 +1,7 @@
 """The Cloud Authenticator: link AWS and GCP accounts by uploading the credential file one has.
 
 A file is parsed here (never written anywhere as it came), checked by real calls to the cloud,
-and only then sealed in the vault (`fedsky.controller.vault`). What is accepted:
+and only then sealed in the vault (`fedsky.controller.clouds.vault`). What is accepted:
 
 - AWS: the access-key CSV the console downloads (`Access key ID,Secret access key`, or the
   new-user variant with `User name`, `Password`, ... columns: only the key pair is kept), a JSON
@@ -46,25 +46,34 @@ from typing import TYPE_CHECKING, Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from fedsky.controller import bootstrap_tokens, jobstore
-from fedsky.controller.bootstrap_tokens import (
+from fedsky.controller.clouds.base import AggregatorProvider, ProviderError
+from fedsky.controller.clouds.settings import AwsCloudConfig, CloudsConfig, GcpCloudConfig
+from fedsky.controller.clouds.vault import (
+    CloudRecord,
+    Secret,
+    Vault,
+    VaultError,
+    load_vault_key,
+    now_iso,
+)
+from fedsky.controller.config import ControllerConfig
+from fedsky.controller.jobs import store as jobstore
+from fedsky.controller.security import bootstrap_tokens
+from fedsky.controller.security.bootstrap_tokens import (
     BrokerEndpoint,
     EnrolledAggregator,
     HealthCheck,
     TokenIssuer,
     VmBootstrap,
 )
-from fedsky.controller.config import AwsCloudConfig, CloudsConfig, ControllerConfig, GcpCloudConfig
-from fedsky.controller.pki import PkiError
-from fedsky.controller.providers.base import AggregatorProvider, ProviderError
+from fedsky.controller.security.pki import PkiError
 from fedsky.controller.store import Store
-from fedsky.controller.vault import CloudRecord, Secret, Vault, VaultError, load_vault_key, now_iso
 from fedsky.shared import exitcodes
 from fedsky.shared.ids import AGGREGATOR_PREFIX, is_aggregator_id
 
 if TYPE_CHECKING:
-    from fedsky.controller.providers.aws import AwsProvider
-    from fedsky.controller.providers.gcp import GcpProvider
+    from fedsky.controller.clouds.aws.provider import AwsProvider
+    from fedsky.controller.clouds.gcp.provider import GcpProvider
 
 log = logging.getLogger(__name__)
 
@@ -888,7 +897,7 @@ class CloudService:
     ) -> CloudService:
         """Load the vault key, declare the tables; fails with VaultError on a bad key."""
         # Imported here: the job pipeline is heavy, and only its model files' place is needed.
-        from fedsky.controller.jobs import model_files_dir
+        from fedsky.controller.jobs.manager import model_files_dir
 
         Vault.ensure_schema(store)
         bootstrap_tokens.ensure_schema(store)
@@ -1087,7 +1096,7 @@ class CloudService:
         record, cred = await self._credential(name)
         bootstrap = await self._bootstrap()
         if isinstance(cred, AwsCredential):
-            from fedsky.controller.providers.aws import AwsProvider
+            from fedsky.controller.clouds.aws.provider import AwsProvider
 
             return AwsProvider(
                 credential=cred,
@@ -1095,7 +1104,7 @@ class CloudService:
                 bootstrap=bootstrap,
                 account_name=record.name,
             )
-        from fedsky.controller.providers.gcp import GcpProvider
+        from fedsky.controller.clouds.gcp.provider import GcpProvider
 
         return GcpProvider(
             credential=cred, config=self.config.gcp, bootstrap=bootstrap, account_name=record.name
@@ -1161,7 +1170,7 @@ class CloudService:
         """
         if self.pki is None or self.broker is None:
             raise CloudError("the controller has no CA loaded", http_status=503)
-        from fedsky.controller.enrollment import record_certificate
+        from fedsky.controller.security.enrollment import record_certificate
 
         pki = self.pki
         days = self.config.cert_days

@@ -21,11 +21,11 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fedsky.controller.api.app import Services
 from fedsky.controller.api.clouds import make_enroll_app
-from fedsky.controller.config import CloudsConfig
-from fedsky.controller.enrollment import record_certificate
-from fedsky.controller.pki import Pki, PkiError, write_private_key
+from fedsky.controller.clouds.settings import CloudsConfig
+from fedsky.controller.security.enrollment import record_certificate
+from fedsky.controller.security.pki import Pki, PkiError, write_private_key
+from fedsky.controller.services import Services
 from fedsky.controller.store import Store
 from fedsky.shared.config import ConfigError
 from fedsky.shared.files import atomic_write

@@ -45,8 +45,8 @@ from urllib.parse import urljoin
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fedsky.controller.pki import IssuedCertificate, Pki, PkiError
-from fedsky.controller.providers.base import AggregatorFiles
+from fedsky.controller.clouds.base import AggregatorFiles
+from fedsky.controller.security.pki import IssuedCertificate, Pki, PkiError
 from fedsky.controller.store import Store, transaction
 from fedsky.shared.ids import aggregator_id
 

@@ -3,7 +3,7 @@
 The decisions are plain functions over plain data (`eligible`, `choose`, `fail_over`,
 `check_feasible`): they import no bus and no HTTP, take the time as an argument and return the
 new queue state instead of writing it, so the controller and the simulator
-(`fedsky.controller.orchestrator_sim`) run the very same code. `QueueStore` at the end is the
+(`fedsky.controller.orchestrator.simulator`) run the very same code. `QueueStore` at the end is the
 one piece that touches the controller's SQLite store: it loads a participant's queue state,
 calls the pure functions inside one `BEGIN IMMEDIATE` transaction and saves the result with the
 decision and the attempt, so two jobs choosing at once cannot take the same turn.
@@ -167,7 +167,7 @@ def candidates_from_inventory(
     now: datetime,
     tasks: Mapping[str, int] | None = None,
 ) -> list[VmCandidate]:
-    """The candidates from the inventory's VM rows (`fedsky.controller.inventory.list_vms`).
+    """The candidates from the inventory's VM rows (`fedsky.controller.inventory.store.list_vms`).
 
     Each row has the VM's `agent_id, name, uuid, state, vcpus, memory_mib, disk_gib`, the agent's
     `agent_online`, `report_at` (ISO time the last report was received) and `host` (the

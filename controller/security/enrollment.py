@@ -10,7 +10,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from fedsky.controller.pki import IssuedCertificate, Pki
+from fedsky.controller.security.pki import IssuedCertificate, Pki
 from fedsky.controller.store import transaction
 from fedsky.shared.bundle import EnrolmentBundle
 from fedsky.shared.ids import check_agent_id, check_location

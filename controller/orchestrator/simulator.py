@@ -1,6 +1,6 @@
 """A discrete-event simulation of the orchestrator with simulated agents.
 
-It drives the same `choose` and `fail_over` as the controller (fedsky.controller.orchestrator),
+It drives the same `choose` and `fail_over` as the controller (fedsky.controller.orchestrator.core),
 with the queue state carried from job to job as the store would carry it. Time is simulated:
 failures are detected after the delays the controller's own timeouts and the agents' report
 interval imply, and a replacement runs after the agent's acknowledgement and the SuperNode's
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fedsky.controller.orchestrator import (
+from fedsky.controller.orchestrator.core import (
     Decision,
     Failure,
     FailureReason,

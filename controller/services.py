@@ -1,0 +1,54 @@
+"""The controller's parts as one typed record: what the daemon wires and the API views use.
+
+The daemon fills in every field; tests that serve one part leave the others `None`, and a view
+whose part is missing answers 503 ("not running") rather than failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fedsky.controller.bus.broker import ManagedBroker
+from fedsky.controller.bus.consumer import ControllerBus
+from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.config import ControllerConfig
+from fedsky.controller.jobs.manager import JobManager
+from fedsky.controller.models.registry import Registry
+from fedsky.controller.security.pki import Pki
+from fedsky.controller.store import Store
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class Services:
+    """Everything the views may use. Only `store` is always present."""
+
+    store: Store
+    config: ControllerConfig | None = None
+    pki: Pki | None = None
+    bus: ControllerBus | None = None
+    broker: ManagedBroker | None = None
+    models: Registry | None = None
+    clouds: CloudService | None = None
+    jobs: JobManager | None = None
+
+    def need_config(self) -> ControllerConfig:
+        return _present(self.config, "the controller's configuration")
+
+    def need_pki(self) -> Pki:
+        return _present(self.pki, "the certificate authority")
+
+    def need_bus(self) -> ControllerBus:
+        return _present(self.bus, "the bus")
+
+
+class PartUnavailable(Exception):
+    """A part the request needs is not running in this controller (HTTP 503, exit 69)."""
+
+
+def _present(part: _T | None, what: str) -> _T:
+    if part is None:
+        raise PartUnavailable(f"{what} is not available on this controller")
+    return part
