@@ -63,9 +63,7 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
     registry = Registry(
         store=store, root=tmp_path / "models", config=RegistryConfig(retention="all")
     )
-    runner = web.AppRunner(
-        make_app(Services(store=store, models=registry))
-    )
+    runner = web.AppRunner(make_app(Services(store=store, models=registry)))
     run(runner.setup())
     run(web.UnixSite(runner, socket).start())
 
