@@ -4,8 +4,8 @@
 the dataset name, then make the task's two SuperNode keys (node and standby) here; only the
 public halves leave, in the `task_acknowledged` event. `start_task`: start the SuperNode on the
 VM through the configured executor with the key the controller names; report `task_starting`,
-`task_running`, and `task_finished` or `task_failed` (with a reason scrubbed of local paths)
-when it ends. `stop_task`: stop it and report `task_stopped`. A task whose VM leaves the running
+`task_running`, and `task_finished` or `task_failed` (with a `FailureKind` and a reason scrubbed
+of local paths) when it ends. `stop_task`: stop it and report `task_stopped`. A task whose VM leaves the running
 state is stopped and reported failed at once, so the controller can move it to another VM.
 """
 
@@ -25,12 +25,14 @@ from fedsky.agent.executors.base import (
     ExecutorError,
     RunningSuperNode,
     SuperNodeLaunch,
-    make_executor,
+    VmUnreachable,
 )
+from fedsky.agent.executors.factory import make_executor
 from fedsky.shared.datasets import BundledDatasetSpec, ImageFolderSpec, scrub, write_catalog
 from fedsky.shared.messages import (
     Event,
     EventKind,
+    FailureKind,
     PrepareTaskCommand,
     StartTaskCommand,
     StopTaskCommand,
@@ -110,6 +112,11 @@ class TaskRunner:
         )
         self._publish_summary()
 
+    def _fail(
+        self, task: _Task | str, command_id: str | None, kind: FailureKind, detail: str
+    ) -> None:
+        self._emit("task_failed", task, command_id, detail, failure_kind=kind)
+
     def _local_paths(self) -> list[str]:
         return [str(s.root) for s in self.datasets.values() if isinstance(s, ImageFolderSpec)]
 
@@ -147,20 +154,20 @@ class TaskRunner:
 
     async def _prepare(self, cmd: PrepareTaskCommand) -> None:
         if cmd.dataset not in self.datasets:
-            self._emit(
-                "task_failed",
+            self._fail(
                 cmd.task_id,
                 cmd.command_id,
+                FailureKind.DATASET_MISSING,
                 f"dataset {cmd.dataset!r} is not configured at {self.agent_id}",
             )
             return
         vm = await self._find_vm(cmd.vm)
         if vm is None or vm.state != "running":
             state = "missing" if vm is None else vm.state
-            self._emit(
-                "task_failed",
+            self._fail(
                 cmd.task_id,
                 cmd.command_id,
+                FailureKind.VM_NOT_RUNNING,
                 f"vm-check: {cmd.vm} is {state}, not running",
             )
             return
@@ -205,8 +212,11 @@ class TaskRunner:
     async def _start(self, cmd: StartTaskCommand) -> None:
         task = self.tasks.get(cmd.task_id)
         if task is None:
-            self._emit(
-                "task_failed", cmd.task_id, cmd.command_id, "unknown task: it was not prepared here"
+            self._fail(
+                cmd.task_id,
+                cmd.command_id,
+                FailureKind.NOT_PREPARED,
+                "unknown task: it was not prepared here",
             )
             return
         if task.running is not None and task.running.running:
@@ -215,16 +225,19 @@ class TaskRunner:
         vm = await self._find_vm(task.vm)
         if vm is None or vm.state != "running":
             state = "missing" if vm is None else vm.state
-            self._emit(
-                "task_failed", task, cmd.command_id, f"vm-check: {task.vm} is {state}, not running"
+            self._fail(
+                task,
+                cmd.command_id,
+                FailureKind.VM_NOT_RUNNING,
+                f"vm-check: {task.vm} is {state}, not running",
             )
             return
         dataset = self.datasets.get(cmd.dataset)
         if dataset is None:
-            self._emit(
-                "task_failed",
+            self._fail(
                 task,
                 cmd.command_id,
+                FailureKind.DATASET_MISSING,
                 f"dataset {cmd.dataset!r} is not configured at {self.agent_id}",
             )
             return
@@ -257,8 +270,11 @@ class TaskRunner:
             task.running = await self.executor.start(
                 launch, vm_name=vm.name, vm_addresses=tuple(vm.addresses)
             )
+        except VmUnreachable as exc:
+            self._fail(task, cmd.command_id, FailureKind.VM_UNREACHABLE, f"supernode: {exc}")
+            return
         except ExecutorError as exc:
-            self._emit("task_failed", task, cmd.command_id, f"supernode: {exc}")
+            self._fail(task, cmd.command_id, FailureKind.START_FAILED, f"supernode: {exc}")
             return
         self._emit("task_running", task, cmd.command_id, f"SuperNode running on {task.vm}")
         task.watcher = asyncio.create_task(
@@ -273,11 +289,21 @@ class TaskRunner:
         if status.ok:
             self._emit("task_finished", task, command_id, "the SuperNode exited normally")
         else:
-            self._emit("task_failed", task, command_id, f"supernode: {status.reason}")
+            kind = (
+                FailureKind.VM_UNREACHABLE if status.unreachable else FailureKind.SUPERNODE_EXITED
+            )
+            self._fail(task, command_id, kind, f"supernode: {status.reason}")
 
     async def _stop(
-        self, task_id: str, command_id: str | None, reason: str, *, failed: str | None = None
+        self,
+        task_id: str,
+        command_id: str | None,
+        reason: str,
+        *,
+        failed: tuple[FailureKind, str] | None = None,
     ) -> None:
+        """Stop the task's SuperNode and report `task_stopped`, or `task_failed` with `failed`'s
+        kind and detail when the stop is the agent's own answer to a failure."""
         task = self.tasks.pop(task_id, None)
         if task is None:
             self._emit("task_stopped", task_id, command_id, "nothing was running")
@@ -301,8 +327,8 @@ class TaskRunner:
                 shutil.rmtree(self.work_dir / "keys" / task.job_id, ignore_errors=True)
 
         await self._blocking(remove_files)
-        if failed:
-            self._emit("task_failed", task, command_id, failed)
+        if failed is not None:
+            self._fail(task, command_id, *failed)
         else:
             self._emit("task_stopped", task, command_id, reason or "stopped")
 
@@ -319,7 +345,10 @@ class TaskRunner:
                     "task %s: VM %s is %s; stopping its SuperNode", task.task_id, task.vm, state
                 )
                 await self._stop(
-                    task.task_id, None, "", failed=f"vm-left-running: {task.vm} is {state}"
+                    task.task_id,
+                    None,
+                    "",
+                    failed=(FailureKind.VM_STOPPED, f"vm-left-running: {task.vm} is {state}"),
                 )
 
     async def close(self) -> None:

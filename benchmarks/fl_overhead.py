@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fedsky.controller.clouds.base import AggregatorSpec
-from fedsky.controller.clouds.local import LocalProvider, free_port, pki_tls_issuer
+from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
 from fedsky.controller.clouds.superlink import prepare_app_dir
 from fedsky.controller.onebox import STUDY_HOSPITALS, Onebox
 from fedsky.controller.security.pki import Pki
@@ -60,6 +60,7 @@ from fedsky.shared.datasets import BundledDatasetSpec, ImageFolderSpec, Partitio
 from fedsky.shared.flower.runconfig import RunSettings
 from fedsky.shared.flower.sink import read_file_sink
 from fedsky.shared.modelfile import make_example
+from fedsky.shared.net import free_port
 from fedsky.shared.supernode import generate_node_key, supernode_command
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedsky.controller.orchestrator.core import MinResources, Policy, eligible
+from fedsky.controller.orchestrator.eligibility import eligible
+from fedsky.controller.orchestrator.policy import MinResources, Policy
 from fedsky.controller.orchestrator.simulator import Scenario, parse_scenario
 
 STUDY = Path(__file__).resolve().parent / "scenarios" / "study.json"

@@ -14,8 +14,8 @@ from fedsky.controller.api.settings import ApiConfig
 from fedsky.controller.bus.settings import BrokerConfig, BusConfig
 from fedsky.controller.clouds.settings import CloudsConfig
 from fedsky.controller.inventory.settings import InventoryConfig
-from fedsky.controller.models.registry import RegistryConfig
-from fedsky.controller.orchestrator.core import Policy
+from fedsky.controller.models.settings import ModelsConfig
+from fedsky.controller.orchestrator.policy import Policy
 from fedsky.controller.settings import Section
 from fedsky.shared.config import load_config, resolve_path
 from pydantic import ValidationInfo, field_validator
@@ -29,7 +29,7 @@ class ControllerConfig(Section):
     api: ApiConfig = ApiConfig()
     inventory: InventoryConfig = InventoryConfig()
     orchestrator: Policy = Policy()
-    registry: RegistryConfig = RegistryConfig()
+    registry: ModelsConfig = ModelsConfig()
     clouds: CloudsConfig = CloudsConfig()
 
     @field_validator("state_dir")

@@ -21,16 +21,20 @@ from pathlib import Path
 from aiohttp import web
 from fedsky.controller.api.app import make_app
 from fedsky.controller.api.enroll_listener import listener_tls, serve_enroll
-from fedsky.controller.bus.broker import BrokerError, ManagedBroker, prepare_broker_files
+from fedsky.controller.bus.broker_config import BrokerError, prepare_broker_files
 from fedsky.controller.bus.consumer import ControllerBus
+from fedsky.controller.bus.supervisor import ManagedBroker
 from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.config import ControllerConfig, load_controller_config
 from fedsky.controller.inventory import store as inventory
+from fedsky.controller.inventory.service import InventoryIngest
 from fedsky.controller.jobs import store as jobstore
-from fedsky.controller.jobs.manager import JobManager
-from fedsky.controller.models.registry import Registry
+from fedsky.controller.jobs.driver import JobManager
+from fedsky.controller.models.service import ModelManager
+from fedsky.controller.security.aggregators import AggregatorEnrolment
 from fedsky.controller.security.enrollment import record_certificate, revoked_serials
 from fedsky.controller.security.pki import Pki, PkiError, cert_info
+from fedsky.controller.security.revocation import RevocationEnforcer
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store, StoreError
 from fedsky.shared import exitcodes
@@ -164,19 +168,24 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
             port=config.broker.port,
             tls_context=client_context(ca_file=ca_file, cert_file=cert, key_file=key),
             topics=topics,
-            store=store,
-            history_per_agent=config.inventory.history_per_agent,
+            inventory=InventoryIngest(
+                store=store, history_per_agent=config.inventory.history_per_agent
+            ),
         )
-        models = Registry.from_controller_config(store=store, config=config)
+        revocations = RevocationEnforcer(settings=config.broker, broker=broker, pki=pki)
+        models = ModelManager(
+            store=store, root=config.registry.root(config.state_dir), config=config.registry
+        )
         clouds = CloudService.open(config=config, store=store, pki=pki)
+        aggregators = AggregatorEnrolment.open(config=config, store=store, pki=pki)
         jobs = JobManager(
             config=config,
             store=store,
             pki=pki,
             bus=bus,
-            registry=models,
+            models=models,
             clouds=clouds,
-            broker=broker,
+            revocations=revocations,
         )
         services = Services(
             store=store,
@@ -184,8 +193,10 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
             pki=pki,
             bus=bus,
             broker=broker,
+            revocations=revocations,
             models=models,
             clouds=clouds,
+            aggregators=aggregators,
             jobs=jobs,
         )
         app = make_app(services)

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 
 from fedsky.agent.testnode import write_test_node
 from fedsky.controller.cli.client import ApiClient, ApiError, ControllerUnavailable
+from fedsky.shared.net import free_port
 
 STUDY_HOSPITALS: dict[str, str] = {
     "hospital-us": "aws:us-east-1",
@@ -32,12 +32,6 @@ STUDY_HOSPITALS: dict[str, str] = {
 
 class OneboxError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _bin(name: str) -> str:

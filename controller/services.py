@@ -9,13 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeVar
 
-from fedsky.controller.bus.broker import ManagedBroker
 from fedsky.controller.bus.consumer import ControllerBus
+from fedsky.controller.bus.supervisor import ManagedBroker
 from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.config import ControllerConfig
-from fedsky.controller.jobs.manager import JobManager
-from fedsky.controller.models.registry import Registry
+from fedsky.controller.jobs.driver import JobManager
+from fedsky.controller.models.service import ModelManager
+from fedsky.controller.security.aggregators import AggregatorEnrolment
 from fedsky.controller.security.pki import Pki
+from fedsky.controller.security.revocation import RevocationEnforcer
 from fedsky.controller.store import Store
 
 _T = TypeVar("_T")
@@ -30,8 +32,10 @@ class Services:
     pki: Pki | None = None
     bus: ControllerBus | None = None
     broker: ManagedBroker | None = None
-    models: Registry | None = None
+    revocations: RevocationEnforcer | None = None
+    models: ModelManager | None = None
     clouds: CloudService | None = None
+    aggregators: AggregatorEnrolment | None = None
     jobs: JobManager | None = None
 
     def need_config(self) -> ControllerConfig:
@@ -42,6 +46,9 @@ class Services:
 
     def need_bus(self) -> ControllerBus:
         return _present(self.bus, "the bus")
+
+    def need_revocations(self) -> RevocationEnforcer:
+        return _present(self.revocations, "revocation enforcement")
 
 
 class PartUnavailable(Exception):

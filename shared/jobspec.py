@@ -6,7 +6,7 @@ A TOML file (YAML too, `.yaml`/`.yml`, read with `yaml.safe_load`):
     participants = ["hospital-us", "hospital-asia", "hospital-eu"]
     model = "digits.fedsky"          # a fedsky model file, relative to this file
     dataset = "digits"               # each hospital resolves the name in its own agent config
-    selection_metric = "f1"          # accuracy | loss | f1 | recall | precision
+    selection_metric = "f1"          # a name from fedsky.shared.metrics.METRICS
 
     [dataset_overrides]              # optional: a participant that names its copy differently
     hospital-eu = "digits-eu"
@@ -42,8 +42,10 @@ from typing import Annotated, Any, Literal
 
 from fedsky.shared.config import ConfigError, parse_config, resolve_path
 from fedsky.shared.ids import InvalidIdError, check_agent_id
+from fedsky.shared.metrics import DEFAULT_SELECTION_METRIC, METRIC_NAMES
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationInfo,
@@ -51,9 +53,20 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-SelectionMetric = Literal["accuracy", "loss", "f1", "recall", "precision"]
-SELECTION_METRICS: tuple[SelectionMetric, ...] = ("accuracy", "loss", "f1", "recall", "precision")
+
+def _selection_metric(value: object) -> object:
+    """One of the metric table's names, exactly (aliases are for aggregators and the CLI)."""
+    if value in METRIC_NAMES:
+        return value
+    # The same error (type and text) pydantic gives for a Literal of these names.
+    *first, last = (repr(name) for name in METRIC_NAMES)
+    expected = f"{', '.join(first)} or {last}" if first else last
+    raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+
+
+SelectionMetric = Annotated[str, BeforeValidator(_selection_metric)]
 Optimizer = Literal["sgd", "adam"]
 
 DATASET_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -131,7 +144,7 @@ class JobSpec(_Strict):
     hyperparameters: Hyperparameters
     resources: Resources = Resources()
     placement: Placement = Placement()
-    selection_metric: SelectionMetric = "accuracy"
+    selection_metric: SelectionMetric = DEFAULT_SELECTION_METRIC
 
     @field_validator("participants")
     @classmethod

@@ -4,6 +4,8 @@ Versioning: each payload carries `schema` as "MAJOR.MINOR". A newer minor versio
 fields are ignored (models use `extra="ignore"`); another major version is refused. Decoding
 never raises anything but `PayloadError`, whose `reason` is a short category that the consumer
 counts and logs once per sender.
+
+Minor versions: 1.1 adds `Event.failure_kind`, why a task failed as one of `FailureKind`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 from fedsky.shared.ids import AGENT_ID_PATTERN
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_MAJOR = 1
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 MAX_PAYLOAD_BYTES = 1 << 20  # 1 MiB: a report of 4,096 VMs fits many times over.
 
 VmState = Literal[
@@ -220,6 +223,44 @@ EventKind = Literal[
 ]
 
 
+class FailureKind(StrEnum):
+    """Why an agent reports `task_failed`: every way a task fails at the agent (schema 1.1)."""
+
+    # The dataset the command names is not configured at the agent (no VM of it would do).
+    DATASET_MISSING = "dataset_missing"
+    # The VM was missing or not running when the agent checked it before preparing or starting.
+    VM_NOT_RUNNING = "vm_not_running"
+    # The VM of a running task left the running state; the agent stopped the SuperNode.
+    VM_STOPPED = "vm_stopped"
+    # The agent could not reach the VM to start the SuperNode there, or lost it (SSH failed).
+    VM_UNREACHABLE = "vm_unreachable"
+    # A start for a task the agent has not prepared (e.g. the agent restarted in between).
+    NOT_PREPARED = "not_prepared"
+    # The SuperNode could not be started (a missing file, a bad setting, no executable).
+    START_FAILED = "start_failed"
+    # The SuperNode exited with an error or was killed.
+    SUPERNODE_EXITED = "supernode_exited"
+    # A reason this side cannot tell apart: a newer minor's new kind, or none given.
+    OTHER = "other"
+
+
+_FAILURE_KINDS = frozenset(k.value for k in FailureKind)
+
+# What agents of schema 1.0, which said why only in words, began their task_failed details with.
+_FAILURE_PREFIXES_1_0: tuple[tuple[str, FailureKind], ...] = (
+    ("dataset ", FailureKind.DATASET_MISSING),
+    ("vm-check:", FailureKind.VM_NOT_RUNNING),
+    ("vm-", FailureKind.VM_STOPPED),
+)
+
+
+def _minor(schema: object) -> int | None:
+    if not isinstance(schema, str):
+        return None
+    _, _, minor = schema.partition(".")
+    return int(minor) if minor.isdigit() else None
+
+
 class Event(Message):
     agent_id: AgentId
     kind: EventKind
@@ -232,6 +273,26 @@ class Event(Message):
         dict[Literal["node", "standby"], Annotated[str, Field(max_length=1024)]],
         Field(max_length=2),
     ] = {}
+    # task_failed (1.1): why. Always set on a decoded task_failed event, whatever its minor.
+    failure_kind: FailureKind | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _failure_kind(cls, data: Any) -> Any:
+        """Give every task_failed a kind: an unknown kind (a newer minor's) reads as `other`,
+        and a 1.0 event's is read from its detail's prefix, the only place 1.0 agents said it."""
+        if not isinstance(data, dict):
+            return data
+        given = data.get("failure_kind")
+        if given is None and data.get("kind") != "task_failed":
+            return data
+        if isinstance(given, str) and given in _FAILURE_KINDS:
+            return data
+        kind = FailureKind.OTHER
+        if given is None and _minor(data.get("schema", SCHEMA_VERSION)) == 0:
+            detail = str(data.get("detail", ""))
+            kind = next((k for p, k in _FAILURE_PREFIXES_1_0 if detail.startswith(p)), kind)
+        return {**data, "failure_kind": kind}
 
 
 def make_ping(*, ttl: timedelta = timedelta(seconds=60)) -> PingCommand:

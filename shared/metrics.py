@@ -1,4 +1,10 @@
-"""Classification metrics from a confusion matrix.
+"""The metrics a round reports, in one table, and the classification figures behind them.
+
+`METRICS` is the one place that names them: its rows give each metric's name (the spelling used
+in job specs, the API's JSON, the CLI, the `RoundMetrics` message and the Model Manager's
+columns), which way is better, the other names it may arrive under, and its display label. The
+job spec, the Model Manager's storage and recommendation, the CLI's tables and plots and the
+Flower apps read the table instead of spelling the names.
 
 Federated evaluation sums the participants' confusion matrices and computes every figure from the
 sum, so the round's accuracy, F1, recall and precision are exactly those of the union of the
@@ -14,8 +20,102 @@ Conventions (the same as scikit-learn's defaults, `zero_division=0`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
+
+Better = Literal["higher", "lower"]
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure every round reports: a row of `METRICS`."""
+
+    # The one spelling: job specs, JSON, CLI flags, the RoundMetrics field, the SQL column.
+    name: str
+    better: Better
+    # Column heading and plot legend.
+    label: str
+    # True: a fraction in [0, 1], plotted with the others on one axis; False: unbounded (a loss).
+    ratio: bool
+    # Other spellings accepted from an aggregator or a person, stored under `name`.
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # The name becomes an SQL column and a message field: keep it a plain identifier.
+        for key in (self.name, *self.aliases):
+            if not _NAME_RE.match(key):
+                raise ValueError(f"metric name {key!r} is not a lowercase identifier")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.better == "lower"
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("accuracy", "higher", "accuracy", ratio=True, aliases=("acc",)),
+    Metric("loss", "lower", "loss", ratio=False),
+    Metric("f1", "higher", "f1", ratio=True, aliases=("f1_macro", "macro_f1")),
+    Metric("recall", "higher", "recall", ratio=True, aliases=("recall_macro", "macro_recall")),
+    Metric(
+        "precision",
+        "higher",
+        "precision",
+        ratio=True,
+        aliases=("precision_macro", "macro_precision"),
+    ),
+)
+METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
+# What picks a job's best round when its spec names no metric.
+DEFAULT_SELECTION_METRIC = "accuracy"
+LOWER_IS_BETTER: frozenset[str] = frozenset(m.name for m in METRICS if m.lower_is_better)
+
+
+def metric_index(rows: Sequence[Metric]) -> dict[str, Metric]:
+    """Each name and alias of `rows` -> its row; ValueError when one names two rows."""
+    out: dict[str, Metric] = {}
+    for row in rows:
+        for key in (row.name, *row.aliases):
+            if key in out:
+                raise ValueError(f"metric name {key!r} names two rows of the metric table")
+            out[key] = row
+    return out
+
+
+_BY_KEY = metric_index(METRICS)
+
+
+def find_metric(name: str) -> Metric | None:
+    """The row for a name or alias (any case), or None when the table has no such metric."""
+    return _BY_KEY.get(name.lower())
+
+
+def metric_key(name: str) -> str:
+    """The name a figure is stored under: the table's name for a metric or alias, else `name`
+    lowercased (figures outside the table, such as `train_loss`, are kept under their own)."""
+    row = find_metric(name)
+    return row.name if row else name.lower()
+
+
+def metric_values(source: object) -> dict[str, float | None]:
+    """Every metric of the table, read from the attribute of that name (e.g. of a RoundMetrics)."""
+    out: dict[str, float | None] = {}
+    for row in METRICS:
+        value = getattr(source, row.name)
+        out[row.name] = None if value is None else float(value)
+    return out
+
+
+def format_values(values: Mapping[str, float | None], spec: str = ".4f") -> str:
+    """`accuracy 0.9012 loss 0.3100 ...` in table order (n/a for a missing value)."""
+    return " ".join(
+        f"{m.name} {'n/a' if (v := values.get(m.name)) is None else format(v, spec)}"
+        for m in METRICS
+    )
+
 
 Matrix = list[list[int]]
 

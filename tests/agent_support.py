@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ from fedsky.agent.daemon import AgentDaemon
 from fedsky.agent.enroll import InstallPaths, install_bundle, make_request
 from fedsky.controller.security.pki import Pki
 from fedsky.shared.bundle import EnrolmentBundle
+
+from tests.support import eventually
 
 
 def install_paths(config: AgentConfig) -> InstallPaths:
@@ -94,27 +95,6 @@ def fault(path: Path, action: str, vm: str) -> dict[str, Any]:
         sock.sendall(json.dumps({"action": action, "vm": vm}).encode() + b"\n")
         reply: dict[str, Any] = json.loads(sock.makefile().readline())
     return reply
-
-
-async def eventually(
-    predicate: Callable[[], Any], *, timeout: float = 10.0, what: str = "condition"
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 @contextlib.asynccontextmanager

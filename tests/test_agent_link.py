@@ -34,8 +34,8 @@ from fedsky.shared.messages import (
 )
 from fedsky.shared.topics import Topics
 
-from tests.agent_support import enrol, eventually, fault, running_agent, write_config
-from tests.support import MqttBroker
+from tests.agent_support import enrol, fault, running_agent, write_config
+from tests.support import MqttBroker, eventually
 
 AGENT = "hospital-us"
 

@@ -19,7 +19,8 @@ from fedsky.controller.security.pki import Pki
 from fedsky.shared import exitcodes
 from fedsky.shared.messages import utcnow
 
-from tests.agent_support import closed_port, enrol, eventually, running_agent, write_config
+from tests.agent_support import enrol, running_agent, write_config
+from tests.support import eventually, free_port
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def config_path(tmp_path: Path) -> Path:
         pki=Pki.init(tmp_path / "ca"),
         state_dir=tmp_path / "state",
         agent_id="hospital-us",
-        broker_port=closed_port(),
+        broker_port=free_port(),
     )
     return write_config(tmp_path / "agent.toml", uri=uri)
 

@@ -19,20 +19,20 @@ from pathlib import Path
 import aiomqtt
 import pytest
 from cryptography import x509
-from fedsky.controller.bus.broker import (
+from fedsky.controller.bus.broker_config import (
     MAX_PACKET_SIZE,
     BrokerError,
     BrokerFiles,
-    BrokerTimeout,
-    ManagedBroker,
     external_revocation_instructions,
     prepare_broker_files,
     render_acl,
     render_config,
 )
+from fedsky.controller.bus.supervisor import BrokerTimeout, ManagedBroker
 from fedsky.controller.security.pki import Pki
 from fedsky.shared.messages import MAX_PAYLOAD_BYTES
 from fedsky.shared.retry import Backoff
+from fedsky.shared.topics import ACL_USERNAME, Topics
 
 from tests.support import ClientCredentials, free_port, write_credentials
 
@@ -116,6 +116,84 @@ def test_acl_gives_each_identity_only_its_subtree() -> None:
     # Nothing grants readwrite, nor anything outside the prefix.
     assert "readwrite" not in acl
     assert render_acl(topic_prefix="t1/v1/", controller_id="ctl").count("user ctl") == 1
+
+
+def _acl_rules(acl: str) -> list[tuple[str | None, str, str]]:
+    """(user, access, topic filter) per rule; user None for a `pattern` (every user)."""
+    rules: list[tuple[str | None, str, str]] = []
+    user: str | None = None
+    for line in acl.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word == "user":
+            user = rest
+        else:
+            access, _, topic = rest.partition(" ")
+            rules.append((user if word == "topic" else None, access, topic))
+    return rules
+
+
+def _filter_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching: `+` is one level, a trailing `#` the rest (the parent level too)."""
+    want, have = topic_filter.split("/"), topic.split("/")
+    for i, level in enumerate(want):
+        if level == "#":
+            return len(have) >= i
+        if i >= len(have) or level not in ("+", have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def _allowed(acl: str, user: str, access: str, topic: str) -> bool:
+    """What Mosquitto decides for `user`, whose `pattern` lines read `%u` as its name."""
+    return any(
+        rule_access in (access, "readwrite")
+        and (rule_user in (None, user))
+        and _filter_matches(
+            topic_filter if rule_user is not None else topic_filter.replace(ACL_USERNAME, user),
+            topic,
+        )
+        for rule_user, rule_access, topic_filter in _acl_rules(acl)
+    )
+
+
+def test_acl_is_spelled_by_the_topics_module() -> None:
+    topics = Topics("t1/v1")
+    acl = render_acl(topic_prefix="t1/v1/", controller_id="ctl")
+    assert _acl_rules(acl) == [
+        ("ctl", "read", topics.all_agents_up),
+        ("ctl", "read", topics.all_aggregators_up),
+        ("ctl", "write", topics.all_agents_down),
+        (None, "write", topics.agent_up(ACL_USERNAME)),
+        (None, "read", topics.agent_down(ACL_USERNAME)),
+        (None, "write", topics.aggregator_up(ACL_USERNAME)),
+    ]
+
+
+def test_acl_lets_each_identity_use_exactly_its_own_topics() -> None:
+    topics = Topics("fedsky/v1")
+    acl = render_acl(topic_prefix="fedsky/v1")
+    me, other, agg, other_agg = "hospital-a", "hospital-b", "agg-job1", "agg-job2"
+    for sent in (topics.report, topics.status, topics.events):
+        assert _allowed(acl, me, "write", sent(me))
+        assert not _allowed(acl, me, "write", sent(other))
+        assert _allowed(acl, "controller", "read", sent(me))
+        assert topics.parse_up(sent(me)) is not None
+    assert _allowed(acl, me, "read", topics.cmd(me))
+    assert not _allowed(acl, me, "read", topics.cmd(other))
+    assert not _allowed(acl, me, "write", topics.cmd(me))
+    assert _allowed(acl, "controller", "write", topics.cmd(other))
+    for sent in (topics.aggregator_metrics, topics.aggregator_status):
+        assert _allowed(acl, agg, "write", sent(agg))
+        assert not _allowed(acl, agg, "write", sent(other_agg))
+        assert not _allowed(acl, me, "write", sent(agg))
+        assert _allowed(acl, "controller", "read", sent(agg))
+        assert topics.parse_up(sent(agg)) is not None
+    # The controller's subscriptions are exactly what it may read.
+    for subscription in (topics.all_agents_up, topics.all_aggregators_up):
+        assert ("controller", "read", subscription) in _acl_rules(acl)
+    assert not _allowed(acl, "controller", "read", "elsewhere/agents/hospital-a/up/report")
 
 
 @pytest.mark.parametrize("prefix", ["", "a/+/b", "a/#", "a/%u", "a\nuser x"])
@@ -308,7 +386,7 @@ def test_runtime_directory_must_be_roots_alone(pki: Pki, broker_dir: Path, tmp_p
 async def test_managed_broker_serves_and_stops_without_orphan(
     pki: Pki, broker_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="fedsky.controller.bus.broker")
+    caplog.set_level(logging.DEBUG, logger="fedsky.controller.bus.supervisor")
     files = _files(pki, broker_dir)
     broker = ManagedBroker(files=files, backoff=FAST)
     async with _running(broker):

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from fedsky.controller.bus.consumer import ControllerBus
 from fedsky.controller.inventory import store as inventory
+from fedsky.controller.inventory.service import InventoryIngest
 from fedsky.controller.security import enrollment
 from fedsky.controller.store import Store
 from fedsky.shared.messages import MAX_PAYLOAD_BYTES, HostInfo, Report, VmInfo
@@ -104,8 +105,7 @@ async def _run_scenario(
         port=broker.port,
         tls_context=controller.context,
         topics=broker.topics,
-        store=store,
-        history_per_agent=10,
+        inventory=InventoryIngest(store=store, history_per_agent=10),
     )
     task = asyncio.create_task(bus.run())
     try:

@@ -25,7 +25,7 @@ from fedsky.controller.security.pki import Pki
 from fedsky.controller.services import Services
 
 from tests.fakes.aws import MotoAws, shared_moto
-from tests.fakes.clouds import clouds_config, open_service
+from tests.fakes.clouds import clouds_config, open_enrolment, open_service
 from tests.fakes.gcp_server import FakeGcp, running_fake
 from tests.support.csr import make_csr
 
@@ -66,8 +66,9 @@ async def api(
     service, store = open_service(
         tmp_path / "state", pki, clouds_config(moto_endpoint=moto.endpoint, gcp=fake)
     )
+    aggregators, _ = open_enrolment(tmp_path / "state", pki, store)
     recorder = Recorder()
-    app = make_app(Services(store=store, pki=pki, clouds=service))
+    app = make_app(Services(store=store, pki=pki, clouds=service, aggregators=aggregators))
     app.middlewares.insert(0, recorder.middleware)  # outermost: sees error responses too
     runner = web.AppRunner(app)
     await runner.setup()

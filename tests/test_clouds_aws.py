@@ -8,12 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedsky.controller.clouds.service import AWS_ACTIONS, CloudError, CloudService
+from fedsky.controller.clouds.aws.validate import AWS_ACTIONS
+from fedsky.controller.clouds.errors import (
+    AccountExists,
+    AccountNotFound,
+    CloudUnreachable,
+    CloudUsageError,
+    CredentialFormatError,
+    CredentialRejected,
+    UnknownCloud,
+)
+from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 
 from tests.fakes.aws import PROVIDER_ACTIONS, AwsKey, MotoAws, shared_moto
 from tests.fakes.clouds import clouds_config, open_service
+from tests.support import free_port
 
 
 @pytest.fixture
@@ -81,9 +92,8 @@ async def test_a_wrong_secret_fails_as_aws_fails_it_and_nothing_is_stored(
 ) -> None:
     key = moto.user("fl")
     wrong = AwsKey(key.user, key.access_key_id, key.secret_access_key[::-1])
-    with pytest.raises(CloudError, match="SignatureDoesNotMatch") as caught:
+    with pytest.raises(CredentialRejected, match="SignatureDoesNotMatch") as caught:
         await service.add(cloud="aws", data=wrong.console_csv())
-    assert caught.value.http_status == 422
     assert caught.value.result is not None
     assert caught.value.result.status == "invalid"
     assert _rows(service) == []
@@ -91,11 +101,11 @@ async def test_a_wrong_secret_fails_as_aws_fails_it_and_nothing_is_stored(
 
 async def test_an_unknown_key_fails_as_aws_fails_it(service: CloudService, moto: MotoAws) -> None:
     unknown = AwsKey("nobody", "AKIA" + "Z" * 16, "S" * 40)
-    with pytest.raises(CloudError, match="InvalidClientTokenId"):
+    with pytest.raises(CredentialRejected, match="InvalidClientTokenId"):
         await service.add(cloud="aws", data=unknown.console_csv())
     deleted = moto.user("gone")
     moto.delete_key(deleted)
-    with pytest.raises(CloudError, match="InvalidClientTokenId"):
+    with pytest.raises(CredentialRejected, match="InvalidClientTokenId"):
         await service.add(cloud="aws", data=deleted.console_csv())
     assert _rows(service) == []
 
@@ -107,7 +117,7 @@ async def test_a_key_without_the_needed_permissions_names_them(
         a for a in PROVIDER_ACTIONS if a not in ("ec2:RunInstances", "ec2:CreateSecurityGroup")
     ]
     key = moto.user("readonly", actions)
-    with pytest.raises(CloudError) as caught:
+    with pytest.raises(CredentialRejected) as caught:
         await service.add(cloud="aws", data=key.console_csv())
     result = caught.value.result
     assert result is not None
@@ -122,7 +132,7 @@ async def test_a_key_without_the_needed_permissions_names_them(
     assert _rows(service) == []
 
     no_policy = moto.user("bare", [])
-    with pytest.raises(CloudError) as caught:
+    with pytest.raises(CredentialRejected) as caught:
         await service.add(cloud="aws", data=no_policy.console_csv())
     assert caught.value.result is not None
     # DescribeImages is not needed (nor checked) where the config names the region's image.
@@ -131,11 +141,11 @@ async def test_a_key_without_the_needed_permissions_names_them(
 
 async def test_an_unknown_region_is_a_clear_error(service: CloudService, moto: MotoAws) -> None:
     key = moto.user("fl")
-    with pytest.raises(CloudError, match="unknown AWS region 'xx-nowhere-1'") as caught:
+    with pytest.raises(CredentialRejected, match="unknown AWS region 'xx-nowhere-1'") as caught:
         await service.add(cloud="aws", data=key.console_csv(), region="xx-nowhere-1")
     assert caught.value.result is not None
     assert caught.value.result.status == "unknown-region"
-    with pytest.raises(CloudError, match="is not a region name"):
+    with pytest.raises(CloudUsageError, match="is not a region name"):
         await service.add(cloud="aws", data=key.console_csv(), region="us east 1; rm")
     assert _rows(service) == []
 
@@ -144,17 +154,16 @@ async def test_malformed_files_and_bad_names_store_nothing(
     service: CloudService, moto: MotoAws
 ) -> None:
     key = moto.user("fl")
-    with pytest.raises(CloudError, match=r"looks truncated|truncated or edited"):
+    with pytest.raises(CredentialFormatError, match=r"looks truncated|truncated or edited"):
         await service.add(cloud="aws", data=key.console_csv()[:40])
-    with pytest.raises(CloudError, match="invalid name 'Prod Account'"):
+    with pytest.raises(CloudUsageError, match="invalid name 'Prod Account'"):
         await service.add(cloud="aws", data=key.console_csv(), name="Prod Account")
-    with pytest.raises(CloudError, match="unknown cloud 'azure'"):
+    with pytest.raises(UnknownCloud, match="unknown cloud 'azure': fedsky links aws and gcp"):
         await service.add(cloud="azure", data=key.console_csv())
     assert _rows(service) == []
     await service.add(cloud="aws", data=key.console_csv(), name="prod")
-    with pytest.raises(CloudError, match="already linked") as caught:
+    with pytest.raises(AccountExists, match="already linked"):
         await service.add(cloud="aws", data=key.console_csv(), name="prod")
-    assert caught.value.http_status == 409
 
 
 async def test_verify_follows_what_aws_says_now(service: CloudService, moto: MotoAws) -> None:
@@ -174,23 +183,23 @@ async def test_verify_follows_what_aws_says_now(service: CloudService, moto: Mot
     assert "InvalidClientTokenId" in record.message
     await service.remove("prod")
     assert await service.records() == []
-    with pytest.raises(CloudError, match="no cloud account named 'prod'") as caught:
+    with pytest.raises(AccountNotFound, match="no cloud account named 'prod'"):
         await service.verify("prod")
-    assert caught.value.http_status == 404
+    with pytest.raises(AccountNotFound, match="no cloud account named 'prod'"):
+        await service.remove("prod")
 
 
 async def test_an_unreachable_endpoint_is_not_an_invalid_key(
     tmp_path: Path, pki: Pki, moto: MotoAws
 ) -> None:
-    from tests.support.net import free_port
-
     service, store = open_service(
         tmp_path / "s", pki, clouds_config(moto_endpoint=f"http://127.0.0.1:{free_port()}")
     )
     try:
-        with pytest.raises(CloudError, match="cannot reach AWS") as caught:
+        with pytest.raises(CloudUnreachable, match="cannot reach AWS") as caught:
             await service.add(cloud="aws", data=moto.user("fl").console_csv())
-        assert caught.value.http_status == 502
+        assert caught.value.result is not None
+        assert caught.value.result.status == "unreachable"
         assert _rows(service) == []
     finally:
         store.close()

@@ -23,27 +23,27 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedsky.controller.api.app import make_app
 from fedsky.controller.api.clouds import make_enroll_app
 from fedsky.controller.api.enroll_listener import listener_tls
-from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.clouds.settings import CloudsConfig
 from fedsky.controller.jobs import store as jobstore
-from fedsky.controller.onebox import free_port
+from fedsky.controller.jobs.model_files import model_file_path
 from fedsky.controller.security import bootstrap_tokens as bt
+from fedsky.controller.security.aggregators import AggregatorEnrolment
 from fedsky.controller.security.enrollment import record_certificate, revoke_common_name
 from fedsky.controller.security.pki import IssuedCertificate, Pki, PkiError
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store
 
-from tests.fakes.clouds import clouds_config, open_service
-from tests.support.csr import make_csr
+from tests.fakes.clouds import open_enrolment
+from tests.support import free_port, make_csr
 
 # The bus identity's CSR (agg-job-7, a key of its own) that goes with every enrolment here.
 BUS_KEY, BUS_CSR = make_csr("agg-job-7")
 
 
 @pytest.fixture
-def service(tmp_path: Path, pki: Pki) -> Any:
-    svc, store = open_service(tmp_path / "state", pki, clouds_config())
-    yield svc
+def enrolment(tmp_path: Path, pki: Pki) -> Any:
+    service, store = open_enrolment(tmp_path / "state", pki)
+    yield service
     store.close()
 
 
@@ -60,13 +60,14 @@ def _bind(store: Store, job_id: str = "job-7", ip: str = "198.51.100.20") -> int
 MODEL = b"the model file of job 7 (the route serves bytes; it does not parse them)"
 
 
-def _job(service: CloudService, job_id: str = "job-7", data: bytes = MODEL) -> str:
+def _job(enrolment: AggregatorEnrolment, job_id: str = "job-7", data: bytes = MODEL) -> str:
     """A job record and its model file, as the job pipeline leaves them; returns the digest."""
-    assert service.model_dir is not None
     digest = hashlib.sha256(data).hexdigest()
-    service.model_dir.mkdir(parents=True, exist_ok=True)
-    (service.model_dir / f"{digest}.safetensors").write_bytes(data)
-    service.store.call(
+    path = model_file_path(enrolment.state_dir, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    assert enrolment.model_path(digest) == path
+    enrolment.store.call(
         lambda conn: jobstore.create_job(
             conn, job_id=job_id, name=job_id, spec={}, model_digest=digest
         )
@@ -75,17 +76,17 @@ def _job(service: CloudService, job_id: str = "job-7", data: bytes = MODEL) -> s
 
 
 async def test_a_token_buys_one_certificate_for_the_bound_address_only(
-    service: CloudService, pki: Pki
+    enrolment: AggregatorEnrolment, pki: Pki
 ) -> None:
-    store = service.store
+    store = enrolment.store
     token = _issue(store)
     _, csr = make_csr("agg-job-7")
     with pytest.raises(bt.TokenError) as caught:
-        await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+        await enrolment.enroll(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
     assert caught.value.not_ready  # no address yet: not spent, the VM retries
     assert _bind(store) == 1
 
-    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+    enrolled = await enrolment.enroll(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
 
     assert enrolled.job_id == "job-7"
     assert enrolled.ca_pem == pki.ca_cert_pem
@@ -110,68 +111,68 @@ async def test_a_token_buys_one_certificate_for_the_bound_address_only(
     ]
 
     with pytest.raises(bt.TokenError, match="already used"):
-        await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+        await enrolment.enroll(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
 
 
-async def test_a_csr_asking_for_other_names_gets_only_the_bound_ones(service: CloudService) -> None:
-    token = _issue(service.store)
-    _bind(service.store)
+async def test_a_csr_asking_for_other_names_gets_only_the_bound_ones(
+    enrolment: AggregatorEnrolment,
+) -> None:
+    token = _issue(enrolment.store)
+    _bind(enrolment.store)
     wants_broker: list[x509.ExtensionType] = [
         x509.SubjectAlternativeName([x509.DNSName("broker.example"), x509.DNSName("controller")])
     ]
     _, csr = make_csr("agg-job-7", extensions=wants_broker)
-    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+    enrolled = await enrolment.enroll(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
     sans = x509.load_pem_x509_certificate(enrolled.cert_pem).extensions.get_extension_for_class(
         x509.SubjectAlternativeName
     )
     assert sans.value.get_values_for_type(x509.DNSName) == ["localhost"]
 
 
-async def test_a_refused_csr_spends_nothing(service: CloudService) -> None:
-    token = _issue(service.store)
-    _bind(service.store)
+async def test_a_refused_csr_spends_nothing(enrolment: AggregatorEnrolment) -> None:
+    token = _issue(enrolment.store)
+    _bind(enrolment.store)
     _, other_name = make_csr("controller")
     with pytest.raises(PkiError, match="is for 'controller', not 'agg-job-7'"):
-        await service.enroll_aggregator(token=token, csr_pem=other_name, bus_csr_pem=BUS_CSR)
+        await enrolment.enroll(token=token, csr_pem=other_name, bus_csr_pem=BUS_CSR)
     _, csr = make_csr("agg-job-7")
-    assert (
-        await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
-    ).job_id == "job-7"
+    assert (await enrolment.enroll(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)).job_id == "job-7"
 
 
-async def test_expired_revoked_and_unknown_tokens(service: CloudService) -> None:
-    store = service.store
+async def test_expired_revoked_and_unknown_tokens(enrolment: AggregatorEnrolment) -> None:
+    store = enrolment.store
     _, csr = make_csr("agg-job-7")
     old = _issue(store, ttl_s=60, now=datetime.now(UTC) - timedelta(minutes=5))
     _bind(store)
     with pytest.raises(bt.TokenError, match="expired"):
-        await service.enroll_aggregator(token=old, csr_pem=csr, bus_csr_pem=BUS_CSR)
+        await enrolment.enroll(token=old, csr_pem=csr, bus_csr_pem=BUS_CSR)
     revoked = _issue(store)
     _bind(store)
     store.call(lambda conn: bt.revoke_tokens(conn, job_id="job-7"))
     with pytest.raises(bt.TokenError, match="revoked"):
-        await service.enroll_aggregator(token=revoked, csr_pem=csr, bus_csr_pem=BUS_CSR)
+        await enrolment.enroll(token=revoked, csr_pem=csr, bus_csr_pem=BUS_CSR)
     with pytest.raises(bt.TokenError, match="unknown token"):
-        await service.enroll_aggregator(token=revoked[:-2] + "xx", csr_pem=csr, bus_csr_pem=BUS_CSR)
+        await enrolment.enroll(token=revoked[:-2] + "xx", csr_pem=csr, bus_csr_pem=BUS_CSR)
 
 
 async def test_the_bus_certificate_is_the_jobs_aggregator_on_a_key_of_its_own(
-    service: CloudService, pki: Pki
+    enrolment: AggregatorEnrolment, pki: Pki
 ) -> None:
-    digest = _job(service)
-    token = _issue(service.store)
-    _bind(service.store)
+    digest = _job(enrolment)
+    token = _issue(enrolment.store)
+    _bind(enrolment.store)
     _, csr = make_csr("agg-job-7")
     key = ec.generate_private_key(ec.SECP256R1())
     _, same_a = make_csr("agg-job-7", key=key)
     _, same_b = make_csr("agg-job-7", key=key)
     with pytest.raises(PkiError, match="a key of its own"):
-        await service.enroll_aggregator(token=token, csr_pem=same_a, bus_csr_pem=same_b)
+        await enrolment.enroll(token=token, csr_pem=same_a, bus_csr_pem=same_b)
     _, controller = make_csr("controller")
     with pytest.raises(PkiError, match="is for 'controller', not 'agg-job-7'"):
-        await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=controller)
+        await enrolment.enroll(token=token, csr_pem=csr, bus_csr_pem=controller)
 
-    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+    enrolled = await enrolment.enroll(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
 
     bus = x509.load_pem_x509_certificate(enrolled.bus_cert_pem)
     pki.verify(enrolled.bus_cert_pem)
@@ -187,15 +188,15 @@ async def test_the_bus_certificate_is_the_jobs_aggregator_on_a_key_of_its_own(
         host="127.0.0.1", port=8883, topic_prefix="fedsky/v1"
     )
     # The job's end revokes both by name, as it does the local aggregator's.
-    assert service.store.call(revoke_common_name, pki, "agg-job-7") == 2
+    assert enrolment.store.call(revoke_common_name, pki, "agg-job-7") == 2
     crl = x509.load_pem_x509_crl(pki.crl_path.read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(bus.serial_number) is not None
 
 
-def test_tokens_are_stored_hashed(service: CloudService) -> None:
-    token = _issue(service.store)
-    service.store.call(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
-    raw = b"".join(p.read_bytes() for p in service.store.path.parent.iterdir() if p.is_file())
+def test_tokens_are_stored_hashed(enrolment: AggregatorEnrolment) -> None:
+    token = _issue(enrolment.store)
+    enrolment.store.call(lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+    raw = b"".join(p.read_bytes() for p in enrolment.store.path.parent.iterdir() if p.is_file())
     assert token.encode() not in raw
     assert token.split("_", 1)[1][:20].encode() not in raw
     assert bt.hash_token(token).encode() in raw
@@ -205,9 +206,9 @@ def test_tokens_are_stored_hashed(service: CloudService) -> None:
 
 
 @pytest.fixture
-async def http(service: CloudService) -> AsyncIterator[tuple[str, str]]:
+async def http(enrolment: AggregatorEnrolment) -> AsyncIterator[tuple[str, str]]:
     """The operator's API and the enrolment-only app, each on a loopback port."""
-    services = Services(store=service.store, clouds=service)
+    services = Services(store=enrolment.store, aggregators=enrolment)
     runners = []
     urls = []
     for app in (make_app(services), make_enroll_app(services)):
@@ -222,16 +223,16 @@ async def http(service: CloudService) -> AsyncIterator[tuple[str, str]]:
         await runner.cleanup()
 
 
-async def test_the_enrol_route(http: tuple[str, str], service: CloudService) -> None:
+async def test_the_enrol_route(http: tuple[str, str], enrolment: AggregatorEnrolment) -> None:
     api, enroll_only = http
-    token = _issue(service.store)
+    token = _issue(enrolment.store)
     _, csr = make_csr("agg-job-7")
     body = {"token": token, "csr_pem": csr.decode(), "bus_csr_pem": BUS_CSR.decode()}
     async with ClientSession() as session:
         async with session.post(f"{enroll_only}/v1/aggregators/enroll", json=body) as resp:
             assert resp.status == 409
             assert "retry" in (await resp.json())["error"]
-        _bind(service.store)
+        _bind(enrolment.store)
         async with session.post(f"{enroll_only}/v1/aggregators/enroll", json=body) as resp:
             assert resp.status == 200
             got = await resp.json()
@@ -264,17 +265,17 @@ async def test_the_enrol_route(http: tuple[str, str], service: CloudService) -> 
 
 @contextlib.asynccontextmanager
 async def _listener(
-    service: CloudService, pki: Pki, *, middlewares: Sequence[Any] = ()
+    enrolment: AggregatorEnrolment, pki: Pki, *, middlewares: Sequence[Any] = ()
 ) -> AsyncIterator[str]:
     """The enrolment app behind the daemon's own listener TLS (`listener_tls`); yields its URL."""
     port = free_port()
     base = f"https://127.0.0.1:{port}"
     tls = listener_tls(
         pki=pki,
-        store=service.store,
+        store=enrolment.store,
         clouds=CloudsConfig(enroll_url=f"{base}/v1/aggregators/enroll"),
     )
-    app = make_enroll_app(Services(store=service.store, clouds=service))
+    app = make_enroll_app(Services(store=enrolment.store, aggregators=enrolment))
     app.middlewares.extend(middlewares)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -310,26 +311,26 @@ def _issued_key(issued: IssuedCertificate) -> bytes:
 
 
 async def test_the_model_file_goes_only_to_a_live_aggregator_certificate_of_an_active_job(
-    service: CloudService, pki: Pki, tmp_path: Path
+    enrolment: AggregatorEnrolment, pki: Pki, tmp_path: Path
 ) -> None:
-    digest = _job(service)
+    digest = _job(enrolment)
     other_model = b"job 8's model"
-    _job(service, "job-8", other_model)
-    token = _issue(service.store)
-    _bind(service.store)
+    _job(enrolment, "job-8", other_model)
+    token = _issue(enrolment.store)
+    _bind(enrolment.store)
     superlink_key, csr = make_csr("agg-job-7")
-    enrolled = await service.enroll_aggregator(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
+    enrolled = await enrolment.enroll(token=token, csr_pem=csr, bus_csr_pem=BUS_CSR)
     bus = _client_tls(pki, tmp_path, "bus", enrolled.bus_cert_pem, BUS_KEY)
     job8 = pki.issue(common_name="agg-job-8", kind="aggregator", days=1)
-    service.store.call(record_certificate, job8)
+    enrolment.store.call(record_certificate, job8)
     unrecorded = pki.issue(common_name="agg-job-7", kind="aggregator", days=1)
     agent = pki.issue(common_name="hospital-a", kind="agent", days=1)
-    service.store.call(record_certificate, agent)
+    enrolment.store.call(record_certificate, agent)
     foreign = Pki.init(tmp_path / "foreign-ca").issue(
         common_name="agg-job-7", kind="aggregator", days=1
     )
 
-    async with _listener(service, pki) as base:
+    async with _listener(enrolment, pki) as base:
         assert await _get_model(base, bus) == (200, MODEL, digest)
         # The certificate names the job: another aggregator gets its own job's model.
         job8_tls = _client_tls(pki, tmp_path, "job8", job8.cert_pem, _issued_key(job8))
@@ -357,9 +358,9 @@ async def test_the_model_file_goes_only_to_a_live_aggregator_certificate_of_an_a
                 await _get_model(base, ctx)
 
         # Once the job has ended, or the certificate is revoked, nothing more.
-        service.store.call(lambda conn: jobstore.set_state(conn, "job-8", "completed"))
+        enrolment.store.call(lambda conn: jobstore.set_state(conn, "job-8", "completed"))
         assert (await _get_model(base, job8_tls))[0] == 404
-        service.store.call(revoke_common_name, pki, "agg-job-7")
+        enrolment.store.call(revoke_common_name, pki, "agg-job-7")
         assert (await _get_model(base, bus))[0] == 403
 
 
@@ -438,7 +439,7 @@ async def _start_script(script: str, env: dict[str, str]) -> asyncio.subprocess.
 
 
 async def test_the_script_enrols_and_fetches_the_model_against_a_real_listener(
-    service: CloudService, pki: Pki, tmp_path: Path
+    enrolment: AggregatorEnrolment, pki: Pki, tmp_path: Path
 ) -> None:
     """Run the startup script (minus the package install and systemd) against the listener."""
     seen: list[tuple[str, str, bytes]] = []
@@ -449,11 +450,11 @@ async def test_the_script_enrols_and_fetches_the_model_against_a_real_listener(
         response: web.StreamResponse = await handler(request)
         return response
 
-    digest = _job(service)
+    digest = _job(enrolment)
     env = _vm(tmp_path)
-    async with _listener(service, pki, middlewares=[record]) as base:
-        token = _issue(service.store)
-        _bind(service.store, ip="198.51.100.20")
+    async with _listener(enrolment, pki, middlewares=[record]) as base:
+        token = _issue(enrolment.store)
+        _bind(enrolment.store, ip="198.51.100.20")
         script = _script(
             pki,
             tmp_path,
@@ -510,18 +511,17 @@ async def test_the_script_enrols_and_fetches_the_model_against_a_real_listener(
 
 @pytest.mark.parametrize("trouble", ["tampered", "job-ended"])
 async def test_the_script_starts_nothing_without_the_right_model_file(
-    service: CloudService, pki: Pki, tmp_path: Path, trouble: str
+    enrolment: AggregatorEnrolment, pki: Pki, tmp_path: Path, trouble: str
 ) -> None:
-    digest = _job(service)
-    assert service.model_dir is not None
+    digest = _job(enrolment)
     if trouble == "tampered":
-        (service.model_dir / f"{digest}.safetensors").write_bytes(b"not the model of job 7")
+        enrolment.model_path(digest).write_bytes(b"not the model of job 7")
     env = _vm(tmp_path)
-    async with _listener(service, pki) as base:
-        token = _issue(service.store)
-        _bind(service.store)
+    async with _listener(enrolment, pki) as base:
+        token = _issue(enrolment.store)
+        _bind(enrolment.store)
         if trouble == "job-ended":
-            service.store.call(lambda conn: jobstore.set_state(conn, "job-7", "cancelled"))
+            enrolment.store.call(lambda conn: jobstore.set_state(conn, "job-7", "cancelled"))
         script = _script(
             pki,
             tmp_path,

@@ -15,14 +15,13 @@ from fedsky.controller.api.enroll_listener import listener_tls, serve_enroll
 from fedsky.controller.clouds.settings import CloudsConfig
 from fedsky.controller.config import load_controller_config
 from fedsky.controller.inventory import store as inventory
-from fedsky.controller.onebox import free_port
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store
 from fedsky.shared.config import ConfigError
 
-from tests.fakes.clouds import HealthSwitch, clouds_config, open_service
-from tests.support.csr import make_csr
+from tests.fakes.clouds import HealthSwitch, clouds_config, open_enrolment, open_service
+from tests.support import free_port, make_csr
 
 
 @pytest.fixture
@@ -90,7 +89,8 @@ async def test_the_listener_serves_the_enrolment_route_only_over_tls(
     )
     tls = listener_tls(pki=pki, store=store, clouds=service.config)
     started = asyncio.Event()
-    services = Services(store=store, pki=pki, clouds=service)
+    aggregators, _ = open_enrolment(tmp_path / "state", pki, store)
+    services = Services(store=store, pki=pki, clouds=service, aggregators=aggregators)
     task = asyncio.create_task(
         serve_enroll(services, listen=f"127.0.0.1:{port}", tls=tls, started=started)
     )

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fedsky.controller.clouds.service import CloudError, CloudService
+from fedsky.controller.clouds.errors import CredentialFormatError, CredentialRejected
+from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.security.pki import Pki
 
 from tests.fakes.clouds import clouds_config, open_service
@@ -61,14 +62,14 @@ async def test_a_key_the_token_endpoint_refuses_is_invalid_grant(
         project=fake.project, email=str(registered["client_email"]), token_uri=fake.token_uri
     )
     with pytest.raises(
-        CloudError, match=r"Google refused the key \(invalid_grant: Invalid JWT Signature.\)"
-    ) as caught:
+        CredentialRejected,
+        match=r"Google refused the key \(invalid_grant: Invalid JWT Signature.\)",
+    ):
         await service.add(cloud="gcp", data=_key_bytes(forged))
-    assert caught.value.http_status == 422
     unknown, _ = make_service_account_key(
         project=fake.project, email="ghost@x.iam.gserviceaccount.com", token_uri=fake.token_uri
     )
-    with pytest.raises(CloudError, match="invalid_grant: Invalid grant: account not found"):
+    with pytest.raises(CredentialRejected, match="invalid_grant: Invalid grant: account not found"):
         await service.add(cloud="gcp", data=_key_bytes(unknown))
     assert await _stored(service) == []
 
@@ -80,7 +81,7 @@ async def test_a_key_without_instances_insert_permission_names_it(
         "viewer",
         permissions=ALL_PERMISSIONS - {"compute.instances.create", "compute.firewalls.create"},
     )
-    with pytest.raises(CloudError) as caught:
+    with pytest.raises(CredentialRejected) as caught:
         await service.add(cloud="gcp", data=_key_bytes(info))
     result = caught.value.result
     assert result is not None
@@ -95,7 +96,7 @@ async def test_a_key_without_instances_insert_permission_names_it(
         in caught.value.message
     )
     no_zones = fake.new_key("nozones", permissions={"compute.instances.create"})
-    with pytest.raises(CloudError, match=r"lacks compute\.zones\.list") as caught:
+    with pytest.raises(CredentialRejected, match=r"lacks compute\.zones\.list"):
         await service.add(cloud="gcp", data=_key_bytes(no_zones))
     assert await _stored(service) == []
 
@@ -109,15 +110,17 @@ async def test_wrong_file_types_unknown_regions_and_truncation(
         "client_secret": "s",
         "refresh_token": "r",
     }
-    with pytest.raises(CloudError, match=r"a user's credential .* not a service-account key"):
+    with pytest.raises(
+        CredentialFormatError, match=r"a user's credential .* not a service-account key"
+    ):
         await service.add(cloud="gcp", data=_key_bytes(authorized_user))
     info = fake.new_key()
-    with pytest.raises(CloudError, match="unknown GCP region 'mars-north1'"):
+    with pytest.raises(CredentialRejected, match="unknown GCP region 'mars-north1'"):
         await service.add(cloud="gcp", data=_key_bytes(info), region="mars-north1")
-    with pytest.raises(CloudError, match="truncated"):
+    with pytest.raises(CredentialFormatError, match="truncated"):
         await service.add(cloud="gcp", data=_key_bytes(info)[:-200])
     other_project = {**info, "project_id": "elsewhere"}
-    with pytest.raises(CloudError, match="project 'elsewhere' does not exist"):
+    with pytest.raises(CredentialRejected, match="project 'elsewhere' does not exist"):
         await service.add(cloud="gcp", data=_key_bytes(other_project))
     assert await _stored(service) == []
 
@@ -137,7 +140,7 @@ async def test_a_foreign_token_uri_is_never_contacted(
         service, store = open_service(tmp_path / "s", pki, config)
         info = fake.new_key()
         info["token_uri"] = trap_uri
-        with pytest.raises(CloudError, match="token_uri is not a Google token endpoint"):
+        with pytest.raises(CredentialFormatError, match="token_uri is not a Google token endpoint"):
             await service.add(cloud="gcp", data=_key_bytes(info))
         with pytest.raises(BlockingIOError):
             trap.accept()  # nobody knocked

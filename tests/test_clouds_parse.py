@@ -7,13 +7,11 @@ import json
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fedsky.controller.clouds.service import (
-    CloudService,
-    CredentialFormatError,
-    gcp_token_uri,
-    parse_aws,
-    parse_gcp,
-)
+from fedsky.controller.clouds.aws.credential import parse_aws
+from fedsky.controller.clouds.catalog import CLOUD_PLUGINS
+from fedsky.controller.clouds.errors import CredentialFormatError
+from fedsky.controller.clouds.gcp.credential import parse_gcp
+from fedsky.controller.clouds.gcp.validate import gcp_token_uri
 from fedsky.controller.clouds.settings import GcpCloudConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -257,7 +255,7 @@ def test_a_key_file_does_not_choose_where_assertions_go() -> None:
 
 def test_wrong_cloud_and_profile_for_gcp() -> None:
     with pytest.raises(CredentialFormatError, match="--profile applies to AWS"):
-        CloudService.parse("gcp", json.dumps(_sa()).encode(), profile="x")
+        CLOUD_PLUGINS["gcp"].parse(json.dumps(_sa()).encode(), profile="x")
 
 
 # -- anything at all ------------------------------------------------------------------------------
@@ -300,9 +298,9 @@ JSON_KEYS = [
 )
 def test_any_bytes_either_parse_or_fail_with_a_safe_message(data: bytes) -> None:
     messages = []
-    for cloud in ("aws", "gcp"):
+    for plugin in CLOUD_PLUGINS.values():
         try:
-            CloudService.parse(cloud, data)
+            plugin.parse(data)
         except CredentialFormatError as exc:  # any other exception fails the test
             messages.append(exc.message)
     assert not [m for m in messages if SECRET in m or "Hunter2" in m]

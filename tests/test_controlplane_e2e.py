@@ -14,6 +14,8 @@ import libvirt
 import pytest
 from fedsky.controller.onebox import Onebox
 
+from tests.support import eventually_blocking
+
 pytestmark = pytest.mark.e2e
 
 HOSPITALS = {"hospital-us": "aws:us-east-1", "hospital-eu": "aws:eu-central-1"}
@@ -43,17 +45,6 @@ def box(tmp_path: Path) -> Iterator[Onebox]:
 def _vms(box: Onebox) -> dict[tuple[str, str], dict[str, object]]:
     out = box.fedctl("vms", "--json").stdout
     return {(v["agent_id"], v["name"]): v for v in json.loads(out)}
-
-
-def _wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
 
 
 def _fault(box: Onebox, agent: str, action: str, vm: str) -> None:
@@ -94,12 +85,13 @@ def test_inventory_equals_libvirt_and_follows_state_changes(box: Onebox) -> None
     started = time.monotonic()
     _fault(box, "hospital-us", "destroy", "vm-001")
     _fault(box, "hospital-eu", "suspend", "vm-002")
-    _wait_for(
+    eventually_blocking(
         lambda: (
             _vms(box)[("hospital-us", "vm-001")]["state"] == "shutoff"
             and _vms(box)[("hospital-eu", "vm-002")]["state"] == "paused"
         ),
         timeout=box.report_interval_s + 2,
+        interval=0.2,
         what="the destroyed and suspended VMs to show in the controller",
     )
     assert time.monotonic() - started <= box.report_interval_s + 2
@@ -110,19 +102,21 @@ def test_broker_killed_agents_reconnect_and_controller_catches_up(box: Onebox) -
     old_pid = health["broker_pid"]
     assert old_pid
     os.kill(old_pid, signal.SIGKILL)
-    _wait_for(
+    eventually_blocking(
         lambda: (
             (h := box.api.get("/v1/health"))["broker_pid"] not in (None, old_pid)
             and h["bus_connected"]
         ),
         timeout=30,
+        interval=0.2,
         what="the managed broker to be restarted",
     )
     # A change made after the restart reaches the controller: the agent reconnected.
     _fault(box, "hospital-eu", "destroy", "vm-002")
-    _wait_for(
+    eventually_blocking(
         lambda: _vms(box)[("hospital-eu", "vm-002")]["state"] == "shutoff",
         timeout=45,
+        interval=0.2,
         what="a state change after the broker restart",
     )
 

@@ -11,8 +11,8 @@ from fedsky.agent.executors.base import (
     ExecutorError,
     LocalExecutorConfig,
     SuperNodeLaunch,
-    make_executor,
 )
+from fedsky.agent.executors.factory import make_executor
 from fedsky.agent.executors.local import LocalExecutor, LocalSuperNode
 from fedsky.controller.security.pki import Pki
 from fedsky.shared.datasets import BundledDatasetSpec, write_catalog

@@ -6,11 +6,9 @@ TLS and SuperNode authentication, and stopping the task ends it there.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +21,9 @@ from fedsky.agent.executors.base import (
     ExecutorError,
     SshExecutorConfig,
     SuperNodeLaunch,
-    make_executor,
+    VmUnreachable,
 )
+from fedsky.agent.executors.factory import make_executor
 from fedsky.agent.executors.ssh import SshExecutor, SshSuperNode
 from fedsky.controller.clouds.base import AggregatorSpec
 from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
@@ -32,7 +31,7 @@ from fedsky.controller.security.pki import Pki
 from fedsky.shared.datasets import BundledDatasetSpec, write_catalog
 from fedsky.shared.supernode import generate_node_key
 
-from tests.support import free_port
+from tests.support import eventually, eventually_blocking, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -94,11 +93,15 @@ StrictModes no
                 stderr=log,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and proc.poll() is None:
-            if "Server listening" in (d / "sshd.log").read_text(errors="replace"):
-                break
-            time.sleep(0.05)
+        eventually_blocking(
+            lambda started=proc: (
+                started.poll() is not None
+                or "Server listening" in (d / "sshd.log").read_text(errors="replace")
+            ),
+            timeout=10,
+            what="sshd to listen or exit",
+            details=lambda: (d / "sshd.log").read_text(errors="replace"),
+        )
         if proc.poll() is None:
             break
     else:
@@ -181,25 +184,25 @@ async def test_supernode_in_the_vm_joins_and_stops(
     remote = tmp_path / "vm" / "t-ssh"
     assert (remote / "node.key").stat().st_mode & 0o077 == 0
     assert (remote / "node.key").read_bytes() == keys.private_key.read_bytes()
-    deadline = time.monotonic() + 60
-    status = ""
-    while time.monotonic() < deadline:
-        (state,) = await control.list_nodes()
-        status = state.status
-        if status == "online":
-            break
-        await asyncio.sleep(0.5)
-    assert status == "online", node.log_tail()
+    await eventually(
+        control.list_nodes,
+        until=lambda nodes: [n.status for n in nodes] == ["online"],
+        timeout=60,
+        interval=0.5,
+        what="the SuperNode online",
+        details=node.log_tail,
+    )
     pid = int((remote / "supernode.pid").read_text())
     assert Path(f"/proc/{pid}").exists()
     ended = await node.stop(timeout_s=15)
     assert ended.reason == "stopped"
     assert not node.running
-    for _ in range(50):
-        if not Path(f"/proc/{pid}").exists():
-            break
-        await asyncio.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists()
+    await eventually(
+        lambda: not Path(f"/proc/{pid}").exists(),
+        timeout=5,
+        interval=0.1,
+        what=f"the SuperNode's process {pid} to end",
+    )
 
 
 async def test_ssh_failures_are_clear(tmp_path: Path, sshd: Sshd) -> None:
@@ -220,7 +223,7 @@ async def test_ssh_failures_are_clear(tmp_path: Path, sshd: Sshd) -> None:
         _config(sshd, tmp_path, address_overrides={"vm-1": f"127.0.0.1:{free_port()}"}),
         work_dir=tmp_path / "t",
     )
-    with pytest.raises(ExecutorError, match=r"SSH connection to 127\.0\.0\.1:\d+ failed"):
+    with pytest.raises(VmUnreachable, match=r"SSH connection to 127\.0\.0\.1:\d+ failed"):
         await closed.start(launch, vm_name="vm-1")
     # A host key that is not the one on record is refused, not accepted.
     (tmp_path / "other_known_hosts").write_text(
@@ -233,7 +236,7 @@ async def test_ssh_failures_are_clear(tmp_path: Path, sshd: Sshd) -> None:
     with pytest.raises(ExecutorError, match=r"(?i)host key"):
         await spoofed.start(launch, vm_name="vm-1")
     # No override and no usable address.
-    with pytest.raises(ExecutorError, match="no address"):
+    with pytest.raises(VmUnreachable, match="no address"):
         await SshExecutor(
             _config(sshd, tmp_path, address_overrides={}), work_dir=tmp_path / "t"
         ).start(launch, vm_name="vm-2", vm_addresses=("127.0.0.1",))

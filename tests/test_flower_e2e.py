@@ -39,6 +39,8 @@ from fedsky.shared.procs import group_alive as _group_alive
 from fedsky.shared.supernode import generate_node_key
 from sklearn.metrics import f1_score, precision_score, recall_score
 
+from tests.support import eventually
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 SITES = ("hospital-us", "hospital-asia", "hospital-eu")
@@ -48,6 +50,17 @@ def _spec(index: int) -> BundledDatasetSpec:
     return BundledDatasetSpec(
         kind="digits",
         partition=Partition(index=index, count=len(SITES), scheme="label-skew", seed=11),
+    )
+
+
+async def _finished_status(control: SuperLinkControl, run_id: int, timeout: float = 30) -> str:
+    """The run's status at the SuperLink once it says the run finished."""
+    return await eventually(
+        lambda: control.run_status(run_id),
+        until=lambda status: status.startswith("finished"),
+        timeout=timeout,
+        interval=0.5,
+        what=f"run {run_id} to finish at the SuperLink",
     )
 
 
@@ -86,15 +99,15 @@ class Federation:
         run_id = await self.control.start_run(
             app_dir=app, settings=settings, run_config_file=self.root / f"{name}.toml"
         )
-        while not (sink / "run.json").exists():
-            assert time.monotonic() - t0 < 400, f"run {name} did not finish"
-            await asyncio.sleep(0.5)
+        await eventually(
+            lambda: (sink / "run.json").exists(),
+            timeout=400,
+            interval=0.5,
+            what=f"run {name} to finish",
+        )
         elapsed = time.monotonic() - t0
-        for _ in range(60):  # the ServerApp process reports to the SuperLink just after the sink
-            status = await self.control.run_status(run_id)
-            if status.startswith("finished"):
-                break
-            await asyncio.sleep(0.5)
+        # The ServerApp process reports to the SuperLink just after the sink.
+        status = await _finished_status(self.control, run_id)
         rounds, end = read_file_sink(sink)
         assert end is not None
         for report in sink.glob("*.json"):  # what would reach the controller: no local path
@@ -164,16 +177,13 @@ async def federation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 @pytest.mark.asyncio(loop_scope="module")
 async def test_two_rounds_with_exact_federated_metrics(federation: Federation) -> None:
     assert await federation.provider.healthy(federation.handle)
-    deadline = time.monotonic() + 60
-    while True:  # the SuperNodes were started a moment ago
-        nodes = await federation.control.list_nodes()
-        if (
-            sorted(n.status for n in nodes) == ["online"] * len(SITES)
-            or time.monotonic() > deadline
-        ):
-            break
-        await asyncio.sleep(0.5)
-    assert sorted(n.status for n in nodes) == ["online"] * len(SITES)
+    await eventually(  # the SuperNodes were started a moment ago
+        federation.control.list_nodes,
+        until=lambda nodes: sorted(n.status for n in nodes) == ["online"] * len(SITES),
+        timeout=60,
+        interval=0.5,
+        what="every SuperNode online",
+    )
 
     rounds, end, _elapsed = await federation.run("digits-2r")
     assert end.status == "completed", end.reason
@@ -282,20 +292,16 @@ async def test_stop_a_run_and_unregister_a_node(federation: Federation) -> None:
         settings=settings,
         run_config_file=federation.root / "long.toml",
     )
-    t0 = time.monotonic()
-    while await federation.control.run_status(run_id) != "running":
-        assert time.monotonic() - t0 < 60
-        await asyncio.sleep(0.5)
+    await eventually(
+        lambda: federation.control.run_status(run_id),
+        until=lambda status: status == "running",
+        timeout=60,
+        interval=0.5,
+        what=f"run {run_id} to run",
+    )
     await asyncio.sleep(3)  # round 1 under way
     await federation.control.stop_run(run_id)
-    t1 = time.monotonic()
-    status = ""
-    while time.monotonic() - t1 < 60:
-        status = await federation.control.run_status(run_id)
-        if status.startswith("finished"):
-            break
-        await asyncio.sleep(0.5)
-    assert status == "finished:stopped"
+    assert await _finished_status(federation.control, run_id, timeout=60) == "finished:stopped"
     # A spare key: registered, then unregistered (what failover does to a dead node's key).
     keys = generate_node_key(federation.root / "spare")
     node_id = await federation.control.register_node(keys.public_key, name="spare")
@@ -340,10 +346,12 @@ async def test_failover_to_a_standby_key(federation: Federation) -> None:
         settings=settings,
         run_config_file=federation.root / "failover.toml",
     )
-    t0 = time.monotonic()
-    while not (sink / "round-0001.json").exists():
-        assert time.monotonic() - t0 < 120
-        await asyncio.sleep(0.2)
+    await eventually(
+        lambda: (sink / "round-0001.json").exists(),
+        timeout=120,
+        interval=0.2,
+        what="round 1 of the failover run",
+    )
     # Round 2's messages are pushed the moment round 1 is written: the kill lands mid-round.
     dead = federation.nodes[2]
     os.killpg(dead.pid, signal.SIGKILL)
@@ -361,9 +369,12 @@ async def test_failover_to_a_standby_key(federation: Federation) -> None:
             node_config={"torch-threads": 1},
         )
     )
-    while not (sink / "run.json").exists():
-        assert time.monotonic() - t0 < 400
-        await asyncio.sleep(0.5)
+    await eventually(
+        lambda: (sink / "run.json").exists(),
+        timeout=400,
+        interval=0.5,
+        what="the failover run to finish",
+    )
     rounds, end = read_file_sink(sink)
     assert end is not None
     assert end.status == "completed", end.reason
@@ -375,10 +386,4 @@ async def test_failover_to_a_standby_key(federation: Federation) -> None:
     failed = [f for r in rounds for f in r.failures]
     assert failed, "the kill was not noticed mid-round"
     assert {f.site for f in failed} == {"hospital-eu"}
-    status = ""
-    for _ in range(60):
-        status = await federation.control.run_status(run_id)
-        if status.startswith("finished"):
-            break
-        await asyncio.sleep(0.5)
-    assert status == "finished:completed"
+    assert await _finished_status(federation.control, run_id) == "finished:completed"

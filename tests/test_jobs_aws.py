@@ -38,7 +38,7 @@ from typing import Any
 import aiomqtt
 import pytest
 from cryptography import x509
-from fedsky.controller.onebox import Onebox, free_port
+from fedsky.controller.onebox import Onebox
 from fedsky.controller.placement import load_catalog
 from fedsky.shared.modelfile import make_example
 from fedsky.shared.tls import client_context
@@ -46,7 +46,7 @@ from fedsky.shared.topics import Topics
 
 from tests.fakes.aws import AwsKey, MotoAws, shared_moto
 from tests.fakes.clouds import MOTO_IMAGE
-from tests.support.csr import make_csr
+from tests.support import eventually_blocking, free_port, make_csr
 
 pytestmark = pytest.mark.e2e
 
@@ -183,15 +183,13 @@ def _logs(aws: AwsBox, job_id: str) -> str:
 def _wait_job(
     aws: AwsBox, job_id: str, states: tuple[str, ...], timeout: float = 60
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    job: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        job = _job(aws, job_id)
-        if job["state"] in states:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(
-        f"job {job_id} is {job.get('state')} after {timeout} s, not {states}\n{_logs(aws, job_id)}"
+    return eventually_blocking(
+        lambda: _job(aws, job_id),
+        until=lambda job: job["state"] in states,
+        timeout=timeout,
+        interval=0.2,
+        what=f"job {job_id} to be {' or '.join(states)}",
+        details=lambda: _logs(aws, job_id),
     )
 
 
@@ -222,14 +220,14 @@ def _groups(aws: AwsBox, job_id: str, region: str) -> list[dict[str, Any]]:
 
 def _wait_instance(aws: AwsBox, job_id: str, region: str, timeout: float = 30) -> dict[str, Any]:
     """The job's instance once it runs (moto: at the first describe after the launch)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = [i for i in _instances(aws, job_id, region) if i["State"]["Name"] == "running"]
-        if running:
-            (instance,) = running
-            return instance
-        time.sleep(0.1)
-    raise AssertionError(f"no running instance of {job_id} in {region}\n{_logs(aws, job_id)}")
+    (instance,) = eventually_blocking(
+        lambda: [i for i in _instances(aws, job_id, region) if i["State"]["Name"] == "running"],
+        timeout=timeout,
+        interval=0.1,
+        what=f"a running instance of {job_id} in {region}",
+        details=lambda: _logs(aws, job_id),
+    )
+    return instance
 
 
 def _user_data(aws: AwsBox, instance: dict[str, Any], region: str) -> str:
@@ -354,21 +352,27 @@ class VmPlayer:
                 "bus_csr_pem": bus_csr_pem.decode(),
             }
         ).encode()
-        deadline = time.monotonic() + 20
-        while True:
+        enroll_url = url.group(0)
+
+        def redeem() -> dict[str, Any]:
             request = urllib.request.Request(  # noqa: S310
-                url.group(0), data=body, headers={"Content-Type": "application/json"}
+                enroll_url, data=body, headers={"Content-Type": "application/json"}
             )
             try:
                 # The URL is the https one the controller wrote into the user data.
                 with urllib.request.urlopen(request, context=ctx, timeout=5) as resp:  # noqa: S310
-                    answer = json.loads(resp.read())
-                    break
+                    redeemed: dict[str, Any] = json.loads(resp.read())
+                    return redeemed
             except urllib.error.HTTPError as exc:
-                # 409: the controller has not bound the VM's address to the token yet.
-                if exc.code != 409 or time.monotonic() > deadline:
-                    raise
-            time.sleep(0.1)
+                if (
+                    exc.code == 409
+                ):  # the controller has not bound the VM's address to the token yet
+                    raise AssertionError(f"409 {exc.reason}") from exc
+                raise
+
+        answer = eventually_blocking(
+            redeem, timeout=20, interval=0.1, what="the enrolment listener to redeem the token"
+        )
         (self.directory / "superlink.key").write_bytes(key_pem)
         (self.directory / "superlink.crt").write_text(answer["cert_pem"])
         self.answer: dict[str, Any] = answer
@@ -517,25 +521,28 @@ def test_an_aws_aggregator_that_enrols_and_answers_is_terminated_when_the_job_en
             aws_box.box.start_controller()
             job = _wait_job(aws_box, job_id, ("failed",), timeout=30)
             assert job["error"] == "the controller restarted while the job was assigning"
-            deadline = time.monotonic() + 20
-            while _instances(aws_box, job_id, region)[0]["State"]["Name"] != "terminated":
-                assert time.monotonic() < deadline, _logs(aws_box, job_id)
-                time.sleep(0.2)
+            eventually_blocking(
+                lambda: _instances(aws_box, job_id, region)[0]["State"]["Name"],
+                until=lambda state: state == "terminated",
+                timeout=20,
+                interval=0.2,
+                what=f"the instance of {job_id} to be terminated",
+                details=lambda: _logs(aws_box, job_id),
+            )
             _assert_gone(aws_box, job_id, region)
     finally:
         vm.stop()
     assert f"aggregator terminated (aws {instance['InstanceId']})" in _logs(aws_box, job_id)
     # The VM's bus certificate ends with the job, as a local aggregator's does.
     crl_file = aws_box.box.controller_dir / "state" / "pki" / "crl.pem"
-    deadline = time.monotonic() + 10
-    while (
-        x509.load_pem_x509_crl(crl_file.read_bytes()).get_revoked_certificate_by_serial_number(
-            bus_cert.serial_number
-        )
-        is None
-    ):
-        assert time.monotonic() < deadline, f"agg-{job_id}'s bus certificate is not on the CRL"
-        time.sleep(0.2)
+    eventually_blocking(
+        lambda: x509.load_pem_x509_crl(
+            crl_file.read_bytes()
+        ).get_revoked_certificate_by_serial_number(bus_cert.serial_number),
+        timeout=10,
+        interval=0.2,
+        what=f"agg-{job_id}'s bus certificate on the CRL",
+    )
     aws_box.box.wait_agents_online(list(HOSPITALS))
 
 

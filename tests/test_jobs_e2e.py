@@ -12,6 +12,8 @@ import pytest
 from fedsky.controller.onebox import Onebox
 from fedsky.shared.modelfile import make_example
 
+from tests.support import eventually_blocking
+
 pytestmark = pytest.mark.e2e
 
 HOSPITALS = {"hospital-us": "aws:us-east-1", "hospital-asia": "aws:ap-northeast-2"}
@@ -68,17 +70,16 @@ def box(tmp_path: Path) -> Iterator[Onebox]:
 
 
 def wait_job(box: Onebox, job_id: str, states: tuple[str, ...], timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    job: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        job = box.api.get(f"/v1/jobs/{job_id}")
-        if job["state"] in states:
-            return job
-        time.sleep(0.5)
-    logs = box.fedctl("job", "logs", job_id, check=False).stdout
-    raise AssertionError(
-        f"job {job_id} is {job.get('state')} after {timeout} s, not {states}\n{logs}"
+    """The job once it is in one of `states`; on timeout the failure shows the job's log."""
+    job: dict[str, Any] = eventually_blocking(
+        lambda: box.api.get(f"/v1/jobs/{job_id}"),
+        until=lambda job: job["state"] in states,
+        timeout=timeout,
+        interval=0.5,
+        what=f"job {job_id} to be {' or '.join(states)}",
+        details=lambda: box.fedctl("job", "logs", job_id, check=False).stdout,
     )
+    return job
 
 
 def superlink_pids(box: Onebox) -> list[int]:
@@ -377,6 +378,16 @@ def _pids(marker: bytes, box: Onebox) -> list[int]:
     return out
 
 
+def _wait_supernodes_gone(box: Onebox) -> None:
+    eventually_blocking(
+        lambda: _pids(b"flower-supernode", box),
+        until=lambda pids: pids == [],
+        timeout=30,
+        interval=0.5,
+        what="every SuperNode to exit",
+    )
+
+
 def test_cancel_mid_training_stops_every_supernode_and_the_aggregator(
     shared_box: Onebox, tmp_path: Path
 ) -> None:
@@ -388,10 +399,7 @@ def test_cancel_mid_training_stops_every_supernode_and_the_aggregator(
     done = shared_box.fedctl("job", "cancel", job["id"])
     assert "cancelled" in done.stdout
     assert superlink_pids(shared_box) == []
-    deadline = time.monotonic() + 30
-    while _pids(b"flower-supernode", shared_box) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _pids(b"flower-supernode", shared_box) == []
+    _wait_supernodes_gone(shared_box)
     tasks = shared_box.api.get(f"/v1/jobs/{job['id']}")["tasks"]
     assert {t["state"] for t in tasks} == {"stopped"}
 
@@ -408,10 +416,7 @@ def test_unreachable_aggregator_fails_the_job_not_hangs(shared_box: Onebox, tmp_
     ended = wait_job(shared_box, job["id"], ("failed", "completed", "cancelled"), timeout=90)
     assert ended["state"] == "failed"
     assert "aggregator" in ended["error"]
-    deadline = time.monotonic() + 30
-    while _pids(b"flower-supernode", shared_box) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _pids(b"flower-supernode", shared_box) == []
+    _wait_supernodes_gone(shared_box)
 
 
 def _downloaded_model_reproduces_stored_accuracy(box: Onebox, job_id: str, tmp_path: Path) -> None:
@@ -469,13 +474,16 @@ def _aggregator_identity_is_refused_after_the_job(box: Onebox, job_id: str) -> N
         ):
             pass
 
-    deadline = time.monotonic() + 30
-    while True:
+    def refused() -> bool:
         try:
             asyncio.run(connect())
         except aiomqtt.MqttError:
-            return  # refused
-        assert time.monotonic() < deadline, (
-            "the ended job's certificate still connects to the broker"
-        )
-        time.sleep(1.0)
+            return True
+        return False
+
+    eventually_blocking(
+        refused,
+        timeout=30,
+        interval=1.0,
+        what="the broker to refuse the ended job's certificate",
+    )

@@ -7,21 +7,26 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fedsky.controller.orchestrator.core import (
+from fedsky.controller.orchestrator.choice import (
     Failure,
     FailureReason,
-    MinResources,
-    Policy,
     QueueState,
-    VmCandidate,
-    candidates_from_report,
-    capacity_weight,
-    check_feasible,
+    Rest,
     choose,
-    eligible,
     fail_over,
     ring_order,
+)
+from fedsky.controller.orchestrator.eligibility import (
+    capacity_weight,
+    check_feasible,
+    eligible,
     skip_reasons,
+)
+from fedsky.controller.orchestrator.policy import (
+    MinResources,
+    Policy,
+    VmCandidate,
+    candidates_from_report,
 )
 from fedsky.shared.messages import VM_STATES, HostInfo, Report, TaskSummary, VmInfo
 from hypothesis import given, settings
@@ -110,8 +115,6 @@ def test_thresholds_are_the_policys() -> None:
 
 
 def test_resting_vm_is_skipped_until_its_rest_ends() -> None:
-    from fedsky.controller.orchestrator.core import Rest
-
     rest = Rest(until=100.0, reason="vm_left_running")
     assert skip_reasons(vm("a"), minimum=MIN, policy=POLICY, now=40, rest=rest) == [
         "resting 60 s more after a failure (the VM left the running state)"

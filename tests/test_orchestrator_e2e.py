@@ -66,7 +66,9 @@ def test_destroyed_vm_moves_the_participant_and_the_job_completes(tmp_path: Path
         assert sites == set(HOSPITALS), last
         explain = box.fedctl("job", "explain", job["id"]).stdout
         assert "hospital-us" in explain
-        assert victim in explain
+        # The agent's typed failure kind (vm_stopped) reached the orchestrator as its reason.
+        assert f"attempt 1 on {victim} (hospital-us): failed after" in explain
+        assert "the VM left the running state (vm-left-running" in explain
     finally:
         box.stop()
 

@@ -3,21 +3,25 @@ attempts with reasons, failover to max_tries, and `fedctl job explain`'s text.""
 
 from __future__ import annotations
 
-import threading
+import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from fedsky.controller.orchestrator.core import (
-    FailureReason,
+from fedsky.controller.inventory import store as inventory
+from fedsky.controller.orchestrator.choice import FailureReason, QueueState, Rest, choose
+from fedsky.controller.orchestrator.eligibility import skip_reasons
+from fedsky.controller.orchestrator.explain import render_explain
+from fedsky.controller.orchestrator.policy import (
     MinResources,
     OrchestratorError,
     Policy,
-    QueueStore,
     VmCandidate,
-    render_explain,
-    skip_reasons,
+    candidates_from_inventory,
 )
+from fedsky.controller.orchestrator.store import QueueStore
 from fedsky.controller.store import Store
+from fedsky.shared.messages import HostInfo, Report, VmInfo
 
 MIN = MinResources(vcpus=2, memory_gib=4, disk_gib=20)
 POLICY = Policy()
@@ -52,56 +56,76 @@ def equal_vms(n: int = 3) -> list[VmCandidate]:
     ]
 
 
-def run_job(qs: QueueStore, job: str, vms: list[VmCandidate], now: float) -> str:
-    decision = qs.assign(
+async def run_job(qs: QueueStore, job: str, vms: list[VmCandidate], now: float) -> str:
+    decision = await qs.assign(
         job_id=job, participant="hospital-eu", candidates=vms, minimum=MIN, policy=POLICY, now=now
     )
     assert decision.chosen is not None
-    qs.mark(job_id=job, participant="hospital-eu", state="running", now=now + 5)
-    qs.mark(job_id=job, participant="hospital-eu", state="succeeded", now=now + 60)
+    await qs.mark(job_id=job, participant="hospital-eu", state="running", now=now + 5)
+    await qs.mark(job_id=job, participant="hospital-eu", state="succeeded", now=now + 60)
     return decision.chosen.vm
 
 
-def test_queue_position_survives_a_controller_restart(tmp_path: Path) -> None:
+async def test_queue_position_survives_a_controller_restart(tmp_path: Path) -> None:
     db = tmp_path / "controller.db"
     store = Store(db)
     qs = QueueStore(store)
-    taken = [run_job(qs, f"job-{i}", equal_vms(), now=100.0 * i) for i in range(2)]
+    taken = [await run_job(qs, f"job-{i}", equal_vms(), now=100.0 * i) for i in range(2)]
     store.close()
 
     # A new process opens the same file: the queue goes on where it stopped.
     store = Store(db)
     qs = QueueStore(store)
-    assert qs.load("hospital-eu").cursor == "hospital-eu/vm-002"
-    taken += [run_job(qs, f"job-{i}", equal_vms(), now=100.0 * i) for i in range(2, 5)]
+    assert (await qs.load("hospital-eu")).cursor == "hospital-eu/vm-002"
+    taken += [await run_job(qs, f"job-{i}", equal_vms(), now=100.0 * i) for i in range(2, 5)]
     store.close()
     assert taken == ["vm-001", "vm-002", "vm-003", "vm-001", "vm-002"]
 
 
-def test_weighted_credits_survive_a_restart(tmp_path: Path) -> None:
+async def test_saved_queue_state_loads_back(tmp_path: Path) -> None:
+    store = Store(tmp_path / "c.db")
+    qs = QueueStore(store)
+    assert await qs.load("hospital-eu") == QueueState(participant="hospital-eu")
+    state = QueueState(
+        participant="hospital-eu",
+        cursor="hospital-eu/vm-002",
+        credits={"hospital-eu/vm-001": 1.5, "hospital-eu/vm-002": -1.5},
+        rests={"hospital-eu/vm-003": Rest(until=130.0, reason="vm_left_running")},
+    )
+    await qs.save(state, now=10.0)
+    assert await qs.load("hospital-eu") == state
+    # Saving again replaces the credits and rests; it does not add to them.
+    await qs.save(QueueState(participant="hospital-eu", cursor="hospital-eu/vm-001"), now=20.0)
+    assert await qs.load("hospital-eu") == QueueState(
+        participant="hospital-eu", cursor="hospital-eu/vm-001"
+    )
+    store.close()
+
+
+async def test_weighted_credits_survive_a_restart(tmp_path: Path) -> None:
     db = tmp_path / "controller.db"
     taken: list[str] = []
     for i in range(9):
         # Reopen the store before every job: the worst case for a lost position.
         store = Store(db)
-        taken.append(run_job(QueueStore(store), f"job-{i}", study_vms(), now=100.0 * i))
+        taken.append(await run_job(QueueStore(store), f"job-{i}", study_vms(), now=100.0 * i))
         store.close()
     assert taken.count("vm-001") == 6
     assert taken.count("vm-002") == 3
     assert not set(taken) & {"vm-003", "vm-004", "vm-005"}
 
 
-def test_failover_records_each_attempt_and_stops_at_max_tries(tmp_path: Path) -> None:
+async def test_failover_records_each_attempt_and_stops_at_max_tries(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     qs = QueueStore(store)
     policy = Policy(max_tries=3, rest_after_failure_s=0)
     vms = equal_vms(2)
-    first = qs.assign(
+    first = await qs.assign(
         job_id="j1", participant="hospital-eu", candidates=vms, minimum=MIN, policy=policy, now=0
     )
     assert first.chosen is not None
     assert first.chosen.vm == "vm-001"
-    assert qs.active_tasks() == {"hospital-eu/vm-001": 1}
+    assert await qs.active_tasks() == {"hospital-eu/vm-001": 1}
     reasons = [
         FailureReason.SUPERNODE_ERROR,
         FailureReason.VM_LEFT_RUNNING,
@@ -110,7 +134,7 @@ def test_failover_records_each_attempt_and_stops_at_max_tries(tmp_path: Path) ->
     chosen = ["vm-001"]
     decision = first
     for i, reason in enumerate(reasons, start=1):
-        decision = qs.fail_over(
+        decision = await qs.fail_over(
             job_id="j1",
             participant="hospital-eu",
             reason=reason,
@@ -125,7 +149,7 @@ def test_failover_records_each_attempt_and_stops_at_max_tries(tmp_path: Path) ->
     assert chosen == ["vm-001", "vm-002", "vm-001"]
     assert decision.chosen is None
     assert decision.summary == "gave up: 3 tries made, the most allowed (max_tries 3)"
-    attempts = qs.attempts("j1")
+    attempts = await qs.attempts("j1")
     assert [(a.number, a.vm, a.state, a.reason, a.detail) for a in attempts] == [
         (1, "vm-001", "failed", "supernode_error", "failure 1"),
         (2, "vm-002", "failed", "vm_left_running", "failure 2"),
@@ -136,10 +160,10 @@ def test_failover_records_each_attempt_and_stops_at_max_tries(tmp_path: Path) ->
         (10.0, 20.0),
         (20.0, 30.0),
     ]
-    assert qs.active_tasks() == {}
-    assert len(qs.decisions("j1")) == 4
+    assert await qs.active_tasks() == {}
+    assert len(await qs.decisions("j1")) == 4
     with pytest.raises(OrchestratorError, match="no attempt assigned or running"):
-        qs.fail_over(
+        await qs.fail_over(
             job_id="j1",
             participant="hospital-eu",
             reason=FailureReason.SUPERNODE_ERROR,
@@ -151,10 +175,10 @@ def test_failover_records_each_attempt_and_stops_at_max_tries(tmp_path: Path) ->
     store.close()
 
 
-def test_a_second_assignment_while_one_runs_is_refused(tmp_path: Path) -> None:
+async def test_a_second_assignment_while_one_runs_is_refused(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     qs = QueueStore(store)
-    qs.assign(
+    await qs.assign(
         job_id="j",
         participant="hospital-eu",
         candidates=equal_vms(),
@@ -163,7 +187,7 @@ def test_a_second_assignment_while_one_runs_is_refused(tmp_path: Path) -> None:
         now=0,
     )
     with pytest.raises(OrchestratorError, match="already has attempt 1 on vm-001"):
-        qs.assign(
+        await qs.assign(
             job_id="j",
             participant="hospital-eu",
             candidates=equal_vms(),
@@ -172,19 +196,19 @@ def test_a_second_assignment_while_one_runs_is_refused(tmp_path: Path) -> None:
             now=1,
         )
     with pytest.raises(OrchestratorError, match="not 'failed'; use fail_over"):
-        qs.mark(job_id="j", participant="hospital-eu", state="failed", now=2)
+        await qs.mark(job_id="j", participant="hospital-eu", state="failed", now=2)
     store.close()
 
 
-def test_concurrent_jobs_take_distinct_turns(tmp_path: Path) -> None:
-    store = Store(tmp_path / "c.db")
-    qs = QueueStore(store)
-    got: list[str] = []
-    lock = threading.Lock()
+async def test_concurrent_jobs_take_distinct_turns(tmp_path: Path) -> None:
+    # Three stores on one file: three connections, each in its own thread, so the jobs' choices
+    # really race; the BEGIN IMMEDIATE around each read-choose-write keeps the turns distinct.
+    db = tmp_path / "c.db"
+    stores = [Store(db) for _ in range(3)]
+    queues = [QueueStore(store) for store in stores]
 
-    def job(i: int) -> None:
-        # The pipeline fills `tasks` from active_tasks(); here each job reads it afresh.
-        d = qs.assign(
+    async def job(i: int) -> str:
+        d = await queues[i % 3].assign(
             job_id=f"j{i}",
             participant="hospital-eu",
             candidates=equal_vms(),
@@ -193,23 +217,19 @@ def test_concurrent_jobs_take_distinct_turns(tmp_path: Path) -> None:
             now=float(i),
         )
         assert d.chosen is not None
-        with lock:
-            got.append(d.chosen.vm)
+        return d.chosen.vm
 
-    threads = [threading.Thread(target=job, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    # Six turns over three VMs: each VM exactly twice, whatever the order the threads ran in.
+    got = await asyncio.gather(*(job(i) for i in range(6)))
+    # Six turns over three VMs: each VM exactly twice, whatever the order the jobs ran in.
     assert sorted(got) == ["vm-001", "vm-001", "vm-002", "vm-002", "vm-003", "vm-003"]
-    store.close()
+    for store in stores:
+        store.close()
 
 
-async def test_async_calls_run_off_the_loop(tmp_path: Path) -> None:
+async def test_a_failover_moves_to_the_next_vm(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     qs = QueueStore(store)
-    d = await qs.assign_async(
+    d = await qs.assign(
         job_id="j",
         participant="hospital-eu",
         candidates=study_vms(),
@@ -218,9 +238,9 @@ async def test_async_calls_run_off_the_loop(tmp_path: Path) -> None:
         now=0,
     )
     assert d.chosen is not None
-    await qs.mark_async(job_id="j", participant="hospital-eu", state="running", now=3)
-    assert await qs.active_tasks_async() == {"hospital-eu/vm-001": 1}
-    d2 = await qs.fail_over_async(
+    await qs.mark(job_id="j", participant="hospital-eu", state="running", now=3)
+    assert await qs.active_tasks() == {"hospital-eu/vm-001": 1}
+    d2 = await qs.fail_over(
         job_id="j",
         participant="hospital-eu",
         reason=FailureReason.VM_LEFT_RUNNING,
@@ -231,7 +251,7 @@ async def test_async_calls_run_off_the_loop(tmp_path: Path) -> None:
     )
     assert d2.chosen is not None
     assert d2.chosen.vm == "vm-002"
-    data = await qs.explain_async("j")
+    data = await qs.explain("j")
     assert [a["state"] for a in data["participants"]["hospital-eu"]["attempts"]] == [
         "failed",
         "assigned",
@@ -239,11 +259,11 @@ async def test_async_calls_run_off_the_loop(tmp_path: Path) -> None:
     store.close()
 
 
-def test_explain_shows_every_vm_considered_and_why(tmp_path: Path) -> None:
+async def test_explain_shows_every_vm_considered_and_why(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     qs = QueueStore(store)
     t0 = 1_750_000_000.0  # a real clock: times render as UTC
-    qs.assign(
+    await qs.assign(
         job_id="j7",
         participant="hospital-eu",
         candidates=study_vms(),
@@ -251,8 +271,8 @@ def test_explain_shows_every_vm_considered_and_why(tmp_path: Path) -> None:
         policy=POLICY,
         now=t0,
     )
-    qs.mark(job_id="j7", participant="hospital-eu", state="running", now=t0 + 6)
-    qs.fail_over(
+    await qs.mark(job_id="j7", participant="hospital-eu", state="running", now=t0 + 6)
+    await qs.fail_over(
         job_id="j7",
         participant="hospital-eu",
         reason=FailureReason.VM_LEFT_RUNNING,
@@ -262,7 +282,7 @@ def test_explain_shows_every_vm_considered_and_why(tmp_path: Path) -> None:
         policy=POLICY,
         now=t0 + 95,
     )
-    qs.assign(
+    await qs.assign(
         job_id="j7",
         participant="hospital-us",
         candidates=study_vms("hospital-us"),
@@ -270,7 +290,7 @@ def test_explain_shows_every_vm_considered_and_why(tmp_path: Path) -> None:
         policy=POLICY,
         now=t0,
     )
-    text = render_explain(qs.explain("j7"))
+    text = render_explain(await qs.explain("j7"))
     store.close()
     vm5 = (
         "1 vCPUs, below the 2 required; 2 GiB memory, below the 4 GiB required; "
@@ -310,7 +330,7 @@ def test_explain_shows_every_vm_considered_and_why(tmp_path: Path) -> None:
     assert text.splitlines() == expected
 
 
-def test_explain_of_a_participant_with_no_vm(tmp_path: Path) -> None:
+async def test_explain_of_a_participant_with_no_vm(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     qs = QueueStore(store)
     off = [
@@ -325,31 +345,27 @@ def test_explain_of_a_participant_with_no_vm(tmp_path: Path) -> None:
         ),
         VmCandidate(agent_id="h", vm="vm-2", state="crashed", vcpus=2, memory_gib=4, disk_gib=20),
     ]
-    d = qs.assign(job_id="j", participant="h", candidates=off, minimum=MIN, policy=POLICY, now=5.0)
+    d = await qs.assign(
+        job_id="j", participant="h", candidates=off, minimum=MIN, policy=POLICY, now=5.0
+    )
     assert d.chosen is None
-    assert qs.attempts("j") == []
-    text = render_explain(qs.explain("j"))
+    assert await qs.attempts("j") == []
+    text = render_explain(await qs.explain("j"))
     assert "h: 0 attempts" in text
     assert "(job start): no eligible VM among 2: 1 offline, 1 not running" in text
     assert "vm-1  skipped: agent h is offline" in text
-    assert render_explain(qs.explain("nope")) == "job nope\n  no assignments recorded"
-    qs.forget_job("j")
-    assert qs.decisions("j") == []
+    assert render_explain(await qs.explain("nope")) == "job nope\n  no assignments recorded"
+    await qs.forget_job("j")
+    assert await qs.decisions("j") == []
     store.close()
 
 
-def test_candidates_from_the_real_inventory_tables(tmp_path: Path) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from fedsky.controller.inventory import store as inventory
-    from fedsky.controller.orchestrator.core import QueueState, candidates_from_inventory, choose
-    from fedsky.shared.messages import HostInfo, Report, VmInfo
-
+async def test_candidates_from_the_real_inventory_tables(tmp_path: Path) -> None:
     store = Store(tmp_path / "c.db")
     inventory.ensure_schema(store)
     qs = QueueStore(store)
     now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-    store.call(
+    await store.run(
         lambda conn: conn.execute(
             "INSERT INTO agents(id, location, enrolled_at) "
             "VALUES ('hospital-eu', 'aws:eu-west-1', ?)",
@@ -381,13 +397,12 @@ def test_candidates_from_the_real_inventory_tables(tmp_path: Path) -> None:
         ),
     ]
     report = Report(agent_id="hospital-eu", seq=1, sent_at=now, host=host, vms=vms)
-    store.call(inventory.record_reports, [(report, now)], history_limit=10)
-    first = qs.assign(
+    await store.run(inventory.record_reports, [(report, now)], history_limit=10)
+    rows = await store.run(inventory.list_vms, "hospital-eu")
+    first = await qs.assign(
         job_id="j",
         participant="hospital-eu",
-        candidates=candidates_from_inventory(
-            store.call(inventory.list_vms, "hospital-eu"), now=now
-        ),
+        candidates=candidates_from_inventory(rows, now=now),
         minimum=MIN,
         policy=POLICY,
         now=now.timestamp(),
@@ -401,8 +416,7 @@ def test_candidates_from_the_real_inventory_tables(tmp_path: Path) -> None:
 
     # A second job while the first runs: vm-001 is busy, vm-002 is next.
     later = now + timedelta(seconds=20)
-    rows = store.call(inventory.list_vms, "hospital-eu")
-    candidates = candidates_from_inventory(rows, now=later, tasks=qs.active_tasks())
+    candidates = candidates_from_inventory(rows, now=later, tasks=await qs.active_tasks())
     assert {c.vm: c.tasks for c in candidates} == {
         "vm-001": 1,
         "vm-002": 0,

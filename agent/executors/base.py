@@ -34,6 +34,10 @@ class ExecutorError(Exception):
     """A SuperNode could not be started; the message is safe to report (no local paths)."""
 
 
+class VmUnreachable(ExecutorError):
+    """The VM could not be reached to start the SuperNode there (no address, SSH failed)."""
+
+
 @dataclass(frozen=True)
 class SuperNodeLaunch:
     """One participant's SuperNode for one task. Paths are on the agent's host."""
@@ -52,6 +56,7 @@ class ExitStatus:
     code: int | None  # None: killed by a signal
     signal: int | None
     reason: str  # scrubbed of local paths; safe to report
+    unreachable: bool = False  # the connection to the VM failed, not the SuperNode itself
 
     @property
     def ok(self) -> bool:
@@ -160,16 +165,3 @@ class SshExecutorConfig(_Section):
 
 
 ExecutorConfig = Annotated[LocalExecutorConfig | SshExecutorConfig, Field(discriminator="kind")]
-
-
-def make_executor(config: LocalExecutorConfig | SshExecutorConfig, *, work_dir: Path) -> Executor:
-    """The executor for a config section; `work_dir` is the agent's directory for task files."""
-    if isinstance(config, SshExecutorConfig):
-        from fedsky.agent.executors.ssh import SshExecutor
-
-        return SshExecutor(config, work_dir=work_dir)
-    from fedsky.agent.executors.local import LocalExecutor
-
-    return LocalExecutor(
-        work_dir=work_dir, bin_dir=config.bin_dir, max_wait_s=config.give_up_after_s
-    )

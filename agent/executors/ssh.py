@@ -24,6 +24,7 @@ from fedsky.agent.executors.base import (
     ExitStatus,
     SshExecutorConfig,
     SuperNodeLaunch,
+    VmUnreachable,
     describe_exit,
     last_lines,
 )
@@ -74,7 +75,7 @@ class SshSuperNode:
         if self._status is None:
             if rc == SSH_FAILED and not self._stopping:
                 reason = f"the SSH session to the VM failed ({scrub(last_lines(self.log_tail()), self._secrets)})"
-                status = ExitStatus(code=rc, signal=None, reason=reason[:1500])
+                status = ExitStatus(code=rc, signal=None, reason=reason[:1500], unreachable=True)
             else:
                 code: int | None = rc
                 sig: int | None = None
@@ -137,7 +138,7 @@ class SshExecutor:
         for addr in vm_addresses:
             if addr and not addr.startswith(("127.", "fe80:", "::1")):
                 return _split_address(addr.split("/", 1)[0], self.config.port)
-        raise ExecutorError(f"VM {vm_name!r} has no address to reach it by SSH")
+        raise VmUnreachable(f"VM {vm_name!r} has no address to reach it by SSH")
 
     def ssh_argv(self, host: str, port: int, remote_command: str) -> list[str]:
         c = self.config
@@ -193,14 +194,17 @@ class SshExecutor:
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            raise ExecutorError(
+            raise VmUnreachable(
                 f"SSH to {host}:{port} did not answer within {timeout_s:.0f} s"
             ) from None
         if proc.returncode != 0:
-            what = "SSH connection" if proc.returncode == SSH_FAILED else "remote command"
             detail = scrub(last_lines(err.decode(errors="replace")), [self.config.identity_file])
+            if proc.returncode == SSH_FAILED:
+                raise VmUnreachable(
+                    f"SSH connection to {host}:{port} failed (exit {proc.returncode}): {detail}"
+                )
             raise ExecutorError(
-                f"{what} to {host}:{port} failed (exit {proc.returncode}): {detail}"
+                f"remote command to {host}:{port} failed (exit {proc.returncode}): {detail}"
             )
         return out.decode(errors="replace")
 

@@ -8,7 +8,7 @@ from datetime import timedelta
 from typing import Annotated
 
 from aiohttp import web
-from fedsky.controller.api.app import SERVICES, ApiProblem, json_ok
+from fedsky.controller.api.responses import SERVICES, ApiProblem, json_ok
 from fedsky.controller.bus.consumer import BusUnavailable
 from fedsky.controller.inventory import store as inventory
 from fedsky.controller.security import enrollment
@@ -124,14 +124,7 @@ async def revoke(request: web.Request) -> web.Response:
     except enrollment.EnrolmentError as exc:
         raise ApiProblem(404 if exc.not_found else 409, str(exc)) from None
     log.info("revoked %d certificate(s) of agent %s", count, agent_id)
-    if svc.need_config().broker.managed and svc.broker is not None:
-        # Mosquitto 2.0 reads its CRL only at start: restart it; agents reconnect.
-        await svc.broker.restart()
-        enforcement = "the managed broker was restarted and refuses the certificate from now on"
-    else:
-        from fedsky.controller.bus.broker import external_revocation_instructions
-
-        enforcement = external_revocation_instructions(crl_path=svc.need_pki().crl_path)
+    enforcement = await svc.need_revocations().agent_revoked()
     return json_ok(
         {"agent_id": agent_id, "revoked_certificates": count, "enforcement": enforcement}
     )

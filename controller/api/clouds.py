@@ -16,11 +16,15 @@ API has no client certificates).
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from aiohttp import web
-from fedsky.controller.api.app import SERVICES, ApiProblem, json_error, json_ok
-from fedsky.controller.clouds.service import MAX_FILE_BYTES, CloudError, CloudService, with_result
+from fedsky.controller.api.responses import SERVICES, ApiProblem, domain_errors, json_error, json_ok
+from fedsky.controller.clouds.plugin import MAX_FILE_BYTES
+from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.clouds.validation import ValidationResult
+from fedsky.controller.clouds.vault import CloudRecord
+from fedsky.controller.security.aggregators import AggregatorRefused
 from fedsky.controller.security.bootstrap_tokens import MODEL_PATH, TokenError
 from fedsky.controller.security.pki import PkiError
 from fedsky.controller.services import Services
@@ -42,13 +46,14 @@ def _clouds(request: web.Request) -> CloudService:
             "cloud accounts are not available on this controller",
             exit_code=exitcodes.UNAVAILABLE,
         )
-    assert isinstance(service, CloudService)
     return service
 
 
-def _problem(exc: CloudError) -> web.Response:
-    extra = {"validation": exc.result.to_json()} if exc.result is not None else {}
-    return json_error(exc.http_status, exc.message, exit_code=exc.exit_code, **extra)
+def _with_result(record: CloudRecord, result: ValidationResult) -> dict[str, Any]:
+    """A record together with the validation that produced it."""
+    body = record.to_json()
+    body["notes"] = list(result.notes)
+    return body
 
 
 @routes.get("/v1/clouds")
@@ -62,35 +67,26 @@ async def add_cloud(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_FILE_BYTES:
         raise ApiProblem(413, f"credential files are under {MAX_FILE_BYTES // 1024} KiB")
     data = await request.read()
-    try:
-        record, result = await service.add(
-            cloud=request.match_info["cloud"],
-            data=data,
-            name=request.query.get("name") or None,
-            profile=request.query.get("profile") or None,
-            region=request.query.get("region") or None,
-        )
-    except CloudError as exc:
-        return _problem(exc)
-    return json_ok(with_result(record, result), status=201)
+    record, result = await service.add(
+        cloud=request.match_info["cloud"],
+        data=data,
+        name=request.query.get("name") or None,
+        profile=request.query.get("profile") or None,
+        region=request.query.get("region") or None,
+    )
+    return json_ok(_with_result(record, result), status=201)
 
 
 @routes.post("/v1/clouds/{name}/verify")
 async def verify_cloud(request: web.Request) -> web.Response:
-    try:
-        record, result = await _clouds(request).verify(request.match_info["name"])
-    except CloudError as exc:
-        return _problem(exc)
-    return json_ok(with_result(record, result))
+    record, result = await _clouds(request).verify(request.match_info["name"])
+    return json_ok(_with_result(record, result))
 
 
 @routes.delete("/v1/clouds/{name}")
 async def remove_cloud(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    try:
-        await _clouds(request).remove(name)
-    except CloudError as exc:
-        return _problem(exc)
+    await _clouds(request).remove(name)
     return json_ok({"removed": name})
 
 
@@ -119,11 +115,11 @@ async def enroll_aggregator(request: web.Request) -> web.Response:
             "expected a JSON object with 'token', 'csr_pem' and 'bus_csr_pem'",
             exit_code=exitcodes.USAGE,
         )
-    service = request.app[SERVICES].clouds
-    if not isinstance(service, CloudService):
+    service = request.app[SERVICES].aggregators
+    if service is None:
         return json_error(503, "enrolment is not available", exit_code=exitcodes.UNAVAILABLE)
     try:
-        enrolled = await service.enroll_aggregator(
+        enrolled = await service.enroll(
             token=body.token, csr_pem=body.csr_pem.encode(), bus_csr_pem=body.bus_csr_pem.encode()
         )
     except TokenError as exc:
@@ -136,8 +132,6 @@ async def enroll_aggregator(request: web.Request) -> web.Response:
         return json_error(403, "the enrolment token is invalid, used or expired")
     except PkiError as exc:
         return json_error(400, f"cannot sign the request: {exc}")
-    except CloudError as exc:
-        return _problem(exc)
     return json_ok(
         {
             "job_id": enrolled.job_id,
@@ -156,18 +150,17 @@ async def enroll_aggregator(request: web.Request) -> web.Response:
 
 async def aggregator_model(request: web.Request) -> web.StreamResponse:
     """The job's model file, to the aggregator whose bus certificate the TLS client presented."""
-    service = request.app[SERVICES].clouds
-    if not isinstance(service, CloudService):
+    service = request.app[SERVICES].aggregators
+    if service is None:
         return json_error(503, "enrolment is not available", exit_code=exitcodes.UNAVAILABLE)
     transport = request.transport
     tls = transport.get_extra_info("ssl_object") if transport is not None else None
     peer = tls.getpeercert(binary_form=True) if tls is not None else None
     try:
-        path, digest = await service.aggregator_model(peer)
-    except CloudError as exc:
-        if exc.http_status == 403:
-            log.warning("model file refused to %s: %s", request.remote, exc.message)
-        return _problem(exc)
+        path, digest = await service.model_file(peer)
+    except AggregatorRefused as exc:
+        log.warning("model file refused to %s: %s", request.remote, exc)
+        raise
     return web.FileResponse(
         path,
         headers={"Content-Type": "application/octet-stream", "X-Fedsky-Model-Sha256": digest},
@@ -181,7 +174,7 @@ enroll_routes.get(MODEL_PATH)(aggregator_model)
 
 def make_enroll_app(services: Services) -> web.Application:
     """An application with the enrolment route only, for the listener the clouds reach."""
-    app = web.Application(client_max_size=ENROLL_MAX_BYTES)
+    app = web.Application(middlewares=[domain_errors], client_max_size=ENROLL_MAX_BYTES)
     app[SERVICES] = services
     app.add_routes(enroll_routes)
     return app

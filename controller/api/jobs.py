@@ -6,9 +6,11 @@ import asyncio
 from typing import Annotated, Any
 
 from aiohttp import web
-from fedsky.controller.api.app import SERVICES, ApiProblem, json_ok
+from fedsky.controller.api.responses import SERVICES, ApiProblem, json_ok
 from fedsky.controller.jobs import store as jobstore
-from fedsky.controller.jobs.manager import JobManager, JobRejected, store_model_file
+from fedsky.controller.jobs.driver import JobManager
+from fedsky.controller.jobs.model_files import store_model_file
+from fedsky.controller.jobs.records import JobRejected
 from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
 from fedsky.shared.modelfile import ModelFileError
@@ -55,12 +57,14 @@ async def upload_model_file(request: web.Request) -> web.Response:
     if len(data) > MAX_MODEL_BYTES:
         raise ApiProblem(413, f"model file larger than {MAX_MODEL_BYTES >> 20} MiB")
     try:
-        info = await asyncio.to_thread(store_model_file, _svc(request).need_config(), data)
+        stored = await asyncio.to_thread(
+            store_model_file, _svc(request).need_config().state_dir, data
+        )
     except ModelFileError as exc:
         raise ApiProblem(
             400, f"the model file does not load: {exc}", exit_code=exitcodes.USAGE
         ) from None
-    return json_ok(info, status=201)
+    return json_ok(stored.to_json(), status=201)
 
 
 @routes.post("/v1/jobs")

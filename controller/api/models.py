@@ -18,19 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
-from fedsky.controller.api.app import SERVICES, ApiProblem, json_ok
-from fedsky.controller.models.registry import (
-    CheckpointCorrupted,
+from fedsky.controller.api.responses import SERVICES, ApiProblem, json_ok
+from fedsky.controller.models.criteria import (
     Criteria,
-    Infeasible,
-    NotFound,
-    Registry,
-    RegistryError,
     Threshold,
     parse_metric,
     parse_score,
     parse_thresholds,
 )
+from fedsky.controller.models.errors import (
+    CheckpointCorrupted,
+    Infeasible,
+    ModelManagerError,
+    NotFound,
+)
+from fedsky.controller.models.service import ModelManager
 from fedsky.shared import exitcodes
 from multidict import MultiMapping
 
@@ -39,15 +41,15 @@ routes = web.RouteTableDef()
 MAX_RUNNERS_UP = 50
 
 
-def _registry(request: web.Request) -> Registry:
+def _registry(request: web.Request) -> ModelManager:
     registry = request.app[SERVICES].models
     if registry is None:
         raise ApiProblem(503, "the model registry is not running", exit_code=exitcodes.UNAVAILABLE)
-    assert isinstance(registry, Registry)
+    assert isinstance(registry, ModelManager)
     return registry
 
 
-def _problem(exc: RegistryError) -> ApiProblem:
+def _problem(exc: ModelManagerError) -> ApiProblem:
     if isinstance(exc, NotFound):
         return ApiProblem(404, str(exc))
     if isinstance(exc, Infeasible):
@@ -113,7 +115,7 @@ async def best(request: web.Request) -> web.Response:
         rec = await registry.best(
             job_ids=q.jobs, criteria=q.criteria, thresholds=q.thresholds, runners_up=q.runners_up
         )
-    except RegistryError as exc:
+    except ModelManagerError as exc:
         raise _problem(exc) from None
     # 200 even when nothing qualifies: the body says why and what is closest (`feasible: false`).
     return json_ok(rec.to_dict())
@@ -135,7 +137,7 @@ async def list_rounds(request: web.Request) -> web.Response:
         job = await registry.job(job_id)
         rounds = await registry.rounds(job_id)
         rec = await registry.best(job_ids=[job_id], runners_up=0)
-    except RegistryError as exc:
+    except ModelManagerError as exc:
         raise _problem(exc) from None
     shown = job.to_dict()
     # The policy in force: the job's own, or the controller's default.
@@ -154,7 +156,7 @@ async def get_round(request: web.Request) -> web.Response:
     registry = _registry(request)
     try:
         record = await registry.round(request.match_info["job"], _round_no(request))
-    except RegistryError as exc:
+    except ModelManagerError as exc:
         raise _problem(exc) from None
     return json_ok(record.to_dict())
 
@@ -165,7 +167,7 @@ async def weights(request: web.Request) -> web.Response:
     job_id, round_no = request.match_info["job"], _round_no(request)
     try:
         data, record = await registry.weights(job_id, round_no)
-    except RegistryError as exc:
+    except ModelManagerError as exc:
         raise _problem(exc) from None
     return web.Response(
         body=data,
@@ -182,7 +184,7 @@ async def metadata(request: web.Request) -> web.Response:
     registry = _registry(request)
     try:
         data = await registry.signed_metadata(request.match_info["job"], _round_no(request))
-    except RegistryError as exc:
+    except ModelManagerError as exc:
         raise _problem(exc) from None
     return web.Response(body=data, content_type="application/json")
 
@@ -198,6 +200,6 @@ async def pin(request: web.Request) -> web.Response:
         record = await registry.pin(
             job_id=request.match_info["job"], round=_round_no(request), pinned=pinned
         )
-    except RegistryError as exc:
+    except ModelManagerError as exc:
         raise _problem(exc) from None
     return json_ok(record.to_dict())

@@ -1,9 +1,9 @@
 """The controller's side of the bus: consume what agents and aggregators send, send commands.
 
 The transport is thin: it parses the topic, decodes the payload into its model and hands it to
-plain service functions (`fedsky.controller.inventory.store`) through the store's thread. Reports are
-batched: the consumer puts them on a bounded queue and one ingest task writes each batch in a
-single transaction, which is what lets one controller hold thousands of agents.
+the inventory's ingest service (`fedsky.controller.inventory.service`). Reports are batched: the
+consumer puts them on a bounded queue and one ingest task hands each batch to the service, which
+writes it in a single transaction; that is what lets one controller hold thousands of agents.
 
 A payload that fails validation is counted and logged once per sender and reason, then dropped;
 it never stops the consumer.
@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiomqtt
-from fedsky.controller.inventory import store as inventory
-from fedsky.controller.store import Store
+from fedsky.controller.inventory.service import InventoryIngest, UnknownAgent
 from fedsky.shared.ids import CONTROLLER_ID, is_agent_id, is_aggregator_id
 from fedsky.shared.messages import (
     AgentStatus,
@@ -95,16 +94,14 @@ class ControllerBus:
         port: int,
         tls_context: ssl.SSLContext,
         topics: Topics,
-        store: Store,
-        history_per_agent: int,
+        inventory: InventoryIngest,
         backoff: Backoff | None = None,
     ) -> None:
         self._host = host
         self._port = port
         self._tls = tls_context
         self.topics = topics
-        self._store = store
-        self._history = history_per_agent
+        self._inventory = inventory
         self._backoff = backoff or Backoff(base_s=0.5, cap_s=10.0)
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -218,12 +215,12 @@ class ControllerBus:
                     return
                 status = decode(AgentStatus, payload)
                 self._check_sender(topic.sender, status.agent_id)
-                if await self._store.run(inventory.record_status, status, received_at=now):
+                if await self._inventory.status(status, received_at=now):
                     log.info("agent %s is %s", status.agent_id, status.state)
             elif topic.channel == "events":
                 event = decode(Event, payload)
                 self._check_sender(topic.sender, event.agent_id)
-                await self._store.run(inventory.record_event, event, received_at=now)
+                await self._inventory.event(event, received_at=now)
                 for listener in list(self._event_listeners):
                     try:
                         await listener(event)
@@ -235,7 +232,7 @@ class ControllerBus:
                 raise PayloadError("bad_channel", topic.channel)
         except PayloadError as exc:
             self.stats.rejects.reject(topic.sender, exc.reason, exc.detail)
-        except inventory.UnknownAgent:
+        except UnknownAgent:
             self.stats.rejects.reject(topic.sender, "unknown_agent", "not enrolled or revoked")
 
     async def _dispatch_aggregator(self, sender: str, channel: str, payload: bytes) -> None:
@@ -258,9 +255,7 @@ class ControllerBus:
             while len(batch) < INGEST_BATCH and not self._ingest.empty():
                 batch.append(self._ingest.get_nowait())
             try:
-                outcomes = await self._store.run(
-                    inventory.record_reports, batch, history_limit=self._history
-                )
+                outcomes = await self._inventory.reports(batch)
             except Exception:
                 log.exception("storing %d reports failed", len(batch))
                 continue

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsky.controller.cli.output import fail, print_json, print_table
+from fedsky.controller.orchestrator.simulator import ScenarioError, load_scenario, simulate
 from fedsky.shared import exitcodes
 
 
@@ -45,9 +46,6 @@ def register(subparsers: Any) -> None:
 
 
 def _orchestrator(args: argparse.Namespace) -> int:
-    # Imported here so that every other fedctl command starts without the simulator.
-    from fedsky.controller.orchestrator.simulator import ScenarioError, load_scenario, simulate
-
     try:
         scenario = load_scenario(args.scenario)
     except ScenarioError as exc:

@@ -11,6 +11,7 @@ from typing import Any
 
 from fedsky.controller.cli.client import ApiClient
 from fedsky.controller.cli.output import api_client, call_api, fail, print_json, print_table
+from fedsky.controller.orchestrator.explain import render_explain
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
 from fedsky.shared.jobspec import load_job_spec
@@ -209,8 +210,6 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from fedsky.controller.orchestrator.core import render_explain
-
     data, code = call_api(lambda: api_client(args).get(f"/v1/jobs/{args.job}/explain"))
     if data is None:
         return code

@@ -18,14 +18,10 @@ from urllib.parse import quote, urlencode
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedsky.controller.cli.client import ApiClient
 from fedsky.controller.cli.output import api_client, call_api, fail, print_json, print_table
-from fedsky.controller.models.registry import (
-    METRICS,
-    VerificationError,
-    load_public_key,
-    metadata_path_for,
-    verify_download,
-)
+from fedsky.controller.models.errors import VerificationError
+from fedsky.controller.models.signing import load_public_key, metadata_path_for, verify_download
 from fedsky.shared import exitcodes
+from fedsky.shared.metrics import METRIC_NAMES, METRICS
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -99,7 +95,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _criteria_args(parser: argparse.ArgumentParser) -> None:
     how = parser.add_mutually_exclusive_group()
     how.add_argument(
-        "--metric", choices=METRICS, help="select by this metric (default: the job's own)"
+        "--metric", choices=METRIC_NAMES, help="select by this metric (default: the job's own)"
     )
     how.add_argument(
         "--score",
@@ -139,6 +135,10 @@ def _job_path(job: str) -> str:
     return f"/v1/jobs/{quote(job, safe='')}/models"
 
 
+# The lower panel's curves (the loss first); the upper panel takes matplotlib's own cycle.
+_UNBOUNDED_COLOURS = ("tab:red", "tab:purple", "tab:brown", "tab:gray")
+
+
 def _num(value: Any, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -168,11 +168,7 @@ def _list(args: argparse.Namespace) -> int:
             rows.append(
                 [
                     r["round"],
-                    _num(m["accuracy"]),
-                    _num(m["loss"]),
-                    _num(m["f1"]),
-                    _num(m["recall"]),
-                    _num(m["precision"]),
+                    *(_num(m[metric]) for metric in METRIC_NAMES),
                     len(r["participants"]),
                     r["train_examples"],
                     r["eval_examples"],
@@ -184,11 +180,7 @@ def _list(args: argparse.Namespace) -> int:
         print_table(
             [
                 "round",
-                "accuracy",
-                "loss",
-                "f1",
-                "recall",
-                "precision",
+                *(metric.label for metric in METRICS),
                 "sites",
                 "train n",
                 "eval n",
@@ -215,7 +207,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str = "") -> None:
-    """Metric curves per round: the four ratios on one panel, the loss (another scale) below."""
+    """Metric curves per round: the ratios on one panel, the unbounded ones (loss) below."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display; must precede pyplot's import
@@ -223,29 +215,41 @@ def plot_rounds(rounds: Sequence[dict[str, Any]], path: Path, *, title: str = ""
 
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
     xs = [r["round"] for r in rounds]
-    for metric in ("accuracy", "f1", "recall", "precision"):
-        pts = [
+
+    def points(metric: str) -> list[tuple[Any, float]]:
+        return [
             (x, r["metrics"][metric])
             for x, r in zip(xs, rounds, strict=True)
             if r["metrics"][metric] is not None
         ]
-        if pts:
+
+    for metric in (m for m in METRICS if m.ratio):
+        if pts := points(metric.name):
             top.plot(
-                [p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=metric
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                markersize=3,
+                label=metric.label,
             )
     top.set_ylabel("score")
     top.legend(loc="lower right")
     top.grid(alpha=0.3)
-    loss = [
-        (x, r["metrics"]["loss"])
-        for x, r in zip(xs, rounds, strict=True)
-        if r["metrics"]["loss"] is not None
-    ]
-    if loss:
-        bottom.plot(
-            [p[0] for p in loss], [p[1] for p in loss], marker="o", markersize=3, color="tab:red"
-        )
-    bottom.set_ylabel("loss")
+    unbounded = [m for m in METRICS if not m.ratio]
+    for i, metric in enumerate(unbounded):
+        colour = _UNBOUNDED_COLOURS[i % len(_UNBOUNDED_COLOURS)]
+        if pts := points(metric.name):
+            bottom.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                markersize=3,
+                color=colour,
+                label=metric.label,
+            )
+    if len(unbounded) > 1:
+        bottom.legend(loc="upper right")
+    bottom.set_ylabel(" / ".join(m.label for m in unbounded))
     bottom.set_xlabel("round")
     bottom.grid(alpha=0.3)
     if title:
@@ -307,9 +311,10 @@ def _print_recommendation(rec: dict[str, Any], *, many: bool) -> None:
             [tag]
             + ([r["job"]] if many else [])
             + [r["round"], f"{r['score']:.4f}"]
-            + [_num(m[k]) for k in METRICS]
+            + [_num(m[k]) for k in METRIC_NAMES]
         )
-    print_table(["", *(["job"] if many else []), "round", "score", *METRICS], rows)
+    labels = [metric.label for metric in METRICS]
+    print_table(["", *(["job"] if many else []), "round", "score", *labels], rows)
 
 
 # --- download and verify -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from fedsky.controller.clouds.superlink import (
 )
 from fedsky.controller.security.pki import Pki
 from fedsky.shared.files import atomic_write
+from fedsky.shared.net import free_port
 from fedsky.shared.procs import group_alive
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,6 @@ TlsIssuer = Callable[[str, Path, tuple[str, ...]], SuperLinkTls]
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def pki_tls_issuer(pki: Pki) -> TlsIssuer:

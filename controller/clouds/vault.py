@@ -66,6 +66,14 @@ class VaultError(Exception):
     """The vault cannot be used as asked; the message is safe to show."""
 
 
+class AccountNotLinked(VaultError):
+    """No account of that name is in the vault."""
+
+
+class AccountAlreadyLinked(VaultError):
+    """An account of that name is in the vault already."""
+
+
 class Secret:
     """Secret bytes whose repr and str never show them; `reveal()` is the one way in."""
 
@@ -270,7 +278,9 @@ class Vault:
         def insert(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 if conn.execute("SELECT 1 FROM clouds WHERE name = ?", (record.name,)).fetchone():
-                    raise VaultError(f"a cloud account named {record.name!r} is already linked")
+                    raise AccountAlreadyLinked(
+                        f"a cloud account named {record.name!r} is already linked"
+                    )
                 conn.execute(
                     "INSERT INTO clouds(name, cloud, account, identity, region, key_hint, status, "
                     "missing, message, created_at, validated_at, vault_key_id, sealed) "
@@ -330,7 +340,7 @@ class Vault:
 
         row = await self._store.run(query)
         if row is None:
-            raise VaultError(f"no cloud account named {name!r} is linked")
+            raise AccountNotLinked(f"no cloud account named {name!r} is linked")
         record = _record(row)
         return record, self.open(
             cloud=record.cloud, name=name, sealed=bytes(row["sealed"]), key_id=row["vault_key_id"]
@@ -350,7 +360,7 @@ class Vault:
             with transaction(conn):
                 row = conn.execute("SELECT * FROM clouds WHERE name = ?", (name,)).fetchone()
                 if row is None:
-                    raise VaultError(f"no cloud account named {name!r} is linked")
+                    raise AccountNotLinked(f"no cloud account named {name!r} is linked")
                 conn.execute(
                     "UPDATE clouds SET status = ?, missing = ?, message = ?, validated_at = ?, "
                     "account = COALESCE(?, account), identity = COALESCE(?, identity) WHERE name = ?",
@@ -376,7 +386,7 @@ class Vault:
                 return conn.execute("DELETE FROM clouds WHERE name = ?", (name,)).rowcount
 
         if not await self._store.run(delete):
-            raise VaultError(f"no cloud account named {name!r} is linked")
+            raise AccountNotLinked(f"no cloud account named {name!r} is linked")
 
     async def meta(self, key: str, default: str) -> str:
         """A value kept beside the accounts (made once, then stable), e.g. the controller's uid."""

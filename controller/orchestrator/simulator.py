@@ -1,7 +1,7 @@
 """A discrete-event simulation of the orchestrator with simulated agents.
 
-It drives the same `choose` and `fail_over` as the controller (fedsky.controller.orchestrator.core),
-with the queue state carried from job to job as the store would carry it. Time is simulated:
+It drives the same `choose` and `fail_over` as the controller (`orchestrator.choice`), with
+the queue state carried from job to job as the store would carry it. Time is simulated:
 failures are detected after the delays the controller's own timeouts and the agents' report
 interval imply, and a replacement runs after the agent's acknowledgement and the SuperNode's
 start. One `random.Random(seed)` drives every draw, so the same scenario, policy, runs and
@@ -29,19 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fedsky.controller.orchestrator.core import (
-    Decision,
-    Failure,
-    FailureReason,
-    MinResources,
-    Policy,
-    QueueState,
-    VmCandidate,
-    check_feasible,
-    choose,
-    fail_over,
-    skip_reasons,
-)
+from fedsky.controller.orchestrator.choice import Decision, QueueState, choose, fail_over
+from fedsky.controller.orchestrator.eligibility import check_feasible, skip_reasons
+from fedsky.controller.orchestrator.failures import Failure, FailureReason
+from fedsky.controller.orchestrator.policy import MinResources, Policy, VmCandidate
 from fedsky.shared.ids import AGENT_ID_PATTERN
 from fedsky.shared.messages import VM_STATES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator

@@ -41,7 +41,14 @@ from fedsky.shared.messages import (
     WeightsRef,
     utcnow,
 )
-from fedsky.shared.metrics import MetricsError, figures, sum_matrices, unflatten
+from fedsky.shared.metrics import (
+    MetricsError,
+    figures,
+    format_values,
+    metric_values,
+    sum_matrices,
+    unflatten,
+)
 from fedsky.shared.modelfile import (
     ModelFile,
     ModelFileError,
@@ -495,14 +502,10 @@ def run_federation(
             weights_blob=blob,
         )
         log.info(
-            "round %d/%d: accuracy %.4f loss %.4f f1 %.4f recall %.4f precision %.4f (%d sites, %.1f s)",
+            "round %d/%d: %s (%d sites, %.1f s)",
             rnd,
             settings.num_rounds,
-            metrics.accuracy,
-            metrics.loss,
-            metrics.f1,
-            metrics.recall,
-            metrics.precision,
+            format_values(metric_values(metrics)),
             len(metrics.participants),
             metrics.duration_s,
         )

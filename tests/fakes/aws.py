@@ -28,7 +28,7 @@ from moto.server import ThreadedMotoServer
 moto_settings.EC2_ENABLE_INSTANCE_TYPE_VALIDATION = True
 
 REGION = "us-east-1"
-# The EC2 actions fedsky's provider uses (see fedsky.controller.clouds.service.AWS_ACTIONS).
+# The EC2 actions fedsky's provider uses (see fedsky.controller.clouds.aws.validate.AWS_ACTIONS).
 PROVIDER_ACTIONS = (
     "ec2:DescribeRegions",
     "ec2:DescribeImages",

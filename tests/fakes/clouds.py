@@ -1,15 +1,19 @@
-"""A CloudService wired to the local fakes (moto, the GCP fake) for tests."""
+"""A CloudService wired to the local fakes (moto, the GCP fake), and aggregator enrolment, for tests."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedsky.controller.clouds.catalog import CLOUD_PLUGINS
+from fedsky.controller.clouds.plugin import CloudPlugin
 from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.clouds.settings import AwsCloudConfig, CloudsConfig, GcpCloudConfig
 from fedsky.controller.config import ControllerConfig
 from fedsky.controller.inventory import store as inventory
+from fedsky.controller.security.aggregators import AggregatorEnrolment
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 
@@ -60,12 +64,27 @@ def clouds_config(
 
 
 def open_service(
-    state_dir: Path, pki: Pki | None, clouds: CloudsConfig, health: HealthSwitch | None = None
+    state_dir: Path,
+    pki: Pki | None,
+    clouds: CloudsConfig,
+    health: HealthSwitch | None = None,
+    plugins: Mapping[str, CloudPlugin] = CLOUD_PLUGINS,
 ) -> tuple[CloudService, Store]:
     config = ControllerConfig(state_dir=state_dir, clouds=clouds)
     store = Store(config.db_path)
     inventory.ensure_schema(store)  # the certificates table, as the daemon has it
     service = CloudService.open(
-        config=config, store=store, pki=pki, health_check=health or HealthSwitch()
+        config=config, store=store, pki=pki, health_check=health or HealthSwitch(), plugins=plugins
     )
     return service, store
+
+
+def open_enrolment(
+    state_dir: Path, pki: Pki, store: Store | None = None
+) -> tuple[AggregatorEnrolment, Store]:
+    """Aggregator enrolment over `store` (a new one in `state_dir` if None), as the daemon has it."""
+    config = ControllerConfig(state_dir=state_dir)
+    if store is None:
+        store = Store(config.db_path)
+        inventory.ensure_schema(store)  # the certificates table, as the daemon has it
+    return AggregatorEnrolment.open(config=config, store=store, pki=pki), store

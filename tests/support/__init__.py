@@ -1,4 +1,5 @@
-"""Helpers shared by fedsky's tests: loopback ports, a CA, a real Mosquitto with mutual TLS.
+"""Helpers shared by fedsky's tests: loopback ports, waiting for a condition, certificate
+requests, a real Mosquitto with mutual TLS.
 
 Fixtures (`pki`, `broker_dir`, `mqtt_broker`) live in `tests/conftest.py` and build on these.
 """
@@ -13,11 +14,14 @@ from .mqtt import (
     write_credentials,
 )
 from .net import free_port
+from .wait import eventually, eventually_blocking
 
 __all__ = [
     "ClientCredentials",
     "MqttBroker",
     "broker_directory",
+    "eventually",
+    "eventually_blocking",
     "free_port",
     "make_csr",
     "receive_until",

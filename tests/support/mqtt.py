@@ -17,7 +17,6 @@ import signal
 import ssl
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from fedsky.controller.bus.broker import BrokerFiles, prepare_broker_files
+from fedsky.controller.bus.broker_config import BrokerFiles, prepare_broker_files
 from fedsky.controller.security.pki import CertKind, IssuedCertificate, Pki, write_private_key
 from fedsky.shared.tls import client_context
 from fedsky.shared.topics import Topics
 
 from .net import free_port
+from .wait import eventually_blocking
 
 HOST = "127.0.0.1"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -204,25 +204,33 @@ class MqttBroker:
         self.files.install_crl()
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with self.log_file.open("ab") as log:
-            self._proc = subprocess.Popen(
+            proc = self._proc = subprocess.Popen(
                 [MOSQUITTO, "-c", str(self.files.conf_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def new_output() -> str:
             with self.log_file.open("rb") as fh:
                 fh.seek(offset)
-                new = fh.read().decode(errors="replace")
-            if any(line.endswith(READY_LINE) for line in new.splitlines()):
-                return
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self._proc.returncode}: {new.strip()}")
-            time.sleep(0.01)
-        self.kill()
-        raise RuntimeError(f"mosquitto did not start within {timeout} s")
+                return fh.read().decode(errors="replace")
+
+        def outcome() -> str | None:
+            if any(line.endswith(READY_LINE) for line in new_output().splitlines()):
+                return "running"
+            return "exited" if proc.poll() is not None else None
+
+        try:
+            started = eventually_blocking(
+                outcome, timeout=timeout, interval=0.01, what="mosquitto to start"
+            )
+        except AssertionError:
+            self.kill()
+            raise RuntimeError(f"mosquitto did not start within {timeout} s") from None
+        if started == "exited":
+            raise RuntimeError(f"mosquitto exited with {proc.returncode}: {new_output().strip()}")
 
     def kill(self) -> None:
         """SIGKILL: the broker vanishes without a goodbye, as in a crash."""

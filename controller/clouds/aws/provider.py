@@ -25,6 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedsky.controller.clouds.aws.credential import AwsCredential
+from fedsky.controller.clouds.aws.validate import aws_client, aws_error_code, resolve_aws_image
 from fedsky.controller.clouds.base import (
     AggregatorFiles,
     AggregatorHandle,
@@ -38,13 +40,7 @@ from fedsky.controller.clouds.common import (
     wait_superlink_answers,
     wait_until,
 )
-from fedsky.controller.clouds.service import (
-    AwsCredential,
-    aws_client,
-    aws_error_code,
-    resolve_aws_image,
-    scrub,
-)
+from fedsky.controller.clouds.errors import scrub
 from fedsky.controller.clouds.settings import AwsCloudConfig
 from fedsky.controller.security.bootstrap_tokens import VM_FILES, VmBootstrap
 

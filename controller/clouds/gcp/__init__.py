@@ -1,0 +1,1 @@
+"""Google Cloud: service-account keys, their validation, the Compute Engine aggregator provider."""

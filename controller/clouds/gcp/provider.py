@@ -39,12 +39,9 @@ from fedsky.controller.clouds.common import (
     wait_superlink_answers,
     wait_until,
 )
-from fedsky.controller.clouds.service import (
-    GcpCredential,
-    gcp_client_options,
-    gcp_credentials,
-    scrub,
-)
+from fedsky.controller.clouds.errors import scrub
+from fedsky.controller.clouds.gcp.credential import GcpCredential
+from fedsky.controller.clouds.gcp.validate import gcp_client_options, gcp_credentials
 from fedsky.controller.clouds.settings import GcpCloudConfig
 from fedsky.controller.security.bootstrap_tokens import VM_FILES, VmBootstrap
 

@@ -19,7 +19,8 @@ from aiohttp import web
 from fedsky.controller.api.app import make_app
 from fedsky.controller.cli.client import ApiClient, ApiError
 from fedsky.controller.cli.main import main as fedctl
-from fedsky.controller.models.registry import Registry, RegistryConfig
+from fedsky.controller.models.service import ModelManager
+from fedsky.controller.models.settings import ModelsConfig
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store
 from fedsky.shared import exitcodes
@@ -36,7 +37,7 @@ SEEDS = {"alpha": 100, "beta": 200}
 @dataclass
 class Controller:
     socket: str
-    registry: Registry
+    manager: ModelManager
     run: Any
 
     def fedctl(self, *argv: str) -> int:
@@ -60,20 +61,20 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
         return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=60)
 
     store = Store(tmp_path / "controller.db")
-    registry = Registry(
-        store=store, root=tmp_path / "models", config=RegistryConfig(retention="all")
+    manager = ModelManager(
+        store=store, root=tmp_path / "models", config=ModelsConfig(retention="all")
     )
-    runner = web.AppRunner(make_app(Services(store=store, models=registry)))
+    runner = web.AppRunner(make_app(Services(store=store, models=manager)))
     run(runner.setup())
     run(web.UnixSite(runner, socket).start())
 
     async def populate() -> None:
         for job, table in (("alpha", ALPHA), ("beta", BETA)):
-            await registry.record_job(
+            await manager.record_job(
                 job_id=job, name=job, selection_metric="f1", participants=["hospital-a"]
             )
             for rnd, (acc, loss, f1) in table.items():
-                await registry.record_round(
+                await manager.record_round(
                     job_id=job,
                     round=rnd,
                     metrics={
@@ -90,7 +91,7 @@ def controller(tmp_path: Path) -> Iterator[Controller]:
 
     run(populate())
     try:
-        yield Controller(socket, registry, run)
+        yield Controller(socket, manager, run)
     finally:
         run(runner.cleanup())
         loop.call_soon_threadsafe(loop.stop)

@@ -5,22 +5,22 @@ from __future__ import annotations
 import math
 
 import pytest
-from fedsky.controller.models.registry import (
-    CheckpointRow,
+from fedsky.controller.models.criteria import (
     Criteria,
-    RetentionPolicy,
     RoundSummary,
     Threshold,
-    global_evictions,
     parse_metric,
     parse_score,
     parse_thresholds,
+)
+from fedsky.controller.models.recommend import rank, recommend, threshold_gaps
+from fedsky.controller.models.retention import (
+    CheckpointRow,
+    RetentionPolicy,
+    global_evictions,
     protected_rounds,
-    rank,
-    recommend,
     retention_drops,
     selection_ranking,
-    threshold_gaps,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st

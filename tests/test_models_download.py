@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from fedsky.controller.models.registry import (
-    Registry,
-    RegistryConfig,
+from fedsky.controller.models.errors import VerificationError
+from fedsky.controller.models.service import ModelManager
+from fedsky.controller.models.settings import ModelsConfig
+from fedsky.controller.models.signing import (
     SigningKey,
-    VerificationError,
     canonical_json,
     load_public_key,
     metadata_path_for,
@@ -29,13 +29,13 @@ from safetensors.torch import save as save_torch_weights
 
 
 @pytest.fixture
-def registry(tmp_path: Path):
+def manager(tmp_path: Path):
     store = Store(tmp_path / "controller.db")
-    yield Registry(store=store, root=tmp_path / "models", config=RegistryConfig(retention="all"))
+    yield ModelManager(store=store, root=tmp_path / "models", config=ModelsConfig(retention="all"))
     store.close()
 
 
-async def download(reg: Registry, job: str, rnd: int, out: Path) -> Path:
+async def download(reg: ModelManager, job: str, rnd: int, out: Path) -> Path:
     data, _ = await reg.weights(job, rnd)
     out.write_bytes(data)
     meta = metadata_path_for(out)
@@ -43,7 +43,7 @@ async def download(reg: Registry, job: str, rnd: int, out: Path) -> Path:
     return meta
 
 
-async def recorded(reg: Registry) -> bytes:
+async def recorded(reg: ModelManager) -> bytes:
     weights = save(
         {
             "fc.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -72,13 +72,13 @@ async def recorded(reg: Registry) -> bytes:
     return weights
 
 
-async def test_signed_download_round_trip(registry: Registry, tmp_path: Path) -> None:
-    weights = await recorded(registry)
+async def test_signed_download_round_trip(manager: ModelManager, tmp_path: Path) -> None:
+    weights = await recorded(manager)
     out = tmp_path / "dl" / "model.safetensors"
     out.parent.mkdir()
-    meta_path = await download(registry, "job-7", 2, out)
+    meta_path = await download(manager, "job-7", 2, out)
     assert meta_path.name == "model.safetensors.meta.json"
-    key = load_public_key(registry.public_key_pem())
+    key = load_public_key(manager.public_key_pem())
     verified = verify_download(out, meta_path, key)
     md = verified.metadata
     assert md["job"] == {"id": "job-7", "name": "digits", "status": None}
@@ -99,41 +99,41 @@ async def test_signed_download_round_trip(registry: Registry, tmp_path: Path) ->
     assert md["weights"]["size"] == len(weights)
     assert verified.sha256 == md["weights"]["sha256"]
     doc = json.loads(meta_path.read_text())
-    assert doc["signature"]["key_id"] == registry.signing_key.key_id == verified.key_id
+    assert doc["signature"]["key_id"] == manager.signing_key.key_id == verified.key_id
     # Re-indenting the file changes nothing that is signed.
     meta_path.write_text(json.dumps(doc))
     verify_download(out, meta_path, key)
 
 
-async def test_corrupted_weights_fail_verify(registry: Registry, tmp_path: Path) -> None:
-    await recorded(registry)
+async def test_corrupted_weights_fail_verify(manager: ModelManager, tmp_path: Path) -> None:
+    await recorded(manager)
     out = tmp_path / "model.safetensors"
-    meta = await download(registry, "job-7", 2, out)
+    meta = await download(manager, "job-7", 2, out)
     raw = bytearray(out.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     out.write_bytes(bytes(raw))
     with pytest.raises(VerificationError, match="do not match the signed metadata"):
-        verify_download(out, meta, registry.signing_key.public_key)
+        verify_download(out, meta, manager.signing_key.public_key)
 
 
-async def test_tampered_metadata_fails_verify(registry: Registry, tmp_path: Path) -> None:
-    await recorded(registry)
+async def test_tampered_metadata_fails_verify(manager: ModelManager, tmp_path: Path) -> None:
+    await recorded(manager)
     out = tmp_path / "model.safetensors"
-    meta = await download(registry, "job-7", 2, out)
+    meta = await download(manager, "job-7", 2, out)
     doc = json.loads(meta.read_text())
     doc["metadata"]["metrics"]["accuracy"] = 0.99
     meta.write_text(json.dumps(doc, indent=2))
     with pytest.raises(VerificationError, match="altered after signing"):
-        verify_download(out, meta, registry.signing_key.public_key)
+        verify_download(out, meta, manager.signing_key.public_key)
 
 
 async def test_swapped_weights_with_edited_digest_fail_verify(
-    registry: Registry, tmp_path: Path
+    manager: ModelManager, tmp_path: Path
 ) -> None:
     # Replace the weights with another valid file and fix up the digest: the signature catches it.
-    await recorded(registry)
+    await recorded(manager)
     out = tmp_path / "model.safetensors"
-    meta = await download(registry, "job-7", 2, out)
+    meta = await download(manager, "job-7", 2, out)
     evil = save({"fc.weight": np.zeros((3, 4), np.float32), "fc.bias": np.zeros(3, np.float32)})
     out.write_bytes(evil)
     doc = json.loads(meta.read_text())
@@ -142,15 +142,15 @@ async def test_swapped_weights_with_edited_digest_fail_verify(
     doc["metadata"]["weights"].update(sha256=hashlib.sha256(evil).hexdigest(), size=len(evil))
     meta.write_text(json.dumps(doc))
     with pytest.raises(VerificationError, match="altered after signing"):
-        verify_download(out, meta, registry.signing_key.public_key)
+        verify_download(out, meta, manager.signing_key.public_key)
 
 
 async def test_metadata_resigned_by_another_key_fails_verify(
-    registry: Registry, tmp_path: Path
+    manager: ModelManager, tmp_path: Path
 ) -> None:
-    await recorded(registry)
+    await recorded(manager)
     out = tmp_path / "model.safetensors"
-    meta = await download(registry, "job-7", 2, out)
+    meta = await download(manager, "job-7", 2, out)
     doc = json.loads(meta.read_text())
     doc["metadata"]["metrics"]["accuracy"] = 0.99
     other = Ed25519PrivateKey.generate()
@@ -160,26 +160,26 @@ async def test_metadata_resigned_by_another_key_fails_verify(
     doc["signature"]["key_id"] = public_key_id(other.public_key())
     meta.write_text(json.dumps(doc))
     with pytest.raises(VerificationError, match="not signed by this controller"):
-        verify_download(out, meta, registry.signing_key.public_key)
+        verify_download(out, meta, manager.signing_key.public_key)
     # ...and it does verify against the other key: the check is the key, not the file's claim.
     verify_download(out, meta, other.public_key())
 
 
 async def test_duplicate_keys_and_garbage_metadata_fail_verify(
-    registry: Registry, tmp_path: Path
+    manager: ModelManager, tmp_path: Path
 ) -> None:
-    await recorded(registry)
+    await recorded(manager)
     out = tmp_path / "model.safetensors"
-    meta = await download(registry, "job-7", 2, out)
+    meta = await download(manager, "job-7", 2, out)
     text = meta.read_text()
     meta.write_text(text.replace('"round": 2,', '"round": 9,\n    "round": 2,', 1))
     with pytest.raises(VerificationError, match="repeats the key 'round'"):
-        verify_download(out, meta, registry.signing_key.public_key)
+        verify_download(out, meta, manager.signing_key.public_key)
     meta.write_text(text[: len(text) // 2])
     with pytest.raises(VerificationError, match="not valid JSON"):
-        verify_download(out, meta, registry.signing_key.public_key)
+        verify_download(out, meta, manager.signing_key.public_key)
     with pytest.raises(VerificationError, match="cannot read metadata"):
-        verify_download(out, tmp_path / "absent.json", registry.signing_key.public_key)
+        verify_download(out, tmp_path / "absent.json", manager.signing_key.public_key)
 
 
 def test_signing_key_is_private_persistent_and_made_once(tmp_path: Path) -> None:
@@ -206,7 +206,7 @@ class SmallNet(torch.nn.Module):
 
 
 async def test_torch_state_dict_round_trips_through_record_download_load(
-    registry: Registry, tmp_path: Path
+    manager: ModelManager, tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
     trained = SmallNet()
@@ -215,13 +215,13 @@ async def test_torch_state_dict_round_trips_through_record_download_load(
     trained(torch.randn(16, 1, 8, 8))
     trained.eval()
     state = {k: v.detach().contiguous() for k, v in trained.state_dict().items()}
-    await registry.record_round(
+    await manager.record_round(
         job_id="torch-job", round=1, metrics={"accuracy": 0.5}, weights=save_torch_weights(state)
     )
 
     out = tmp_path / "net.safetensors"
-    meta = await download(registry, "torch-job", 1, out)
-    verify_download(out, meta, registry.signing_key.public_key)
+    meta = await download(manager, "torch-job", 1, out)
+    verify_download(out, meta, manager.signing_key.public_key)
 
     torch.manual_seed(1)
     fresh = SmallNet()

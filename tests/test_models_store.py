@@ -10,15 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedsky.controller.models.registry import (
-    CheckpointCorrupted,
-    NotFound,
-    Registry,
-    RegistryConfig,
-    RegistryError,
-    RetentionPolicy,
-    Threshold,
-)
+from fedsky.controller.config import load_controller_config
+from fedsky.controller.models.criteria import Threshold
+from fedsky.controller.models.errors import CheckpointCorrupted, ModelManagerError, NotFound
+from fedsky.controller.models.retention import RetentionPolicy
+from fedsky.controller.models.service import ModelManager
+from fedsky.controller.models.settings import ModelsConfig
 from fedsky.controller.store import Store
 from fedsky.shared.messages import ClassFigures, RoundMetrics, SiteContribution, WeightsRef
 from safetensors.numpy import save
@@ -65,7 +62,7 @@ def best_by_accuracy(points: list[tuple[float, float, float]]) -> int:
     return min(range(len(points)), key=lambda i: (-points[i][0], points[i][1], i)) + 1
 
 
-async def record_curve(reg: Registry, job: str, points, *, after=None) -> None:
+async def record_curve(reg: ModelManager, job: str, points, *, after=None) -> None:
     for r, (acc, loss, f1) in enumerate(points, start=1):
         await reg.record_round(
             job_id=job,
@@ -83,8 +80,8 @@ async def test_best_k_keeps_store_under_bound_over_50_rounds_and_keeps_the_best(
     store, tmp_path
 ) -> None:
     root = tmp_path / "models"
-    reg = Registry(
-        store=store, root=root, config=RegistryConfig(retention="best", keep=3, max_bytes=0)
+    reg = ModelManager(
+        store=store, root=root, config=ModelsConfig(retention="best", keep=3, max_bytes=0)
     )
     await reg.record_job(job_id="job1", selection_metric="accuracy")
     size = len(weights_for(0))
@@ -123,7 +120,9 @@ async def test_global_bound_with_keep_all_evicts_oldest_but_never_best_or_pinned
     root = tmp_path / "models"
     size = len(weights_for(0))
     bound = 5 * size + size // 2
-    reg = Registry(store=store, root=root, config=RegistryConfig(retention="all", max_bytes=bound))
+    reg = ModelManager(
+        store=store, root=root, config=ModelsConfig(retention="all", max_bytes=bound)
+    )
     points = curve(seed=3)
     # make round 2 the clear best so it is old when the bound bites
     points[1] = (0.99, 0.01, 0.99)
@@ -155,8 +154,8 @@ async def test_global_bound_with_keep_all_evicts_oldest_but_never_best_or_pinned
 
 async def test_pinned_round_survives_best_k_and_unpinning_releases_it(store, tmp_path) -> None:
     root = tmp_path / "models"
-    reg = Registry(
-        store=store, root=root, config=RegistryConfig(retention="best", keep=2, max_bytes=0)
+    reg = ModelManager(
+        store=store, root=root, config=ModelsConfig(retention="best", keep=2, max_bytes=0)
     )
     await reg.record_round(job_id="j", round=1, metrics={"accuracy": 0.1}, weights=weights_for(1))
     await reg.pin(job_id="j", round=1)
@@ -167,7 +166,7 @@ async def test_pinned_round_survives_best_k_and_unpinning_releases_it(store, tmp
     assert [r.round for r in await reg.rounds("j") if r.has_checkpoint] == [1, 6, 7]
     await reg.pin(job_id="j", round=1, pinned=False)
     assert [r.round for r in await reg.rounds("j") if r.has_checkpoint] == [6, 7]
-    with pytest.raises(RegistryError, match="no checkpoint left to pin"):
+    with pytest.raises(ModelManagerError, match="no checkpoint left to pin"):
         await reg.pin(job_id="j", round=1)
     with pytest.raises(NotFound):
         await reg.pin(job_id="j", round=99)
@@ -177,8 +176,8 @@ async def test_identical_weights_are_stored_once_and_freed_with_the_last_referen
     store, tmp_path
 ) -> None:
     root = tmp_path / "models"
-    reg = Registry(
-        store=store, root=root, config=RegistryConfig(retention="last", keep=1, max_bytes=0)
+    reg = ModelManager(
+        store=store, root=root, config=ModelsConfig(retention="last", keep=1, max_bytes=0)
     )
     same = weights_for(42)
     await reg.record_round(job_id="a", round=1, metrics={"accuracy": 0.5}, weights=same)
@@ -195,7 +194,7 @@ async def test_identical_weights_are_stored_once_and_freed_with_the_last_referen
 
 async def test_start_sweeps_leftovers_of_a_crash(store, tmp_path) -> None:
     root = tmp_path / "models"
-    reg = Registry(store=store, root=root)
+    reg = ModelManager(store=store, root=root)
     await reg.record_round(job_id="j", round=1, metrics={"accuracy": 0.5}, weights=weights_for(1))
     kept = blob_files(root)
     orphan = root / "blobs" / "ab" / ("ab" + "0" * 62)
@@ -203,14 +202,14 @@ async def test_start_sweeps_leftovers_of_a_crash(store, tmp_path) -> None:
     orphan.write_bytes(b"left by a crash between the write and the insert")
     tmp = root / "blobs" / "ab" / ".tmp-half"
     tmp.write_bytes(b"half a file")
-    Registry(store=store, root=root)
+    ModelManager(store=store, root=root)
     assert blob_files(root) == kept
     assert not tmp.exists()
 
 
 async def test_a_checkpoint_damaged_on_disk_is_refused(store, tmp_path) -> None:
     root = tmp_path / "models"
-    reg = Registry(store=store, root=root)
+    reg = ModelManager(store=store, root=root)
     record = await reg.record_round(
         job_id="j", round=1, metrics={"accuracy": 0.5}, weights=weights_for(1)
     )
@@ -227,11 +226,11 @@ async def test_a_checkpoint_damaged_on_disk_is_refused(store, tmp_path) -> None:
 
 
 async def test_rejects_non_safetensors_weights_and_stores_nan_as_missing(store, tmp_path) -> None:
-    reg = Registry(store=store, root=tmp_path / "models")
-    with pytest.raises(RegistryError, match="not a safetensors file"):
+    reg = ModelManager(store=store, root=tmp_path / "models")
+    with pytest.raises(ModelManagerError, match="not a safetensors file"):
         await reg.record_round(job_id="j", round=1, metrics={}, weights=b"\x80\x04pickle")
     truncated = weights_for(1)[:-3]
-    with pytest.raises(RegistryError, match="not a safetensors file"):
+    with pytest.raises(ModelManagerError, match="not a safetensors file"):
         await reg.record_round(job_id="j", round=1, metrics={}, weights=truncated)
     rec = await reg.record_round(
         job_id="j",
@@ -249,7 +248,7 @@ async def test_rejects_non_safetensors_weights_and_stores_nan_as_missing(store, 
 
 
 async def test_redelivered_round_replaces_and_job_metadata_round_trips(store, tmp_path) -> None:
-    reg = Registry(store=store, root=tmp_path / "models")
+    reg = ModelManager(store=store, root=tmp_path / "models")
     job = await reg.record_job(
         job_id="j",
         name="digits",
@@ -279,7 +278,7 @@ async def test_redelivered_round_replaces_and_job_metadata_round_trips(store, tm
 
 
 async def test_record_round_message_maps_every_field(store, tmp_path) -> None:
-    reg = Registry(store=store, root=tmp_path / "models")
+    reg = ModelManager(store=store, root=tmp_path / "models")
     w = weights_for(5)
     import hashlib
 
@@ -332,17 +331,22 @@ async def test_record_round_message_maps_every_field(store, tmp_path) -> None:
 
 
 def test_built_from_the_controller_config(store, tmp_path) -> None:
-    from fedsky.controller.config import ControllerConfig
-
-    cfg = ControllerConfig(state_dir=tmp_path / "state")
-    reg = Registry.from_controller_config(store=store, config=cfg)
+    plain = tmp_path / "plain.toml"
+    plain.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    cfg = load_controller_config(plain)
+    assert cfg.registry == ModelsConfig()  # no [registry] section: the defaults
+    reg = ModelManager(store=store, root=cfg.registry.root(cfg.state_dir), config=cfg.registry)
     assert reg.root == tmp_path / "state" / "models"
-    assert reg.config == RegistryConfig()  # no [registry] section: the defaults
 
-    class WithSection:
-        state_dir = tmp_path / "state"
-        registry = RegistryConfig(retention="last", keep=2, directory=tmp_path / "elsewhere")
-
-    reg = Registry.from_controller_config(store=store, config=WithSection())
+    section = tmp_path / "section.toml"
+    section.write_text(
+        f'state_dir = "{tmp_path / "state"}"\n'
+        "[registry]\n"
+        'retention = "last"\n'
+        "keep = 2\n"
+        'directory = "elsewhere"\n'  # relative to the config file's directory
+    )
+    cfg = load_controller_config(section)
+    reg = ModelManager(store=store, root=cfg.registry.root(cfg.state_dir), config=cfg.registry)
     assert reg.root == tmp_path / "elsewhere"
     assert reg.config.default_policy == RetentionPolicy("last", 2)

@@ -1,0 +1,251 @@
+"""Assigning: each participant gets a VM from the orchestrator and a SuperNode on it.
+
+The agent re-checks the VM and makes the task's SuperNode keys (node and standby); the
+controller registers both public keys with the SuperLink and tells the agent to start the
+SuperNode. A failed attempt moves the participant to its next eligible VM until one runs or the
+orchestrator's tries run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+
+from fedsky.controller.bus.consumer import BusUnavailable
+from fedsky.controller.clouds.base import ProviderError
+from fedsky.controller.inventory import store as inventory
+from fedsky.controller.jobs import store as jobstore
+from fedsky.controller.jobs.context import JobContext
+from fedsky.controller.jobs.records import (
+    AttemptFailed,
+    Failover,
+    JobFailure,
+    JobRun,
+    Participant,
+    command_expiry,
+    minimum_resources,
+)
+from fedsky.controller.orchestrator.failures import FailureReason, failure_reason_of
+from fedsky.controller.orchestrator.policy import VmCandidate, candidates_from_inventory
+from fedsky.shared.messages import (
+    Command,
+    Event,
+    FailureKind,
+    PrepareTaskCommand,
+    StartTaskCommand,
+)
+
+KEY_ROLES = ("node", "standby")
+RETRY_FLOOR_S = 0.5
+
+
+async def candidates_by_participant(
+    ctx: JobContext, participants: list[str]
+) -> dict[str, list[VmCandidate]]:
+    """Every participant's VMs as the orchestrator sees them now (busy ones marked)."""
+    tasks = await ctx.queue.active_tasks()
+    now = datetime.now(UTC)
+    out = {}
+    for p in participants:
+        rows = await ctx.store.run(inventory.list_vms, p)
+        out[p] = candidates_from_inventory(rows, now=now, tasks=tasks)
+    return out
+
+
+async def assign_all(ctx: JobContext, run: JobRun) -> None:
+    """Assign every participant at once; the first that cannot be placed stops the rest."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for part in run.participants.values():
+                group.create_task(assign(ctx, run, part), name=f"assign-{part.name}")
+    except* JobFailure as failures:
+        raise failures.exceptions[0] from None
+
+
+async def assign(
+    ctx: JobContext, run: JobRun, part: Participant, *, failure: Failover | None = None
+) -> None:
+    """Put `part` on a VM, failing over to the next one until it runs or tries run out."""
+    policy = ctx.config.orchestrator
+    minimum = minimum_resources(run.spec)
+    while True:
+        candidates = (await candidates_by_participant(ctx, [part.name]))[part.name]
+        if failure is None and part.attempt == 0:
+            decision = await ctx.queue.assign(
+                job_id=run.job_id,
+                participant=part.name,
+                candidates=candidates,
+                minimum=minimum,
+                policy=policy,
+                now=time.time(),
+            )
+        else:
+            failed = failure or Failover(part.name, FailureReason.SUPERNODE_ERROR, "")
+            decision = await ctx.queue.fail_over(
+                job_id=run.job_id,
+                participant=part.name,
+                reason=failed.reason,
+                detail=failed.detail,
+                candidates=candidates,
+                minimum=minimum,
+                policy=policy,
+                now=time.time(),
+            )
+        if decision.chosen is None:
+            if decision.retry_at is not None:
+                await ctx.log(run.job_id, f"{part.name}: {decision.summary}; retrying later")
+                await asyncio.sleep(max(RETRY_FLOOR_S, decision.retry_at - time.time()))
+                failure = None if part.attempt == 0 else failure
+                continue
+            raise JobFailure(f"{part.name}: {decision.summary}")
+        part.attempt += 1
+        part.vm = decision.chosen.vm
+        try:
+            await start_on_vm(ctx, run, part)
+            await ctx.queue.mark(
+                job_id=run.job_id, participant=part.name, state="running", now=time.time()
+            )
+            return
+        except AttemptFailed as exc:
+            await ctx.log(
+                run.job_id,
+                f"{part.name}: attempt {part.attempt} on {part.vm} failed: {exc.detail}",
+                "warning",
+            )
+            failure = Failover(part.name, exc.reason, exc.detail)
+
+
+async def start_on_vm(ctx: JobContext, run: JobRun, part: Participant) -> None:
+    """Prepare the task on the chosen VM, register its keys, start its SuperNode."""
+    assert run.control is not None
+    assert run.handle is not None
+    assert part.vm is not None
+    task_id = await ctx.store.run(
+        jobstore.create_task,
+        job_id=run.job_id,
+        participant=part.name,
+        attempt=part.attempt,
+        vm=part.vm,
+    )
+    part.task_id = task_id
+    waiter: asyncio.Queue[Event] = asyncio.Queue()
+    ctx.waiters[task_id] = waiter
+    # Keys: the first attempt uses the node key, a failover the pre-registered standby; past
+    # those the agent makes a fresh pair (an unregistered key cannot register again).
+    ack = await command(
+        ctx,
+        part.name,
+        PrepareTaskCommand(
+            expires_at=command_expiry(ctx.config.bus.command_ttl_s),
+            task_id=task_id,
+            job_id=run.job_id,
+            vm=part.vm,
+            dataset=part.dataset,
+            fresh_keys=part.attempt > len(KEY_ROLES),
+        ),
+        waiter,
+        want=("task_acknowledged",),
+    )
+    part.public_keys = {str(k): v for k, v in ack.public_keys.items()}
+    for role in KEY_ROLES:
+        key = part.public_keys.get(role)
+        if key and key not in part.registered and key not in part.burnt:
+            path = run.directory / "keys" / f"{part.name}-{part.attempt}-{role}.pub"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(key + "\n")
+            try:
+                part.registered[key] = await run.control.register_node(
+                    path, name=f"{part.name}-{role}"
+                )
+            except ProviderError as exc:
+                raise AttemptFailed(
+                    FailureReason.SUPERNODE_ERROR, f"registering its node key: {exc}"
+                ) from None
+    usable = [
+        r
+        for r in KEY_ROLES
+        if part.public_keys.get(r) in part.registered and part.public_keys[r] not in part.burnt
+    ]
+    if not usable:
+        raise AttemptFailed(FailureReason.SUPERNODE_ERROR, "no usable node key")
+    role = part.key_role = usable[0]
+    part.node_id = part.registered[part.public_keys[role]]
+    await ctx.store.run(
+        jobstore.set_task_state, task_id, "acknowledged", node_id=str(part.node_id), key_role=role
+    )
+    assert run.handle.address is not None
+    await command(
+        ctx,
+        part.name,
+        StartTaskCommand(
+            expires_at=command_expiry(ctx.config.bus.command_ttl_s),
+            task_id=task_id,
+            job_id=run.job_id,
+            vm=part.vm,
+            dataset=part.dataset,
+            superlink=run.handle.address,
+            ca_pem=run.superlink_ca_pem,
+            key=role,
+        ),
+        waiter,
+        want=("task_running",),
+    )
+    await ctx.store.run(jobstore.set_task_state, task_id, "running")
+    run.followers.append(
+        asyncio.get_running_loop().create_task(
+            follow_task(ctx, run, part, task_id, waiter), name=f"follow-{task_id}"
+        )
+    )
+
+
+async def command(
+    ctx: JobContext,
+    agent: str,
+    message: Command,
+    waiter: asyncio.Queue[Event],
+    *,
+    want: tuple[str, ...],
+) -> Event:
+    """Send `message` to `agent` and wait for the event that says it was done."""
+    try:
+        await ctx.bus.send_command(agent, message)
+    except BusUnavailable as exc:
+        raise AttemptFailed(FailureReason.AGENT_UNRESPONSIVE, str(exc)) from None
+    timeout = ctx.config.orchestrator.ack_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await waiter.get()
+                if event.kind in want:
+                    return event
+                if event.kind == "task_failed":
+                    if event.failure_kind == FailureKind.DATASET_MISSING:
+                        # Another VM of the same hospital has the same datasets: no retry.
+                        raise JobFailure(f"{agent}: {event.detail}")
+                    raise AttemptFailed(failure_reason_of(event), event.detail)
+                if event.kind == "command_rejected":
+                    raise AttemptFailed(
+                        FailureReason.SUPERNODE_ERROR, f"command rejected: {event.detail}"
+                    )
+    except TimeoutError:
+        raise AttemptFailed(
+            FailureReason.AGENT_UNRESPONSIVE, f"{agent} did not answer within {timeout:g} s"
+        ) from None
+
+
+async def follow_task(
+    ctx: JobContext, run: JobRun, part: Participant, task_id: str, waiter: asyncio.Queue[Event]
+) -> None:
+    """After start: a failure of this task while the job trains queues a failover."""
+    while True:
+        event = await waiter.get()
+        if event.kind in ("task_failed", "task_finished"):
+            state = "failed" if event.kind == "task_failed" else "finished"
+            await ctx.store.run(jobstore.set_task_state, task_id, state, reason=event.detail)
+            if part.task_id == task_id and event.kind == "task_failed":
+                await run.failures.put(Failover(part.name, failure_reason_of(event), event.detail))
+            return
+        if event.kind == "task_stopped":
+            await ctx.store.run(jobstore.set_task_state, task_id, "stopped", reason=event.detail)
+            return

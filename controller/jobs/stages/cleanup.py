@@ -1,0 +1,121 @@
+"""Cleaning up: every end state stops the SuperNodes, terminates the aggregator and revokes the
+job's bus certificate, before the end state is recorded (a job shown as ended has nothing
+running)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fedsky.controller.bus.consumer import BusUnavailable
+from fedsky.controller.clouds.base import AggregatorHandle, AggregatorProvider, ProviderError
+from fedsky.controller.jobs import store as jobstore
+from fedsky.controller.jobs.context import JobContext
+from fedsky.controller.jobs.records import JobRun, command_expiry
+from fedsky.controller.orchestrator.policy import OrchestratorError
+from fedsky.controller.orchestrator.store import AttemptState
+from fedsky.controller.security.enrollment import revoke_common_name
+from fedsky.shared.ids import aggregator_id
+from fedsky.shared.messages import StopTaskCommand
+
+log = logging.getLogger(__name__)
+
+LIVE_TASK_STATES = ("assigned", "acknowledged", "starting", "running")
+
+
+async def clean_up(
+    ctx: JobContext,
+    job_id: str,
+    *,
+    run: JobRun | None = None,
+    job: Mapping[str, Any] | None = None,
+    final_state: str | None = None,
+    others_running: bool = False,
+) -> None:
+    """Stop every SuperNode, terminate the aggregator, revoke the job's certificate."""
+    if job is None:
+        job = await ctx.store.run(jobstore.get_job, job_id)
+    assert job is not None
+    tasks: list[dict[str, Any]] = job.get("tasks") or []
+    if not tasks:
+        tasks = await ctx.store.run(jobstore.list_tasks, job_id)
+    for task in tasks:
+        if task["state"] in LIVE_TASK_STATES:
+            with contextlib.suppress(BusUnavailable):
+                await ctx.bus.send_command(
+                    task["participant"],
+                    StopTaskCommand(
+                        expires_at=command_expiry(ctx.config.bus.command_ttl_s),
+                        task_id=task["id"],
+                        reason=f"job {final_state or job['state']}",
+                    ),
+                )
+            await ctx.store.run(
+                jobstore.set_task_state, task["id"], "stopped", reason="the job ended"
+            )
+        ctx.waiters.pop(task["id"], None)
+    # End the participants' attempts so their VMs count as free again.
+    outcome: AttemptState = "succeeded" if final_state == "completed" else "cancelled"
+    for participant in job["spec"]["participants"]:
+        with contextlib.suppress(OrchestratorError):
+            await ctx.queue.mark(
+                job_id=job_id, participant=participant, state=outcome, now=time.time()
+            )
+    await _terminate_aggregator(ctx, job_id, run=run, job=job)
+    with contextlib.suppress(Exception):
+        if await ctx.store.run(revoke_common_name, ctx.pki, aggregator_id(job_id)):
+            ctx.revocations.job_certificate_revoked()
+    await ctx.revocations.job_ended(others_running=others_running)
+    if final_state is None:
+        final_state = str((await ctx.store.run(jobstore.get_job, job_id))["state"])
+    with contextlib.suppress(Exception):
+        await ctx.models.finish_job(job_id=job_id, status=final_state)
+    if run is not None:
+        for follower in run.followers:
+            follower.cancel()
+
+
+async def _terminate_aggregator(
+    ctx: JobContext, job_id: str, *, run: JobRun | None, job: Mapping[str, Any]
+) -> None:
+    handle = run.handle if run else handle_from(job)
+    if handle is None:
+        return
+    provider = run.provider if run else None
+    try:
+        if provider is None:
+            provider = await provider_for_handle(ctx, handle, job)
+        await provider.terminate(handle)
+        await ctx.log(job_id, f"aggregator terminated ({handle.provider} {handle.ref})")
+    except Exception as exc:  # a leak is worse than a noisy log: say it loudly
+        log.error("job %s: terminating its aggregator %s failed: %s", job_id, handle.ref, exc)
+        await ctx.log(job_id, f"terminating the aggregator failed: {exc}", "error")
+
+
+async def provider_for_handle(
+    ctx: JobContext, handle: AggregatorHandle, job: Mapping[str, Any]
+) -> AggregatorProvider:
+    """The provider that can act on an aggregator launched by an earlier run of the controller."""
+    if handle.provider == "local":
+        return ctx.local
+    account = (job.get("aggregator") or {}).get("account")
+    if ctx.clouds is None or not account:
+        raise ProviderError(f"no linked account to terminate {handle.provider} {handle.ref}")
+    return await ctx.clouds.provider(account)
+
+
+def handle_from(job: Mapping[str, Any]) -> AggregatorHandle | None:
+    """The aggregator's handle as persisted in the job record, if it was launched."""
+    agg = job.get("aggregator")
+    if not agg:
+        return None
+    return AggregatorHandle(
+        provider=str(agg["provider"]),
+        job_id=str(job["id"]),
+        ref=str(agg["ref"]),
+        region=str(agg.get("region") or ""),
+        address=agg.get("address"),
+    )

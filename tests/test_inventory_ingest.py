@@ -1,0 +1,101 @@
+"""The inventory's ingest service on a real SQLite store: what the bus consumer hands it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fedsky.controller.inventory import store as inventory
+from fedsky.controller.inventory.service import InventoryIngest, UnknownAgent
+from fedsky.controller.security import enrollment
+from fedsky.controller.security.pki import Pki
+from fedsky.controller.store import Store
+from fedsky.shared.messages import AgentStatus, Event, HostInfo, Report, VmInfo
+
+AGENT = "hospital-a"
+HOST = HostInfo(
+    hostname="h",
+    cpu_count=4,
+    cpu_percent=5,
+    load_1m=0.1,
+    memory_total_mib=8192,
+    memory_available_mib=4096,
+    disk_total_gib=100,
+    disk_free_gib=50,
+)
+
+
+def _report(seq: int, *, agent_id: str = AGENT, vms: tuple[str, ...] = ("vm-001",)) -> Report:
+    return Report(
+        agent_id=agent_id,
+        seq=seq,
+        sent_at=datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=seq),
+        host=HOST,
+        vms=[
+            VmInfo(
+                name=name, uuid=f"{i:032x}", state="running", vcpus=2, memory_mib=2048, disk_gib=20
+            )
+            for i, name in enumerate(vms)
+        ],
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path, pki: Pki) -> Iterator[Store]:
+    store = Store(tmp_path / "controller.db")
+    inventory.ensure_schema(store)
+    store.call(
+        enrollment.enroll_agent,
+        pki,
+        agent_id=AGENT,
+        location="aws:us-east-1",
+        csr_pem=None,
+        broker_host="127.0.0.1",
+        broker_port=8883,
+        topic_prefix="fedsky/v1",
+    )
+    yield store
+    store.close()
+
+
+async def test_a_batch_of_reports_gives_one_outcome_each(store: Store) -> None:
+    ingest = InventoryIngest(store=store, history_per_agent=2)
+    now = datetime.now(UTC)
+    batch = [
+        (_report(1), now),
+        (_report(3, vms=("vm-001", "vm-002")), now),
+        (_report(2), now),  # older than the one before it: a QoS 1 redelivery
+        (_report(4, agent_id="hospital-x"), now),
+    ]
+    outcomes = await ingest.reports(batch)
+    assert [(o.agent_id, o.accepted, o.came_online, o.reason) for o in outcomes] == [
+        (AGENT, True, True, ""),
+        (AGENT, True, False, ""),
+        (AGENT, False, False, "stale"),
+        ("hospital-x", False, False, "unknown_agent"),
+    ]
+    agent = await store.run(inventory.get_agent, AGENT)
+    assert agent is not None
+    assert (agent["state"], agent["last_seq"], agent["vms"]) == ("online", 3, 2)
+    assert [h["seq"] for h in await store.run(inventory.history, AGENT)] == [3, 1]
+
+
+async def test_status_and_events_of_an_enrolled_agent_are_kept(store: Store) -> None:
+    ingest = InventoryIngest(store=store, history_per_agent=10)
+    now = datetime.now(UTC)
+    assert await ingest.status(AgentStatus(agent_id=AGENT, state="online"), received_at=now)
+    assert not await ingest.status(AgentStatus(agent_id=AGENT, state="online"), received_at=now)
+    await ingest.event(Event(agent_id=AGENT, kind="pong", detail="hi"), received_at=now)
+    events = await store.run(inventory.recent_events, agent_id=AGENT)
+    assert [(e["kind"], e["detail"]) for e in events] == [("pong", "hi")]
+
+
+async def test_status_and_events_of_an_unknown_agent_are_refused(store: Store) -> None:
+    ingest = InventoryIngest(store=store, history_per_agent=10)
+    now = datetime.now(UTC)
+    with pytest.raises(UnknownAgent):
+        await ingest.status(AgentStatus(agent_id="hospital-x", state="online"), received_at=now)
+    with pytest.raises(UnknownAgent):
+        await ingest.event(Event(agent_id="hospital-x", kind="pong"), received_at=now)
