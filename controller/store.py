@@ -99,7 +99,11 @@ class Store:
     # -- access --------------------------------------------------------------------------------
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `fn(conn, *args, **kwargs)` now, serialised with every other use of the store."""
+        """Run `fn(conn, *args, **kwargs)` now, serialised with every other use of the store.
+
+        For start-up and command-line code, before or outside an event loop; a daemon's tasks
+        use `run`, which keeps SQLite off the loop.
+        """
         with self._lock:
             return fn(self._conn, *args, **kwargs)
 

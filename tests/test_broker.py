@@ -11,7 +11,7 @@ import signal
 import socket
 import stat
 import subprocess
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ from fedsky.shared.messages import MAX_PAYLOAD_BYTES
 from fedsky.shared.retry import Backoff
 from fedsky.shared.topics import ACL_USERNAME, Topics
 
-from tests.support import ClientCredentials, free_port, write_credentials
+from tests.support import ClientCredentials, eventually, free_port, write_credentials
 
 ROOT = os.geteuid() == 0
 FAST = Backoff(base_s=0.05, cap_s=0.2)
@@ -90,12 +90,6 @@ async def _running(broker: ManagedBroker) -> AsyncIterator[asyncio.Task[None]]:
         task.cancel()
         with pytest.raises((asyncio.CancelledError, BrokerError)):
             await task
-
-
-async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -414,7 +408,12 @@ async def test_managed_broker_comes_back_after_being_killed(
         first = broker.pid
         assert first is not None
         os.kill(first, signal.SIGKILL)
-        await _until(lambda: broker.ready and broker.pid not in (None, first))
+        await eventually(
+            lambda: broker.ready and broker.pid not in (None, first),
+            timeout=5,
+            interval=0.02,
+            what="the broker restarted",
+        )
         assert broker.restarts == 1
         assert await _connects(files, creds)
 
@@ -432,7 +431,7 @@ async def test_crash_loop_gives_up_after_the_allowed_tries(pki: Pki, broker_dir:
         def over(old: int = pid) -> bool:
             return task.done() or (broker.ready and broker.pid not in (None, old))
 
-        await _until(over)
+        await eventually(over, timeout=5, interval=0.02, what="a restart or giving up")
     async with asyncio.timeout(5):
         with pytest.raises(BrokerError, match="giving up"):
             await task
@@ -495,7 +494,12 @@ async def test_a_broker_left_by_a_killed_controller_is_replaced(
     )
     try:
         files.pid_file.write_text(f"{stale.pid}\n")
-        await _until(lambda: _port_open(files.port))
+        await eventually(
+            lambda: _port_open(files.port),
+            timeout=5,
+            interval=0.02,
+            what="the stale broker to listen",
+        )
         broker = ManagedBroker(files=files, backoff=FAST)
         async with _running(broker):
             await broker.wait_ready(timeout=10)

@@ -22,7 +22,7 @@ from fedsky.shared.messages import MAX_PAYLOAD_BYTES, HostInfo, Report, VmInfo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import MqttBroker
+from tests.support import MqttBroker, eventually
 
 AGENT = "hospital-test"
 _SEQS = itertools.count(1000)
@@ -117,12 +117,12 @@ async def _run_scenario(
             await client.publish(
                 broker.topics.report(AGENT), json.dumps(valid_report(seq)).encode(), qos=1
             )
-            async with asyncio.timeout(15):
-                while True:
-                    agents = await store.run(inventory.list_agents)
-                    if agents[0]["last_seq"] == seq:
-                        break
-                    await asyncio.sleep(0.05)
+            await eventually(
+                lambda: store.run(inventory.list_agents),
+                until=lambda agents: agents[0]["last_seq"] == seq,
+                timeout=15,
+                what=f"report {seq} in the inventory",
+            )
         return bus
     finally:
         task.cancel()

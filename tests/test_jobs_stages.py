@@ -16,6 +16,7 @@ from fedsky.controller.jobs.stages.launch import launch_aggregator
 from fedsky.controller.jobs.stages.place import place_aggregator
 from fedsky.controller.jobs.stages.train import check_agents, check_run, train
 from fedsky.controller.orchestrator.failures import FailureReason
+from fedsky.controller.orchestrator.tasks import list_tasks
 from fedsky.shared.messages import (
     Event,
     FailureKind,
@@ -110,7 +111,7 @@ async def test_assign_puts_every_participant_on_a_vm_with_registered_keys(h: Har
         assert part.vm == "vm-001"
         assert part.node_id in h.control.registered
         assert part.key_role == "node"
-    tasks = await h.store.run(jobstore.list_tasks, "unit-0001")
+    tasks = await h.store.run(list_tasks, "unit-0001")
     assert sorted(t["state"] for t in tasks) == ["running", "running"]
     starts = h.agents.commands(StartTaskCommand)
     assert {a for a, _ in starts} == {"hospital-us", "hospital-eu"}
@@ -304,7 +305,7 @@ async def test_cleanup_stops_tasks_terminates_the_aggregator_and_revokes(h: Harn
     await clean_up(h.ctx, "unit-0001", run=run, final_state="failed")  # type: ignore[arg-type]
     stops = h.agents.commands(StopTaskCommand)
     assert {a for a, _ in stops} == {"hospital-us", "hospital-eu"}
-    tasks = await h.store.run(jobstore.list_tasks, "unit-0001")
+    tasks = await h.store.run(list_tasks, "unit-0001")
     assert {t["state"] for t in tasks} == {"stopped"}
     assert [x.ref for x in h.clouds.provider_.terminated] == ["i-unit-0001"]
     assert h.revocations.revoked == 0  # a cloud VM enrols for its own certificate

@@ -17,6 +17,7 @@ from fedsky.controller.store import Store
 
 from tests.fakes.aws import MotoAws, shared_moto
 from tests.fakes.clouds import ENROLL_URL, HealthSwitch, clouds_config, open_service
+from tests.support import eventually
 
 SOURCES = ("198.51.100.7/32", "203.0.113.0/28", "2001:db8::/64")
 
@@ -212,8 +213,12 @@ async def test_a_launch_cancelled_midway_cleans_up(linked: Any, moto: MotoAws) -
         allowed_sources=SOURCES,
     )
     task = asyncio.create_task(provider.launch(spec))
-    while not health.calls:  # the instance runs; the launch waits for it to answer
-        await asyncio.sleep(0.02)
+    await eventually(  # the instance runs; the launch waits for it to answer
+        lambda: health.calls or task.done(),
+        timeout=60,
+        interval=0.02,
+        what="the launch to probe its instance",
+    )
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -17,6 +17,7 @@ from fedsky.controller.store import Store
 
 from tests.fakes.clouds import ENROLL_URL, HealthSwitch, clouds_config, open_service
 from tests.fakes.gcp_server import FakeGcp, running_fake
+from tests.support import eventually
 
 SOURCES = ("198.51.100.7/32", "203.0.113.0/28")
 
@@ -145,8 +146,12 @@ async def test_a_cancelled_launch_deletes_what_it_made(linked: Any, fake: FakeGc
     health.ok = False
     provider = await _provider(service)
     task = asyncio.create_task(provider.launch(_spec("job-g5")))
-    while not health.calls:
-        await asyncio.sleep(0.02)
+    await eventually(  # the instance runs; the launch waits for it to answer
+        lambda: health.calls or task.done(),
+        timeout=60,
+        interval=0.02,
+        what="the launch to probe its instance",
+    )
     assert fake.instances
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -53,8 +53,9 @@ async def test_a_probe_that_asserts_is_retried() -> None:
 
 async def test_any_other_error_fails_at_once_unless_ignored() -> None:
     started = time.monotonic()
+    jobs: dict[str, str] = {}
     with pytest.raises(KeyError):
-        await eventually(lambda: {}["missing"], timeout=5)
+        await eventually(lambda: jobs["missing"], timeout=5)
     assert time.monotonic() - started < 1
     calls: list[int] = []
 

@@ -1,4 +1,4 @@
-"""Jobs, their tasks (one per participant and attempt) and their log, in the controller's store.
+"""Jobs and their log in the controller's store; a job's tasks are its orchestrator attempts.
 
 A job's life: created -> placing -> launching -> assigning -> training -> completed | failed |
 cancelled. Every transition is written before the work of the next state starts, so a
@@ -14,6 +14,9 @@ import sqlite3
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from fedsky.controller.orchestrator import store as orchestrator_store
+from fedsky.controller.orchestrator import tasks as attempt_tasks
+from fedsky.controller.orchestrator.tasks import TaskState, list_tasks
 from fedsky.controller.store import Store, transaction
 
 JobState = Literal[
@@ -21,10 +24,6 @@ JobState = Literal[
 ]
 ACTIVE_STATES: tuple[JobState, ...] = ("created", "placing", "launching", "assigning", "training")
 END_STATES: tuple[JobState, ...] = ("completed", "failed", "cancelled")
-
-TaskState = Literal[
-    "assigned", "acknowledged", "starting", "running", "finished", "failed", "stopped"
-]
 
 SCHEMA = [
     """
@@ -72,10 +71,27 @@ SCHEMA = [
     )
     """,
     "CREATE INDEX job_log_job ON job_log(job_id, id)",
+    # Tasks live on their attempt's row (`orchestrator.tasks`): carry them over, then drop.
+    """
+    UPDATE orchestrator_attempt SET
+        (task_id, task_state, key_role, node_id, task_reason, task_created_at, task_updated_at)
+        = (SELECT t.id, t.state, t.key_role, t.node_id, t.reason, t.created_at, t.updated_at
+           FROM tasks AS t
+           WHERE t.job_id = orchestrator_attempt.job_id
+             AND t.participant = orchestrator_attempt.participant
+             AND t.attempt = orchestrator_attempt.number)
+    WHERE EXISTS (SELECT 1 FROM tasks AS t
+                  WHERE t.job_id = orchestrator_attempt.job_id
+                    AND t.participant = orchestrator_attempt.participant
+                    AND t.attempt = orchestrator_attempt.number)
+    """,
+    "DROP TABLE tasks",
 ]
 
 
 def ensure_schema(store: Store) -> None:
+    # A job's tasks are rows of the orchestrator's attempt table: it must exist first.
+    orchestrator_store.ensure_schema(store)
     store.ensure_schema("jobs", SCHEMA)
 
 
@@ -221,16 +237,12 @@ def create_task(
     job_id: str,
     participant: str,
     attempt: int,
-    vm: str,
     key_role: str = "node",
 ) -> str:
-    task_id = f"{job_id}-{participant}-{attempt}"[:80]
-    now = _now()
+    """Start the task of an assigned attempt; returns its id (the agent's events echo it)."""
     with transaction(conn):
-        conn.execute(
-            "INSERT INTO tasks(id, job_id, participant, attempt, vm, state, key_role, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, 'assigned', ?, ?, ?)",
-            (task_id, job_id, participant, attempt, vm, key_role, now, now),
+        task_id, vm = attempt_tasks.bind_task(
+            conn, job_id=job_id, participant=participant, attempt=attempt, key_role=key_role
         )
         _log(conn, job_id, "info", f"{participant}: attempt {attempt} assigned to {vm}")
     return task_id
@@ -246,25 +258,12 @@ def set_task_state(
     key_role: str | None = None,
 ) -> None:
     with transaction(conn):
-        row = conn.execute(
-            "SELECT job_id, participant, vm FROM tasks WHERE id = ?", (task_id,)
-        ).fetchone()
+        row = attempt_tasks.update_task(
+            conn, task_id, state, reason=reason, node_id=node_id, key_role=key_role
+        )
         if row is None:
             return
-        conn.execute(
-            "UPDATE tasks SET state = ?, reason = CASE WHEN ? = '' THEN reason ELSE ? END, "
-            "node_id = COALESCE(?, node_id), key_role = COALESCE(?, key_role), updated_at = ? "
-            "WHERE id = ?",
-            (state, reason, reason, node_id, key_role, _now(), task_id),
-        )
         text = f"{row['participant']}: task on {row['vm']} {state}" + (
             f": {reason}" if reason else ""
         )
         _log(conn, row["job_id"], "error" if state == "failed" else "info", text)
-
-
-def list_tasks(conn: sqlite3.Connection, job_id: str) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT * FROM tasks WHERE job_id = ? ORDER BY participant, attempt", (job_id,)
-    ).fetchall()
-    return [dict(r) for r in rows]

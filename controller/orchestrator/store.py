@@ -82,7 +82,22 @@ _SCHEMA: tuple[str, ...] = (
         body TEXT NOT NULL,
         PRIMARY KEY (job_id, participant, seq)
     )""",
+    # The task each attempt runs (see `orchestrator.tasks`): the attempt's one row holds it.
+    "ALTER TABLE orchestrator_attempt ADD COLUMN task_id TEXT",
+    "ALTER TABLE orchestrator_attempt ADD COLUMN task_state TEXT",
+    "ALTER TABLE orchestrator_attempt ADD COLUMN key_role TEXT NOT NULL DEFAULT 'node'",
+    "ALTER TABLE orchestrator_attempt ADD COLUMN node_id TEXT",
+    "ALTER TABLE orchestrator_attempt ADD COLUMN task_reason TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE orchestrator_attempt ADD COLUMN task_created_at TEXT",
+    "ALTER TABLE orchestrator_attempt ADD COLUMN task_updated_at TEXT",
+    "CREATE UNIQUE INDEX orchestrator_attempt_task ON orchestrator_attempt(task_id)",
 )
+SCHEMA_PART = "orchestrator"
+
+
+def ensure_schema(store: Store) -> None:
+    """Create or upgrade the orchestrator's tables (the job pipeline's tasks live in them)."""
+    store.ensure_schema(SCHEMA_PART, _SCHEMA)
 
 
 def _load_state(conn: sqlite3.Connection, participant: str) -> QueueState:
@@ -371,11 +386,9 @@ class QueueStore:
     Each method runs in one transaction, in the store's thread.
     """
 
-    PART = "orchestrator"
-
     def __init__(self, store: Store) -> None:
         self._store = store
-        store.ensure_schema(self.PART, _SCHEMA)
+        ensure_schema(store)
 
     # -- queue state --------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
-"""Helpers shared by fedsky's tests: loopback ports, waiting for a condition, certificate
-requests, a real Mosquitto with mutual TLS.
+"""Helpers shared by fedsky's tests: waiting for a condition, loopback ports (fedsky's own
+`free_port`), certificate requests, a real Mosquitto with mutual TLS.
 
 Fixtures (`pki`, `broker_dir`, `mqtt_broker`) live in `tests/conftest.py` and build on these.
 """
+
+from fedsky.shared.net import free_port
 
 from .csr import make_csr
 from .mqtt import (
@@ -13,7 +15,6 @@ from .mqtt import (
     unique_prefix,
     write_credentials,
 )
-from .net import free_port
 from .wait import eventually, eventually_blocking
 
 __all__ = [

@@ -27,10 +27,10 @@ from typing import Any
 import aiomqtt
 from fedsky.controller.bus.broker_config import BrokerFiles, prepare_broker_files
 from fedsky.controller.security.pki import CertKind, IssuedCertificate, Pki, write_private_key
+from fedsky.shared.net import free_port
 from fedsky.shared.tls import client_context
 from fedsky.shared.topics import Topics
 
-from .net import free_port
 from .wait import eventually_blocking
 
 HOST = "127.0.0.1"

@@ -99,7 +99,8 @@ async def assign(
                 failure = None if part.attempt == 0 else failure
                 continue
             raise JobFailure(f"{part.name}: {decision.summary}")
-        part.attempt += 1
+        # The attempt's number is the orchestrator's: the task is bound to that attempt row.
+        part.attempt = decision.attempt
         part.vm = decision.chosen.vm
         try:
             await start_on_vm(ctx, run, part)
@@ -126,7 +127,6 @@ async def start_on_vm(ctx: JobContext, run: JobRun, part: Participant) -> None:
         job_id=run.job_id,
         participant=part.name,
         attempt=part.attempt,
-        vm=part.vm,
     )
     part.task_id = task_id
     waiter: asyncio.Queue[Event] = asyncio.Queue()

@@ -17,13 +17,12 @@ from fedsky.controller.jobs.context import JobContext
 from fedsky.controller.jobs.records import JobRun, command_expiry
 from fedsky.controller.orchestrator.policy import OrchestratorError
 from fedsky.controller.orchestrator.store import AttemptState
+from fedsky.controller.orchestrator.tasks import LIVE_TASK_STATES, list_tasks
 from fedsky.controller.security.enrollment import revoke_common_name
 from fedsky.shared.ids import aggregator_id
 from fedsky.shared.messages import StopTaskCommand
 
 log = logging.getLogger(__name__)
-
-LIVE_TASK_STATES = ("assigned", "acknowledged", "starting", "running")
 
 
 async def clean_up(
@@ -41,7 +40,7 @@ async def clean_up(
     assert job is not None
     tasks: list[dict[str, Any]] = job.get("tasks") or []
     if not tasks:
-        tasks = await ctx.store.run(jobstore.list_tasks, job_id)
+        tasks = await ctx.store.run(list_tasks, job_id)
     for task in tasks:
         if task["state"] in LIVE_TASK_STATES:
             with contextlib.suppress(BusUnavailable):

@@ -75,7 +75,7 @@ async def launch_aggregator(ctx: JobContext, run: JobRun, placement: Placement) 
     run.control = ctx.make_control(flwr_home=run.directory / "control", address=address, root_ca=ca)
     if provider is ctx.local:
         # A cloud VM makes its own bus key and gets its certificate with its enrolment token.
-        issue_aggregator_identity(ctx, run)
+        await issue_aggregator_identity(ctx, run)
 
 
 async def allowed_sources(
@@ -111,7 +111,7 @@ async def allowed_sources(
     return tuple(dict.fromkeys(sources))
 
 
-def issue_aggregator_identity(ctx: JobContext, run: JobRun) -> None:
+async def issue_aggregator_identity(ctx: JobContext, run: JobRun) -> None:
     """The ServerApp's own bus certificate (`agg-<job>`), revoked when the job ends."""
     issued = ctx.pki.issue(
         common_name=aggregator_id(run.job_id), kind="aggregator", days=AGGREGATOR_CERT_DAYS
@@ -122,4 +122,4 @@ def issue_aggregator_identity(ctx: JobContext, run: JobRun) -> None:
     write_private_key(bus_dir / "agg.key", issued.key_pem, overwrite=True)
     atomic_write(bus_dir / "agg.crt", issued.cert_pem, mode=0o644)
     atomic_write(bus_dir / "ca.crt", ctx.pki.ca_cert_pem, mode=0o644)
-    ctx.store.call(record_certificate, issued)
+    await ctx.store.run(record_certificate, issued)
