@@ -19,9 +19,9 @@ from urllib.parse import quote, urlencode
 
 from fedsky.controller.cli.client import ApiError, ControllerUnavailable
 from fedsky.controller.cli.output import api_client, call_api, fail, print_json, print_table
+from fedsky.controller.clouds.catalog import CLOUD_PLUGINS
+from fedsky.controller.clouds.plugin import MAX_FILE_BYTES
 from fedsky.shared import exitcodes
-
-MAX_FILE_BYTES = 64 * 1024
 
 
 def register(subparsers: Any) -> None:
@@ -32,11 +32,11 @@ def register(subparsers: Any) -> None:
     add = sub.add_parser(
         "add", help="link an account: upload a credential file, checked by the cloud"
     )
-    add.add_argument("cloud", choices=["aws", "gcp"])
+    add.add_argument("cloud", choices=list(CLOUD_PLUGINS))
     add.add_argument(
         "file",
-        help="aws: the console's access-key CSV, a JSON key pair or a credentials ini file; "
-        "gcp: a service-account JSON key ('-' reads stdin)",
+        help="; ".join(f"{p.name}: {p.credential_files}" for p in CLOUD_PLUGINS.values())
+        + " ('-' reads stdin)",
     )
     add.add_argument("--name", help="name for the account (default: <cloud>-<account or project>)")
     add.add_argument(
@@ -70,7 +70,8 @@ def _read(path: str) -> bytes:
 
 
 def _describe(record: dict[str, Any]) -> str:
-    where = "project" if record.get("cloud") == "gcp" else "account"
+    plugin = CLOUD_PLUGINS.get(str(record.get("cloud")))
+    where = plugin.holder if plugin is not None else "account"
     line = f"{record['name']}: {record['status']} ({record['cloud']} {where} {record['account']}, {record['identity']})"
     for note in record.get("notes") or []:
         line += f"\n  note: {note}"

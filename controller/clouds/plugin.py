@@ -61,6 +61,16 @@ class CloudPlugin(Protocol):
         """The cloud's name in commands, records and offers ("aws")."""
         ...
 
+    @property
+    def credential_files(self) -> str:
+        """Which files `fedctl clouds add <cloud> FILE` takes, for its help."""
+        ...
+
+    @property
+    def holder(self) -> str:
+        """What a credential belongs to in this cloud's words ("account", "project")."""
+        ...
+
     def parse(self, data: bytes, *, profile: str | None = None) -> CloudCredential:
         """The credential in an uploaded file; CredentialFormatError if it is not one."""
         ...

@@ -21,6 +21,8 @@ def _own(credential: CloudCredential) -> AwsCredential:
 
 class AwsPlugin:
     name = "aws"
+    credential_files = "the console's access-key CSV, a JSON key pair or a credentials ini file"
+    holder = "account"
 
     def parse(self, data: bytes, *, profile: str | None = None) -> AwsCredential:
         return parse_aws(data, profile=profile)

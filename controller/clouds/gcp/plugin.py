@@ -23,6 +23,8 @@ def _own(credential: CloudCredential) -> GcpCredential:
 
 class GcpPlugin:
     name = "gcp"
+    credential_files = "a service-account JSON key"
+    holder = "project"
 
     def parse(self, data: bytes, *, profile: str | None = None) -> GcpCredential:
         if profile is not None:
