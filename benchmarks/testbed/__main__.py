@@ -1,0 +1,112 @@
+"""The testbed from the command line (as root).
+
+    python -m benchmarks.testbed --links [--json] [--count 10]
+    python -m benchmarks.testbed --cleanup
+
+--links builds the case study's testbed (three hospitals with two VMs each, the controller, and
+region hosts), relays an echo port on every link, measures every link's RTT against its target,
+prints the result and takes everything down. Exit 0 when every link is within tolerance (10% or
+2 ms, whichever is larger), 1 otherwise, 2 when the testbed could not be built.
+--cleanup removes what a crashed run left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from benchmarks.testbed.measure import (
+    ECHO_PORT,
+    PROBES,
+    echo_services,
+    measure_links,
+    within_tolerance,
+)
+from benchmarks.testbed.netns import Testbed, TestbedError, cleanup
+from benchmarks.testbed.relay import Relays, routes_for
+from benchmarks.testbed.topology import HospitalSpec, Plan, build_plan
+
+log = logging.getLogger("benchmarks.testbed")
+
+CASE_STUDY = (
+    HospitalSpec("hospital-us", "aws:us-east-1", ("vm1", "vm2")),
+    HospitalSpec("hospital-asia", "aws:ap-northeast-2", ("vm1", "vm2")),
+    HospitalSpec("hospital-eu", "aws:eu-central-1", ("vm1", "vm2")),
+)
+CASE_REGIONS = ("aws:us-east-1", "aws:eu-central-1", "aws:us-west-2")
+
+
+def case_study_plan(regions: tuple[str, ...] = CASE_REGIONS) -> Plan:
+    return build_plan(hospitals=CASE_STUDY, regions=regions)
+
+
+def run_links(plan: Plan, *, count: int) -> dict[str, Any]:
+    with Testbed(plan) as testbed, Relays(testbed) as relays:
+        relays.add(routes_for(plan, echo_services(plan, ECHO_PORT)))
+        links = measure_links(testbed, port=ECHO_PORT, count=count)
+    return {"links": links, "hosts": [asdict(h) for h in plan.hosts]}
+
+
+def _table(result: dict[str, Any]) -> str:
+    rows = [f"{'from':<22} {'to':<22} {'target ms':>10} {'measured ms':>12}  ok"]
+    for link in result["links"]:
+        ok = within_tolerance(link["rtt_target_ms"], link["rtt_measured_ms"])
+        rows.append(
+            f"{link['from']:<22} {link['to']:<22} {link['rtt_target_ms']:>10.2f} "
+            f"{link['rtt_measured_ms']:>12.2f}  {'yes' if ok else 'NO'}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.testbed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--links", action="store_true", help="build, measure every link, tear down")
+    parser.add_argument("--cleanup", action="store_true", help="remove leftovers of a crashed run")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--count", type=int, default=PROBES, help="probes per link (median)")
+    parser.add_argument(
+        "--region",
+        action="append",
+        dest="regions",
+        metavar="CLOUD:REGION",
+        help=f"a region host (repeatable; default {', '.join(CASE_REGIONS)})",
+    )
+    for flag in ("--smoke", "--failover", "--case-study"):
+        parser.add_argument(flag, action="store_true", help="not yet available")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+
+    if args.smoke or args.failover or args.case_study:
+        parser.error("--smoke, --failover and --case-study are not available yet")
+    try:
+        if args.cleanup:
+            removed = cleanup(case_study_plan())
+            print(
+                json.dumps({"removed": removed.describe()})
+                if args.json
+                else (f"removed: {removed.describe()}" if removed else "nothing to remove")
+            )
+            return 0
+        if not args.links:
+            parser.error("say what to do: --links or --cleanup")
+        plan = case_study_plan(tuple(args.regions) if args.regions else CASE_REGIONS)
+        result = run_links(plan, count=args.count)
+    except TestbedError as exc:
+        log.error("%s", exc)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else _table(result))
+    within = (within_tolerance(x["rtt_target_ms"], x["rtt_measured_ms"]) for x in result["links"])
+    return 0 if all(within) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
