@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test lint typecheck bench artifacts clean
 
 # Installs what is missing (apt packages, .venv, torch, fedsky). Serialised with flock so that
 # parallel invocations never run two pip installs into the same venv.
@@ -32,6 +32,11 @@ bench: install
 	$(PY) -m benchmarks.orchestrator
 	$(PY) -m benchmarks.control_plane
 	$(PY) -m benchmarks.fl_overhead
+
+# The pinned release artifacts: dist/wheelhouse/ (wheels of fedsky and every dependency per
+# role, requirements-<role>.txt with --hash lines, manifest.json). ROLES="aggregator" limits it.
+artifacts: install
+	$(PY) scripts/build_artifacts.py $(foreach r,$(ROLES),--role $(r))
 
 clean:
 	rm -rf build *.egg-info .mypy_cache .ruff_cache

@@ -3,6 +3,8 @@
     agentctl [--config FILE] status [--json]
     agentctl [--config FILE] enroll request NAME [--state-dir DIR] [--out CSR] [--new-key]
     agentctl [--config FILE] enroll BUNDLE [--state-dir DIR] [--key FILE] [--force]
+    agentctl [--config FILE] vm register NAME [--address HOST] [--port N]
+                                              [--fingerprint SHA256:...] [--replace]
 
 `status` exits 0 only when the agent runs and is connected to its broker, 1 when it runs but
 is not connected, 69 when it is not running, 78 when the config file is invalid.
@@ -26,6 +28,10 @@ _REQUEST = "request"
 
 
 class _UsageError(Exception):
+    pass
+
+
+class _Failed(Exception):
     pass
 
 
@@ -212,6 +218,143 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+# --- vm register --------------------------------------------------------------------------------
+
+
+def _vm_address(config: AgentConfig, name: str, given: str | None) -> str:
+    """--address, else the config's `[vms.NAME] address`, else what libvirt reports."""
+    from .executors.base import check_vm_address
+    from .executors.ssh import usable_addresses
+
+    if given is not None:
+        try:
+            return check_vm_address(given)
+        except ValueError as exc:
+            raise _UsageError(f"--address: {exc}") from None
+    settings = config.vms.get(name)
+    if settings is not None and settings.address:
+        return settings.address
+    from .inventory import InventoryError, LibvirtInventory
+
+    inventory = LibvirtInventory(uri=config.libvirt.uri)
+    try:
+        vms = inventory.snapshot()
+    except InventoryError as exc:
+        raise _Failed(f"{exc}; give the VM's address with --address") from None
+    finally:
+        inventory.close()
+    vm = next((v for v in vms if v.name == name), None)
+    if vm is None:
+        raise _Failed(f"libvirt at {config.libvirt.uri} has no VM named {name!r}")
+    usable = usable_addresses(vm.addresses)
+    if not usable:
+        raise _Failed(
+            f"libvirt knows no address of {name} (it is {vm.state}); start it, or give the "
+            f"address with --address or [vms.{name}] address"
+        )
+    return usable[0]
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError("a TCP port: 1-65535")
+    return int(text)
+
+
+def _confirm(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def _cmd_vm_register(args: argparse.Namespace) -> int:
+    from .executors.base import SshExecutorConfig
+    from .hostkeys import (
+        HostKeyError,
+        check_vm_name,
+        normalise_fingerprint,
+        pin,
+        pinned_keys,
+        scan,
+    )
+
+    config = _config(args)
+    try:
+        name = check_vm_name(args.name)
+        expected = normalise_fingerprint(args.fingerprint) if args.fingerprint else None
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return exitcodes.USAGE
+    executor = config.executor
+    settings = config.vms.get(name)
+    port: int = (
+        args.port
+        or (settings.port if settings else None)
+        or (executor.port if isinstance(executor, SshExecutorConfig) else 22)
+    )
+    known_hosts = config.known_hosts_file
+    try:
+        host = _vm_address(config, name, args.address)
+        offered = scan(host, port, timeout_s=args.timeout)
+        current = pinned_keys(known_hosts, name)
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        return exitcodes.USAGE
+    except (_Failed, HostKeyError) as exc:
+        print(f"cannot register {name}: {exc}", file=sys.stderr)
+        return exitcodes.FAILED
+    print(f"VM {name} at {host}:{port} offers:")
+    for key in offered:
+        print(f"  {key.key_type:<22} {key.fingerprint}")
+    if expected is not None:
+        chosen = next((k for k in offered if k.fingerprint == expected), None)
+        if chosen is None:
+            print(
+                f"refused: none of these is {expected}; the machine answering at {host}:{port} "
+                "may not be the VM",
+                file=sys.stderr,
+            )
+            return exitcodes.FAILED
+    else:
+        chosen = offered[0]
+        print(
+            f"compare {chosen.fingerprint} with the VM's own, read on its console: "
+            "`for k in /etc/ssh/ssh_host_*_key.pub; do ssh-keygen -lf $k; done`"
+        )
+        if not _confirm(f"pin the {chosen.key_type} key for {name}?"):
+            print(
+                "not pinned: confirm interactively, or pass --fingerprint with the fingerprint "
+                "read on the VM's console",
+                file=sys.stderr,
+            )
+            return exitcodes.FAILED
+    if chosen in current:
+        print(f"{name}: that key is already pinned in {known_hosts}")
+        return exitcodes.OK
+    if current and not args.replace:
+        print(
+            f"refused: {name} already has a different pinned key ({current[0].fingerprint}); "
+            "if the VM's key changed on purpose, run again with --replace",
+            file=sys.stderr,
+        )
+        return exitcodes.FAILED
+    try:
+        pin(known_hosts, name, chosen, state_dir=config.state_dir)
+    except (HostKeyError, OSError) as exc:
+        print(f"cannot pin the key: {exc}", file=sys.stderr)
+        return exitcodes.FAILED
+    print(f"pinned {chosen.key_type} {chosen.fingerprint} for {name} in {known_hosts}")
+    if args.address and (settings is None or settings.address != host):
+        print(
+            f"note: jobs reach {name} at libvirt's address unless the config says otherwise: "
+            f'add [vms.{name}] address = "{host}" if libvirt does not know this one'
+        )
+    return exitcodes.OK
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -272,6 +415,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace a different private key already installed"
     )
     enroll.set_defaults(func=_cmd_enroll)
+
+    vm = sub.add_parser("vm", help="`vm register NAME`: pin a VM's SSH host key")
+    vm_sub = vm.add_subparsers(dest="vm_command", metavar="COMMAND")
+    vm_sub.required = True
+    register = vm_sub.add_parser(
+        "register",
+        help="fetch the VM's SSH host key, show its fingerprint, pin it once confirmed",
+        description="Fetch the SSH host key of VM NAME (ssh-keyscan), show its fingerprint to "
+        "compare with the one on the VM's console, and pin it in the agent's known-hosts file. "
+        "Jobs reach the VM over SSH only if its key is pinned and unchanged.",
+    )
+    register.add_argument("name", metavar="NAME", help="the VM's name in libvirt")
+    register.add_argument(
+        "--address",
+        default=None,
+        help="where to reach it (default: [vms.NAME] address, else libvirt's address)",
+    )
+    register.add_argument(
+        "--port",
+        type=_port,
+        metavar="N",
+        default=None,
+        help="its SSH port (default: [vms.NAME] port, else [executor] port, else 22)",
+    )
+    register.add_argument(
+        "--fingerprint",
+        default=None,
+        help="accept without asking if the VM offers a key with this SHA256:... fingerprint; "
+        "refuse otherwise",
+    )
+    register.add_argument(
+        "--replace", action="store_true", help="replace a different key already pinned"
+    )
+    register.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the VM's sshd"
+    )
+    register.add_argument(
+        "--state-dir", type=Path, default=None, help="the agent's state directory"
+    )
+    register.set_defaults(func=_cmd_vm_register)
     return parser
 
 

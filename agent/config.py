@@ -5,6 +5,12 @@ Relative paths are relative to the config file's directory. Everything the agent
 the status socket and the status file. The broker address and topic prefix come from the
 installed enrolment bundle unless `[broker]` overrides them.
 
+Two modes. In hosts mode (the default) the agent runs each participant's SuperNode inside the
+chosen VM over SSH (`[executor] kind = "ssh"`) and never on its own host: a `local` executor is
+refused when the file is loaded, and the runner checks again before every start. `one_box = true`
+is for everything on one machine (the demo, the end-to-end tests): the `local` executor runs the
+SuperNode on this host and is then the default.
+
 A minimal production file::
 
     state_dir = "/var/lib/fedsky-agent"
@@ -14,6 +20,14 @@ A minimal production file::
 
     [status]
     group = "fedsky"
+
+    [executor]
+    kind = "ssh"
+    user = "fedsky"
+    identity_file = "/etc/fedsky/vm_ssh_key"
+
+    [vms.vm-001]                    # optional: libvirt's address is used otherwise
+    address = "10.0.0.21"
 """
 
 from __future__ import annotations
@@ -24,7 +38,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fedsky.agent.executors.base import ExecutorConfig, LocalExecutorConfig
+from fedsky.agent.executors.base import (
+    VM_NAME_PATTERN,
+    ExecutorConfig,
+    LocalExecutorConfig,
+    SshExecutorConfig,
+    VmSettings,
+)
 from fedsky.shared.bundle import BundleError, EnrolmentBundle, read_bundle
 from fedsky.shared.config import ConfigError, load_config, resolve_path
 from fedsky.shared.datasets import DatasetSpec
@@ -43,6 +63,7 @@ CA_NAME = "ca.crt"
 BUNDLE_NAME = "bundle.json"
 SOCKET_NAME = "agent.sock"
 STATUS_FILE_NAME = "status.json"
+KNOWN_HOSTS_NAME = "ssh/known_hosts"
 
 # sockaddr_un.sun_path is 108 bytes on Linux, one of them the terminating NUL.
 _MAX_SOCKET_PATH = 107
@@ -180,6 +201,9 @@ class RttProbeSection(_Section):
 class AgentConfig(_Section):
     # Default: the agent id of the installed enrolment bundle; if set, it must match it.
     agent_id: str | None = None
+    # Everything on one machine: the SuperNode may run on this host (the `local` executor).
+    # Declared before `executor`, whose check reads it.
+    one_box: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # A full report at this interval, and at once when a VM's state changes.
@@ -194,8 +218,23 @@ class AgentConfig(_Section):
     rtt_probe: RttProbeSection = RttProbeSection()
     # Dataset name -> local loader. Jobs name a dataset; the paths never leave this host.
     datasets: dict[Annotated[str, Field(pattern=DATASET_NAME_PATTERN)], DatasetSpec] = {}
-    # Where a task's SuperNode runs: `local` (this host, the default) or `ssh` (inside the VM).
-    executor: ExecutorConfig = LocalExecutorConfig()
+    # Where a task's SuperNode runs: `ssh` (inside the VM), or `local` (this host, one-box mode
+    # only, and its default there). None outside one-box mode: the daemon will not start.
+    executor: ExecutorConfig | None = None
+    # VM name -> what the config says about it: address, port, the VM's own dataset paths.
+    vms: dict[Annotated[str, Field(pattern=VM_NAME_PATTERN)], VmSettings] = {}
+
+    @field_validator("executor")
+    @classmethod
+    def _not_on_this_host(
+        cls, value: LocalExecutorConfig | SshExecutorConfig | None, info: ValidationInfo
+    ) -> LocalExecutorConfig | SshExecutorConfig | None:
+        if isinstance(value, LocalExecutorConfig) and not info.data.get("one_box", False):
+            raise ValueError(
+                'kind "local" runs the SuperNode on this (hypervisor) host, which only one-box '
+                'mode allows (`one_box = true`); to train inside the chosen VM use kind "ssh"'
+            )
+        return value
 
     @field_validator("agent_id")
     @classmethod
@@ -253,6 +292,31 @@ class AgentConfig(_Section):
     @property
     def status_file(self) -> Path:
         return self.status.state_file or self.state_dir / STATUS_FILE_NAME
+
+    @property
+    def task_executor(self) -> LocalExecutorConfig | SshExecutorConfig | None:
+        """The executor tasks use: the configured one, `local` by default in one-box mode."""
+        if self.executor is None and self.one_box:
+            return LocalExecutorConfig()
+        return self.executor
+
+    @property
+    def known_hosts_file(self) -> Path:
+        """The VMs' pinned SSH host keys (`agentctl vm register` writes them)."""
+        if isinstance(self.executor, SshExecutorConfig) and self.executor.known_hosts_file:
+            return self.executor.known_hosts_file
+        return self.state_dir / KNOWN_HOSTS_NAME
+
+
+def require_executor(config: AgentConfig, path: Path) -> None:
+    """The daemon runs tasks: outside one-box mode it needs the `ssh` executor configured."""
+    if config.task_executor is None:
+        raise ConfigError(
+            f"{path}: key 'executor': missing: outside one-box mode the agent runs each "
+            'SuperNode inside the chosen VM: add [executor] kind = "ssh" (with user and '
+            "identity_file) and pin each VM's host key with `agentctl vm register NAME`; "
+            "`one_box = true` runs it on this host instead (one machine only)"
+        )
 
 
 def default_config_path() -> Path:

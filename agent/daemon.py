@@ -43,7 +43,14 @@ from fedsky.shared.retry import Backoff
 from fedsky.shared.tls import client_context
 from fedsky.shared.topics import Topics
 
-from .config import AgentConfig, Identity, default_config_path, load_agent_config, resolve_identity
+from .config import (
+    AgentConfig,
+    Identity,
+    default_config_path,
+    load_agent_config,
+    require_executor,
+    resolve_identity,
+)
 from .inventory import FaultAction, HostProbe, InventoryError, LibvirtInventory
 from .link import AgentLink
 from .runner import TaskRunner
@@ -130,7 +137,10 @@ class AgentDaemon:
             agent_id=identity.agent_id,
             work_dir=config.tasks_dir,
             datasets=dict(config.datasets),
-            executor_config=config.executor,
+            executor_config=config.task_executor,
+            one_box=config.one_box,
+            vms=config.vms,
+            known_hosts_file=config.known_hosts_file,
             blocking=self.blocking,
             snapshot=self.inventory.snapshot,
             emit=self.link.emit,
@@ -358,12 +368,18 @@ async def run_agent(*, config: AgentConfig, identity: Identity, status_gid: int 
             identity.cert_not_after.isoformat(),
         )
     daemon = AgentDaemon(config=config, identity=identity, status_gid=status_gid)
+    executor = config.task_executor
+    where = "inside the VMs over SSH"
+    if executor is not None and executor.kind == "local":
+        where = "on this host (one-box mode)"
     log.info(
-        "agent %s (%s) starting: libvirt %s, broker %s",
+        "agent %s (%s) starting: libvirt %s, broker %s, SuperNodes run %s (%s executor)",
         identity.agent_id,
         identity.location,
         config.libvirt.uri,
         daemon.link.address,
+        where,
+        executor.kind if executor is not None else "no",
     )
     await daemon.run(stop=stop)
     log.info("stopped")
@@ -383,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_agent_config(path)
         identity = resolve_identity(config)
+        require_executor(config, path)
         gid = resolve_group(config.status.group)
     except (ConfigError, StatusError) as exc:
         log.error("%s", exc)

@@ -7,6 +7,11 @@ VM through the configured executor with the key the controller names; report `ta
 `task_running`, and `task_finished` or `task_failed` (with a `FailureKind` and a reason scrubbed
 of local paths) when it ends. `stop_task`: stop it and report `task_stopped`. A task whose VM leaves the running
 state is stopped and reported failed at once, so the controller can move it to another VM.
+
+Outside one-box mode the runner refuses, whatever its config said, an executor that would run
+the SuperNode on the agent's own host (`start_failed`). A task's dataset resolves to the VM's own
+paths (`[vms.<name>.datasets]`) when the SuperNode runs in the VM; a bundled dataset of the
+agent's `[datasets]` works anywhere, a path on the agent's host only in one-box mode.
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ from typing import Any, TypeVar
 from fedsky.agent.executors.base import (
     Executor,
     ExecutorError,
+    LocalExecutorConfig,
     RunningSuperNode,
+    SshExecutorConfig,
     SuperNodeLaunch,
+    VmSettings,
     VmUnreachable,
 )
 from fedsky.agent.executors.factory import make_executor
@@ -70,16 +78,31 @@ class TaskRunner:
         agent_id: str,
         work_dir: Path,
         datasets: dict[str, BundledDatasetSpec | ImageFolderSpec],
-        executor_config: Any,
+        executor_config: LocalExecutorConfig | SshExecutorConfig | None,
         blocking: Blocking[Any],
         snapshot: Callable[[], list[VmInfo]],
         emit: Callable[[Event], None],
         on_change: Callable[[TaskSummary | None], None],
+        one_box: bool = False,
+        vms: Mapping[str, VmSettings] | None = None,
+        known_hosts_file: Path | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.work_dir = work_dir
         self.datasets = datasets
-        self.executor: Executor = make_executor(executor_config, work_dir=work_dir)
+        self.one_box = one_box
+        self.vms = dict(vms or {})
+        self.executor: Executor | None = (
+            None
+            if executor_config is None
+            else make_executor(
+                executor_config,
+                work_dir=work_dir,
+                known_hosts_file=known_hosts_file,
+                vms=self.vms,
+                one_box=one_box,
+            )
+        )
         self._blocking = blocking
         self._snapshot = snapshot
         self._emit_event = emit
@@ -118,7 +141,40 @@ class TaskRunner:
         self._emit("task_failed", task, command_id, detail, failure_kind=kind)
 
     def _local_paths(self) -> list[str]:
-        return [str(s.root) for s in self.datasets.values() if isinstance(s, ImageFolderSpec)]
+        specs = [*self.datasets.values()]
+        specs += [spec for vm in self.vms.values() for spec in vm.datasets.values()]
+        return [str(s.root) for s in specs if isinstance(s, ImageFolderSpec)]
+
+    def _refusal(self) -> str | None:
+        """Why no SuperNode may start here at all (None: it may)."""
+        if self.executor is None:
+            return (
+                "no executor is configured at this agent: it runs SuperNodes inside VMs only "
+                'with [executor] kind = "ssh"'
+            )
+        if self.executor.on_agent_host and not self.one_box:
+            # The config refuses this already; a runner built some other way refuses it too.
+            return (
+                "refused: outside one-box mode the SuperNode never runs on the agent's "
+                f"(hypervisor) host, and the {self.executor.kind!r} executor would run it there"
+            )
+        return None
+
+    def _dataset(
+        self, vm: str, name: str
+    ) -> tuple[BundledDatasetSpec | ImageFolderSpec | None, str]:
+        """The loader for dataset `name` where the SuperNode runs, or None and why not."""
+        missing = f"dataset {name!r} is not configured at {self.agent_id}"
+        if self.executor is not None and self.executor.on_agent_host:
+            return self.datasets.get(name), missing
+        own = self.vms.get(vm)
+        if own is not None and name in own.datasets:
+            return own.datasets[name], ""
+        spec = self.datasets.get(name)
+        if isinstance(spec, ImageFolderSpec):
+            # Its path is on the agent's host; the VM has its own disks.
+            return None, f"dataset {name!r} has no path in {vm} (set [vms.{vm}.datasets.{name}])"
+        return spec, missing
 
     def _publish_summary(self) -> None:
         active = [t for t in self.tasks.values() if t.running is not None and t.running.running]
@@ -153,13 +209,13 @@ class TaskRunner:
         return next((vm for vm in vms if vm.name == name), None)
 
     async def _prepare(self, cmd: PrepareTaskCommand) -> None:
-        if cmd.dataset not in self.datasets:
-            self._fail(
-                cmd.task_id,
-                cmd.command_id,
-                FailureKind.DATASET_MISSING,
-                f"dataset {cmd.dataset!r} is not configured at {self.agent_id}",
-            )
+        refusal = self._refusal()
+        if refusal is not None:
+            self._fail(cmd.task_id, cmd.command_id, FailureKind.START_FAILED, refusal)
+            return
+        spec, why_not = self._dataset(cmd.vm, cmd.dataset)
+        if spec is None:
+            self._fail(cmd.task_id, cmd.command_id, FailureKind.DATASET_MISSING, why_not)
             return
         vm = await self._find_vm(cmd.vm)
         if vm is None or vm.state != "running":
@@ -222,6 +278,11 @@ class TaskRunner:
         if task.running is not None and task.running.running:
             self._emit("task_running", task, cmd.command_id, "already running")
             return
+        refusal = self._refusal()
+        if refusal is not None or self.executor is None:
+            self._fail(task, cmd.command_id, FailureKind.START_FAILED, refusal or "no executor")
+            return
+        executor = self.executor
         vm = await self._find_vm(task.vm)
         if vm is None or vm.state != "running":
             state = "missing" if vm is None else vm.state
@@ -232,14 +293,9 @@ class TaskRunner:
                 f"vm-check: {task.vm} is {state}, not running",
             )
             return
-        dataset = self.datasets.get(cmd.dataset)
+        dataset, why_not = self._dataset(task.vm, cmd.dataset)
         if dataset is None:
-            self._fail(
-                task,
-                cmd.command_id,
-                FailureKind.DATASET_MISSING,
-                f"dataset {cmd.dataset!r} is not configured at {self.agent_id}",
-            )
+            self._fail(task, cmd.command_id, FailureKind.DATASET_MISSING, why_not)
             return
         root_ca = task.directory / "aggregator-ca.crt"
         catalog = task.directory / "datasets.json"
@@ -267,7 +323,7 @@ class TaskRunner:
         )
         task.stopping = False
         try:
-            task.running = await self.executor.start(
+            task.running = await executor.start(
                 launch, vm_name=vm.name, vm_addresses=tuple(vm.addresses)
             )
         except VmUnreachable as exc:

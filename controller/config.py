@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from fedsky.controller.api.settings import ApiConfig
+from fedsky.controller.api.settings import ApiConfig, ArtifactsConfig
 from fedsky.controller.bus.settings import BrokerConfig, BusConfig
-from fedsky.controller.clouds.settings import CloudsConfig
+from fedsky.controller.clouds.settings import AggregatorConfig, CloudsConfig
 from fedsky.controller.inventory.settings import InventoryConfig
 from fedsky.controller.models.settings import ModelsConfig
 from fedsky.controller.orchestrator.policy import Policy
@@ -31,6 +31,8 @@ class ControllerConfig(Section):
     orchestrator: Policy = Policy()
     registry: ModelsConfig = ModelsConfig()
     clouds: CloudsConfig = CloudsConfig()
+    aggregator: AggregatorConfig = AggregatorConfig()
+    artifacts: ArtifactsConfig = ArtifactsConfig()
 
     @field_validator("state_dir")
     @classmethod
@@ -52,12 +54,24 @@ class ControllerConfig(Section):
         return self.state_dir / "broker"
 
     @property
+    def artifacts_dir(self) -> Path:
+        """The wheelhouse the controller serves and takes the artifacts' digests from."""
+        return self.artifacts.dir or (self.state_dir / "artifacts")
+
+    @property
     def api_socket(self) -> Path:
         return self.api.socket or (self.state_dir / "controller.sock")
 
     @property
     def broker_public_host(self) -> str:
+        """The broker's advertised address: in enrolment bundles and its certificate."""
         return self.broker.public_host or self.broker.host
+
+    @property
+    def broker_public_names(self) -> list[str]:
+        """Names the managed broker's certificate carries besides its bind address."""
+        public = self.broker_public_host
+        return [public] if public != self.broker.host else []
 
 
 def load_controller_config(path: str | Path) -> ControllerConfig:

@@ -155,16 +155,14 @@ async def serve(config: ControllerConfig, *, started: asyncio.Event | None = Non
                 host=config.broker.host,
                 port=config.broker.port,
                 topic_prefix=config.bus.topic_prefix,
-                public_names=[config.broker_public_host]
-                if config.broker_public_host != config.broker.host
-                else [],
+                public_names=config.broker_public_names,
             )
             broker = ManagedBroker(files=files, mosquitto_bin=config.broker.mosquitto_bin)
             ca_file = pki.ca_cert_path
         else:
             ca_file = config.broker.ca_file or pki.ca_cert_path
         bus = ControllerBus(
-            host=config.broker.host,
+            host=config.broker.connect_host,
             port=config.broker.port,
             tls_context=client_context(ca_file=ca_file, cert_file=cert, key_file=key),
             topics=topics,

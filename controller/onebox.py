@@ -193,6 +193,8 @@ class Onebox:
             'state_dir = "state"',
             f"report_interval_s = {self.report_interval_s}",
             f"poll_interval_s = {self.poll_interval_s}",
+            # Everything on this machine: the SuperNodes run here (the `local` executor).
+            "one_box = true",
             "[libvirt]",
             f'uri = "{uri}"',
             "[test]",

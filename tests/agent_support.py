@@ -67,9 +67,11 @@ def write_config(
     poll_interval_s: float = 0.2,
     fault_socket: str | None = "state/fault.sock",
     extra: str = "",
+    one_box: bool = True,
 ) -> Path:
     lines = [
         f'state_dir = "{state_dir}"',
+        f"one_box = {'true' if one_box else 'false'}",
         f"report_interval_s = {report_interval_s}",
         f"poll_interval_s = {poll_interval_s}",
         'log_level = "DEBUG"',

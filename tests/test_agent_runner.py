@@ -67,6 +67,7 @@ async def runner(tmp_path: Path) -> AsyncIterator[Runner]:
         datasets={"digits": BundledDatasetSpec(kind="digits")},
         # Long enough that a SuperNode with no aggregator is still running when the VM stops.
         executor_config=LocalExecutorConfig(give_up_after_s=120),
+        one_box=True,
         blocking=_in_thread,
         snapshot=lambda: list(vms),
         emit=events.put_nowait,
@@ -167,6 +168,7 @@ async def test_a_supernode_that_cannot_start_or_exits_has_its_kind(
             work_dir=tmp_path / "tasks",
             datasets={"digits": BundledDatasetSpec(kind="digits")},
             executor_config=executor,
+            one_box=True,
             blocking=_in_thread,
             snapshot=lambda: [
                 VmInfo(

@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedsky.controller.api.app import make_app
+from fedsky.controller.api.artifacts import ArtifactShelf
 from fedsky.controller.api.clouds import make_enroll_app
 from fedsky.controller.api.enroll_listener import listener_tls
 from fedsky.controller.clouds.settings import CloudsConfig
@@ -32,9 +33,11 @@ from fedsky.controller.security.enrollment import record_certificate, revoke_com
 from fedsky.controller.security.pki import IssuedCertificate, Pki, PkiError
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store
+from fedsky.shared.artifacts import MANIFEST_FILE, build_manifest, read_manifest
 
 from tests.fakes.clouds import open_enrolment
 from tests.support import free_port, make_csr
+from tests.support.wheels import write_wheelhouse
 
 # The bus identity's CSR (agg-job-7, a key of its own) that goes with every enrolment here.
 BUS_KEY, BUS_CSR = make_csr("agg-job-7")
@@ -265,7 +268,11 @@ async def test_the_enrol_route(http: tuple[str, str], enrolment: AggregatorEnrol
 
 @contextlib.asynccontextmanager
 async def _listener(
-    enrolment: AggregatorEnrolment, pki: Pki, *, middlewares: Sequence[Any] = ()
+    enrolment: AggregatorEnrolment,
+    pki: Pki,
+    *,
+    middlewares: Sequence[Any] = (),
+    artifacts: Path | None = None,
 ) -> AsyncIterator[str]:
     """The enrolment app behind the daemon's own listener TLS (`listener_tls`); yields its URL."""
     port = free_port()
@@ -275,7 +282,10 @@ async def _listener(
         store=enrolment.store,
         clouds=CloudsConfig(enroll_url=f"{base}/v1/aggregators/enroll"),
     )
-    app = make_enroll_app(Services(store=enrolment.store, aggregators=enrolment))
+    app = make_enroll_app(
+        Services(store=enrolment.store, aggregators=enrolment),
+        artifacts=ArtifactShelf(artifacts) if artifacts is not None else None,
+    )
     app.middlewares.extend(middlewares)
     runner = web.AppRunner(app)
     await runner.setup()
@@ -374,8 +384,9 @@ def _script(pki: Pki, tmp: Path, **changes: Any) -> str:
         "enroll_url": "https://127.0.0.1:1/v1/aggregators/enroll",
         "ca_pem": pki.ca_cert_pem.decode(),
         "port": 9092,
-        "package": "https://packages.example/fedsky-0.1.0-py3-none-any.whl[aggregator]",
-        "pip_index_url": None,
+        "artifacts": bt.AggregatorArtifacts(
+            url="https://127.0.0.1:1/v1/artifacts/", requirements_sha256="ab" * 32, pinned_ca=True
+        ),
         "preinstalled": False,
         "directory": str(tmp / "etc"),
         "data_dir": str(tmp / "data"),
@@ -388,15 +399,31 @@ def _script(pki: Pki, tmp: Path, **changes: Any) -> str:
 
 def test_the_script_is_valid_bash_and_holds_no_key(pki: Pki, tmp_path: Path) -> None:
     for preinstalled in (False, True):
-        script = _script(
-            pki, tmp_path, preinstalled=preinstalled, pip_index_url="https://pypi.example/simple"
-        )
+        script = _script(pki, tmp_path, preinstalled=preinstalled)
         subprocess.run(["bash", "-n"], input=script.encode(), check=True)
         assert "PRIVATE KEY" not in script
         assert script.count("fsk1_") == 1
-    assert (
-        "pip\" install --quiet --index-url https://pypi.example/simple 'https://packages.example"
-        in _script(pki, tmp_path, pip_index_url="https://pypi.example/simple")
+    # The install names no index: pinned wheels from the listener (its CA) or a mirror.
+    script = _script(pki, tmp_path)
+    assert "--no-index" in script
+    assert "--require-hashes" in script
+    assert "index-url" not in script
+    assert "pypi" not in script.lower()
+    assert f'echo "{"ab" * 32}  $WHEELS/requirements-aggregator.txt" | sha256sum -c' in script
+    assert "curl -fsS --proto =https --cacert ca.pem -o" in script
+    mirror = bt.AggregatorArtifacts(
+        url="https://mirror.example/fedsky/", requirements_sha256="cd" * 32, pinned_ca=False
+    )
+    script = _script(pki, tmp_path, artifacts=mirror)
+    assert 'https://mirror.example/fedsky/"$1"' in script
+    assert "curl -fsS --proto =https -o" in script  # a mirror: the system's CAs, same digests
+    with pytest.raises(ValueError, match="pinned artifacts"):
+        _script(pki, tmp_path, artifacts=None)
+    with pytest.raises(ValueError, match="https and end in '/'"):
+        bt.AggregatorArtifacts(url="http://x/", requirements_sha256="ab" * 32, pinned_ca=False)
+    assert _script(pki, tmp_path, artifacts=None, preinstalled=True).count("/bin/pip") == 0
+    assert bt.artifacts_url("https://c.example/fl/v1/aggregators/enroll") == (
+        "https://c.example/fl/v1/artifacts/"
     )
     with pytest.raises(ValueError, match="does not make a valid aggregator id"):
         _script(pki, tmp_path, job_id="job; rm -rf /")
@@ -507,6 +534,100 @@ async def test_the_script_enrols_and_fetches_the_model_against_a_real_listener(
         "daemon-reload",
         f"enable --now {bt.VM_UNIT}",
     ]
+
+
+async def test_the_script_installs_the_pinned_wheels_from_the_listener_then_enrols(
+    enrolment: AggregatorEnrolment, pki: Pki, tmp_path: Path
+) -> None:
+    """No image venv: the script fetches requirements-aggregator.txt and the wheels it names
+    from the listener, checks the pinned digest, installs with --no-index --require-hashes."""
+    seen: list[str] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append(request.path)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    _job(enrolment)
+    manifest = write_wheelhouse(tmp_path / "wheelhouse")
+    env = _vm(tmp_path)
+    (tmp_path / "venv").rename(tmp_path / "image-venv")  # nothing preinstalled
+    env["PIP_INDEX_URL"] = "https://index.invalid/simple"  # the VM's pip settings are ignored
+    async with _listener(
+        enrolment, pki, middlewares=[record], artifacts=tmp_path / "wheelhouse"
+    ) as base:
+        token = _issue(enrolment.store)
+        _bind(enrolment.store)
+        enroll_url = f"{base}/v1/aggregators/enroll"
+        artifacts = bt.aggregator_artifacts(
+            directory=tmp_path / "wheelhouse", enroll_url=enroll_url, mirror_url=None
+        )
+        assert artifacts.requirements_sha256 == manifest.requirements("aggregator").sha256
+        script = _script(pki, tmp_path, token=token, enroll_url=enroll_url, artifacts=artifacts)
+        proc = await _start_script(script, env)
+        _, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+
+    assert seen[:3] == [
+        "/v1/artifacts/requirements-aggregator.txt",
+        "/v1/artifacts/fedsky-0.1.0-py3-none-any.whl",
+        "/v1/artifacts/fedsky_tinydep-1.0-py3-none-any.whl",
+    ]
+    assert seen[3:] == ["/v1/aggregators/enroll", "/v1/aggregators/model"]
+    shown = subprocess.run(
+        [
+            tmp_path / "venv" / "bin" / "python",
+            "-c",
+            "import fedsky_tinydep as m; print(m.VERSION)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout.strip() == "1.0"
+    assert (tmp_path / "units" / bt.VM_UNIT).exists()
+
+
+async def test_the_script_refuses_a_requirement_file_without_the_pinned_digest(
+    enrolment: AggregatorEnrolment, pki: Pki, tmp_path: Path
+) -> None:
+    """The wheelhouse changes after the script was rendered (consistently, manifest and all):
+    the script refuses it before installing anything or spending its token."""
+    _job(enrolment)
+    wheelhouse = tmp_path / "wheelhouse"
+    write_wheelhouse(wheelhouse)
+    env = _vm(tmp_path)
+    (tmp_path / "venv").rename(tmp_path / "image-venv")
+    async with _listener(enrolment, pki, artifacts=wheelhouse) as base:
+        token = _issue(enrolment.store)
+        _bind(enrolment.store)
+        enroll_url = f"{base}/v1/aggregators/enroll"
+        pinned = bt.aggregator_artifacts(
+            directory=wheelhouse, enroll_url=enroll_url, mirror_url=None
+        )
+        for path in wheelhouse.iterdir():
+            path.unlink()
+        write_wheelhouse(wheelhouse, role="aggregator")
+        requirements = wheelhouse / "requirements-aggregator.txt"
+        requirements.write_text(requirements.read_text() + "# an extra line\n")
+        roles = {e.file: e.roles for e in read_manifest(wheelhouse).files}
+        (wheelhouse / MANIFEST_FILE).write_text(
+            build_manifest(
+                directory=wheelhouse, fedsky_version="0.1.0", python="cp311", roles_of=roles
+            ).to_json()
+        )
+        script = _script(pki, tmp_path, token=token, enroll_url=enroll_url, artifacts=pinned)
+        proc = await _start_script(script, env)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert "requirements-aggregator.txt does not have the digest this script pins" in err.decode()
+    assert not (tmp_path / "venv").exists()
+    assert not (tmp_path / "data" / "bus" / "agg.crt").exists()  # never enrolled
+    unused = enrolment.store.call(
+        lambda conn: conn.execute("SELECT used_at FROM bootstrap_tokens").fetchone()[0]
+    )
+    assert unused is None
 
 
 @pytest.mark.parametrize("trouble", ["tampered", "job-ended"])

@@ -1,7 +1,9 @@
 """The `ssh` executor against a real sshd on loopback (its own host key, a key the test makes).
 
-The "VM" is this machine reached over SSH: the SuperNode it starts joins a real SuperLink with
-TLS and SuperNode authentication, and stopping the task ends it there.
+The "VM" is this machine reached over SSH (so the executor runs as in one-box mode, where the
+agent's own host is allowed): the SuperNode it starts joins a real SuperLink with TLS and
+SuperNode authentication, and stopping the task ends it there. The VM's host key is pinned the
+operator's way, with `agentctl vm register`; an unpinned VM and a changed key are refused.
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from fedsky.agent import cli
 from fedsky.agent.executors.base import (
-    ExecutorError,
+    HostKeyNotPinned,
+    OnAgentHost,
+    PayloadMissing,
     SshExecutorConfig,
     SuperNodeLaunch,
+    VmSettings,
     VmUnreachable,
 )
 from fedsky.agent.executors.factory import make_executor
 from fedsky.agent.executors.ssh import SshExecutor, SshSuperNode
+from fedsky.agent.hostkeys import HostKey, parse_known_hosts, pin, pinned_keys
 from fedsky.controller.clouds.base import AggregatorSpec
 from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
 from fedsky.controller.security.pki import Pki
@@ -58,7 +65,7 @@ def _ed25519(path: Path) -> str:
 class Sshd:
     port: int
     client_key: Path
-    known_hosts: Path
+    host_key: HostKey  # what the VM's console would show
     proc: subprocess.Popen[bytes]
     user: str
 
@@ -106,14 +113,14 @@ StrictModes no
             break
     else:
         raise RuntimeError((d / "sshd.log").read_text())
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub}\n")
     import pwd
 
+    key_type, blob = host_pub.split()[:2]
     try:
         yield Sshd(
             port=port,
             client_key=d / "client_key",
-            known_hosts=d / "known_hosts",
+            host_key=HostKey(key_type, blob),
             proc=proc,
             user=pwd.getpwuid(os.getuid()).pw_name,
         )
@@ -128,13 +135,60 @@ def _config(sshd: Sshd, tmp_path: Path, **overrides: object) -> SshExecutorConfi
             "kind": "ssh",
             "user": sshd.user,
             "identity_file": str(sshd.client_key),
-            "known_hosts_file": str(sshd.known_hosts),
+            "known_hosts_file": str(tmp_path / "agent" / "ssh" / "known_hosts"),
             "remote_work_dir": str(tmp_path / "vm"),
             "remote_bin_dir": str(Path(sys.executable).parent),
             "runtime_port": free_port(),
-            "address_overrides": {"vm-1": f"127.0.0.1:{sshd.port}"},
             **overrides,
         }
+    )
+
+
+def _executor(
+    sshd: Sshd, tmp_path: Path, *, port: int | None = None, **overrides: object
+) -> SshExecutor:
+    """The executor as a one-box agent builds it: vm-1 is this host's loopback sshd."""
+    executor = make_executor(
+        _config(sshd, tmp_path, **overrides),
+        work_dir=tmp_path / "agent" / "tasks",
+        vms={"vm-1": VmSettings(address="127.0.0.1", port=port or sshd.port)},
+        one_box=True,
+    )
+    assert isinstance(executor, SshExecutor)
+    return executor
+
+
+def _agent_toml(sshd: Sshd, tmp_path: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f"""state_dir = "agent"
+[executor]
+kind = "ssh"
+user = "{sshd.user}"
+identity_file = "{sshd.client_key}"
+[vms.vm-1]
+address = "127.0.0.1"
+port = {sshd.port}
+"""
+    )
+    return path
+
+
+def _register(config: Path, *args: str) -> int:
+    return cli.main(["--config", str(config), "vm", "register", "vm-1", *args])
+
+
+def _launch(tmp_path: Path) -> SuperNodeLaunch:
+    keys = generate_node_key(tmp_path / "keys")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    return SuperNodeLaunch(
+        task_id="t",
+        site="hospital-a",
+        superlink="127.0.0.1:1",
+        root_ca=ca,
+        private_key=keys.private_key,
+        dataset_config=write_catalog(tmp_path / "datasets.json", {}),
     )
 
 
@@ -166,8 +220,9 @@ async def test_supernode_in_the_vm_joins_and_stops(
     catalog = write_catalog(
         tmp_path / "agent" / "vm-datasets.json", {"digits": BundledDatasetSpec(kind="digits")}
     )
-    executor = make_executor(_config(sshd, tmp_path), work_dir=tmp_path / "agent" / "tasks")
-    assert isinstance(executor, SshExecutor)
+    # The operator pins the VM's key once, having read its fingerprint on the VM's console.
+    assert _register(_agent_toml(sshd, tmp_path), "--fingerprint", sshd.host_key.fingerprint) == 0
+    executor = _executor(sshd, tmp_path)
     node = await executor.start(
         SuperNodeLaunch(
             task_id="t-ssh",
@@ -205,38 +260,74 @@ async def test_supernode_in_the_vm_joins_and_stops(
     )
 
 
+def test_register_pins_only_the_key_the_operator_confirmed(
+    tmp_path: Path, sshd: Sshd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _agent_toml(sshd, tmp_path)
+    known_hosts = tmp_path / "agent" / "ssh" / "known_hosts"
+    fingerprint = sshd.host_key.fingerprint
+    # Not this VM's key: refused, nothing pinned.
+    other = _ed25519(tmp_path / "other").split()
+    assert _register(config, "--fingerprint", HostKey(other[0], other[1]).fingerprint) == 1
+    assert "refused: none of these is" in capsys.readouterr().err
+    assert not known_hosts.exists()
+    # No fingerprint and nobody to ask (stdin is not a terminal): refused.
+    assert _register(config) == 1
+    out = capsys.readouterr()
+    assert fingerprint in out.out
+    assert "not pinned" in out.err
+    assert not known_hosts.exists()
+    # The right fingerprint: pinned under the VM's name, owner-only.
+    assert _register(config, "--fingerprint", fingerprint.removeprefix("SHA256:")) == 0
+    assert f"pinned ssh-ed25519 {fingerprint} for vm-1" in capsys.readouterr().out
+    assert parse_known_hosts(known_hosts.read_text()) == {"vm-1": [sshd.host_key]}
+    assert known_hosts.stat().st_mode & 0o077 == 0
+    assert _register(config, "--fingerprint", fingerprint) == 0
+    assert "already pinned" in capsys.readouterr().out
+    # Another key pinned for the VM (as if it had been re-installed): kept unless --replace.
+    stale = HostKey(other[0], other[1])
+    pin(known_hosts, "vm-1", stale)
+    assert _register(config, "--fingerprint", fingerprint) == 1
+    assert "already has a different pinned key" in capsys.readouterr().err
+    assert pinned_keys(known_hosts, "vm-1") == [stale]
+    assert _register(config, "--fingerprint", fingerprint, "--replace") == 0
+    assert pinned_keys(known_hosts, "vm-1") == [sshd.host_key]
+    # Bad input is refused before anything is fetched.
+    assert _register(config, "--fingerprint", "MD5:aa:bb") == 2
+    assert cli.main(["--config", str(config), "vm", "register", "vm-1", "--address", "a b"]) == 2
+
+
 async def test_ssh_failures_are_clear(tmp_path: Path, sshd: Sshd) -> None:
-    keys = generate_node_key(tmp_path / "keys")
-    ca = tmp_path / "ca.crt"
-    ca.write_text("x")
-    catalog = write_catalog(tmp_path / "datasets.json", {})
-    launch = SuperNodeLaunch(
-        task_id="t",
-        site="hospital-a",
-        superlink="127.0.0.1:1",
-        root_ca=ca,
-        private_key=keys.private_key,
-        dataset_config=catalog,
-    )
+    launch = _launch(tmp_path)
+    known_hosts = tmp_path / "agent" / "ssh" / "known_hosts"
+    # Never registered: refused before any connection, with the command that fixes it.
+    with pytest.raises(HostKeyNotPinned, match=r"no pinned SSH host key.*agentctl vm register"):
+        await _executor(sshd, tmp_path).start(launch, vm_name="vm-1")
+    assert issubclass(HostKeyNotPinned, VmUnreachable)  # the task fails as vm_unreachable
+    # A key that is not the VM's pinned for it (the VM's key changed, or another machine
+    # answers at its address): SSH refuses it, and the agent says so.
+    other = _ed25519(tmp_path / "other").split()
+    pin(known_hosts, "vm-1", HostKey(other[0], other[1]))
+    with pytest.raises(VmUnreachable, match=r"is not the key pinned for it: refused"):
+        await _executor(sshd, tmp_path).start(launch, vm_name="vm-1")
+    pin(known_hosts, "vm-1", sshd.host_key)
     # Nothing listens there.
-    closed = SshExecutor(
-        _config(sshd, tmp_path, address_overrides={"vm-1": f"127.0.0.1:{free_port()}"}),
+    with pytest.raises(VmUnreachable, match=r"SSH connection to vm-1 \(127\.0\.0\.1:\d+\) failed"):
+        await _executor(sshd, tmp_path, port=free_port()).start(launch, vm_name="vm-1")
+    # The VM has no client payload where the config says.
+    with pytest.raises(PayloadMissing, match="client payload is not installed in VM 'vm-1'"):
+        await _executor(sshd, tmp_path, remote_bin_dir=str(tmp_path / "no-venv" / "bin")).start(
+            launch, vm_name="vm-1"
+        )
+    # Outside one-box mode, an address of the agent's own host is refused.
+    hosts_mode = SshExecutor(
+        _config(sshd, tmp_path),
         work_dir=tmp_path / "t",
+        vms={"vm-1": VmSettings(address="127.0.0.1", port=sshd.port)},
     )
-    with pytest.raises(VmUnreachable, match=r"SSH connection to 127\.0\.0\.1:\d+ failed"):
-        await closed.start(launch, vm_name="vm-1")
-    # A host key that is not the one on record is refused, not accepted.
-    (tmp_path / "other_known_hosts").write_text(
-        f"[127.0.0.1]:{sshd.port} {_ed25519(tmp_path / 'other')}\n"
-    )
-    spoofed = SshExecutor(
-        _config(sshd, tmp_path, known_hosts_file=str(tmp_path / "other_known_hosts")),
-        work_dir=tmp_path / "t",
-    )
-    with pytest.raises(ExecutorError, match=r"(?i)host key"):
-        await spoofed.start(launch, vm_name="vm-1")
-    # No override and no usable address.
+    with pytest.raises(OnAgentHost, match="never runs on the hypervisor host"):
+        await hosts_mode.start(launch, vm_name="vm-1")
+    # No [vms] address and nothing usable from libvirt.
     with pytest.raises(VmUnreachable, match="no address"):
-        await SshExecutor(
-            _config(sshd, tmp_path, address_overrides={}), work_dir=tmp_path / "t"
-        ).start(launch, vm_name="vm-2", vm_addresses=("127.0.0.1",))
+        await _executor(sshd, tmp_path).start(launch, vm_name="vm-2", vm_addresses=("127.0.0.1",))
+    assert not (tmp_path / "vm" / "t").exists()  # nothing reached the VM on any refusal

@@ -47,6 +47,7 @@ from fedsky.shared.topics import Topics
 from tests.fakes.aws import AwsKey, MotoAws, shared_moto
 from tests.fakes.clouds import MOTO_IMAGE
 from tests.support import eventually_blocking, free_port, make_csr
+from tests.support.wheels import write_wheelhouse
 
 pytestmark = pytest.mark.e2e
 
@@ -77,6 +78,7 @@ def aws_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsBox]:
     superlink_port, enroll_port = free_port(), free_port()
     enroll_url = f"https://127.0.0.1:{enroll_port}/v1/aggregators/enroll"
     images = ", ".join(f'"{region}" = "{MOTO_IMAGE}"' for region in AWS_REGIONS)
+    write_wheelhouse(root / "wheelhouse")  # the pinned artifacts the VMs install from
     controller_extra = "\n".join(
         [
             "[clouds]",
@@ -90,6 +92,8 @@ def aws_box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AwsBox]:
             f'endpoint_url = "{moto.endpoint}"',
             f"images = {{ {images} }}",
             f"sweep_regions = {json.dumps(AWS_REGIONS)}",
+            "[artifacts]",
+            f'dir = "{root / "wheelhouse"}"',
         ]
     )
     datasets = {
@@ -279,6 +283,11 @@ def test_job_on_aws_launches_the_chosen_instance_and_terminates_it_when_the_laun
     assert re.search(r"fsk1_[A-Za-z0-9_-]+", user_data)  # the one-time token
     assert f"--port {aws_box.superlink_port}" in user_data
     assert "--enable-supernode-auth" in user_data
+    # fedsky comes from the pinned artifacts on the enrolment listener, never from an index.
+    assert "--no-index" in user_data
+    assert "--require-hashes" in user_data
+    assert "pypi" not in user_data.lower()
+    assert "--index-url" not in user_data
     ca = (aws_box.box.controller_dir / "state" / "pki" / "ca.crt").read_text().strip()
     assert ca in user_data
 
@@ -386,6 +395,22 @@ class VmPlayer:
         self.model_url = model_url.group(0)
         return x509.load_pem_x509_certificate(answer["cert_pem"].encode())
 
+    def fetch_requirements(self, user_data: str) -> bytes:
+        """The aggregator's requirement file from the listener's artifacts, as the script fetches
+        it (checked against the CA it carries), with the digest the script pins."""
+        base = re.search(r"(https://[^\s'\"]+/v1/artifacts/)", user_data)
+        pinned = re.search(
+            r'echo "([0-9a-f]{64})  \$WHEELS/requirements-aggregator.txt"', user_data
+        )
+        assert base
+        assert pinned
+        ctx = ssl.create_default_context(cadata=self._ca)
+        url = base.group(1) + "requirements-aggregator.txt"
+        with urllib.request.urlopen(url, context=ctx, timeout=10) as resp:  # noqa: S310
+            data: bytes = resp.read()
+        assert hashlib.sha256(data).hexdigest() == pinned.group(1)
+        return data
+
     def fetch_model(self) -> bytes:
         """GET the job's model file with the bus certificate; check the digest enrolment named."""
         ctx = ssl.create_default_context(cadata=self._ca)
@@ -476,7 +501,9 @@ def test_an_aws_aggregator_that_enrols_and_answers_is_terminated_when_the_job_en
     instance = _wait_instance(aws_box, job_id, region)
     vm = VmPlayer(aws_box, tmp_path)
     try:
-        cert = vm.enrol(_user_data(aws_box, instance, region), job_id)
+        user_data = _user_data(aws_box, instance, region)
+        cert = vm.enrol(user_data, job_id)
+        assert b"--hash=sha256:" in vm.fetch_requirements(user_data)
         assert cert.subject.rfc4514_string() == f"CN=agg-{job_id}"
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert str(instance["PublicIpAddress"]) in {

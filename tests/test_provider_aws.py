@@ -16,7 +16,13 @@ from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 
 from tests.fakes.aws import MotoAws, shared_moto
-from tests.fakes.clouds import ENROLL_URL, HealthSwitch, clouds_config, open_service
+from tests.fakes.clouds import (
+    ENROLL_URL,
+    HealthSwitch,
+    assert_pinned_install,
+    clouds_config,
+    open_service,
+)
 from tests.support import eventually
 
 SOURCES = ("198.51.100.7/32", "203.0.113.0/28", "2001:db8::/64")
@@ -63,7 +69,7 @@ def _groups(moto: MotoAws, job_id: str, region: str = "us-east-1") -> list[dict[
 
 
 async def test_launch_makes_the_instance_asked_for_and_terminate_removes_it(
-    linked: Any, moto: MotoAws, pki: Pki
+    linked: Any, moto: MotoAws, pki: Pki, tmp_path: Path
 ) -> None:
     service, health, _ = linked
     provider = await service.provider_for_launch("aws", region="us-east-1")
@@ -105,7 +111,7 @@ async def test_launch_makes_the_instance_asked_for_and_terminate_removes_it(
     assert pki.ca_cert_pem.decode().strip() in user_data
     assert ENROLL_URL in user_data
     assert "fsk1_" in user_data  # the one-time token
-    assert "pip\" install --quiet 'fedsky[aggregator]'" in user_data
+    assert_pinned_install(user_data, tmp_path / "state")
     assert "openssl genpkey" in user_data
     assert "--port 9092" in user_data
     assert "--enable-supernode-auth" in user_data

@@ -15,7 +15,13 @@ from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 
-from tests.fakes.clouds import ENROLL_URL, HealthSwitch, clouds_config, open_service
+from tests.fakes.clouds import (
+    ENROLL_URL,
+    HealthSwitch,
+    assert_pinned_install,
+    clouds_config,
+    open_service,
+)
 from tests.fakes.gcp_server import FakeGcp, running_fake
 from tests.support import eventually
 
@@ -60,7 +66,7 @@ def _spec(job_id: str, **changes: Any) -> AggregatorSpec:
 
 
 async def test_launch_makes_the_vm_asked_for_and_terminate_removes_it(
-    linked: Any, fake: FakeGcp, pki: Pki
+    linked: Any, fake: FakeGcp, pki: Pki, tmp_path: Path
 ) -> None:
     service, health, _ = linked
     provider = await service.provider_for_launch("gcp", region="europe-west1")
@@ -92,6 +98,7 @@ async def test_launch_makes_the_vm_asked_for_and_terminate_removes_it(
     assert pki.ca_cert_pem.decode().strip() in script
     assert ENROLL_URL in script
     assert "fsk1_" in script
+    assert_pinned_install(script, tmp_path / "state")
 
     rule = fake.firewalls["fedsky-agg-job-g1"]
     assert rule["direction"] == "INGRESS"

@@ -2,20 +2,26 @@
 the `[executor]` config section.
 
 An executor runs one participant's SuperNode where the agent was told to: `local` on the agent's
-host, `ssh` inside the chosen VM. The agent's runner awaits `wait()` to learn when it ends and
-calls `stop()` when the job ends or is cancelled. `ExitStatus.reason` may be sent off-site: it is
-scrubbed of local paths; the full log stays on the agent's host.
+host (one-box mode only), `ssh` inside the chosen VM. The agent's runner awaits `wait()` to learn
+when it ends and calls `stop()` when the job ends or is cancelled. `ExitStatus.reason` may be sent
+off-site: it is scrubbed of local paths; the full log stays on the agent's host.
+
+`VmSettings` is one `[vms.<name>]` table of the agent's config: what the agent knows about a VM
+that libvirt does not tell it (the address to reach it at, the paths of its own datasets).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Literal, Protocol
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal, Protocol
 
 from fedsky.shared.config import resolve_path
+from fedsky.shared.datasets import DatasetSpec
+from fedsky.shared.jobspec import DATASET_NAME_PATTERN
 from fedsky.shared.supernode import DEFAULT_MAX_WAIT_S
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -36,6 +42,19 @@ class ExecutorError(Exception):
 
 class VmUnreachable(ExecutorError):
     """The VM could not be reached to start the SuperNode there (no address, SSH failed)."""
+
+
+class HostKeyNotPinned(VmUnreachable):
+    """The VM has no SSH host key pinned by `agentctl vm register`: the agent will not trust
+    whatever key answers (a job never trusts on first use)."""
+
+
+class OnAgentHost(ExecutorError):
+    """Outside one-box mode the SuperNode would have run on the agent's (hypervisor) host."""
+
+
+class PayloadMissing(ExecutorError):
+    """The VM has no client payload (the Flower scripts) where the config says it is."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +128,8 @@ class RunningSuperNode(Protocol):
 
 class Executor(Protocol):
     kind: str
+    # True: the SuperNode runs on the agent's own host (allowed in one-box mode only).
+    on_agent_host: bool
 
     async def start(
         self, launch: SuperNodeLaunch, *, vm_name: str, vm_addresses: tuple[str, ...] = ()
@@ -138,30 +159,101 @@ class SshExecutorConfig(_Section):
     kind: Literal["ssh"]
     user: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_.-]{0,31}$")]
     identity_file: Path
-    known_hosts_file: Path  # host keys are always checked
+    # The VMs' host keys pinned by `agentctl vm register` (default: state_dir/ssh/known_hosts).
+    # The only file SSH consults; a VM with no key in it is refused.
+    known_hosts_file: Path | None = None
     port: Annotated[int, Field(ge=1, le=65535)] = 22
     # On the VM: where tasks keep their files (relative to the login's home) and where the
-    # Flower scripts are.
+    # client payload's Flower scripts are (the bin directory of the venv the payload is
+    # installed into).
     remote_work_dir: str = ".fedsky/tasks"
     remote_bin_dir: str = "/opt/fedsky/venv/bin"
     runtime_port: Annotated[int, Field(ge=1, le=65535)] = 9094
     connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 15.0
     give_up_after_s: Annotated[float, Field(gt=0, le=86_400)] = DEFAULT_MAX_WAIT_S
-    # VM name -> "host" or "host:port", used instead of the address libvirt reports (libvirt's
-    # test driver invents addresses; a NAT may hide the VM behind a forwarded port).
-    address_overrides: dict[str, str] = {}
 
     @field_validator("identity_file", "known_hosts_file")
     @classmethod
-    def _paths(cls, value: Path, info: ValidationInfo) -> Path:
+    def _paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
         return resolve_path(value, (info.context or {}).get("config_dir"))
 
     @field_validator("remote_work_dir", "remote_bin_dir")
     @classmethod
     def _remote(cls, value: str) -> str:
-        if not value or any(c in value for c in "\n\r\0'\"$`\\"):
-            raise ValueError("a remote path must be plain text without quotes or shell characters")
-        return value
+        return check_remote_path(value, absolute=False)
 
 
 ExecutorConfig = Annotated[LocalExecutorConfig | SshExecutorConfig, Field(discriminator="kind")]
+
+
+# --- Per-VM settings ------------------------------------------------------------------------------
+
+# A VM name the agent can pin a host key for: it is the host key's name in the known-hosts file.
+VM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$"
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_remote_path(value: str, *, absolute: bool) -> str:
+    """A path on the VM, put into shell commands quoted: plain text, no shell characters."""
+    if not value or any(c in value for c in "\n\r\0'\"$`\\"):
+        raise ValueError("a remote path must be plain text without quotes or shell characters")
+    if absolute and not value.startswith("/"):
+        raise ValueError("a path inside the VM must be absolute (it is not on this host)")
+    return value
+
+
+def check_vm_address(value: str) -> str:
+    """An address to reach a VM at: an IP address or a DNS name (no port, no brackets)."""
+    text = value.strip()
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        name = text.rstrip(".")
+        if (
+            not name
+            or len(name) > 253
+            or not all(_HOST_LABEL.match(label) for label in name.split("."))
+        ):
+            raise ValueError(
+                "expected an IP address or a host name (letters, digits, hyphens and dots; "
+                "no port, scheme or brackets)"
+            ) from None
+        return name.lower()
+    if ip.is_unspecified or ip.is_multicast:
+        raise ValueError(f"{text} is not the address of one machine")
+    return str(ip)
+
+
+class VmSettings(_Section):
+    """`[vms.<name>]`: what the agent's config says about one VM.
+
+    `address` (and `port`) win over the addresses libvirt reports. `datasets` maps a dataset
+    name to its loader with paths inside the VM: a job's dataset resolves there first; a bundled
+    dataset of the agent's `[datasets]` (no path) also works in any VM, a path on the agent's
+    host never does.
+    """
+
+    address: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    datasets: dict[Annotated[str, Field(pattern=DATASET_NAME_PATTERN)], DatasetSpec] = {}
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else check_vm_address(value)
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _vm_paths(cls, value: Any) -> Any:
+        # Checked before the loader resolves relative paths against the config's directory:
+        # these paths are the VM's, never this host's.
+        if isinstance(value, Mapping):
+            for spec in value.values():
+                root = spec.get("root") if isinstance(spec, Mapping) else None
+                if isinstance(root, str):
+                    check_remote_path(root, absolute=True)
+                    if ".." in PurePosixPath(root).parts:
+                        raise ValueError("a path inside the VM must not contain '..'")
+        return value

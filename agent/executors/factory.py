@@ -1,18 +1,42 @@
-"""The executor an agent's config section asks for."""
+"""The executor an agent's `[executor]` section asks for."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
-from fedsky.agent.executors.base import Executor, LocalExecutorConfig, SshExecutorConfig
+from fedsky.agent.executors.base import (
+    Executor,
+    LocalExecutorConfig,
+    SshExecutorConfig,
+    VmSettings,
+)
 from fedsky.agent.executors.local import LocalExecutor
 from fedsky.agent.executors.ssh import SshExecutor
 
 
-def make_executor(config: LocalExecutorConfig | SshExecutorConfig, *, work_dir: Path) -> Executor:
-    """The executor for a config section; `work_dir` is the agent's directory for task files."""
+def make_executor(
+    config: LocalExecutorConfig | SshExecutorConfig,
+    *,
+    work_dir: Path,
+    known_hosts_file: Path | None = None,
+    vms: Mapping[str, VmSettings] | None = None,
+    one_box: bool = False,
+) -> Executor:
+    """The executor for a config section; `work_dir` is the agent's directory for task files.
+
+    `known_hosts_file` and `vms` are the agent's pinned host keys and `[vms.<name>]` tables (the
+    ssh executor's); `one_box` lets an SSH "VM" be this very host. The `local` executor is built
+    as asked: refusing it outside one-box mode is the config's and the runner's job.
+    """
     if isinstance(config, SshExecutorConfig):
-        return SshExecutor(config, work_dir=work_dir)
+        return SshExecutor(
+            config,
+            work_dir=work_dir,
+            known_hosts_file=known_hosts_file,
+            vms=vms,
+            allow_agent_host=one_box,
+        )
     return LocalExecutor(
         work_dir=work_dir, bin_dir=config.bin_dir, max_wait_s=config.give_up_after_s
     )

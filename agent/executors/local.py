@@ -113,6 +113,7 @@ def _catalog_paths(catalog: Path) -> list[Path]:
 
 class LocalExecutor:
     kind = "local"
+    on_agent_host = True  # allowed in one-box mode only (the config and the runner check)
 
     def __init__(
         self, *, work_dir: Path, bin_dir: Path | None = None, max_wait_s: float = DEFAULT_MAX_WAIT_S

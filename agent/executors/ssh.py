@@ -5,30 +5,48 @@ and the dataset catalog through the SSH channel (`cat > file`), then run
 `echo $$ > supernode.pid; exec env ... flower-supernode ...` in a session of its own. The local
 `ssh` process lives as long as the SuperNode and exits with its exit status (255: SSH itself
 failed). Stop: `kill -TERM` the SuperNode's process group on the VM through a second SSH
-command, then `kill -KILL` if it lingers. Host keys are always checked (`known_hosts_file`);
-`BatchMode` means no prompt can hang the agent.
+command, then `kill -KILL` if it lingers. `BatchMode` means no prompt can hang the agent.
+
+Where: the VM's `[vms.<name>] address` (and `port`) from the agent's config, else the first
+usable address libvirt reports for it (DHCP lease, guest agent, ARP; loopback and link-local
+skipped). Who: the VM's host key must have been pinned by `agentctl vm register`; SSH checks it
+against the agent's known-hosts file only (`HostKeyAlias=<vm name>`, `StrictHostKeyChecking=yes`,
+no global file, never updated), so a VM with no pin, or with a key other than its pin, is refused
+before anything is sent. Outside one-box mode an address of the agent's own host is refused too:
+the SuperNode never runs on the hypervisor host. What: the client payload's Flower scripts in
+`remote_bin_dir` (`ensure_payload` is the hook that installs them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import shlex
 import signal
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from fedsky.agent.executors.base import (
     ExecutorError,
     ExitStatus,
+    HostKeyNotPinned,
+    OnAgentHost,
+    PayloadMissing,
     SshExecutorConfig,
     SuperNodeLaunch,
+    VmSettings,
     VmUnreachable,
     describe_exit,
     last_lines,
 )
 from fedsky.agent.executors.local import _catalog_paths
+from fedsky.agent.hostkeys import HostKeyError, check_vm_name, pinned_keys
 from fedsky.shared.datasets import scrub
 from fedsky.shared.supernode import SuperNodeConfigError, supernode_command
 
@@ -37,11 +55,80 @@ log = logging.getLogger(__name__)
 SSH_FAILED = 255
 
 
-def _split_address(address: str, default_port: int) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if sep and port.isdigit() and host and ":" not in host:
-        return host, int(port)
-    return address.strip("[]"), default_port
+_KEY_CHANGED = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED")
+
+
+@dataclass(frozen=True)
+class VmTarget:
+    """Where one VM's sshd is, and the name its host key is pinned under."""
+
+    vm: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.vm} ({self.host}:{self.port})"
+
+
+def usable_addresses(addresses: Iterable[str]) -> list[str]:
+    """libvirt's addresses a SuperNode could be reached at: IPv4 first; loopback, link-local,
+    unspecified and multicast addresses dropped (a `/prefix` is stripped)."""
+    out = []
+    for text in addresses:
+        try:
+            ip = ipaddress.ip_address(text.split("/", 1)[0].strip())
+        except ValueError:
+            continue
+        if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+            continue
+        out.append(ip)
+    return [str(ip) for ip in sorted(set(out), key=lambda ip: (ip.version, ip))]
+
+
+def resolve_vm_address(
+    vm_name: str,
+    vm_addresses: Iterable[str],
+    settings: VmSettings | None,
+    *,
+    default_port: int,
+) -> tuple[str, int]:
+    """The VM's `[vms.<name>]` address if configured, else the first usable one from libvirt."""
+    port = (settings.port if settings else None) or default_port
+    if settings is not None and settings.address:
+        return settings.address, port
+    usable = usable_addresses(vm_addresses)
+    if usable:
+        return usable[0], port
+    raise VmUnreachable(
+        f"VM {vm_name!r} has no address to reach it by SSH: libvirt reports none (no DHCP "
+        f"lease or guest agent) and the agent's config has no [vms.{vm_name}] address"
+    )
+
+
+def _own_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address of this host's interfaces (in the agent's network namespace)."""
+    own: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = set()
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(ValueError):
+                    own.add(ipaddress.ip_address(addr.address.split("%", 1)[0]))
+    return own
+
+
+def agent_host_address(host: str) -> str | None:
+    """The address `host` resolves to if that is this host's own (loopback included)."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return None  # SSH will say that the name does not resolve
+    own = _own_addresses()
+    for info in infos:
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+            if ip.is_loopback or ip.is_unspecified or ip in own:
+                return str(ip)
+    return None
 
 
 class SshSuperNode:
@@ -50,15 +137,14 @@ class SshSuperNode:
         executor: SshExecutor,
         *,
         task_id: str,
-        host: str,
-        port: int,
+        target: VmTarget,
         remote_dir: str,
         proc: asyncio.subprocess.Process,
         log_file: Path,
         secrets: list[Path],
     ) -> None:
         self.task_id = task_id
-        self.host, self.port = host, port
+        self.target = target
         self.remote_dir = remote_dir
         self.log_file = log_file
         self._executor = executor
@@ -101,13 +187,13 @@ class SshSuperNode:
             pidfile = shlex.quote(f"{self.remote_dir}/supernode.pid")
             kill = f"p=$(cat {pidfile} 2>/dev/null) && kill -s {{sig}} -- -$p 2>/dev/null; true"
             with contextlib.suppress(ExecutorError):
-                await self._executor.run_remote(self.host, self.port, kill.format(sig="TERM"))
+                await self._executor.run_remote(self.target, kill.format(sig="TERM"))
             try:
                 await asyncio.wait_for(self._proc.wait(), timeout_s)
             except TimeoutError:
                 log.warning("task %s: remote SuperNode ignored SIGTERM; killing it", self.task_id)
                 with contextlib.suppress(ExecutorError):
-                    await self._executor.run_remote(self.host, self.port, kill.format(sig="KILL"))
+                    await self._executor.run_remote(self.target, kill.format(sig="KILL"))
                 with contextlib.suppress(ProcessLookupError):
                     self._proc.kill()
                 await self._proc.wait()
@@ -126,28 +212,66 @@ class SshSuperNode:
 
 class SshExecutor:
     kind = "ssh"
+    on_agent_host = False
 
-    def __init__(self, config: SshExecutorConfig, *, work_dir: Path) -> None:
+    def __init__(
+        self,
+        config: SshExecutorConfig,
+        *,
+        work_dir: Path,
+        known_hosts_file: Path | None = None,
+        vms: Mapping[str, VmSettings] | None = None,
+        allow_agent_host: bool = False,
+        agent_host_check: Callable[[str], str | None] = agent_host_address,
+    ) -> None:
+        """`known_hosts_file`: the pinned keys (the config's own setting wins); `vms`: the
+        `[vms.<name>]` tables; `allow_agent_host`: one-box mode, where the "VM" may be this
+        host (tests reach a loopback sshd so)."""
         self.config = config
         self.work_dir = Path(work_dir)
+        known = config.known_hosts_file or known_hosts_file
+        if known is None:
+            raise ValueError("the ssh executor needs the file of pinned host keys")
+        self.known_hosts_file = known
+        self.vms = dict(vms or {})
+        self.allow_agent_host = allow_agent_host
+        self._agent_host_check = agent_host_check
 
-    def address_for(self, vm_name: str, vm_addresses: tuple[str, ...]) -> tuple[str, int]:
-        override = self.config.address_overrides.get(vm_name)
-        if override:
-            return _split_address(override, self.config.port)
-        for addr in vm_addresses:
-            if addr and not addr.startswith(("127.", "fe80:", "::1")):
-                return _split_address(addr.split("/", 1)[0], self.config.port)
-        raise VmUnreachable(f"VM {vm_name!r} has no address to reach it by SSH")
+    def target_for(self, vm_name: str, vm_addresses: tuple[str, ...]) -> VmTarget:
+        host, port = resolve_vm_address(
+            vm_name, vm_addresses, self.vms.get(vm_name), default_port=self.config.port
+        )
+        return VmTarget(vm=vm_name, host=host, port=port)
 
-    def ssh_argv(self, host: str, port: int, remote_command: str) -> list[str]:
+    async def check_target(self, target: VmTarget) -> None:
+        """Refuse a VM with no pinned host key, and (outside one-box mode) the agent's host."""
+        try:
+            check_vm_name(target.vm)
+            pinned = await asyncio.to_thread(pinned_keys, self.known_hosts_file, target.vm)
+        except (ValueError, HostKeyError) as exc:
+            raise HostKeyNotPinned(str(exc)) from None
+        if not pinned:
+            raise HostKeyNotPinned(
+                f"VM {target.vm!r} has no pinned SSH host key: the agent does not trust a key on "
+                f"first use; register it once with `agentctl vm register {target.vm}`"
+            )
+        if not self.allow_agent_host:
+            own = await asyncio.to_thread(self._agent_host_check, target.host)
+            if own is not None:
+                raise OnAgentHost(
+                    f"VM {target.vm!r} resolves to {own}, an address of the agent's own host: "
+                    "outside one-box mode the SuperNode never runs on the hypervisor host "
+                    f"(check [vms.{target.vm}] address)"
+                )
+
+    def ssh_argv(self, target: VmTarget, remote_command: str) -> list[str]:
         c = self.config
         return [
             "ssh",
             "-F",
             "/dev/null",
             "-p",
-            str(port),
+            str(target.port),
             "-i",
             str(c.identity_file),
             "-l",
@@ -156,10 +280,19 @@ class SshExecutor:
             "BatchMode=yes",
             "-o",
             "IdentitiesOnly=yes",
+            # Only the key pinned for this VM's name, wherever the VM's address is now.
+            "-o",
+            f"HostKeyAlias={target.vm}",
             "-o",
             "StrictHostKeyChecking=yes",
             "-o",
-            f"UserKnownHostsFile={c.known_hosts_file}",
+            f"UserKnownHostsFile={self.known_hosts_file}",
+            "-o",
+            "GlobalKnownHostsFile=/dev/null",
+            "-o",
+            "UpdateHostKeys=no",
+            "-o",
+            "CheckHostIP=no",
             "-o",
             f"ConnectTimeout={int(c.connect_timeout_s)}",
             "-o",
@@ -168,14 +301,14 @@ class SshExecutor:
             "ServerAliveCountMax=3",
             "-o",
             "LogLevel=ERROR",
-            host,
+            "--",
+            target.host,
             remote_command,
         ]
 
     async def run_remote(
         self,
-        host: str,
-        port: int,
+        target: VmTarget,
         command: str,
         *,
         stdin: bytes | None = None,
@@ -183,7 +316,7 @@ class SshExecutor:
     ) -> str:
         """Run a short command on the VM; its stdout, or ExecutorError with its stderr."""
         proc = await asyncio.create_subprocess_exec(
-            *self.ssh_argv(host, port, command),
+            *self.ssh_argv(target, command),
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -195,34 +328,53 @@ class SshExecutor:
             proc.kill()
             await proc.wait()
             raise VmUnreachable(
-                f"SSH to {host}:{port} did not answer within {timeout_s:.0f} s"
+                f"SSH to {target} did not answer within {timeout_s:.0f} s"
             ) from None
         if proc.returncode != 0:
-            detail = scrub(last_lines(err.decode(errors="replace")), [self.config.identity_file])
+            text = err.decode(errors="replace")
+            detail = scrub(last_lines(text), [self.config.identity_file, self.known_hosts_file])
+            if proc.returncode == SSH_FAILED and any(m in text for m in _KEY_CHANGED):
+                raise VmUnreachable(
+                    f"the SSH host key of VM {target} is not the key pinned for it: refused. "
+                    "If the VM's key changed on purpose, pin the new one with `agentctl vm "
+                    f"register {target.vm} --replace`"
+                )
             if proc.returncode == SSH_FAILED:
                 raise VmUnreachable(
-                    f"SSH connection to {host}:{port} failed (exit {proc.returncode}): {detail}"
+                    f"SSH connection to {target} failed (exit {proc.returncode}): {detail}"
                 )
             raise ExecutorError(
-                f"remote command to {host}:{port} failed (exit {proc.returncode}): {detail}"
+                f"remote command on {target} failed (exit {proc.returncode}): {detail}"
             )
         return out.decode(errors="replace")
+
+    async def ensure_payload(self, target: VmTarget) -> None:
+        """The hook for the client payload: today it checks that the Flower scripts are in
+        `remote_bin_dir`; installing them there from the pinned artifacts goes here."""
+        exe = shlex.quote(f"{self.config.remote_bin_dir}/flower-supernode")
+        answer = await self.run_remote(target, f"test -x {exe} && echo ok || echo missing")
+        if answer.strip() != "ok":
+            raise PayloadMissing(
+                f"the client payload is not installed in VM {target.vm!r}: no flower-supernode "
+                "in the configured remote_bin_dir"
+            )
 
     async def start(
         self, launch: SuperNodeLaunch, *, vm_name: str, vm_addresses: tuple[str, ...] = ()
     ) -> SshSuperNode:
-        host, port = self.address_for(vm_name, vm_addresses)
+        target = self.target_for(vm_name, vm_addresses)
         c = self.config
+        await self.check_target(target)
         for needed in (launch.root_ca, launch.private_key, launch.dataset_config):
             if not needed.is_file():
                 raise ExecutorError(
                     f"cannot start the SuperNode: a file it needs is missing ({needed.name})"
                 )
+        await self.ensure_payload(target)
         rel = f"{c.remote_work_dir.rstrip('/')}/{launch.task_id}"
         remote_dir = (
             await self.run_remote(
-                host,
-                port,
+                target,
                 f"umask 077 && mkdir -p {shlex.quote(rel)} && cd {shlex.quote(rel)} && pwd",
             )
         ).strip()
@@ -235,7 +387,7 @@ class SshExecutor:
         ):
             data = await asyncio.to_thread(local.read_bytes)
             await self.run_remote(
-                host, port, f"umask 077 && cat > {shlex.quote(f'{remote_dir}/{name}')}", stdin=data
+                target, f"umask 077 && cat > {shlex.quote(f'{remote_dir}/{name}')}", stdin=data
             )
         try:
             cmd = supernode_command(
@@ -264,18 +416,17 @@ class SshExecutor:
         logf = await asyncio.to_thread(open, log_file, "ab")
         with logf:
             proc = await asyncio.create_subprocess_exec(
-                *self.ssh_argv(host, port, remote),
+                *self.ssh_argv(target, remote),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
             )
-        log.info("task %s: SuperNode started on %s:%s over SSH", launch.task_id, host, port)
+        log.info("task %s: SuperNode started in VM %s over SSH", launch.task_id, target)
         return SshSuperNode(
             self,
             task_id=launch.task_id,
-            host=host,
-            port=port,
+            target=target,
             remote_dir=remote_dir,
             proc=proc,
             log_file=log_file,

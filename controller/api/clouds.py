@@ -10,7 +10,8 @@ two CSRs (the SuperLink's and its bus identity's). It is in `routes` (the operat
 (`make_enroll_app`), so that the operator's API never has to face the internet. The VM then
 fetches its job's model file there, `GET /v1/aggregators/model`, with the bus certificate it
 just got as its TLS client certificate; that route is in `enroll_routes` only (the operator's
-API has no client certificates).
+API has no client certificates). The same listener serves the pinned artifacts
+(`GET /v1/artifacts/...`, `api/artifacts.py`) that cloud VMs and hospital agents install from.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 from typing import Annotated, Any
 
 from aiohttp import web
+from fedsky.controller.api.artifacts import SHELF, ArtifactShelf, artifact_routes
 from fedsky.controller.api.responses import SERVICES, ApiProblem, domain_errors, json_error, json_ok
 from fedsky.controller.clouds.plugin import MAX_FILE_BYTES
 from fedsky.controller.clouds.service import CloudService
@@ -172,9 +174,20 @@ enroll_routes.post("/v1/aggregators/enroll")(enroll_aggregator)
 enroll_routes.get(MODEL_PATH)(aggregator_model)
 
 
-def make_enroll_app(services: Services) -> web.Application:
-    """An application with the enrolment route only, for the listener the clouds reach."""
+def make_enroll_app(
+    services: Services, *, artifacts: ArtifactShelf | None = None
+) -> web.Application:
+    """An application with the enrolment routes only, for the listener the clouds reach.
+
+    It also serves the pinned artifacts (`api/artifacts.py`): `artifacts`, or by default the
+    wheelhouse of the controller's config (`[artifacts] dir`); without either they answer 503.
+    """
     app = web.Application(middlewares=[domain_errors], client_max_size=ENROLL_MAX_BYTES)
     app[SERVICES] = services
+    if artifacts is None and services.config is not None:
+        artifacts = ArtifactShelf(services.config.artifacts_dir)
+    if artifacts is not None:
+        app[SHELF] = artifacts
     app.add_routes(enroll_routes)
+    app.add_routes(artifact_routes)
     return app

@@ -1,8 +1,13 @@
 """The `local` aggregator provider: a `flower-superlink` process on this machine.
 
-The embedded default. Each job gets a directory `<work_dir>/<job id>/` holding the SuperLink's
-TLS files, its database, its FLWR_HOME (the `flwr` connection and installed app bundles) and its
-log. The SuperLink runs in its own process group (with the `flower-superexec` and
+The embedded default. It binds `[aggregator] bind_host` and is advertised (to the hospitals'
+SuperNodes and the controller's own control connection, and in its certificate) as
+`advertise_host`: both 127.0.0.1 unless configured. The `onprem` provider (`onprem.py`) is
+this one with a fixed port range and a host name for placement.
+
+Each job gets a directory `<work_dir>/<job id>/` holding the SuperLink's TLS files, its
+database, its FLWR_HOME (the `flwr` connection and installed app bundles) and its log. The
+SuperLink runs in its own process group (with the `flower-superexec` and
 `flwr-serverapp` processes it starts), so terminate ends all of them.
 
 The handle's `ref` is `<pid>` so that a restarted controller can still terminate the process;
@@ -21,7 +26,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +43,8 @@ from fedsky.controller.clouds.superlink import (
     superlink_command,
 )
 from fedsky.controller.security.pki import Pki
+from fedsky.controller.settings import host_port, is_wildcard
 from fedsky.shared.files import atomic_write
-from fedsky.shared.net import free_port
 from fedsky.shared.procs import group_alive
 
 log = logging.getLogger(__name__)
@@ -166,20 +171,34 @@ class LocalProvider:
     async def launch(self, spec: AggregatorSpec) -> AggregatorHandle:
         return await asyncio.to_thread(self._launch, spec)
 
+    def describe(self) -> str:
+        """How the job log names this provider's aggregator host."""
+        return "the local provider"
+
+    def certificate_names(self) -> tuple[str, ...]:
+        """Every name the SuperLink is reached by: the advertised one, loopback (the controller's
+        readiness probe on a wildcard bind) and a specific bind address."""
+        names = ["localhost", "127.0.0.1", self.advertise_host, _probe_host(self.bind_host)]
+        return tuple(dict.fromkeys(names))
+
+    def candidate_ports(self) -> Iterator[int]:
+        """Ports to try, in order: any free port, three times (it can be taken between the
+        probe and the SuperLink's bind)."""
+        for _ in range(3):
+            yield _free_port(self.bind_host)
+
     def _launch(self, spec: AggregatorSpec) -> AggregatorHandle:
         paths = self.paths(spec.job_id)
         paths.job_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        names = tuple(dict.fromkeys(["localhost", "127.0.0.1", self.advertise_host]))
-        tls = self.issue_tls(spec.job_id, paths.tls_dir, names)
+        tls = self.issue_tls(spec.job_id, paths.tls_dir, self.certificate_names())
         paths.flwr_home.mkdir(exist_ok=True)
-        last_error = ""
-        for _ in range(3):  # a free port can be taken between the probe and the bind
-            port = free_port(self.bind_host)
+        last_error = "no port to listen on was free"
+        for port in self.candidate_ports():
             proc = self._spawn(paths, tls, port)
             ready, last_error = self._wait_ready(proc, tls, port, paths)
             if ready:
                 self._procs[spec.job_id] = proc
-                address = f"{self.advertise_host}:{port}"
+                address = host_port(self.advertise_host, port)
                 log.info("job %s: SuperLink pid %s listening on %s", spec.job_id, proc.pid, address)
                 return AggregatorHandle(
                     provider=self.name,
@@ -215,11 +234,7 @@ class LocalProvider:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return False, f"exited with code {proc.returncode}: {_log_tail(paths.log_file)}"
-            if _tls_ready(
-                "127.0.0.1" if self.bind_host in ("0.0.0.0", "") else self.bind_host,
-                port,
-                tls.ca_file,
-            ):
+            if _tls_ready(_probe_host(self.bind_host), port, tls.ca_file):
                 return True, ""
             time.sleep(0.2)
         return (
@@ -236,7 +251,7 @@ class LocalProvider:
         if handle.address is None:
             return False
         host, _, port = handle.address.rpartition(":")
-        return _tls_ready(host, int(port), self.tls(handle.job_id).ca_file)
+        return _tls_ready(host.strip("[]"), int(port), self.tls(handle.job_id).ca_file)
 
     async def address(self, handle: AggregatorHandle) -> str:
         if handle.address is None:
@@ -285,6 +300,36 @@ class LocalProvider:
             any(b"flower-superlink" in part for part in cmdline)
             and str(self.paths(handle.job_id).database).encode() in cmdline
         )
+
+
+def _probe_host(bind_host: str) -> str:
+    """Where this machine reaches a listener bound to `bind_host` (loopback for a wildcard)."""
+    if is_wildcard(bind_host):
+        return "::1" if ":" in bind_host else "127.0.0.1"
+    return bind_host
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _free_port(host: str) -> int:
+    """A TCP port on `host` that was free a moment ago (the OS picks it, then releases it)."""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Can a listener bind `host:port` right now?"""
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        # As the SuperLink binds: a port left in TIME_WAIT is free, a listening one is not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _tls_ready(host: str, port: int, ca_file: Path) -> bool:

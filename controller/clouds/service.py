@@ -15,6 +15,7 @@ import logging
 import re
 import uuid
 from collections.abc import Collection, Mapping
+from pathlib import Path
 
 from fedsky.controller.clouds.base import ProviderError
 from fedsky.controller.clouds.catalog import CLOUD_PLUGINS
@@ -88,8 +89,13 @@ class CloudService:
         pki: Pki | None = None,
         health_check: HealthCheck | None = None,
         plugins: Mapping[str, CloudPlugin] = CLOUD_PLUGINS,
+        artifacts_dir: Path | None = None,
+        artifacts_url: str | None = None,
     ) -> None:
         self.config = config
+        # The wheelhouse that pins what aggregator VMs install (`[artifacts]`), and its mirror.
+        self.artifacts_dir = artifacts_dir
+        self.artifacts_url = artifacts_url
         self.store = store
         self.vault = vault
         self.pki = pki
@@ -118,6 +124,8 @@ class CloudService:
             pki=pki,
             health_check=health_check,
             plugins=plugins,
+            artifacts_dir=config.artifacts_dir,
+            artifacts_url=config.artifacts.url,
         )
 
     # -- parse and validate ---------------------------------------------------------------------
@@ -270,13 +278,13 @@ class CloudService:
             enroll_url=self.config.enroll_url,
             ca_pem=ca_pem,
             superlink_port=self.config.superlink_port,
-            package=self.config.package,
-            pip_index_url=self.config.pip_index_url,
             preinstalled=self.config.preinstalled,
             health_check=self._health_check or bootstrap_tokens.tls_probe(ca_pem),
             ready_timeout_s=self.config.ready_timeout_s,
             poll_interval_s=self.config.poll_interval_s,
             controller_uid=await self.controller_uid(),
+            artifacts_dir=self.artifacts_dir,
+            artifacts_url=self.artifacts_url,
         )
 
     async def provider(self, name: str) -> CloudProvider:

@@ -1,12 +1,21 @@
-"""The `[clouds]` section of `controller.toml` (and its `[clouds.aws]`, `[clouds.gcp]`)."""
+"""The `[clouds]` section of `controller.toml` (and its `[clouds.aws]`, `[clouds.gcp]`), and the
+`[aggregator]` section: the SuperLink the controller runs itself (`[aggregator.onprem]`)."""
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from fedsky.controller.settings import Port, Section
-from pydantic import Field, field_validator, model_validator
+from fedsky.controller.settings import (
+    Port,
+    Section,
+    advertised_for,
+    check_advertised_host,
+    check_bind_host,
+    is_wildcard,
+)
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 
 class AwsCloudConfig(Section):
@@ -51,10 +60,8 @@ class CloudsConfig(Section):
     # (their NAT gateways), which the controller cannot see for itself.
     allowed_sources: tuple[str, ...] = ()
     superlink_port: Port = 9092
-    # How the VM gets fedsky's `aggregator` extra: a pip requirement (a wheel URL the VM can
-    # reach, or a name on `pip_index_url`), or nothing when the image has it (`preinstalled`).
-    package: str = "fedsky[aggregator]"
-    pip_index_url: str | None = None
+    # The VM installs fedsky's `aggregator` extra from the pinned artifacts (`[artifacts]`),
+    # never from a package index; or not at all when the image has it (`preinstalled`).
     preinstalled: bool = False
     token_ttl_s: Annotated[float, Field(gt=0, le=86400)] = 1800.0
     cert_days: Annotated[int, Field(ge=1, le=365)] = 30
@@ -62,6 +69,19 @@ class CloudsConfig(Section):
     poll_interval_s: Annotated[float, Field(gt=0)] = 5.0
     aws: AwsCloudConfig = AwsCloudConfig()
     gcp: GcpCloudConfig = GcpCloudConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_index(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("package", "pip_index_url"):
+                if key in data:
+                    raise ValueError(
+                        f"clouds.{key} is no longer read: aggregator VMs install fedsky from the "
+                        "pinned artifacts (`make artifacts`, [artifacts] dir or url), never from "
+                        "a package index; remove it"
+                    )
+        return data
 
     @field_validator("allowed_sources")
     @classmethod
@@ -77,11 +97,97 @@ class CloudsConfig(Section):
             out.append(str(network))
         return tuple(out)
 
+    @field_validator("enroll_url")
+    @classmethod
+    def _advertised_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {exc}") from None
+        if parts.scheme not in ("https", "http") or parts.hostname is None:
+            raise ValueError("must be an https URL with the host the aggregator VMs reach")
+        check_advertised_host(parts.hostname)
+        return value
+
+    @field_validator("enroll_listen")
+    @classmethod
+    def _bind(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, _, port = value.rpartition(":")
+        check_bind_host(host.strip("[]"))
+        if not 0 < int(port) <= 65535:
+            raise ValueError("the port must be between 1 and 65535")
+        return value
+
     @model_validator(mode="after")
     def _listener_needs_url(self) -> CloudsConfig:
         if self.enroll_listen and not self.enroll_url:
+            host = self.enroll_listen.rpartition(":")[0].strip("[]")
+            why = " (it listens on every address)" if is_wildcard(host) else ""
             raise ValueError(
-                "enroll_listen is set but enroll_url is not: set enroll_url to the https URL "
-                "the aggregator VMs reach this listener at"
+                f"clouds.enroll_listen is set{why} but enroll_url is not: set clouds.enroll_url "
+                "to the https URL the aggregator VMs reach this listener at"
+            )
+        if self.enroll_listen and self.enroll_url and not self.enroll_url.startswith("https://"):
+            raise ValueError(
+                "clouds.enroll_url must be an https URL when clouds.enroll_listen is set "
+                "(the VMs check the listener against fedsky's CA)"
             )
         return self
+
+
+class OnPremConfig(Section):
+    """`[aggregator.onprem]`: the controller's host is the operator's own aggregator host.
+
+    Its SuperLinks listen on `[aggregator]`'s `bind_host`, at ports from `ports` (the range the
+    operator's firewall opens to the hospitals' VMs), and are advertised as `advertise_host`.
+    """
+
+    # How placement and the job log name this host (e.g. the site or data centre).
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+    # First and last SuperLink port, inclusive: one per running job.
+    ports: tuple[Port, Port] = (9092, 9099)
+
+    @field_validator("ports")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        first, last = value
+        if first < 1 or last < first:
+            raise ValueError("give [first, last] with 1 <= first <= last <= 65535")
+        return value
+
+
+class AggregatorConfig(Section):
+    """`[aggregator]`: where the SuperLink the controller runs itself listens.
+
+    Defaults: loopback (one machine). For hospitals on other machines, bind an address they
+    reach (or `0.0.0.0`) and advertise it; the SuperLink's certificate names `advertise_host`.
+    """
+
+    bind_host: str = "127.0.0.1"
+    # What the hospitals' VMs and the controller connect to; default: `bind_host`.
+    advertise_host: str | None = Field(default=None, validate_default=True)
+    # Set: the `onprem` provider (this host as the operator's aggregator host) replaces `local`.
+    onprem: OnPremConfig | None = None
+
+    @field_validator("bind_host")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        return check_bind_host(value)
+
+    @field_validator("advertise_host")
+    @classmethod
+    def _advertised(cls, value: str | None, info: ValidationInfo) -> str | None:
+        bind = info.data.get("bind_host")
+        if bind is None:
+            return value
+        return advertised_for("aggregator.bind_host", bind, value, "aggregator.advertise_host")
+
+    @property
+    def advertised(self) -> str:
+        """The name the SuperLink is reached at (and its certificate carries)."""
+        return self.advertise_host or self.bind_host

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
+from fedsky.controller.clouds.onprem import controller_aggregator
 from fedsky.controller.clouds.superlink import SuperLinkControl
 from fedsky.controller.config import ControllerConfig
 from fedsky.controller.inventory import store as inventory
@@ -73,7 +73,7 @@ class JobManager:
             bus=bus,
             models=models,
             queue=QueueStore(store),
-            local=LocalProvider(work_dir=jobs_dir, issue_tls=pki_tls_issuer(pki)),
+            local=controller_aggregator(config.aggregator, work_dir=jobs_dir, pki=pki),
             make_control=make_control,
             revocations=revocations,
             clouds=clouds,

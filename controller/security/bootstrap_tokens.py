@@ -11,8 +11,7 @@ token:
 - is 256 random bits, shown once (in the startup script) and stored only as its SHA-256 (a
   leaked database does not let anyone enrol; a fast hash suffices for random tokens);
 - is single use: redeeming marks it used inside one `BEGIN IMMEDIATE` transaction;
-- expires (`clouds.token_ttl_s`, 30 min by default: long enough for boot and the package
-  install) and is revoked when the job's aggregator is terminated;
+- expires (`clouds.token_ttl_s`, 30 min by default: long enough for boot and the install) and is revoked when the job's aggregator is terminated;
 - only yields a certificate for the names the controller recorded for that job (`bind`, done
   once the cloud reports the VM's public address). The CSR's own names are ignored: a stolen
   token cannot get a certificate for the broker's name or anyone else's. Until the address is
@@ -20,9 +19,10 @@ token:
   certificate is `agg-<job id>`'s whatever the CSR asks, carries no names, and is revoked with
   the job's other certificates when the job ends.
 
-The module also renders the startup script (bash: cloud-init user data on EC2, the
-`startup-script` metadata on GCE) and holds the readiness probe, the one seam tests replace
-(instances in moto and in the local GCP fake run nothing).
+The module also gives the providers the startup script (`VmBootstrap`: a fresh token inside the
+script `startup_script.py` renders, bash: cloud-init user data on EC2, the `startup-script`
+metadata on GCE) and holds the readiness probe, the one seam tests replace (instances in moto and
+in the local GCP fake run nothing).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import secrets
-import shlex
 import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,12 +40,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from fedsky.controller.clouds.base import AggregatorFiles
 from fedsky.controller.security.pki import IssuedCertificate, Pki, PkiError
+from fedsky.controller.security.startup_script import VM_BUS_KEY_CREDENTIAL as VM_BUS_KEY_CREDENTIAL
+from fedsky.controller.security.startup_script import VM_DATA_DIR as VM_DATA_DIR
+from fedsky.controller.security.startup_script import VM_FILES as VM_FILES
+from fedsky.controller.security.startup_script import VM_UNIT as VM_UNIT
+from fedsky.controller.security.startup_script import AggregatorArtifacts as AggregatorArtifacts
+from fedsky.controller.security.startup_script import aggregator_artifacts as aggregator_artifacts
+from fedsky.controller.security.startup_script import artifacts_url as artifacts_url
+from fedsky.controller.security.startup_script import model_url as model_url
+from fedsky.controller.security.startup_script import render_startup_script
 from fedsky.controller.store import Store, transaction
 from fedsky.shared.ids import aggregator_id
 
@@ -54,24 +60,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "fsk1_"  # noqa: S105 - a marker that makes leaked tokens easy to find, not a secret
 
-# Where the startup script puts what the ServerApp needs on the VM. The bus key stays root's
-# (0600) and reaches the SuperLink's service, a systemd DynamicUser, as a credential
-# (`LoadCredential`), so the run config names it under the unit's credentials directory.
-VM_DATA_DIR = "/var/lib/fedsky-aggregator"
-VM_UNIT = "fedsky-superlink.service"
-VM_BUS_KEY_CREDENTIAL = "agg-key"
-VM_FILES = AggregatorFiles(
-    model_file=Path(VM_DATA_DIR, "model.safetensors"),
-    ca=Path(VM_DATA_DIR, "bus", "ca.crt"),
-    cert=Path(VM_DATA_DIR, "bus", "agg.crt"),
-    key=Path("/run/credentials", VM_UNIT, VM_BUS_KEY_CREDENTIAL),
-)
 MODEL_PATH = "/v1/aggregators/model"
-
-
-def model_url(enroll_url: str) -> str:
-    """Where a VM fetches its job's model file: beside the enrolment route, on the same listener."""
-    return urljoin(enroll_url, "model")
 
 
 SCHEMA = [
@@ -370,22 +359,34 @@ class VmBootstrap:
     enroll_url: str | None
     ca_pem: bytes
     superlink_port: int
-    package: str
-    pip_index_url: str | None
     preinstalled: bool
     health_check: HealthCheck
     ready_timeout_s: float
     poll_interval_s: float
     controller_uid: str
+    # The wheelhouse whose manifest pins the install (`[artifacts] dir`), and a mirror of it.
+    artifacts_dir: Path | None = None
+    artifacts_url: str | None = None
 
     async def startup_script(self, job_id: str) -> str:
         """A fresh token for `job_id`'s aggregator, inside the script that redeems it.
 
-        ValueError (before any token is made) when the controller has no enrolment URL.
+        ValueError (before any token is made) when the controller has no enrolment URL, or no
+        wheelhouse to pin the install to (unless the image has fedsky preinstalled).
         """
         if not self.enroll_url:
             raise ValueError(
                 "clouds.enroll_url is not set: aggregator VMs would have nowhere to enrol"
+            )
+        artifacts = None
+        if not self.preinstalled:
+            if self.artifacts_dir is None:
+                raise ValueError("the controller has no artifacts directory to pin the install to")
+            artifacts = await asyncio.to_thread(
+                aggregator_artifacts,
+                directory=self.artifacts_dir,
+                enroll_url=self.enroll_url,
+                mirror_url=self.artifacts_url,
             )
         token = await self.tokens.issue(job_id)
         return render_startup_script(
@@ -394,167 +395,6 @@ class VmBootstrap:
             enroll_url=self.enroll_url,
             ca_pem=self.ca_pem.decode(),
             port=self.superlink_port,
-            package=self.package,
-            pip_index_url=self.pip_index_url,
+            artifacts=artifacts,
             preinstalled=self.preinstalled,
         )
-
-
-_SCRIPT = r"""#!/bin/bash
-# fedsky aggregator bootstrap, job @JOB@. This script holds a one-time enrolment token (single
-# use, short-lived) and the CA's public certificate; the keys are made here and never leave.
-set -euo pipefail
-umask 022  # the venv, certificates and model file are read by the SuperLink's service user
-DIR=@DIR@
-DATA=@DATA@
-VENV=@VENV@
-install -d -m 755 "$DIR" "$DATA" "$DATA/bus"
-cd "$DIR"
-cat > ca.pem <<'FEDSKY_CA'
-@CA@FEDSKY_CA
-(umask 077; printf '%s' @TOKEN@ > token)
-
-if [ ! -x "$VENV/bin/flower-superlink" ]; then
-  @INSTALL@
-fi
-
-# Two keys, both root's (0600), handed to the service by systemd (LoadCredential): the
-# SuperLink's TLS key, and the ServerApp's bus identity (@CN@) for its metrics.
-(umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out superlink.key)
-(umask 077; openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$DATA/bus/agg.key")
-openssl req -new -key superlink.key -subj "/CN=@CN@" -out superlink.csr
-openssl req -new -key "$DATA/bus/agg.key" -subj "/CN=@CN@" -out bus.csr
-(umask 077; python3 - <<'FEDSKY_PY'
-import json
-body = {
-    "token": open("token").read(),
-    "csr_pem": open("superlink.csr").read(),
-    "bus_csr_pem": open("bus.csr").read(),
-}
-open("request.json", "w").write(json.dumps(body))
-FEDSKY_PY
-)
-
-# 409: the controller has not recorded this VM's address yet; retry. Anything else is final.
-for attempt in $(seq 1 120); do
-  code=$(curl -sS --cacert ca.pem -o enroll.json -w '%{http_code}' \
-         -H 'Content-Type: application/json' --data-binary @request.json @URL@) || code=000
-  case "$code" in
-    200) break ;;
-    409|000|502|503|504) sleep 5 ;;
-    *) echo "fedsky: enrolment refused (HTTP $code)" >&2; rm -f token request.json; exit 1 ;;
-  esac
-done
-rm -f token request.json
-[ "$code" = 200 ] || { echo "fedsky: enrolment did not succeed (HTTP $code)" >&2; exit 1; }
-python3 - "$DATA" <<'FEDSKY_PY'
-import json, sys
-answer, data = json.load(open("enroll.json")), sys.argv[1]
-open("superlink.crt", "w").write(answer["cert_pem"])
-open(data + "/bus/agg.crt", "w").write(answer["bus_cert_pem"])
-open(data + "/bus/ca.crt", "w").write(answer["ca_pem"])
-open("model.sha256", "w").write(answer.get("model_sha256") or "")
-FEDSKY_PY
-
-# The job's model file, over mutual TLS with the new bus certificate, checked against the digest
-# the enrolment named. 403/404 are final (a revoked certificate, an ended job); others retry.
-sha=$(cat model.sha256)
-[ -n "$sha" ] || { echo "fedsky: the controller named no model file for job @JOB@" >&2; exit 1; }
-for attempt in $(seq 1 60); do
-  code=$(curl -sS --cacert ca.pem --cert "$DATA/bus/agg.crt" --key "$DATA/bus/agg.key" \
-         -o "$DATA/model.part" -w '%{http_code}' @MODEL_URL@) || code=000
-  case "$code" in
-    200)
-      if echo "$sha  $DATA/model.part" | sha256sum -c --status; then break; fi
-      echo "fedsky: the model file fetched does not have digest $sha; fetching again" >&2
-      code=000; sleep 5 ;;
-    403|404) echo "fedsky: the model file was refused (HTTP $code)" >&2; exit 1 ;;
-    *) sleep 5 ;;
-  esac
-done
-[ "$code" = 200 ] || { echo "fedsky: could not fetch the model file (HTTP $code)" >&2; exit 1; }
-mv "$DATA/model.part" "$DATA/model.safetensors"
-
-cat > @UNITDIR@/@UNIT@ <<'FEDSKY_UNIT'
-[Unit]
-Description=fedsky aggregator (Flower SuperLink), job @JOB@
-After=network-online.target
-Wants=network-online.target
-
-[Service]
-Type=simple
-DynamicUser=yes
-StateDirectory=fedsky-superlink
-LoadCredential=key:@DIR@/superlink.key
-LoadCredential=@BUSKEY@:@DATA@/bus/agg.key
-Environment=FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_HOME=/var/lib/fedsky-superlink/flwr PATH=@VENV@/bin:/usr/local/bin:/usr/bin:/bin
-ExecStart=@VENV@/bin/flower-superlink --host 0.0.0.0 --port @PORT@ --database /var/lib/fedsky-superlink/state.db --disable-runtime-dependency-installation --ssl-ca-certfile @DIR@/ca.pem --ssl-certfile @DIR@/superlink.crt --ssl-keyfile ${CREDENTIALS_DIRECTORY}/key --enable-supernode-auth
-Restart=on-failure
-NoNewPrivileges=yes
-ProtectSystem=strict
-ProtectHome=yes
-PrivateTmp=yes
-
-[Install]
-WantedBy=multi-user.target
-FEDSKY_UNIT
-systemctl daemon-reload
-systemctl enable --now @UNIT@
-"""
-
-
-def render_startup_script(
-    *,
-    job_id: str,
-    token: str,
-    enroll_url: str,
-    ca_pem: str,
-    port: int,
-    package: str,
-    pip_index_url: str | None,
-    preinstalled: bool,
-    directory: str = "/etc/fedsky/aggregator",
-    data_dir: str = VM_DATA_DIR,
-    venv: str = "/opt/fedsky/venv",
-    unit_dir: str = "/etc/systemd/system",
-) -> str:
-    """The VM's startup script: install (unless preinstalled), make the keys, enrol, fetch the
-    model file, start the SuperLink.
-
-    `directory`, `data_dir`, `venv` and `unit_dir` are where things go on the VM (tests run the
-    script in a scratch directory); the run config names `data_dir`'s files (`VM_FILES`).
-    """
-    if preinstalled:
-        install = (
-            'echo "fedsky: $VENV has no flower-superlink although the image should" >&2; exit 1'
-        )
-    else:
-        index = f" --index-url {shlex.quote(pip_index_url)}" if pip_index_url else ""
-        install = (
-            "export DEBIAN_FRONTEND=noninteractive\n"
-            "  apt-get update -qq && apt-get install -y -qq python3-venv curl openssl\n"
-            '  python3 -m venv "$VENV"\n'
-            f'  "$VENV/bin/pip" install --quiet{index} {shlex.quote(package)}'
-        )
-    if not ca_pem.endswith("\n"):
-        ca_pem += "\n"
-    replacements = {
-        "@JOB@": job_id,
-        "@CN@": aggregator_id(job_id),
-        "@CA@": ca_pem,
-        "@TOKEN@": shlex.quote(token),
-        "@INSTALL@": install,
-        "@URL@": shlex.quote(enroll_url),
-        "@MODEL_URL@": shlex.quote(model_url(enroll_url)),
-        "@PORT@": str(port),
-        "@DIR@": shlex.quote(directory),
-        "@DATA@": shlex.quote(data_dir),
-        "@UNIT@": VM_UNIT,
-        "@BUSKEY@": VM_BUS_KEY_CREDENTIAL,
-        "@VENV@": shlex.quote(venv),
-        "@UNITDIR@": shlex.quote(unit_dir),
-    }
-    script = _SCRIPT
-    for marker, value in replacements.items():
-        script = script.replace(marker, value)
-    return script

@@ -16,8 +16,10 @@ from fedsky.controller.inventory import store as inventory
 from fedsky.controller.security.aggregators import AggregatorEnrolment
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
+from fedsky.shared.artifacts import read_manifest
 
 from tests.fakes.gcp_server import FakeGcp
+from tests.support.wheels import write_wheelhouse
 
 ENROLL_URL = "https://controller.example.test:8443/v1/aggregators/enroll"
 MOTO_IMAGE = "ami-1e749f67"  # an Ubuntu image moto ships in every region
@@ -71,6 +73,8 @@ def open_service(
     plugins: Mapping[str, CloudPlugin] = CLOUD_PLUGINS,
 ) -> tuple[CloudService, Store]:
     config = ControllerConfig(state_dir=state_dir, clouds=clouds)
+    # A tiny pinned wheelhouse where the daemon looks for one: the start-up script pins its digest.
+    write_wheelhouse(config.artifacts_dir)
     store = Store(config.db_path)
     inventory.ensure_schema(store)  # the certificates table, as the daemon has it
     service = CloudService.open(
@@ -88,3 +92,25 @@ def open_enrolment(
         store = Store(config.db_path)
         inventory.ensure_schema(store)  # the certificates table, as the daemon has it
     return AggregatorEnrolment.open(config=config, store=store, pki=pki), store
+
+
+def assert_pinned_install(script: str, state_dir: Path) -> None:
+    """A rendered start-up script installs only the pinned artifacts: no package index named,
+    pip run with --no-index --require-hashes, the requirement file's digest from the manifest."""
+    lowered = script.lower()
+    for public in ("pypi.org", "pythonhosted.org", "pypi.python.org", "files.pythonhosted"):
+        assert public not in lowered, public
+    assert "--index-url" not in script
+    assert "--extra-index-url" not in script
+    assert "--trusted-host" not in script
+    pip_lines = [line for line in script.splitlines() if "/bin/pip" in line]
+    assert pip_lines, "the script installs nothing"
+    for line in pip_lines:
+        assert "install --quiet --no-index" in line, line
+    assert (
+        '--find-links "$WHEELS" --require-hashes -r "$WHEELS/requirements-aggregator.txt"' in script
+    )
+    manifest = read_manifest(ControllerConfig(state_dir=state_dir).artifacts_dir)
+    digest = manifest.requirements("aggregator").sha256
+    assert f'echo "{digest}  $WHEELS/requirements-aggregator.txt" | sha256sum -c' in script
+    assert "/v1/artifacts/" in script

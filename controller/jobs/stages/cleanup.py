@@ -98,7 +98,7 @@ async def provider_for_handle(
     ctx: JobContext, handle: AggregatorHandle, job: Mapping[str, Any]
 ) -> AggregatorProvider:
     """The provider that can act on an aggregator launched by an earlier run of the controller."""
-    if handle.provider == "local":
+    if handle.provider in ("local", "onprem"):  # the controller's own SuperLink, either name
         return ctx.local
     account = (job.get("aggregator") or {}).get("account")
     if ctx.clouds is None or not account:

@@ -26,7 +26,7 @@ AGGREGATOR_CERT_DAYS = 30
 async def launch_aggregator(ctx: JobContext, run: JobRun, placement: Placement) -> None:
     """Start the aggregator where placement chose; JobFailure when the provider cannot."""
     provider: AggregatorProvider
-    if placement.provider == "local":
+    if placement.provider == ctx.local.name:  # the controller's own SuperLink
         provider = ctx.local
     else:
         if ctx.clouds is None:
@@ -89,7 +89,9 @@ async def allowed_sources(
     internet from, which the controller cannot see for itself.
     """
     if provider is ctx.local:
-        return ("127.0.0.1/32",)  # a SuperLink on this machine: no network rule to write
+        # The controller's own SuperLink (local, onprem): no cloud network rule to write; the
+        # operator's firewall opens its ports (docs/deployment.md).
+        return ("127.0.0.1/32",)
     sources = list(ctx.config.clouds.allowed_sources)
     addresses = [ctx.config.broker_public_host]
     for participant in run.spec.participants:

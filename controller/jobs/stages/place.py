@@ -1,7 +1,8 @@
 """Placing: the optimizer's choice of where the job's aggregator runs.
 
 The choice is made over the catalog, restricted to linked clouds that have a provider; with none
-linked, every offer is placed and the local provider stands in.
+linked, every offer is placed and the controller's own SuperLink stands in: the `local` provider,
+or `onprem` (the operator's aggregator host) when `[aggregator.onprem]` is configured.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
         raise JobFailure(f"no feasible placement: {result.reason}")
     choice = result.choice
     summary = result.to_json()
-    provider_name = choice.offer.cloud if choice.offer.cloud in linked else "local"
+    own = ctx.local.name  # "local" or "onprem"
+    provider_name = choice.offer.cloud if choice.offer.cloud in linked else own
     placement = Placement(
         choice=summary["choice"],
         baseline=summary["baseline"],
@@ -104,11 +106,12 @@ async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
         placement_json=json.dumps(placement.to_json(), default=str),
     )
     note = ""
-    if provider_name == "local":
+    if provider_name == own:
+        stand_in = ctx.local.describe()
         note = (
-            " (no cloud is linked: the local provider stands in for it)"
+            f" (no cloud is linked: {stand_in} stands in for it)"
             if not linked
-            else " (the local provider stands in)"
+            else f" ({stand_in} stands in)"
         )
     await ctx.log(
         run.job_id,
