@@ -45,6 +45,7 @@ from fedsky.agent.executors.base import (
     SshExecutorConfig,
     VmSettings,
 )
+from fedsky.agent.payload import PayloadConfig, PayloadSource
 from fedsky.shared.bundle import BundleError, EnrolmentBundle, read_bundle
 from fedsky.shared.config import ConfigError, load_config, resolve_path
 from fedsky.shared.datasets import DatasetSpec
@@ -221,8 +222,30 @@ class AgentConfig(_Section):
     # Where a task's SuperNode runs: `ssh` (inside the VM), or `local` (this host, one-box mode
     # only, and its default there). None outside one-box mode: the daemon will not start.
     executor: ExecutorConfig | None = None
+    # Where the client payload the agent installs into the VMs comes from (the pinned
+    # artifacts). None: the VMs must hold it already. Declared after `executor`, which it reads.
+    payload: PayloadConfig | None = None
     # VM name -> what the config says about it: address, port, the VM's own dataset paths.
     vms: dict[Annotated[str, Field(pattern=VM_NAME_PATTERN)], VmSettings] = {}
+
+    @field_validator("payload")
+    @classmethod
+    def _payload_needs_ssh(
+        cls, value: PayloadConfig | None, info: ValidationInfo
+    ) -> PayloadConfig | None:
+        if value is None:
+            return None
+        executor = info.data.get("executor")
+        if not isinstance(executor, SshExecutorConfig):
+            raise ValueError(
+                'the client payload is installed into the VMs over SSH: it needs [executor] kind = "ssh"'
+            )
+        if not executor.remote_bin_dir.rstrip("/").endswith("/bin"):
+            raise ValueError(
+                f"executor.remote_bin_dir ({executor.remote_bin_dir!r}) must be the bin directory "
+                "of the venv the payload is installed into (ending in /bin)"
+            )
+        return value
 
     @field_validator("executor")
     @classmethod
@@ -299,6 +322,15 @@ class AgentConfig(_Section):
         if self.executor is None and self.one_box:
             return LocalExecutorConfig()
         return self.executor
+
+    @property
+    def payload_source(self) -> PayloadSource | None:
+        """`[payload]` resolved: fedsky's CA is the agent's `tls.ca_file` unless it names another."""
+        if self.payload is None:
+            return None
+        return PayloadSource.from_config(
+            self.payload, fedsky_ca_file=self.ca_file, state_dir=self.state_dir
+        )
 
     @property
     def known_hosts_file(self) -> Path:

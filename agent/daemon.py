@@ -141,6 +141,7 @@ class AgentDaemon:
             one_box=config.one_box,
             vms=config.vms,
             known_hosts_file=config.known_hosts_file,
+            payload=config.payload_source,
             blocking=self.blocking,
             snapshot=self.inventory.snapshot,
             emit=self.link.emit,

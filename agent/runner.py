@@ -36,6 +36,7 @@ from fedsky.agent.executors.base import (
     VmUnreachable,
 )
 from fedsky.agent.executors.factory import make_executor
+from fedsky.agent.payload import PayloadSource
 from fedsky.shared.datasets import BundledDatasetSpec, ImageFolderSpec, scrub, write_catalog
 from fedsky.shared.messages import (
     Event,
@@ -86,6 +87,7 @@ class TaskRunner:
         one_box: bool = False,
         vms: Mapping[str, VmSettings] | None = None,
         known_hosts_file: Path | None = None,
+        payload: PayloadSource | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.work_dir = work_dir
@@ -101,6 +103,8 @@ class TaskRunner:
                 known_hosts_file=known_hosts_file,
                 vms=self.vms,
                 one_box=one_box,
+                payload=payload,
+                blocking=blocking,
             )
         )
         self._blocking = blocking

@@ -14,7 +14,11 @@ against the agent's known-hosts file only (`HostKeyAlias=<vm name>`, `StrictHost
 no global file, never updated), so a VM with no pin, or with a key other than its pin, is refused
 before anything is sent. Outside one-box mode an address of the agent's own host is refused too:
 the SuperNode never runs on the hypervisor host. What: the client payload's Flower scripts in
-`remote_bin_dir` (`ensure_payload` is the hook that installs them).
+`remote_bin_dir`. With `[payload]` configured, `ensure_payload` installs them there from the
+pinned artifacts (fetched and checked by `fedsky.agent.payload`, copied over the same pinned SSH
+connection, installed with `pip --no-index --require-hashes`), once per release: a marker in
+the venv records the digest of the installed requirement file. Without it, it only checks
+that they are there.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ import os
 import shlex
 import signal
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import psutil
 from fedsky.agent.executors.base import (
@@ -47,12 +52,26 @@ from fedsky.agent.executors.base import (
 )
 from fedsky.agent.executors.local import _catalog_paths
 from fedsky.agent.hostkeys import HostKeyError, check_vm_name, pinned_keys
+from fedsky.agent.payload import (
+    MARKER_NAME,
+    REQUIREMENTS,
+    LocalPayload,
+    PayloadCache,
+    PayloadInstallFailed,
+    PayloadSource,
+    fetch_payload,
+)
 from fedsky.shared.datasets import scrub
 from fedsky.shared.supernode import SuperNodeConfigError, supernode_command
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 SSH_FAILED = 255
+
+
+async def _in_thread(fn: Callable[[], T]) -> T:
+    return await asyncio.to_thread(fn)
 
 
 _KEY_CHANGED = ("Host key verification failed", "REMOTE HOST IDENTIFICATION HAS CHANGED")
@@ -223,10 +242,14 @@ class SshExecutor:
         vms: Mapping[str, VmSettings] | None = None,
         allow_agent_host: bool = False,
         agent_host_check: Callable[[str], str | None] = agent_host_address,
+        payload: PayloadSource | None = None,
+        blocking: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
     ) -> None:
         """`known_hosts_file`: the pinned keys (the config's own setting wins); `vms`: the
         `[vms.<name>]` tables; `allow_agent_host`: one-box mode, where the "VM" may be this
-        host (tests reach a loopback sshd so)."""
+        host (tests reach a loopback sshd so); `payload`: where the client payload comes from
+        (None: the VMs must have it already); `blocking`: the agent's seam for blocking calls
+        (the payload's downloads and digests)."""
         self.config = config
         self.work_dir = Path(work_dir)
         known = config.known_hosts_file or known_hosts_file
@@ -236,6 +259,11 @@ class SshExecutor:
         self.vms = dict(vms or {})
         self.allow_agent_host = allow_agent_host
         self._agent_host_check = agent_host_check
+        self.payload = payload
+        self._payload_cache = PayloadCache(payload) if payload is not None else None
+        self._blocking = blocking or _in_thread
+        self._fetching = asyncio.Lock()  # one download into the cache at a time
+        self._installing: dict[str, asyncio.Lock] = {}  # per VM
 
     def target_for(self, vm_name: str, vm_addresses: tuple[str, ...]) -> VmTarget:
         host, port = resolve_vm_address(
@@ -312,16 +340,28 @@ class SshExecutor:
         command: str,
         *,
         stdin: bytes | None = None,
+        stdin_file: Path | None = None,
         timeout_s: float = 60.0,
     ) -> str:
-        """Run a short command on the VM; its stdout, or ExecutorError with its stderr."""
-        proc = await asyncio.create_subprocess_exec(
-            *self.ssh_argv(target, command),
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )
+        """Run a short command on the VM; its stdout, or ExecutorError with its stderr.
+
+        `stdin` is sent as the command's input; `stdin_file` is streamed from that file."""
+        source: Any = asyncio.subprocess.DEVNULL
+        if stdin is not None:
+            source = asyncio.subprocess.PIPE
+        elif stdin_file is not None:
+            source = await asyncio.to_thread(open, stdin_file, "rb")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self.ssh_argv(target, command),
+                stdin=source,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        finally:
+            if stdin_file is not None and stdin is None:
+                source.close()
         try:
             out, err = await asyncio.wait_for(proc.communicate(stdin), timeout_s)
         except TimeoutError:
@@ -348,16 +388,130 @@ class SshExecutor:
             )
         return out.decode(errors="replace")
 
+    @property
+    def remote_venv(self) -> str:
+        """The venv in the VM: `remote_bin_dir`'s parent (the config checks it ends in /bin)."""
+        return self.config.remote_bin_dir.rstrip("/").removesuffix("/bin") or "/"
+
     async def ensure_payload(self, target: VmTarget) -> None:
-        """The hook for the client payload: today it checks that the Flower scripts are in
-        `remote_bin_dir`; installing them there from the pinned artifacts goes here."""
-        exe = shlex.quote(f"{self.config.remote_bin_dir}/flower-supernode")
-        answer = await self.run_remote(target, f"test -x {exe} && echo ok || echo missing")
-        if answer.strip() != "ok":
-            raise PayloadMissing(
-                f"the client payload is not installed in VM {target.vm!r}: no flower-supernode "
-                "in the configured remote_bin_dir"
+        """Make sure the VM holds the client payload in `remote_bin_dir`.
+
+        Without a payload source: check that `flower-supernode` is there. With one: read the
+        digest of the release's requirement file (pinned, or from the trusted manifest), and
+        unless the VM's marker already records it, fetch and check the payload here, copy it
+        into the VM and install it there (`install_payload`). Failures: `PayloadUnavailable`
+        (fetch or digest; nothing copied), `PayloadInstallFailed` (in the VM),
+        `VmUnreachable` (SSH).
+        """
+        exe = f"{self.config.remote_bin_dir}/flower-supernode"
+        if self.payload is None or self._payload_cache is None:
+            answer = await self.run_remote(
+                target, f"test -x {shlex.quote(exe)} && echo ok || echo missing"
             )
+            if answer.strip() != "ok":
+                raise PayloadMissing(
+                    f"the client payload is not installed in VM {target.vm!r}: no "
+                    "flower-supernode in the configured remote_bin_dir"
+                )
+            return
+        cache = self._payload_cache
+        lock = self._installing.setdefault(target.vm, asyncio.Lock())
+        async with lock:
+            installed = await self.installed_payload(target)
+            if installed is not None and installed == self.payload.requirements_sha256:
+                log.debug("VM %s already holds the pinned client payload", target)
+                return  # the pin alone decides: no request to the artifacts server
+            manifest = await self._blocking(cache.manifest)
+            expected = cache.expected_digest(manifest)
+            if installed == expected:
+                log.debug("VM %s already holds the client payload %s", target, expected[:12])
+                return
+            started = asyncio.get_running_loop().time()
+            async with self._fetching:
+                local = await fetch_payload(cache, manifest, expected, self._blocking)
+            await self.copy_payload(target, local)
+            await self.install_payload(target, local)
+            log.info(
+                "installed the client payload %s in VM %s in %.1f s",
+                expected[:12],
+                target,
+                asyncio.get_running_loop().time() - started,
+            )
+
+    async def installed_payload(self, target: VmTarget) -> str | None:
+        """The requirement digest the VM's marker records, if the payload's scripts are there."""
+        marker = shlex.quote(f"{self.remote_venv}/{MARKER_NAME}")
+        exe = shlex.quote(f"{self.config.remote_bin_dir}/flower-supernode")
+        answer = await self.run_remote(target, f"test -x {exe} && cat {marker} 2>/dev/null; true")
+        digest = answer.strip()
+        return digest if len(digest) == 64 else None
+
+    async def copy_payload(self, target: VmTarget, local: LocalPayload) -> None:
+        """Copy the checked files into the VM's wheel directory; files already there with the
+        same digest (an interrupted earlier copy) are kept."""
+        assert self.payload is not None
+        wheel_dir = shlex.quote(self.payload.remote_wheel_dir)
+        names = " ".join(shlex.quote(f) for f in local.files)
+        listing = await self.run_remote(
+            target,
+            f"umask 022 && mkdir -p {wheel_dir} && cd {wheel_dir} && "
+            f"sha256sum -- {names} 2>/dev/null; true",
+        )
+        present = set()
+        for line in listing.splitlines():
+            digest, _, name = line.partition("  ")
+            present.add((name.strip(), digest.strip()))
+        for file, digest in local.files.items():
+            if (file, digest) in present:
+                continue
+            dest = shlex.quote(file)
+            await self.run_remote(
+                target,
+                f"cd {wheel_dir} && cat > .{dest}.part && mv -f .{dest}.part {dest}",
+                stdin_file=local.directory / file,
+                timeout_s=self.payload.install_timeout_s,
+            )
+
+    async def install_payload(self, target: VmTarget, local: LocalPayload) -> None:
+        """In the VM: make the venv if missing, check its Python and the requirement file's
+        digest, `pip install --no-index --find-links DIR --require-hashes`, write the marker,
+        remove the wheels. pip ignores the VM's PIP_* variables and configuration files."""
+        assert self.payload is not None
+        q = shlex.quote
+        venv = self.remote_venv
+        script = f"""set -eu
+umask 022
+venv={q(venv)}
+cd {q(self.payload.remote_wheel_dir)}
+if ! echo {q(local.requirements_sha256)}'  '{q(REQUIREMENTS)} | sha256sum -c --status; then
+  echo "the copied {REQUIREMENTS} does not have its pinned SHA-256" >&2; exit 3
+fi
+if [ ! -x "$venv/bin/python" ]; then {q(self.payload.remote_python)} -m venv "$venv"; fi
+tag=$("$venv/bin/python" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+if [ "$tag" != {q(local.python)} ]; then
+  echo "the VM's Python is $tag but the payload's wheels are for {local.python}" >&2; exit 3
+fi
+rm -f "$venv/{MARKER_NAME}"
+if ! PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated install --quiet \
+  --disable-pip-version-check --no-input --no-cache-dir --no-index --find-links "$PWD" \
+  --require-hashes -r {q(REQUIREMENTS)} 2> .pip.log; then
+  {{ grep -m1 '^ERROR' .pip.log | cut -d. -f1; grep -v '^ *$' .pip.log | tail -n 2; }} >&2; exit 4
+fi
+test -x "$venv/bin/flower-supernode" || {{
+  echo "the payload installed no flower-supernode in $venv/bin" >&2; exit 3; }}
+echo {q(local.requirements_sha256)} > "$venv/{MARKER_NAME}"
+rm -f -- .pip.log {" ".join(q(f) for f in local.files)}
+"""
+        try:
+            await self.run_remote(
+                target, f"sh -c {q(script)}", timeout_s=self.payload.install_timeout_s
+            )
+        except VmUnreachable:
+            raise
+        except ExecutorError as exc:
+            raise PayloadInstallFailed(
+                f"installing the client payload in VM {target.vm!r} failed: {exc}"
+            ) from None
 
     async def start(
         self, launch: SuperNodeLaunch, *, vm_name: str, vm_addresses: tuple[str, ...] = ()

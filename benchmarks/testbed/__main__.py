@@ -1,12 +1,15 @@
 """The testbed from the command line (as root).
 
     python -m benchmarks.testbed --links [--json] [--count 10]
+    python -m benchmarks.testbed --smoke [--json] [--keep-dir]
     python -m benchmarks.testbed --cleanup
 
 --links builds the case study's testbed (three hospitals with two VMs each, the controller, and
 region hosts), relays an echo port on every link, measures every link's RTT against its target,
 prints the result and takes everything down. Exit 0 when every link is within tolerance (10% or
 2 ms, whichever is larger), 1 otherwise, 2 when the testbed could not be built.
+--smoke runs one federated job across the testbed (docs/testbed.md): exit 0 when it shows
+what it must, 1 when not, 2 when it could not run.
 --cleanup removes what a crashed run left behind.
 """
 
@@ -62,6 +65,34 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _smoke(*, as_json: bool, keep_dir: bool) -> int:
+    from benchmarks.testbed.smoke import failures, run_smoke
+
+    try:
+        result = run_smoke(keep_dir=keep_dir)
+    except TestbedError as exc:
+        log.error("%s", exc)
+        return 2
+    problems = failures(result)
+    result["ok"] = not problems
+    result["problems"] = problems
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        job, agg = result["job"], result["aggregator"]
+        print(f"job {job['id']}: {job['state']}, {job['rounds_completed']} rounds")
+        print(f"aggregator: {agg['address']} in {agg['host']} (started by {agg['started_by']})")
+        for p in result["participants"]:
+            print(
+                f"{p['name']}: VM {p['vm']} ({p['vm_host']}), SuperNode pid "
+                f"{p['supernode_pid']} in {p['supernode_netns']}"
+            )
+        print(_table(result))
+        for problem in problems:
+            print(f"PROBLEM: {problem}")
+    return 0 if not problems else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.testbed",
@@ -79,14 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CLOUD:REGION",
         help=f"a region host (repeatable; default {', '.join(CASE_REGIONS)})",
     )
-    for flag in ("--smoke", "--failover", "--case-study"):
+    parser.add_argument(
+        "--smoke", action="store_true", help="one federated job across the testbed (see smoke.py)"
+    )
+    parser.add_argument("--keep-dir", action="store_true", help="--smoke: keep the run's files")
+    for flag in ("--failover", "--case-study"):
         parser.add_argument(flag, action="store_true", help="not yet available")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
-    if args.smoke or args.failover or args.case_study:
-        parser.error("--smoke, --failover and --case-study are not available yet")
+    if args.failover or args.case_study:
+        parser.error("--failover and --case-study are not available yet")
+    if args.smoke:
+        return _smoke(as_json=args.json, keep_dir=args.keep_dir)
     try:
         if args.cleanup:
             removed = cleanup(case_study_plan())

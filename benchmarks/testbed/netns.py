@@ -3,9 +3,9 @@
 Layout: one namespace per host with one veth (`tb0`) whose peer is a port of a bridge that lives
 in a namespace of its own (`<prefix>tb-br`, which also holds the relay address). Each host has
 its own address on `tb0` as a /32 and a route to the relay address only, and the addresses of the
-hosts it talks with on `lo`: a connection to a peer stays inside the host and reaches the relay
-listening there (see relay.py), so every byte between hosts that talk is delayed and hosts that
-do not talk cannot reach each other at all.
+hosts it talks with as local routes on `lo` (not as addresses of an interface): a connection to
+a peer stays inside the host and reaches the relay listening there (see relay.py), so every byte
+between hosts that talk is delayed and hosts that do not talk cannot reach each other at all.
 
 Safety: while the testbed is up, the host namespace has `blackhole <subnet>`; the host has a
 default route that leaves the machine, and a packet for the testbed subnet must never take it.
@@ -390,7 +390,22 @@ class Testbed:
         ip("-n", ns, "link", "set", HOST_IF, "up")
         ip("-n", ns, "route", "add", self.plan.relay_address, "dev", HOST_IF, "src", host.address)
         for peer in self.plan.peers(host.name):
-            ip("-n", ns, "addr", "add", f"{peer.address}/32", "dev", "lo")
+            # A local route, not an address: connections to the peer are delivered inside this
+            # host (to the relay bound there), yet the peer's address is not one of this host's
+            # interface addresses, which programs that check "is this address my own?" (the
+            # agent refuses an SSH target on its own host) would otherwise believe.
+            ip(
+                "-n",
+                ns,
+                "route",
+                "add",
+                "local",
+                f"{peer.address}/32",
+                "dev",
+                "lo",
+                "table",
+                "local",
+            )
 
     def _sysctl(self, netns: str, *settings: str) -> None:
         run(["ip", "netns", "exec", netns, "sysctl", "-q", "-w", *settings])

@@ -28,19 +28,33 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def make_wheel(directory: Path, name: str, version: str, *, requires: Sequence[str] = ()) -> Path:
-    """A pure-Python wheel of `name` with one module (`name/__init__.py` says its version)."""
+def make_wheel(
+    directory: Path,
+    name: str,
+    version: str,
+    *,
+    requires: Sequence[str] = (),
+    scripts: Sequence[str] = (),
+) -> Path:
+    """A pure-Python wheel of `name` with one module (`name/__init__.py` says its version);
+    each of `scripts` is a console script that prints the version."""
     dist = name.replace("-", "_")
     info = f"{dist}-{version}.dist-info"
     metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     metadata += [f"Requires-Dist: {req}" for req in requires]
     extras = sorted({r.split('extra == "')[1].rstrip('"') for r in requires if "extra ==" in r})
     metadata += [f"Provides-Extra: {extra}" for extra in extras]
+    module = f'VERSION = "{version}"\n'
+    if scripts:
+        module += "\n\ndef main() -> None:\n    print(VERSION)\n"
     files = {
-        f"{dist}/__init__.py": f'VERSION = "{version}"\n'.encode(),
+        f"{dist}/__init__.py": module.encode(),
         f"{info}/METADATA": ("\n".join(metadata) + "\n").encode(),
         f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: fedsky-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
+    if scripts:
+        entry_points = "".join(f"{script} = {dist}:main\n" for script in scripts)
+        files[f"{info}/entry_points.txt"] = f"[console_scripts]\n{entry_points}".encode()
     record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
     files[f"{info}/RECORD"] = (record + f"{info}/RECORD,,\n").encode()
     path = directory / f"{dist}-{version}-py3-none-any.whl"
@@ -50,11 +64,18 @@ def make_wheel(directory: Path, name: str, version: str, *, requires: Sequence[s
     return path
 
 
-def write_wheelhouse(directory: Path, role: Role = "aggregator") -> Manifest:
-    """`fedsky` (whose `role` extra needs `fedsky-tinydep`) and that dependency, pinned for `role`."""
+def write_wheelhouse(
+    directory: Path, role: Role = "aggregator", *, scripts: Sequence[str] = ()
+) -> Manifest:
+    """`fedsky` (whose `role` extra needs `fedsky-tinydep`) and that dependency, pinned for `role`;
+    `scripts`: console scripts of the fedsky wheel (e.g. `flower-supernode`)."""
     directory.mkdir(parents=True, exist_ok=True)
     fedsky = make_wheel(
-        directory, "fedsky", "0.1.0", requires=[f'fedsky-tinydep==1.0; extra == "{role}"']
+        directory,
+        "fedsky",
+        "0.1.0",
+        requires=[f'fedsky-tinydep==1.0; extra == "{role}"'],
+        scripts=scripts,
     )
     dep = make_wheel(directory, "fedsky-tinydep", "1.0")
     pins = [
