@@ -345,6 +345,9 @@ async def test_unreachable_broker_directory_moves_to_a_runtime_directory(
     async with _running(broker):
         await broker.wait_ready(timeout=10)
         assert await _connects(files, _creds(pki, tmp_path))
+    # The runtime copy holds the server key: it goes when the broker stops.
+    assert files.runtime_copy == ROOT
+    assert not files.key_file.exists() if ROOT else files.key_file.exists()
 
 
 def test_runtime_directory_must_be_roots_alone(pki: Pki, broker_dir: Path, tmp_path: Path) -> None:

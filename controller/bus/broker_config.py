@@ -221,6 +221,9 @@ class BrokerFiles:
     server_not_after: datetime
     crl_source: Path  # the PKI's CRL, copied in before every start
     group_id: int | None  # the `mosquitto` group when run as root, else None
+    # The files are a copy under the runtime root (the state directory was closed to the
+    # broker's user): the broker's supervisor removes them, server key included, when it stops.
+    runtime_copy: bool = False
 
     @property
     def pid_file(self) -> Path:
@@ -452,6 +455,7 @@ def prepare_broker_files(
         server_not_after=not_after,
         crl_source=pki.crl_path,
         group_id=gid,
+        runtime_copy=directory != broker_dir,
     )
     files.install_crl()
     return files

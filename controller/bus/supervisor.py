@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import resource
+import shutil
 import signal
 import time
 from collections import deque
@@ -161,6 +162,10 @@ class ManagedBroker:
         finally:
             self._running = False
             self._ended = True
+            if self._files.runtime_copy:
+                # A copy of the server key must not outlive the broker; the next start makes
+                # the directory again from the PKI.
+                await asyncio.to_thread(shutil.rmtree, self._files.directory, True)
             await self._notify()
 
     async def wait_ready(self, timeout: float) -> None:
