@@ -66,6 +66,9 @@ class Onebox:
     controller: subprocess.Popen[bytes] | None = None
     agents: dict[str, AgentProcess] = field(default_factory=dict)
     broker_port: int = 0
+    # Where the managed broker binds and the name agents reach it by (unset: `broker_host`).
+    broker_host: str = "127.0.0.1"
+    broker_public_host: str | None = None
 
     @property
     def controller_dir(self) -> Path:
@@ -125,7 +128,8 @@ class Onebox:
                     'log_level = "INFO"',
                     "[broker]",
                     "managed = true",
-                    'host = "127.0.0.1"',
+                    f'host = "{self.broker_host}"',
+                    f'public_host = "{self.broker_public_host or self.broker_host}"',
                     f"port = {self.broker_port}",
                     "[bus]",
                     f'topic_prefix = "{self.topic_prefix}"',

@@ -10,6 +10,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
     Bind it soon: another process may take it in between.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

@@ -28,6 +28,7 @@ from fedsky.controller.clouds.settings import CloudsConfig
 from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.jobs.model_files import model_file_path
 from fedsky.controller.security import bootstrap_tokens as bt
+from fedsky.controller.security import startup_script
 from fedsky.controller.security.aggregators import AggregatorEnrolment
 from fedsky.controller.security.enrollment import record_certificate, revoke_common_name
 from fedsky.controller.security.pki import IssuedCertificate, Pki, PkiError
@@ -384,7 +385,7 @@ def _script(pki: Pki, tmp: Path, **changes: Any) -> str:
         "enroll_url": "https://127.0.0.1:1/v1/aggregators/enroll",
         "ca_pem": pki.ca_cert_pem.decode(),
         "port": 9092,
-        "artifacts": bt.AggregatorArtifacts(
+        "artifacts": startup_script.AggregatorArtifacts(
             url="https://127.0.0.1:1/v1/artifacts/", requirements_sha256="ab" * 32, pinned_ca=True
         ),
         "preinstalled": False,
@@ -394,7 +395,7 @@ def _script(pki: Pki, tmp: Path, **changes: Any) -> str:
         "unit_dir": str(tmp / "units"),
     }
     values.update(changes)
-    return bt.render_startup_script(**values)
+    return startup_script.render_startup_script(**values)
 
 
 def test_the_script_is_valid_bash_and_holds_no_key(pki: Pki, tmp_path: Path) -> None:
@@ -411,7 +412,7 @@ def test_the_script_is_valid_bash_and_holds_no_key(pki: Pki, tmp_path: Path) -> 
     assert "pypi" not in script.lower()
     assert f'echo "{"ab" * 32}  $WHEELS/requirements-aggregator.txt" | sha256sum -c' in script
     assert "curl -fsS --proto =https --cacert ca.pem -o" in script
-    mirror = bt.AggregatorArtifacts(
+    mirror = startup_script.AggregatorArtifacts(
         url="https://mirror.example/fedsky/", requirements_sha256="cd" * 32, pinned_ca=False
     )
     script = _script(pki, tmp_path, artifacts=mirror)
@@ -420,18 +421,20 @@ def test_the_script_is_valid_bash_and_holds_no_key(pki: Pki, tmp_path: Path) -> 
     with pytest.raises(ValueError, match="pinned artifacts"):
         _script(pki, tmp_path, artifacts=None)
     with pytest.raises(ValueError, match="https and end in '/'"):
-        bt.AggregatorArtifacts(url="http://x/", requirements_sha256="ab" * 32, pinned_ca=False)
+        startup_script.AggregatorArtifacts(
+            url="http://x/", requirements_sha256="ab" * 32, pinned_ca=False
+        )
     assert _script(pki, tmp_path, artifacts=None, preinstalled=True).count("/bin/pip") == 0
-    assert bt.artifacts_url("https://c.example/fl/v1/aggregators/enroll") == (
+    assert startup_script.artifacts_url("https://c.example/fl/v1/aggregators/enroll") == (
         "https://c.example/fl/v1/artifacts/"
     )
     with pytest.raises(ValueError, match="does not make a valid aggregator id"):
         _script(pki, tmp_path, job_id="job; rm -rf /")
     # The model file is fetched beside the enrolment route, whatever prefix a proxy adds.
-    assert bt.model_url("https://c.example:8443/v1/aggregators/enroll") == (
+    assert startup_script.model_url("https://c.example:8443/v1/aggregators/enroll") == (
         "https://c.example:8443/v1/aggregators/model"
     )
-    assert bt.model_url("https://c.example/fl/v1/aggregators/enroll") == (
+    assert startup_script.model_url("https://c.example/fl/v1/aggregators/enroll") == (
         "https://c.example/fl/v1/aggregators/model"
     )
 
@@ -510,8 +513,12 @@ async def test_the_script_enrols_and_fetches_the_model_against_a_real_listener(
     assert (data / "model.safetensors").read_bytes() == MODEL
     assert hashlib.sha256(MODEL).hexdigest() == digest
     assert not (data / "model.part").exists()
-    for path in (bt.VM_FILES.model_file, bt.VM_FILES.ca, bt.VM_FILES.cert):
-        assert (data / path.relative_to(bt.VM_DATA_DIR)).is_file(), path
+    for path in (
+        startup_script.VM_FILES.model_file,
+        startup_script.VM_FILES.ca,
+        startup_script.VM_FILES.cert,
+    ):
+        assert (data / path.relative_to(startup_script.VM_DATA_DIR)).is_file(), path
     # The keys were made on the "VM" and never sent: the controller saw two CSRs and the token,
     # then a GET with the new client certificate.
     (enrol, fetch) = seen
@@ -522,17 +529,19 @@ async def test_the_script_enrols_and_fetches_the_model_against_a_real_listener(
     assert sorted(body) == ["bus_csr_pem", "csr_pem", "token"]
     assert fetch == ("GET", "/v1/aggregators/model", b"")
     (unit_file,) = (tmp_path / "units").iterdir()
-    assert unit_file.name == bt.VM_UNIT
+    assert unit_file.name == startup_script.VM_UNIT
     unit = unit_file.read_text()
     assert f"--ssl-certfile {etc}/superlink.crt" in unit
     assert "--enable-supernode-auth" in unit
     # The bus key reaches the ServerApp as a credential, at the path the run config names.
     credential = re.search(rf"^LoadCredential=([\w-]+):{data}/bus/agg.key$", unit, re.M)
     assert credential is not None, unit
-    assert bt.VM_FILES.key == Path("/run/credentials", unit_file.name, credential.group(1))
+    assert startup_script.VM_FILES.key == Path(
+        "/run/credentials", unit_file.name, credential.group(1)
+    )
     assert (tmp_path / "systemctl.log").read_text().splitlines() == [
         "daemon-reload",
-        f"enable --now {bt.VM_UNIT}",
+        f"enable --now {startup_script.VM_UNIT}",
     ]
 
 
@@ -586,7 +595,7 @@ async def test_the_script_installs_the_pinned_wheels_from_the_listener_then_enro
         check=True,
     )
     assert shown.stdout.strip() == "1.0"
-    assert (tmp_path / "units" / bt.VM_UNIT).exists()
+    assert (tmp_path / "units" / startup_script.VM_UNIT).exists()
 
 
 async def test_the_script_refuses_a_requirement_file_without_the_pinned_digest(
@@ -664,7 +673,7 @@ async def test_the_script_starts_nothing_without_the_right_model_file(
             assert "the model file was refused (HTTP 404)" in err.decode()
     assert (tmp_path / "data" / "bus" / "agg.crt").exists()  # enrolled, then stopped
     assert not (tmp_path / "data" / "model.safetensors").exists()
-    assert not (tmp_path / "units" / bt.VM_UNIT).exists()
+    assert not (tmp_path / "units" / startup_script.VM_UNIT).exists()
     assert not (tmp_path / "systemctl.log").exists()
 
 

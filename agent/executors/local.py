@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -24,16 +23,11 @@ from fedsky.agent.executors.base import (
 )
 from fedsky.shared.config import ConfigError
 from fedsky.shared.datasets import load_catalog, scrub
+from fedsky.shared.net import free_port
 from fedsky.shared.procs import wait_group_gone
 from fedsky.shared.supernode import DEFAULT_MAX_WAIT_S, SuperNodeConfigError, supernode_command
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalSuperNode:
@@ -134,7 +128,7 @@ class LocalExecutor:
                 private_key=launch.private_key,
                 site=launch.site,
                 dataset_config=launch.dataset_config,
-                runtime_port=_free_port(),
+                runtime_port=free_port(),
                 flwr_home=task_dir / "flwr-home",
                 node_config=launch.node_config,
                 executable=str(self.bin_dir / "flower-supernode"),

@@ -148,7 +148,25 @@ class TestbedBox(Onebox):
         onprem_name: str = "ctl",
         report_interval_s: float = 5.0,
     ) -> None:
-        super().__init__(root=root, report_interval_s=report_interval_s, poll_interval_s=1.0)
+        address = controller_host.address
+        super().__init__(
+            root=root,
+            report_interval_s=report_interval_s,
+            poll_interval_s=1.0,
+            broker_port=BROKER_PORT,
+            broker_host=address,
+            # The controller's SuperLink is the operator's aggregator host, on ctl's address.
+            controller_extra="\n".join(
+                [
+                    "[aggregator]",
+                    f'bind_host = "{address}"',
+                    f'advertise_host = "{address}"',
+                    "[aggregator.onprem]",
+                    f'name = "{onprem_name}"',
+                    f"ports = [{SUPERLINK_PORT}, {SUPERLINK_PORT}]",
+                ]
+            ),
+        )
         self.testbed = testbed
         self.ctl = controller_host
         self.onprem_name = onprem_name
@@ -178,39 +196,6 @@ class TestbedBox(Onebox):
         return self.run_in(self.ctl.netns, *argv, check=check, timeout=timeout)
 
     # -- controller ----------------------------------------------------------------------------
-
-    def write_controller_config(self) -> None:
-        self.controller_dir.mkdir(parents=True, exist_ok=True)
-        self.broker_port = BROKER_PORT
-        address = self.ctl.address
-        self.controller_config.write_text(
-            "\n".join(
-                [
-                    'state_dir = "state"',
-                    'log_level = "INFO"',
-                    "[broker]",
-                    "managed = true",
-                    f'host = "{address}"',
-                    f'public_host = "{address}"',
-                    f"port = {BROKER_PORT}",
-                    "[bus]",
-                    f'topic_prefix = "{self.topic_prefix}"',
-                    "[inventory]",
-                    f"offline_after_s = {self.offline_after_s}",
-                    "sweep_interval_s = 1.0",
-                    # Every emulated host is this one machine, whose CPU a job keeps busy.
-                    "[orchestrator]",
-                    "host_cpu_max_percent = 100.0",
-                    "[aggregator]",
-                    f'bind_host = "{address}"',
-                    f'advertise_host = "{address}"',
-                    "[aggregator.onprem]",
-                    f'name = "{self.onprem_name}"',
-                    f"ports = [{SUPERLINK_PORT}, {SUPERLINK_PORT}]",
-                    "",
-                ]
-            )
-        )
 
     def start_controller(self, *, timeout: float = 60) -> None:
         log = (self.controller_dir / "controller.log").open("ab")

@@ -36,7 +36,6 @@ def _jobs(request: web.Request) -> JobManager:
     manager = _svc(request).jobs
     if manager is None:
         raise ApiProblem(503, "the job manager is not running", exit_code=exitcodes.UNAVAILABLE)
-    assert isinstance(manager, JobManager)
     return manager
 
 

@@ -45,7 +45,6 @@ def _registry(request: web.Request) -> ModelManager:
     registry = request.app[SERVICES].models
     if registry is None:
         raise ApiProblem(503, "the model registry is not running", exit_code=exitcodes.UNAVAILABLE)
-    assert isinstance(registry, ModelManager)
     return registry
 
 

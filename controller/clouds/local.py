@@ -45,6 +45,7 @@ from fedsky.controller.clouds.superlink import (
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.settings import host_port, is_wildcard
 from fedsky.shared.files import atomic_write
+from fedsky.shared.net import free_port
 from fedsky.shared.procs import group_alive
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ class LocalProvider:
         """Ports to try, in order: any free port, three times (it can be taken between the
         probe and the SuperLink's bind)."""
         for _ in range(3):
-            yield _free_port(self.bind_host)
+            yield free_port(self.bind_host)
 
     def _launch(self, spec: AggregatorSpec) -> AggregatorHandle:
         paths = self.paths(spec.job_id)
@@ -311,13 +312,6 @@ def _probe_host(bind_host: str) -> str:
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def _free_port(host: str) -> int:
-    """A TCP port on `host` that was free a moment ago (the OS picks it, then releases it)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -44,15 +44,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fedsky.controller.security.pki import IssuedCertificate, Pki, PkiError
-from fedsky.controller.security.startup_script import VM_BUS_KEY_CREDENTIAL as VM_BUS_KEY_CREDENTIAL
-from fedsky.controller.security.startup_script import VM_DATA_DIR as VM_DATA_DIR
-from fedsky.controller.security.startup_script import VM_FILES as VM_FILES
-from fedsky.controller.security.startup_script import VM_UNIT as VM_UNIT
-from fedsky.controller.security.startup_script import AggregatorArtifacts as AggregatorArtifacts
-from fedsky.controller.security.startup_script import aggregator_artifacts as aggregator_artifacts
-from fedsky.controller.security.startup_script import artifacts_url as artifacts_url
-from fedsky.controller.security.startup_script import model_url as model_url
-from fedsky.controller.security.startup_script import render_startup_script
+from fedsky.controller.security.startup_script import aggregator_artifacts, render_startup_script
 from fedsky.controller.store import Store, transaction
 from fedsky.shared.ids import aggregator_id
 

@@ -42,7 +42,8 @@ from fedsky.controller.clouds.common import (
 )
 from fedsky.controller.clouds.errors import scrub
 from fedsky.controller.clouds.settings import AwsCloudConfig
-from fedsky.controller.security.bootstrap_tokens import VM_FILES, VmBootstrap
+from fedsky.controller.security.bootstrap_tokens import VmBootstrap
+from fedsky.controller.security.startup_script import VM_FILES
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,8 @@ from fedsky.controller.clouds.errors import scrub
 from fedsky.controller.clouds.gcp.credential import GcpCredential
 from fedsky.controller.clouds.gcp.validate import gcp_client_options, gcp_credentials
 from fedsky.controller.clouds.settings import GcpCloudConfig
-from fedsky.controller.security.bootstrap_tokens import VM_FILES, VmBootstrap
+from fedsky.controller.security.bootstrap_tokens import VmBootstrap
+from fedsky.controller.security.startup_script import VM_FILES
 
 log = logging.getLogger(__name__)
 
