@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ from fedsky.shared.supernode import NodeKeyPair, generate_node_key
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# While a SuperNode is being started (a first start installs the client payload in the VM),
+# the agent says `task_starting` this often: the controller's sign that it is still at it.
+STARTING_PROGRESS_S = 10.0
 Blocking = Callable[[Callable[[], T]], Awaitable[T]]
 
 
@@ -327,8 +331,10 @@ class TaskRunner:
         )
         task.stopping = False
         try:
-            task.running = await executor.start(
-                launch, vm_name=vm.name, vm_addresses=tuple(vm.addresses)
+            task.running = await self._with_progress(
+                executor.start(launch, vm_name=vm.name, vm_addresses=tuple(vm.addresses)),
+                task,
+                cmd.command_id,
             )
         except VmUnreachable as exc:
             self._fail(task, cmd.command_id, FailureKind.VM_UNREACHABLE, f"supernode: {exc}")
@@ -340,6 +346,32 @@ class TaskRunner:
         task.watcher = asyncio.create_task(
             self._watch(task, cmd.command_id), name=f"task-{task.task_id}"
         )
+
+    async def _with_progress(
+        self, starting: Awaitable[RunningSuperNode], task: _Task, command_id: str
+    ) -> RunningSuperNode:
+        """Await the executor's start, saying `task_starting` every `STARTING_PROGRESS_S` while
+        it lasts: a first start in a VM installs the client payload there (minutes), and the
+        controller takes these events as a sign of life."""
+        start = asyncio.ensure_future(starting)
+        began = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({start}, timeout=STARTING_PROGRESS_S)
+                if done:
+                    return start.result()
+                self._emit(
+                    "task_starting",
+                    task,
+                    command_id,
+                    f"still starting the SuperNode on {task.vm} "
+                    f"({time.monotonic() - began:.0f} s; a first start installs the client payload)",
+                )
+        finally:
+            if not start.done():
+                start.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ExecutorError):
+                    await start
 
     async def _watch(self, task: _Task, command_id: str) -> None:
         assert task.running is not None

@@ -200,3 +200,31 @@ async def test_a_supernode_that_cannot_start_or_exits_has_its_kind(
     assert exited.failure_kind is FailureKind.SUPERNODE_EXITED
     assert "could not connect to the aggregator" in exited.detail
     assert failure_reason_of(exited) is FailureReason.SUPERNODE_ERROR
+
+
+async def test_a_long_start_keeps_saying_it_is_starting(
+    runner: Runner, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A first start in a VM installs the client payload (minutes): the controller must hear
+    # from the agent meanwhile, or it takes the agent for unresponsive.
+    import fedsky.agent.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "STARTING_PROGRESS_S", 0.05)
+    executor = runner.runner.executor
+    assert executor is not None
+    real_start = executor.start
+
+    async def slow_start(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.5)
+        return await real_start(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "start", slow_start)
+    await runner.runner.handle(prepare())
+    await runner.next_event("task_acknowledged")
+    await runner.runner.handle(start(pki))
+    kinds = []
+    while not kinds or kinds[-1] != "task_running":
+        kinds.append((await runner.next_event("task_starting", "task_running")).kind)
+    assert kinds.count("task_starting") >= 4  # the first one, then one every 0.05 s
+    progress = [k for k in kinds if k == "task_starting"]
+    assert len(progress) == kinds.index("task_running")

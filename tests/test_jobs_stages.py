@@ -166,6 +166,70 @@ async def test_a_missing_dataset_fails_the_job_without_trying_other_vms(h: Harne
     assert len([a for a, _ in h.agents.commands(PrepareTaskCommand) if a == "hospital-eu"]) == 1
 
 
+async def test_a_failover_that_waits_for_a_rested_vm_then_uses_it(tmp_path: Path) -> None:
+    # Every VM of hospital-eu fails once: the fourth try finds them all resting, waits for the
+    # first to be rested and reassigns the participant to it (it used to crash the job).
+    h = make_harness(tmp_path, max_tries=5, rest_after_failure_s=0.6)
+    failed: set[str] = set()
+
+    def each_vm_fails_once(agent: str, command: object) -> list[tuple[str, str]] | None:
+        if isinstance(command, PrepareTaskCommand) and agent == "hospital-eu":
+            if command.vm not in failed:
+                failed.add(command.vm)
+                return [("command_rejected", f"{command.vm} is not running")]
+        return None
+
+    h.agents.behave = each_vm_fails_once
+    run = await _launched(h)
+    await assign_all(h.ctx, run)  # type: ignore[arg-type]
+    eu = run.participants["hospital-eu"]  # type: ignore[attr-defined]
+    assert eu.attempt == 4
+    assert failed == {"vm-001", "vm-002", "vm-003"}
+    attempts = (await h.ctx.queue.explain("unit-0001"))["participants"]["hospital-eu"]["attempts"]
+    assert [a["state"] for a in attempts] == ["failed", "failed", "failed", "running"]
+    assert "retrying later" in await h.log_text()
+
+
+async def test_an_agent_still_starting_is_not_taken_for_silent(tmp_path: Path) -> None:
+    # A first start installs the client payload in the VM (minutes): the agent says
+    # `task_starting` every few seconds, and each one restarts the acknowledgement clock.
+    h = make_harness(tmp_path, ack_timeout_s=0.3, max_tries=1)
+    real_send = h.agents.send_command
+
+    async def progress(agent: str, task_id: str) -> None:
+        for _ in range(5):  # 1 s of progress, over three times the timeout
+            await asyncio.sleep(0.2)
+            h.agents.deliver(Event(agent_id=agent, kind="task_starting", task_id=task_id))
+        h.agents.deliver(Event(agent_id=agent, kind="task_running", task_id=task_id))
+
+    background: list[asyncio.Task[None]] = []
+
+    async def slow_start(agent: str, command: object) -> None:
+        if isinstance(command, StartTaskCommand) and agent == "hospital-us":
+            h.agents.sent.append((agent, command))  # type: ignore[arg-type]
+            background.append(asyncio.create_task(progress(agent, command.task_id)))
+            return
+        await real_send(agent, command)  # type: ignore[arg-type]
+
+    h.agents.send_command = slow_start  # type: ignore[method-assign]
+    run = await _launched(h)
+    await assign_all(h.ctx, run)  # type: ignore[arg-type]
+    assert run.participants["hospital-us"].attempt == 1  # type: ignore[attr-defined]
+    # Silence is still silence: progress that stops is taken as an unresponsive agent.
+    h2 = make_harness(tmp_path / "again", ack_timeout_s=0.3, max_tries=1)
+
+    async def progress_then_silence(agent: str, command: object) -> None:
+        if isinstance(command, StartTaskCommand) and agent == "hospital-us":
+            h2.agents.deliver(Event(agent_id=agent, kind="task_starting", task_id=command.task_id))
+            return
+        await h2.agents.__class__.send_command(h2.agents, agent, command)  # type: ignore[arg-type]
+
+    h2.agents.send_command = progress_then_silence  # type: ignore[method-assign]
+    run2 = await _launched(h2)
+    with pytest.raises(JobFailure, match="hospital-us"):
+        await assign_all(h2.ctx, run2)  # type: ignore[arg-type]
+
+
 async def test_a_silent_agent_counts_as_unresponsive(tmp_path: Path) -> None:
     h = make_harness(tmp_path, ack_timeout_s=0.2, max_tries=1)
     h.agents.behave = lambda agent, command: [] if agent == "hospital-us" else None

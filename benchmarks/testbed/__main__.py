@@ -1,7 +1,7 @@
 """The testbed from the command line (as root).
 
     python -m benchmarks.testbed --links [--json] [--count 10]
-    python -m benchmarks.testbed --smoke [--json] [--keep-dir]
+    python -m benchmarks.testbed --smoke [--failover] [--json] [--keep-dir] [--reuse-wheelhouse]
     python -m benchmarks.testbed --cleanup
 
 --links builds the case study's testbed (three hospitals with two VMs each, the controller, and
@@ -9,7 +9,10 @@ region hosts), relays an echo port on every link, measures every link's RTT agai
 prints the result and takes everything down. Exit 0 when every link is within tolerance (10% or
 2 ms, whichever is larger), 1 otherwise, 2 when the testbed could not be built.
 --smoke runs one federated job across the testbed (docs/testbed.md): exit 0 when it shows
-what it must, 1 when not, 2 when it could not run.
+what it must, 1 when not, 2 when it could not run. With --failover, the VM host of one
+participant's SuperNode is cut off after the first round. It first builds the pinned
+artifacts from this checkout (`make artifacts`, aggregator and client roles) into
+dist/wheelhouse; --reuse-wheelhouse keeps one that is there.
 --cleanup removes what a crashed run left behind.
 """
 
@@ -65,11 +68,13 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _smoke(*, as_json: bool, keep_dir: bool) -> int:
+def _smoke(*, as_json: bool, keep_dir: bool, failover: bool, reuse_wheelhouse: bool) -> int:
     from benchmarks.testbed.smoke import failures, run_smoke
 
     try:
-        result = run_smoke(keep_dir=keep_dir)
+        result = run_smoke(
+            keep_dir=keep_dir, failover=failover, rebuild_wheelhouse=not reuse_wheelhouse
+        )
     except TestbedError as exc:
         log.error("%s", exc)
         return 2
@@ -86,6 +91,12 @@ def _smoke(*, as_json: bool, keep_dir: bool) -> int:
             print(
                 f"{p['name']}: VM {p['vm']} ({p['vm_host']}), SuperNode pid "
                 f"{p['supernode_pid']} in {p['supernode_netns']}"
+            )
+        if "failover" in result:
+            f = result["failover"]
+            print(
+                f"failover: {f['participant']} cut off in {f['cut_host']} ({f['from_vm']}), "
+                f"back on {f['to_vm']} ({f['to_host']}) after {f['out_s']} s"
             )
         print(_table(result))
         for problem in problems:
@@ -114,16 +125,30 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="one federated job across the testbed (see smoke.py)"
     )
     parser.add_argument("--keep-dir", action="store_true", help="--smoke: keep the run's files")
-    for flag in ("--failover", "--case-study"):
-        parser.add_argument(flag, action="store_true", help="not yet available")
+    parser.add_argument(
+        "--failover", action="store_true", help="--smoke: cut a SuperNode's VM host off mid-job"
+    )
+    parser.add_argument(
+        "--reuse-wheelhouse",
+        action="store_true",
+        help="--smoke: install from dist/wheelhouse as it is instead of rebuilding it",
+    )
+    parser.add_argument("--case-study", action="store_true", help="not yet available")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
 
-    if args.failover or args.case_study:
-        parser.error("--failover and --case-study are not available yet")
+    if args.case_study:
+        parser.error("--case-study is not available yet")
+    if args.failover and not args.smoke:
+        parser.error("--failover goes with --smoke")
     if args.smoke:
-        return _smoke(as_json=args.json, keep_dir=args.keep_dir)
+        return _smoke(
+            as_json=args.json,
+            keep_dir=args.keep_dir,
+            failover=args.failover,
+            reuse_wheelhouse=args.reuse_wheelhouse,
+        )
     try:
         if args.cleanup:
             removed = cleanup(case_study_plan())

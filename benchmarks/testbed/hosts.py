@@ -1,24 +1,32 @@
 """fedsky's daemons on the testbed's hosts: the controller in `ctl`, each hospital's agent in
-`h-<hospital>`, an sshd in each `vm-<hospital>-<vm>`.
+`h-<hospital>`, an sshd in each `vm-<hospital>-<vm>`, and the aggregator machines the
+controller boots in `r-<cloud>-<region>`.
 
 `TestbedBox` is the one-box harness (`fedsky.controller.onebox.Onebox`: the real daemons set up
 through the real CLIs) with every process started under `ip netns exec` in its host's namespace,
 the listeners bound to the hosts' testbed addresses, and the agents in hosts mode (the `ssh`
 executor into their VMs, each VM's host key pinned with `agentctl vm register` before any job).
 
+The aggregator: the controller's `[clouds.launcher]` is the testbed's cloud
+(`benchmarks/testbed/cloudvm.py`), serving the catalog's `aws` offers: placement picks an AWS
+region, and the launcher boots a machine in that region's host that runs the start-up script
+the AWS provider would give EC2, which installs fedsky's aggregator from the controller's pinned
+artifacts (`[artifacts] dir`, served on the enrolment listener in `ctl`).
+
 The VMs: each VM host runs a real sshd on its own address, port 22, with a host key made for the
-run and its hospital's agent key authorized for root; `/root/.fedsky` is bind-mounted, in the
-sshd's own mount namespace, onto a directory of that VM, so each VM keeps its own task files. The
-client payload in the VMs is this checkout's venv (`[executor] remote_bin_dir`): installing it
-from the pinned artifacts is the agent's job and is not exercised here.
+run and its hospital's agent key authorized for root. In the sshd's own mount namespace
+`/root/.fedsky` (the executor's task files and copied wheels) and `/opt/fedsky` (where the agent
+installs the client payload's venv) are bind mounts of that VM's own directories, so each VM
+has its own. The agent installs the payload from the controller's pinned artifacts (`[payload]`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,15 +35,21 @@ from pathlib import Path
 from fedsky.agent.testnode import NodeVm, write_test_node
 from fedsky.controller.onebox import AgentProcess, Onebox, OneboxError, _bin
 
+from benchmarks.testbed import cloudvm
 from benchmarks.testbed.netns import Testbed, TestbedError
 from benchmarks.testbed.topology import HospitalSpec, Host
 
 BROKER_PORT = 8883
+ENROLL_PORT = 8443
 SUPERLINK_PORT = 9092
 SSH_PORT = 22
 _SSHD = "/usr/sbin/sshd"
-# The ssh executor's default remote_work_dir is `.fedsky/tasks` under the login's home.
-_HOST_FEDSKY_DIR = Path("/root/.fedsky")
+# Each VM's own directories, bind-mounted over these paths in its sshd's mount namespace: the
+# ssh executor's work and wheel directories (under the login's home) and the payload's venv.
+VM_PATHS = ("/root/.fedsky", "/opt/fedsky")
+_CLOUDVM = Path(cloudvm.__file__).resolve()
+# The launcher is run by the controller with the system's Python (it needs no package).
+_SYSTEM_PYTHON = "/usr/bin/python3"
 # The VMs' shapes in the hospitals' libvirt test nodes: both meet the 2 vCPU / 4 GiB minimum.
 _VM_SHAPES = ((4, 8, 40), (2, 4, 20))
 
@@ -80,10 +94,16 @@ class VmHost:
     def log_path(self) -> Path:
         return self.directory / "sshd.log"
 
-    def start(self, testbed: Testbed, *, authorized_key: str, timeout: float = 15) -> None:
+    def start(
+        self,
+        testbed: Testbed,
+        *,
+        authorized_key: str,
+        mountpoint_record: Path,
+        timeout: float = 15,
+    ) -> None:
         d = self.directory
-        home = d / "fedsky"
-        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
         _keygen(d / "ssh_host_ed25519_key", self.host.name)
         self.host_key_fingerprint = _fingerprint(d / "ssh_host_ed25519_key.pub")
         (d / "authorized_keys").write_text(authorized_key + "\n")
@@ -108,15 +128,19 @@ class VmHost:
         )
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
         # `ip netns exec` gives the command a mount namespace of its own (propagation slave):
-        # the bind mount of the VM's own directory onto root's ~/.fedsky (where the executor
-        # keeps its task files) is seen by this sshd and its sessions only. Root's home itself
-        # stays shared: the interpreter of this machine's venv lives under it.
-        _HOST_FEDSKY_DIR.mkdir(mode=0o700, exist_ok=True)
-        script = f'mount --bind "$1" {_HOST_FEDSKY_DIR} && exec {_SSHD} -D -e -f "$2"'
+        # the bind mounts of the VM's own directories are seen by this sshd and its sessions
+        # only. The mount points are made on this machine if missing (and removed at the end).
+        mounts = []
+        for path in VM_PATHS:
+            own = d / "fs" / path.strip("/").replace("/", "__")
+            own.mkdir(parents=True, exist_ok=True, mode=0o755)
+            cloudvm.ensure_mountpoint(Path(path), record=mountpoint_record)
+            mounts.append(f"mount --bind {shlex.quote(str(own))} {shlex.quote(path)}")
+        script = " && ".join([*mounts, f'exec {_SSHD} -D -e -f "$1"'])
         with self.log_path.open("wb") as log:
             self.proc = testbed.popen(
                 self.host.netns,
-                ["sh", "-c", script, "sshd", str(home), str(d / "sshd_config")],
+                ["sh", "-c", script, "sshd", str(d / "sshd_config")],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 start_new_session=True,
@@ -145,33 +169,63 @@ class TestbedBox(Onebox):
         root: Path,
         testbed: Testbed,
         controller_host: Host,
-        onprem_name: str = "ctl",
+        region_hosts: Sequence[Host],
+        wheelhouse: Path,
+        launcher_clouds: Sequence[str] = ("aws",),
         report_interval_s: float = 5.0,
     ) -> None:
         address = controller_host.address
+        self.cloud_dir = root / "cloud"
+        self.cloud_state = self.cloud_dir / "testbed.json"
+        self.enroll_base = f"https://{address}:{ENROLL_PORT}/v1/"
         super().__init__(
             root=root,
             report_interval_s=report_interval_s,
             poll_interval_s=1.0,
             broker_port=BROKER_PORT,
             broker_host=address,
-            # The controller's SuperLink is the operator's aggregator host, on ctl's address.
             controller_extra="\n".join(
                 [
-                    "[aggregator]",
-                    f'bind_host = "{address}"',
-                    f'advertise_host = "{address}"',
-                    "[aggregator.onprem]",
-                    f'name = "{onprem_name}"',
-                    f"ports = [{SUPERLINK_PORT}, {SUPERLINK_PORT}]",
+                    # The enrolment listener (aggregator machines, pinned artifacts) on ctl.
+                    "[clouds]",
+                    f'enroll_listen = "{address}:{ENROLL_PORT}"',
+                    f'enroll_url = "{self.enroll_base}aggregators/enroll"',
+                    # The testbed's machines have private addresses only: they are the sources.
+                    f'allowed_sources = ["{testbed.plan.subnet}"]',
+                    f"superlink_port = {SUPERLINK_PORT}",
+                    "ready_timeout_s = 300",
+                    "poll_interval_s = 1.0",
+                    "[clouds.launcher]",
+                    'name = "testbed"',
+                    f"clouds = {json.dumps(list(launcher_clouds))}",
+                    f"command = {json.dumps([_SYSTEM_PYTHON, str(_CLOUDVM), '--testbed', str(self.cloud_state)])}",
+                    "timeout_s = 60",
+                    "[artifacts]",
+                    f'dir = "{wheelhouse}"',
                 ]
             ),
         )
         self.testbed = testbed
         self.ctl = controller_host
-        self.onprem_name = onprem_name
+        self.region_hosts = {h.location: h for h in region_hosts}
         self.vm_hosts: dict[tuple[str, str], VmHost] = {}
         self.agent_netns: dict[str, str] = {}
+        self.cloud_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.cloud_state.write_text(
+            json.dumps(
+                {
+                    "root": str(self.cloud_dir),
+                    "regions": {
+                        h.location: {"netns": h.netns, "address": h.address} for h in region_hosts
+                    },
+                },
+                indent=1,
+            )
+        )
+
+    def machines(self) -> list[dict[str, object]]:
+        """The aggregator machines the testbed's cloud booted, alive or ended, with their logs."""
+        return cloudvm.machine_records(self.cloud_dir)
 
     # -- commands, each in its host's namespace ------------------------------------------------
 
@@ -234,7 +288,11 @@ class TestbedBox(Onebox):
         vm_sections = []
         for vm, host in zip(spec.vms, vm_hosts, strict=True):
             vm_host = VmHost(name, vm, host, self.root / "vms" / host.name)
-            vm_host.start(self.testbed, authorized_key=authorized)
+            vm_host.start(
+                self.testbed,
+                authorized_key=authorized,
+                mountpoint_record=self.root / cloudvm.CREATED,
+            )
             self.vm_hosts[(name, vm)] = vm_host
             vm_sections += [f"[vms.{vm}]", f'address = "{host.address}"']
         config = home / "agent.toml"
@@ -250,8 +308,11 @@ class TestbedBox(Onebox):
                     'kind = "ssh"',
                     'user = "root"',
                     f'identity_file = "{vm_key}"',
-                    # The VMs' client payload: this checkout's venv (see the module docstring).
-                    f'remote_bin_dir = "{Path(sys.executable).parent}"',
+                    # The client payload: from the controller's pinned artifacts, checked with
+                    # fedsky's CA from the enrolment bundle, installed into each VM.
+                    "[payload]",
+                    f'url = "{self.enroll_base}artifacts/"',
+                    f'remote_python = "{_SYSTEM_PYTHON}"',
                     *vm_sections,
                     datasets,
                     "",
@@ -308,3 +369,6 @@ class TestbedBox(Onebox):
                     vm.proc.wait(10)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     vm.proc.kill()
+        # Machines the controller did not end (it was stopped mid-job, or failed to).
+        cloudvm.cleanup_run(self.cloud_dir)
+        cloudvm.remove_mountpoints(self.root)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.testbed.netns import Testbed, TestbedError, socket_in
-from benchmarks.testbed.topology import Plan
+from benchmarks.testbed.topology import Host, Plan
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,10 @@ class RelayServer:
     def __init__(self, *, max_connections: int = MAX_CONNECTIONS) -> None:
         self._max = max_connections
         self._active = 0
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[tuple[Route, asyncio.Server]] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        # The two transports of every open relayed connection, by its route (for `cut`).
+        self._open: dict[Route, set[asyncio.StreamWriter]] = {}
         self._timer = Timer()
 
     async def add(self, route: Route) -> None:
@@ -119,7 +121,7 @@ class RelayServer:
             finally:
                 self._tasks.discard(task)
 
-        self._servers.append(await asyncio.start_server(handle, sock=sock))
+        self._servers.append((route, await asyncio.start_server(handle, sock=sock)))
         log.debug(
             "relay %s -> %s:%d (%.1f ms each way)",
             route.netns,
@@ -142,12 +144,15 @@ class RelayServer:
             return
         self._active += 1
         writers = [writer]
+        open_here = self._open.setdefault(route, set())
+        open_here.add(writer)
         try:
             # From this process's namespace (the bridge's), where the address is the real host.
             up_reader, upstream = await asyncio.wait_for(
                 asyncio.open_connection(route.address, route.port), CONNECT_TIMEOUT_S
             )
             writers.append(upstream)
+            open_here.add(upstream)
             for w in writers:
                 sock = w.get_extra_info("socket")
                 if sock is not None:
@@ -162,15 +167,32 @@ class RelayServer:
         finally:
             self._active -= 1
             for w in writers:
+                open_here.discard(w)
                 w.transport.abort()
 
+    def cut(self, *, netns: str, address: str) -> int:
+        """Take a host off the network: the relays listening in its namespace (what it dials)
+        and those forwarding to its address (what dials it) stop listening, and every
+        connection through them is reset. Returns the number of routes cut."""
+        cut = 0
+        for route, server in self._servers:
+            if route.netns != netns and route.address != address:
+                continue
+            if server.is_serving():
+                server.close()
+                cut += 1
+            for w in list(self._open.get(route, ())):
+                w.transport.abort()
+        log.info("cut %s (%s): %d routes", netns, address, cut)
+        return cut
+
     async def close(self) -> None:
-        for server in self._servers:
+        for _, server in self._servers:
             server.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for server in self._servers:
+        for _, server in self._servers:
             await server.wait_closed()
 
 
@@ -229,10 +251,15 @@ async def serve(lines: asyncio.StreamReader, out: Any) -> None:
     try:
         while line := await lines.readline():
             try:
-                routes = [Route(**r) for r in json.loads(line)["routes"]]
-                for route in routes:
-                    await server.add(route)
-                reply: dict[str, Any] = {"ok": True, "added": len(routes)}
+                request = json.loads(line)
+                reply: dict[str, Any]
+                if "cut" in request:
+                    reply = {"ok": True, "cut": server.cut(**request["cut"])}
+                else:
+                    routes = [Route(**r) for r in request["routes"]]
+                    for route in routes:
+                        await server.add(route)
+                    reply = {"ok": True, "added": len(routes)}
             except (RelayError, TestbedError, ValueError, TypeError, KeyError) as exc:
                 reply = {"ok": False, "error": str(exc)}
             out.write(json.dumps(reply) + "\n")
@@ -290,10 +317,17 @@ class Relays:
 
     def add(self, routes: Iterable[Route]) -> int:
         """Start relays for `routes`; returns how many. Raises RelayError."""
+        return int(self._ask({"routes": [asdict(r) for r in routes]})["added"])
+
+    def cut(self, host: Host) -> int:
+        """Cut `host` off: nothing it dials and nothing dialling it gets through any more, open
+        connections included (they are reset). Returns the number of relays stopped."""
+        return int(self._ask({"cut": {"netns": host.netns, "address": host.address}})["cut"])
+
+    def _ask(self, payload: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc
         if proc is None or proc.stdin is None or proc.stdout is None:
             raise RelayError("the relay process is not running")
-        payload = {"routes": [asdict(r) for r in routes]}
         try:
             proc.stdin.write(json.dumps(payload) + "\n")
             proc.stdin.flush()
@@ -303,10 +337,10 @@ class Relays:
         line = proc.stdout.readline() if ready else ""
         if not line:
             raise RelayError(f"the relay process did not answer (exit {proc.poll()})")
-        reply = json.loads(line)
+        reply: dict[str, Any] = json.loads(line)
         if not reply.get("ok"):
             raise RelayError(reply.get("error", "relay failed"))
-        return int(reply["added"])
+        return reply
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -1,16 +1,23 @@
 """`python -m benchmarks.testbed --smoke`: one federated job across the testbed's hosts.
 
-The controller (with its managed Mosquitto, the broker bound to and advertised as ctl's address)
-runs in `ctl`; each hospital's agent in `h-<hospital>` on a libvirt test node whose domains are
-the hospital's VM hosts; each VM host `vm-<hospital>-<vm>` runs an sshd, and the agent starts the
-participant's SuperNode in the chosen VM over SSH, its host key pinned before the job. Links are
-measured before the job; while it trains, every SuperNode process on this machine is found in
-/proc and its namespace read from outside with `ip netns identify PID`.
+The controller (with its managed Mosquitto and its enrolment listener, bound to and advertised
+as ctl's address) runs in `ctl`; each hospital's agent in `h-<hospital>` on a libvirt test node
+whose domains are the hospital's VM hosts; each VM host `vm-<hospital>-<vm>` runs an sshd, and
+the agent installs the client payload from the controller's pinned artifacts into the chosen VM
+and starts the participant's SuperNode there over SSH, its host key pinned before the job.
 
-The aggregator: the controller's own SuperLink (the `onprem` provider) bound to ctl's address,
-so the VM hosts get links to `ctl` for the SuperLink port. This is a stand-in: the issue's target
-is a `testbed` provider that runs the AWS start-up script in the chosen region's host
-(`"started_by": "user-data"`); the JSON says `"started_by": "controller"` and names the stand-in.
+The aggregator: placement picks an AWS region, and the controller's launcher (the testbed's
+cloud, `cloudvm.py`) boots a machine in that region's host `r-aws-<region>` with the start-up
+script the AWS provider would give EC2 as user data; the script installs fedsky from the
+pinned artifacts, enrols with its one-time token and starts the SuperLink. Region hosts exist
+only for the region this job is placed in (the same optimizer, run here first) and the
+study's baseline.
+
+Links are measured before the job; while it trains, every SuperNode and SuperLink process on
+this machine is found in /proc and its namespace read from outside with `ip netns identify`.
+With `failover`, the VM host running one participant's SuperNode is cut off the network after
+the first round (its relays stop and their connections are reset, its link goes down) and the
+job must complete on another VM of that hospital.
 """
 
 from __future__ import annotations
@@ -30,14 +37,22 @@ from pathlib import Path
 from typing import Any
 
 from fedsky.controller.cli.client import ApiError, ControllerUnavailable
+from fedsky.controller.jobs.stages.place import job_limits
 from fedsky.controller.onebox import OneboxError
-from fedsky.controller.placement.catalog import load_catalog
+from fedsky.controller.placement import JobProfile, load_catalog, place
+from fedsky.shared.jobspec import Placement as PlacementLimits
 
-from benchmarks.testbed.hosts import BROKER_PORT, SSH_PORT, SUPERLINK_PORT, TestbedBox
+from benchmarks.testbed.hosts import (
+    BROKER_PORT,
+    ENROLL_PORT,
+    SSH_PORT,
+    SUPERLINK_PORT,
+    TestbedBox,
+)
 from benchmarks.testbed.measure import ECHO_PORT, echo_services, measure_links, within_tolerance
-from benchmarks.testbed.netns import Testbed, TestbedError, run
+from benchmarks.testbed.netns import HOST_IF, Testbed, TestbedError, ip, run
 from benchmarks.testbed.relay import Relays, routes_for
-from benchmarks.testbed.topology import SUBNET, HospitalSpec, Link, Plan, PlanError, build_plan
+from benchmarks.testbed.topology import SUBNET, HospitalSpec, Plan, PlanError, build_plan
 
 log = logging.getLogger(__name__)
 
@@ -46,43 +61,64 @@ SMOKE_HOSPITALS = (
     HospitalSpec("hospital-eu", "aws:eu-central-1", ("vm1", "vm2")),
 )
 SMOKE_ROUNDS = 2
-JOB_TIMEOUT_S = 240.0
-STARTED_BY = "controller"  # the stand-in aggregator; "user-data" once the testbed provider exists
+FAILOVER_ROUNDS = 4
+# The clouds the testbed's launcher serves: placement picks among their offers.
+TESTBED_CLOUDS = ("aws",)
+JOB_TIMEOUT_S = 420.0
 _SUPERNODE = "flower-supernode"
 _SUPERLINK = "flower-superlink"
 _SITE = re.compile(r'(?:^|\s)site="?([a-z0-9-]+)"?')
+_TERMINAL = {"completed", "failed", "cancelled"}
+_REPO = Path(__file__).resolve().parents[2]
+DEFAULT_WHEELHOUSE = _REPO / "dist" / "wheelhouse"
 
 
 class SmokeError(TestbedError):
     """The smoke run failed; the message says where."""
 
 
+def job_regions(
+    hospitals: Sequence[HospitalSpec], *, model_mb: float, rounds: int
+) -> tuple[str, str | None]:
+    """Where the controller will place this job's aggregator, and the study's baseline: the
+    same optimizer on the same inputs (the catalog, the hospitals' locations, the job's default
+    limits, the launcher's clouds). The region hosts are made for these two only."""
+    result = place(
+        participants={h.name: h.location for h in hospitals},
+        job=JobProfile(model_mb=max(model_mb, 0.001), rounds=rounds),
+        limits=job_limits(PlacementLimits()),
+        catalog=load_catalog(),
+        clouds=TESTBED_CLOUDS,
+    )
+    if result.choice is None:
+        raise PlanError(f"the job cannot be placed: {result.reason}")
+    choice = f"{result.choice.offer.cloud}:{result.choice.offer.region}"
+    base = result.baseline
+    return choice, (f"{base.offer.cloud}:{base.offer.region}" if base is not None else None)
+
+
 def smoke_plan(
-    hospitals: Sequence[HospitalSpec] = SMOKE_HOSPITALS, *, subnet: str = SUBNET, prefix: str = ""
+    hospitals: Sequence[HospitalSpec] = SMOKE_HOSPITALS,
+    *,
+    regions: Sequence[str],
+    subnet: str = SUBNET,
+    prefix: str = "",
 ) -> Plan:
-    """Controller, hospital hosts and VM hosts; each VM also talks with `ctl`, where the
-    stand-in aggregator's SuperLink runs (RTT from the catalog, hospital to controller)."""
-    base = build_plan(hospitals=hospitals, regions=(), subnet=subnet, prefix=prefix)
-    catalog = load_catalog()
-    ctl = base.host("ctl")
-    extra = []
-    for host in base.hosts:
-        if host.role == "vm":
-            rtt = catalog.rtt(host.location, ctl.location)
-            if rtt is None:
-                raise PlanError(f"the catalog has no RTT between {host.location} and ctl")
-            extra.append(Link(host.name, ctl.name, rtt))
-    return Plan(hosts=base.hosts, links=(*base.links, *extra), subnet=subnet, prefix=prefix)
+    """Controller, hospital hosts, VM hosts and the given region hosts (RTTs from the catalog)."""
+    return build_plan(hospitals=hospitals, regions=regions, subnet=subnet, prefix=prefix)
 
 
 def services(plan: Plan) -> dict[str, list[int]]:
-    """The ports relayed on every link: the broker and the SuperLink on ctl, sshd on the VMs,
-    and the echo port of the RTT probes."""
+    """The ports relayed on every link: the broker and the enrolment listener on ctl, the
+    SuperLink on the region hosts, sshd on the VMs, and the echo port of the RTT probes."""
     out: dict[str, list[int]] = {h: list(p) for h, p in echo_services(plan, ECHO_PORT).items()}
-    out.setdefault("ctl", []).extend([BROKER_PORT, SUPERLINK_PORT])
     for host in plan.hosts:
-        if host.role == "vm":
-            out.setdefault(host.name, []).append(SSH_PORT)
+        ports = {
+            "controller": [BROKER_PORT, ENROLL_PORT],
+            "region": [SUPERLINK_PORT],
+            "vm": [SSH_PORT],
+        }.get(host.role, [])
+        out.setdefault(host.name, []).extend(ports)
     return out
 
 
@@ -107,7 +143,9 @@ class SuperNodeWatch:
     seen: dict[int, Sighting] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _t0: float = field(default_factory=time.monotonic)
+    t0: float = field(default_factory=time.monotonic)
+    # The testbed's namespaces: a process in one of them is this run's whatever it dials.
+    namespaces: frozenset[str] = frozenset()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="supernode-watch", daemon=True)
@@ -143,17 +181,20 @@ class SuperNodeWatch:
                 kind, address_flag = _SUPERLINK, "--host"
             else:
                 continue
-            # Only this run's: one dialling, or listening on, a testbed address.
-            address = args[args.index(address_flag) + 1] if address_flag in args[:-1] else ""
-            if not _in_subnet(address.rpartition(":")[0] or address, self.subnet):
-                continue
+            # Only this run's: one in a testbed namespace, or dialling or listening on a
+            # testbed address from anywhere else (which would be a SuperNode out of place).
             pid = int(entry.name)
             netns = run(["ip", "netns", "identify", str(pid)], check=False).strip()
+            address = args[args.index(address_flag) + 1] if address_flag in args[:-1] else ""
+            if netns not in self.namespaces and not _in_subnet(
+                address.rpartition(":")[0] or address, self.subnet
+            ):
+                continue
             site = ""
             config = args[args.index("--node-config") + 1] if "--node-config" in args[:-1] else ""
             if m := _SITE.search(config):
                 site = m.group(1)
-            self.seen[pid] = Sighting(kind, site, pid, netns, round(time.monotonic() - self._t0, 1))
+            self.seen[pid] = Sighting(kind, site, pid, netns, round(time.monotonic() - self.t0, 1))
 
     def of(self, kind: str) -> list[Sighting]:
         return [s for s in self.seen.values() if s.kind == kind]
@@ -208,29 +249,83 @@ def _job_spec(directory: Path, participants: Sequence[str], rounds: int) -> Path
     return spec
 
 
+def ensure_wheelhouse(directory: Path, *, rebuild: bool = True) -> dict[str, Any]:
+    """The pinned artifacts the run installs from: the aggregator's (for the machine the
+    launcher boots) and the client's (for the VMs), built from this checkout with the same
+    command as `make artifacts`. Rebuilt unless `rebuild` is False and a manifest is there."""
+    if not rebuild and (directory / "manifest.json").exists():
+        return {"built": False}
+    started = time.monotonic()
+    done = subprocess.run(
+        [
+            str(_REPO / ".venv" / "bin" / "python")
+            if (_REPO / ".venv" / "bin" / "python").exists()
+            else "python3",
+            str(_REPO / "scripts" / "build_artifacts.py"),
+            "--role", "aggregator", "--role", "client",
+            "--out", str(directory),
+        ],
+        capture_output=True, text=True, timeout=1200, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SmokeError(f"building the pinned artifacts failed: {done.stderr.strip()[-2000:]}")
+    return {"built": True, "seconds": round(time.monotonic() - started, 1)}
+
+
+@dataclass
+class Cut:
+    """The failover run's cut: which VM host went off the network, and when."""
+
+    participant: str
+    vm: str
+    host: str
+    at_s: float  # since the watch started
+
+
 def run_smoke(
     *,
     hospitals: Sequence[HospitalSpec] = SMOKE_HOSPITALS,
-    rounds: int = SMOKE_ROUNDS,
+    rounds: int | None = None,
+    failover: bool = False,
     subnet: str = SUBNET,
     prefix: str = "",
     root: Path | None = None,
     keep_dir: bool = False,
+    wheelhouse: Path = DEFAULT_WHEELHOUSE,
+    rebuild_wheelhouse: bool = True,
 ) -> dict[str, Any]:
     """Build the testbed, run one job across it, take everything down; the smoke JSON."""
-    plan = smoke_plan(hospitals, subnet=subnet, prefix=prefix)
+    rounds = rounds or (FAILOVER_ROUNDS if failover else SMOKE_ROUNDS)
     root = root or Path(tempfile.mkdtemp(prefix="fedsky-testbed-"))
     timings: dict[str, float] = {}
     t0 = time.monotonic()
-    watch = SuperNodeWatch(subnet=plan.subnet)
+    timings["wheelhouse_s"] = ensure_wheelhouse(wheelhouse, rebuild=rebuild_wheelhouse).get(
+        "seconds", 0.0
+    )
+    job_file = _job_spec(root, [h.name for h in hospitals], rounds)
+    model_mb = (root / "digits-cnn.safetensors").stat().st_size / 1e6
+    chosen, baseline = job_regions(hospitals, model_mb=model_mb, rounds=rounds)
+    regions = [chosen] + ([baseline] if baseline and baseline != chosen else [])
+    plan = smoke_plan(hospitals, regions=regions, subnet=subnet, prefix=prefix)
+    watch = SuperNodeWatch(subnet=plan.subnet, namespaces=frozenset(h.netns for h in plan.hosts))
+    cut: Cut | None = None
     try:
         with Testbed(plan) as testbed, Relays(testbed) as relays:
             relays.add(routes_for(plan, services(plan)))
-            timings["testbed_s"] = round(time.monotonic() - t0, 1)
+            mark = time.monotonic()
             links = measure_links(testbed, port=ECHO_PORT)
-            timings["links_s"] = round(time.monotonic() - t0 - timings["testbed_s"], 1)
-            box = TestbedBox(root=root, testbed=testbed, controller_host=plan.host("ctl"))
+            timings["testbed_s"] = round(mark - t0 - timings["wheelhouse_s"], 1)
+            timings["links_s"] = round(time.monotonic() - mark, 1)
+            box = TestbedBox(
+                root=root,
+                testbed=testbed,
+                controller_host=plan.host("ctl"),
+                region_hosts=[h for h in plan.hosts if h.role == "region"],
+                wheelhouse=wheelhouse,
+                launcher_clouds=TESTBED_CLOUDS,
+            )
             try:
+                mark = time.monotonic()
                 box.init_ca()
                 box.start_controller()
                 for i, spec in enumerate(hospitals):
@@ -244,38 +339,111 @@ def run_smoke(
                 box.wait_agents_online(
                     [h.name for h in hospitals], vms=min(len(h.vms) for h in hospitals)
                 )
-                timings["daemons_s"] = round(time.monotonic() - t0 - sum(timings.values()), 1)
-                job_file = _job_spec(root, [h.name for h in hospitals], rounds)
+                timings["daemons_s"] = round(time.monotonic() - mark, 1)
                 watch.start()
                 started = time.monotonic()
-                done = box.fedctl(
-                    "job", "submit", str(job_file), "--follow", "--json",
-                    check=False, timeout=JOB_TIMEOUT_S,
-                )  # fmt: skip
+                submitted = json.loads(box.fedctl("job", "submit", str(job_file), "--json").stdout)
+                job_id = submitted["id"]
+                if failover:
+                    cut = _cut_mid_job(box, relays, testbed, plan, job_id, watch)
+                job = _wait_job(box, job_id, deadline=started + JOB_TIMEOUT_S)
                 timings["job_s"] = round(time.monotonic() - started, 1)
                 watch.stop()
-                try:
-                    submitted = json.loads(done.stdout)
-                except ValueError:
-                    raise SmokeError(
-                        f"the job did not report (exit {done.returncode}): {done.stderr[-3000:]}"
-                    ) from None
-                job = box.api.get(f"/v1/jobs/{submitted['id']}")
-                result = _result(plan, job, links, watch, box)
+                result = _result(plan, job, links, watch, box, chosen=chosen, baseline=baseline)
+                if cut is not None:
+                    result["failover"] = _failover(job, watch, cut)
             finally:
                 watch.stop()
                 box.stop()
     except (OneboxError, ApiError, ControllerUnavailable) as exc:
         raise SmokeError(f"{exc} (files under {root})") from None
-    except subprocess.TimeoutExpired:
-        raise SmokeError(
-            f"the job did not end within {JOB_TIMEOUT_S:g} s (files under {root})"
-        ) from None
     timings["total_s"] = round(time.monotonic() - t0, 1)
     result["timings"] = timings
     if not keep_dir:
         shutil.rmtree(root, ignore_errors=True)
     return result
+
+
+def _wait_job(box: TestbedBox, job_id: str, *, deadline: float) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = box.api.get(f"/v1/jobs/{job_id}")
+        if job["state"] in _TERMINAL:
+            return job
+        if time.monotonic() > deadline:
+            box.fedctl("job", "cancel", job_id, check=False)
+            raise SmokeError(
+                f"job {job_id} did not end within {JOB_TIMEOUT_S:g} s ({job['state']})"
+            )
+        time.sleep(1.0)
+
+
+def _current_vm(job: dict[str, Any], participant: str) -> str | None:
+    tasks = [t for t in job["tasks"] if t["participant"] == participant]
+    return str(max(tasks, key=lambda t: t["attempt"])["vm"]) if tasks else None
+
+
+def _cut_mid_job(
+    box: TestbedBox,
+    relays: Relays,
+    testbed: Testbed,
+    plan: Plan,
+    job_id: str,
+    watch: SuperNodeWatch,
+) -> Cut:
+    """After the first round, cut off the VM host of the first participant's SuperNode."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        job = box.api.get(f"/v1/jobs/{job_id}")
+        if job["state"] in _TERMINAL:
+            raise SmokeError(
+                f"job {job_id} ended ({job['state']}) before the cut: {job.get('error')}"
+            )
+        if (job.get("rounds_done") or 0) >= 1:
+            break
+        if time.monotonic() > deadline:
+            raise SmokeError(f"job {job_id} completed no round within {JOB_TIMEOUT_S:g} s")
+        time.sleep(0.5)
+    participant = job["spec"]["participants"][0]
+    vm = _current_vm(job, participant)
+    vm_host = box.vm_hosts.get((participant, vm or ""))
+    if vm is None or vm_host is None:
+        raise SmokeError(f"{participant} has no VM in job {job_id} to cut off")
+    host = plan.host(vm_host.host.name)
+    relays.cut(host)
+    ip("-n", host.netns, "link", "set", HOST_IF, "down")
+    at = round(time.monotonic() - watch.t0, 1)
+    log.info("cut %s (%s's VM %s) at %.1f s", host.netns, participant, vm, at)
+    return Cut(participant=participant, vm=vm, host=host.netns, at_s=at)
+
+
+def _failover(job: dict[str, Any], watch: SuperNodeWatch, cut: Cut) -> dict[str, Any]:
+    """Where the cut participant went and how long it was out: from the cut until its next
+    SuperNode was seen running in another VM host (from /proc and `ip netns identify`)."""
+    again = [
+        s
+        for s in watch.of(_SUPERNODE)
+        if s.site == cut.participant and s.netns != cut.host and s.first_s >= cut.at_s
+    ]
+    back = min(again, key=lambda s: s.first_s) if again else None
+    return {
+        "participant": cut.participant,
+        "from_vm": cut.vm,
+        "to_vm": _current_vm(job, cut.participant),
+        "cut_host": cut.host,
+        "to_host": back.netns if back else None,
+        "out_s": round(back.first_s - cut.at_s, 1) if back else None,
+    }
+
+
+def _started_by(machine: dict[str, Any] | None, superlink: Sighting | None) -> str:
+    """ "user-data" when the SuperLink seen running is the service the machine's user data
+    started (the pid its systemctl recorded) and the user data ran to its end."""
+    if machine is None or superlink is None:
+        return "unknown"
+    services = machine.get("services") or {}
+    if machine.get("user_data_exit") == 0 and superlink.pid in services.values():
+        return "user-data"
+    return "unknown"
 
 
 def _result(
@@ -284,16 +452,19 @@ def _result(
     links: list[dict[str, Any]],
     watch: SuperNodeWatch,
     box: TestbedBox,
+    *,
+    chosen: str,
+    baseline: str | None,
 ) -> dict[str, Any]:
     aggregator = job.get("aggregator") or {}
-    superlinks = watch.of(_SUPERLINK)
+    region_netns = {h.netns for h in plan.hosts if h.role == "region"}
+    superlinks = [s for s in watch.of(_SUPERLINK) if s.netns in region_netns]
     superlink = superlinks[-1] if superlinks else None
-    ctl = plan.host("ctl")
+    machines = [m for m in box.machines() if m["job"] == job["id"]]
+    machine = machines[-1] if machines else None
     participants = []
     for participant in job["spec"]["participants"]:
-        tasks = [t for t in job["tasks"] if t["participant"] == participant]
-        task = max(tasks, key=lambda t: t["attempt"]) if tasks else None
-        vm = task["vm"] if task else None
+        vm = _current_vm(job, participant)
         vm_host = box.vm_hosts.get((participant, vm or ""))
         sightings = [s for s in watch.of(_SUPERNODE) if s.site == participant]
         sighting = sightings[-1] if sightings else None
@@ -317,24 +488,30 @@ def _result(
         },
         "aggregator": {
             "host": superlink.netns if superlink else None,
-            "address": f"{ctl.address}:{SUPERLINK_PORT}",
-            "started_by": STARTED_BY,
+            "address": aggregator.get("address"),
+            "started_by": _started_by(machine, superlink),
             "provider": job.get("provider"),
-            "pid": superlink.pid if superlink else None,
-            "recorded_ref": aggregator.get("ref"),
+            "ref": aggregator.get("ref"),
             "placed_on": f"{placement['cloud']}:{placement['region']}" if placement else None,
-            "note": "stand-in: the controller's own SuperLink (onprem) in ctl, not a region "
-            "host booted by the start-up script",
+            "instance_type": placement.get("instance_type"),
+            "predicted_region": chosen,
+            "baseline_region": baseline,
+            "superlink_pid": superlink.pid if superlink else None,
+            "user_data_exit": machine.get("user_data_exit") if machine else None,
+            "user_data_s": machine.get("user_data_s") if machine else None,
         },
         "participants": participants,
         "supernodes_seen": [
             {"site": s.site, "pid": s.pid, "netns": s.netns, "at_s": s.first_s}
             for s in watch.of(_SUPERNODE)
         ],
-        "vm_hosts": [h.netns for h in plan.hosts if h.role == "vm"],
+        "hosts": {
+            "controller": plan.host("ctl").netns,
+            "agents": sorted(box.agent_netns.values()),
+            "vms": [h.netns for h in plan.hosts if h.role == "vm"],
+            "regions": sorted(region_netns),
+        },
         "links": links,
-        "client_payload": "this checkout's venv ([executor] remote_bin_dir), not installed "
-        "from the pinned artifacts",
     }
 
 
@@ -352,19 +529,31 @@ def failures(result: dict[str, Any]) -> list[str]:
                 f"{p['name']}: SuperNode seen in {p['supernode_netns']!r}, its VM is "
                 f"{p['vm_host']!r}"
             )
-    vm_hosts = set(result["vm_hosts"])
+    vm_hosts = set(result["hosts"]["vms"])
     for s in result["supernodes_seen"]:
         if s["netns"] not in vm_hosts:
             out.append(f"a SuperNode (pid {s['pid']}) ran in {s['netns']!r}, not in a VM host")
-    aggregator_host = result["aggregator"]["host"]
-    if not aggregator_host:
-        out.append("the aggregator's SuperLink was not seen running in a testbed namespace")
-    elif aggregator_host in {s["netns"] for s in result["supernodes_seen"]}:
-        out.append("a SuperNode ran on the aggregator's host")
+    aggregator = result["aggregator"]
+    if not aggregator["host"]:
+        out.append("the aggregator's SuperLink was not seen running in a region host")
+    if aggregator["started_by"] != "user-data":
+        out.append(f"the aggregator was started by {aggregator['started_by']!r}, not its user data")
+    if (
+        aggregator["placed_on"]
+        and aggregator["host"]
+        and not aggregator["host"].endswith("r-" + aggregator["placed_on"].replace(":", "-"))
+    ):
+        out.append(f"placed on {aggregator['placed_on']}, yet it ran in {aggregator['host']}")
     for link in result["links"]:
         if not within_tolerance(link["rtt_target_ms"], link["rtt_measured_ms"]):
             out.append(
                 f"link {link['from']}-{link['to']}: {link['rtt_measured_ms']} ms measured, "
                 f"target {link['rtt_target_ms']} ms"
             )
+    if "failover" in result:
+        f = result["failover"]
+        if not f["to_vm"] or f["to_vm"] == f["from_vm"]:
+            out.append(f"{f['participant']} did not move off {f['from_vm']} (now {f['to_vm']})")
+        if f["out_s"] is None:
+            out.append(f"{f['participant']}'s SuperNode was not seen again after the cut")
     return out

@@ -30,6 +30,7 @@ from fedsky.controller.clouds.errors import (
     SealedCredentialError,
     UnknownCloud,
 )
+from fedsky.controller.clouds.launcher import CommandLauncher, launcher_clouds, serves
 from fedsky.controller.clouds.plugin import CloudCredential, CloudPlugin, CloudProvider
 from fedsky.controller.clouds.settings import CloudsConfig
 from fedsky.controller.clouds.validation import (
@@ -174,11 +175,13 @@ class CloudService:
         region: str | None = None,
     ) -> tuple[CloudRecord, ValidationResult]:
         """Parse, validate by real calls, then seal and store. Nothing is stored unless valid."""
-        cred = self.parse(cloud, data, profile=profile)
         if name is not None:
             check_name(name)
+            if self.config.launcher is not None and name == self.config.launcher.name:
+                raise AccountExists(f"{name!r} names the operator's launcher ([clouds.launcher])")
             if await self.vault.exists(name):
                 raise AccountExists(f"a cloud account named {name!r} is already linked")
+        cred = self.parse(cloud, data, profile=profile)
         result = await self.validate(cloud, cred, region=region)
         if result.status == STATUS_UNREACHABLE:
             raise CloudUnreachable(result.message, result=result)
@@ -260,8 +263,10 @@ class CloudService:
     # -- what the job pipeline calls --------------------------------------------------------------
 
     async def linked_clouds(self) -> list[str]:
-        """Clouds with at least one account whose last validation passed: where jobs may go."""
-        return sorted({r.cloud for r in await self.vault.list() if r.status == STATUS_OK})
+        """Clouds with at least one account whose last validation passed, and the clouds the
+        operator's launcher boots (`[clouds.launcher]`): where jobs may go."""
+        linked = {r.cloud for r in await self.vault.list() if r.status == STATUS_OK}
+        return sorted(linked | set(launcher_clouds(self.config.launcher)))
 
     async def controller_uid(self) -> str:
         """This controller's id in cloud tags: another controller's VMs are never swept."""
@@ -287,8 +292,17 @@ class CloudService:
             artifacts_url=self.artifacts_url,
         )
 
+    async def launcher(self) -> CommandLauncher:
+        """The operator's launcher (`[clouds.launcher]`); ProviderError when none is configured."""
+        if self.config.launcher is None:
+            raise ProviderError("no [clouds.launcher] is configured")
+        return CommandLauncher(config=self.config.launcher, bootstrap=await self._bootstrap())
+
     async def provider(self, name: str) -> CloudProvider:
-        """The provider for the linked account `name`, as stored (no validation)."""
+        """The provider for the linked account `name`, as stored (no validation), or the
+        operator's launcher by its name."""
+        if self.config.launcher is not None and name == self.config.launcher.name:
+            return await self.launcher()
         record, cred = await self._credential(name)
         return self.plugin(record.cloud).provider(
             cred, config=self.config, bootstrap=await self._bootstrap(), account_name=record.name
@@ -301,7 +315,10 @@ class CloudService:
 
         Tries the named account, or every account linked for `cloud` (last known good first);
         each check updates the stored status, so `fedctl clouds list` shows why a launch was refused.
+        The operator's launcher, when it serves `cloud`, boots it instead (no account is used).
         """
+        if name is None and serves(self.config.launcher, cloud):
+            return await self.launcher()
         if cloud not in self.plugins:
             raise ProviderError(
                 f"fedsky cannot launch on {cloud!r}: its cloud providers are {', '.join(self.plugins)}"
@@ -337,6 +354,11 @@ class CloudService:
         that cannot be reached is logged and skipped: the next start sweeps it again.
         """
         swept: list[str] = []
+        if self.config.launcher is not None:
+            try:
+                swept.extend(await (await self.launcher()).sweep_orphans(active_job_ids))
+            except ProviderError as exc:
+                log.warning("orphan sweep skipped launcher %r: %s", self.config.launcher.name, exc)
         for record in await self.vault.list():
             try:
                 provider = await self.provider(record.name)

@@ -46,6 +46,36 @@ class GcpCloudConfig(Section):
     disk_gb: Annotated[int, Field(ge=10, le=1000)] = 20
 
 
+class LauncherConfig(Section):
+    """`[clouds.launcher]`: the operator's own way to boot an aggregator machine.
+
+    `command` is run by the controller as `COMMAND launch --job J --cloud C --region R
+    --instance-type T` with the start-up script (the same user data a cloud VM gets) on its
+    stdin, and prints one JSON object `{"ref", "address"}`; `COMMAND terminate --job J --ref REF`
+    ends the machine and `COMMAND list` prints the machines it runs (`[{"job", "ref"}]`). See
+    `clouds/launcher.py` and docs/deployment.md. Placement treats `clouds` as linked.
+    """
+
+    # How placement, the job record and the log name it ("testbed", "proxmox-dc1").
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")] = "launcher"
+    # The catalog's clouds whose offers this launcher boots (placement may pick them).
+    clouds: Annotated[
+        tuple[Annotated[str, Field(pattern=r"^[a-z0-9]+$")], ...], Field(min_length=1)
+    ]
+    command: Annotated[tuple[str, ...], Field(min_length=1)]
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+
+    @field_validator("command")
+    @classmethod
+    def _absolute(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value[0].startswith("/"):
+            raise ValueError(
+                f"the command's program must be an absolute path, not {value[0]!r}: the "
+                "controller does not search its PATH for what it runs with its user data"
+            )
+        return value
+
+
 class CloudsConfig(Section):
     # The URL the aggregator VMs use to redeem their one-time token for a certificate (the
     # controller's enrolment listener, reachable from the cloud). Required to launch on a cloud.
@@ -69,6 +99,7 @@ class CloudsConfig(Section):
     poll_interval_s: Annotated[float, Field(gt=0)] = 5.0
     aws: AwsCloudConfig = AwsCloudConfig()
     gcp: GcpCloudConfig = GcpCloudConfig()
+    launcher: LauncherConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -71,7 +71,9 @@ async def assign(
     minimum = minimum_resources(run.spec)
     while True:
         candidates = (await candidates_by_participant(ctx, [part.name]))[part.name]
-        if failure is None and part.attempt == 0:
+        if failure is None:
+            # The first assignment, or a reassignment after a wait (the failed attempt was
+            # recorded as failed when the failover found no VM free).
             decision = await ctx.queue.assign(
                 job_id=run.job_id,
                 participant=part.name,
@@ -81,12 +83,11 @@ async def assign(
                 now=time.time(),
             )
         else:
-            failed = failure or Failover(part.name, FailureReason.SUPERNODE_ERROR, "")
             decision = await ctx.queue.fail_over(
                 job_id=run.job_id,
                 participant=part.name,
-                reason=failed.reason,
-                detail=failed.detail,
+                reason=failure.reason,
+                detail=failure.detail,
                 candidates=candidates,
                 minimum=minimum,
                 policy=policy,
@@ -96,7 +97,7 @@ async def assign(
             if decision.retry_at is not None:
                 await ctx.log(run.job_id, f"{part.name}: {decision.summary}; retrying later")
                 await asyncio.sleep(max(RETRY_FLOOR_S, decision.retry_at - time.time()))
-                failure = None if part.attempt == 0 else failure
+                failure = None
                 continue
             raise JobFailure(f"{part.name}: {decision.summary}")
         # The attempt's number is the orchestrator's: the task is bound to that attempt row.
@@ -213,12 +214,19 @@ async def command(
     except BusUnavailable as exc:
         raise AttemptFailed(FailureReason.AGENT_UNRESPONSIVE, str(exc)) from None
     timeout = ctx.config.orchestrator.ack_timeout_s
+    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout) as deadline:
             while True:
                 event = await waiter.get()
                 if event.kind in want:
                     return event
+                if event.kind == "task_starting":
+                    # The agent is alive and still at it (a first start installs the client
+                    # payload in the VM, which takes minutes): it says so every few seconds,
+                    # and silence for `ack_timeout_s` still means it stopped answering.
+                    deadline.reschedule(loop.time() + timeout)
+                    continue
                 if event.kind == "task_failed":
                     if event.failure_kind == FailureKind.DATASET_MISSING:
                         # Another VM of the same hospital has the same datasets: no retry.

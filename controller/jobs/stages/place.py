@@ -23,6 +23,7 @@ from fedsky.controller.placement import (
     parse_cost_limit,
     place,
 )
+from fedsky.shared.jobspec import Placement as PlacementLimits
 
 NO_COST_LIMIT = "1000000 USD/month"
 NO_LATENCY_LIMIT_MS = 60_000.0
@@ -60,6 +61,15 @@ class Placement:
         }
 
 
+def job_limits(pl: PlacementLimits) -> Limits:
+    """The optimizer's limits for a job's `[placement]` (no limit where it sets none)."""
+    return Limits(
+        max_cost=parse_cost_limit(str(pl.max_cost) if pl.max_cost else NO_COST_LIMIT),
+        max_latency_ms=pl.max_latency_ms or NO_LATENCY_LIMIT_MS,
+        cost_weight=pl.cost_weight,
+    )
+
+
 async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
     """Choose the aggregator's offer, record it with the job, and say where in the job's log."""
     spec = run.spec
@@ -69,12 +79,7 @@ async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
     linked: list[str] = list(await ctx.clouds.linked_clouds()) if ctx.clouds is not None else []
     job = await ctx.store.run(jobstore.get_job, run.job_id)
     model_mb = ctx.model_path(str(job["model_digest"])).stat().st_size / 1e6
-    pl = spec.placement
-    limits = Limits(
-        max_cost=parse_cost_limit(str(pl.max_cost) if pl.max_cost else NO_COST_LIMIT),
-        max_latency_ms=pl.max_latency_ms or NO_LATENCY_LIMIT_MS,
-        cost_weight=pl.cost_weight,
-    )
+    limits = job_limits(spec.placement)
     try:
         result = await asyncio.to_thread(
             place,
