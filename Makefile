@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo test lint typecheck bench artifacts clean
+.PHONY: install demo demo-hosts test lint typecheck bench artifacts clean
 
 # Installs what is missing (apt packages, .venv, torch, fedsky). Serialised with flock so that
 # parallel invocations never run two pip installs into the same venv.
@@ -14,6 +14,12 @@ install:
 
 demo: install
 	$(PY) -m fedsky.controller.demo $(DEMO_ARGS)
+
+# The same case study with every part on a host of its own (network namespaces; needs root):
+# the controller, each hospital's agent and VMs, and the aggregator booted in the region
+# placement picks by its own start-up script. Says which host did what (docs/testbed.md).
+demo-hosts: install
+	$(PY) -m benchmarks.testbed --demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -104,6 +104,10 @@ class PayloadConfig(BaseModel):
     remote_wheel_dir: str = ".fedsky/wheelhouse"
     # On this host: the cache of fetched files (default: state_dir/payload).
     cache_dir: Path | None = None
+    # Once a task's SuperNode runs, install the payload into this agent's other running VMs,
+    # one at a time, so that a failover to one of them starts at once instead of after an
+    # install of minutes. Off: a VM gets the payload when a task first starts in it.
+    prestage: bool = True
     # Socket timeout of each request, and time allowed for copying and installing in a VM.
     fetch_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
     install_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 1800.0
@@ -169,6 +173,7 @@ class PayloadSource:
     remote_wheel_dir: str
     fetch_timeout_s: float
     install_timeout_s: float
+    prestage: bool = True
 
     @classmethod
     def from_config(
@@ -185,6 +190,7 @@ class PayloadSource:
             remote_wheel_dir=config.remote_wheel_dir,
             fetch_timeout_s=config.fetch_timeout_s,
             install_timeout_s=config.install_timeout_s,
+            prestage=config.prestage,
         )
 
 

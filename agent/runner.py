@@ -116,6 +116,8 @@ class TaskRunner:
         self._emit_event = emit
         self._on_change = on_change
         self.tasks: dict[str, _Task] = {}
+        # Installing the client payload into idle VMs ahead of a failover (one at a time).
+        self._prestaging: asyncio.Task[None] | None = None
 
     # --- events -------------------------------------------------------------------------------
 
@@ -343,6 +345,7 @@ class TaskRunner:
             self._fail(task, cmd.command_id, FailureKind.START_FAILED, f"supernode: {exc}")
             return
         self._emit("task_running", task, cmd.command_id, f"SuperNode running on {task.vm}")
+        self._prestage_idle_vms()
         task.watcher = asyncio.create_task(
             self._watch(task, cmd.command_id), name=f"task-{task.task_id}"
         )
@@ -372,6 +375,25 @@ class TaskRunner:
                 start.cancel()
                 with contextlib.suppress(asyncio.CancelledError, ExecutorError):
                     await start
+
+    def _prestage_idle_vms(self) -> None:
+        """Start readying this agent's idle running VMs for a failover, unless under way."""
+        prestage = getattr(self.executor, "prestage", None)
+        if prestage is None or (self._prestaging is not None and not self._prestaging.done()):
+            return
+        self._prestaging = asyncio.create_task(self._prestage(prestage), name="prestage")
+
+    async def _prestage(self, prestager: Callable[[str, tuple[str, ...]], Awaitable[bool]]) -> None:
+        for vm in await self._blocking(self._snapshot):
+            busy = {t.vm for t in self.tasks.values()}
+            if vm.state != "running" or vm.name in busy:
+                continue
+            try:
+                if not await prestager(vm.name, tuple(vm.addresses)):
+                    return  # nothing to install from
+            except ExecutorError as exc:
+                # Not fatal: a task that starts there later installs it (or says why not).
+                log.info("could not ready VM %s for a failover ahead: %s", vm.name, exc)
 
     async def _watch(self, task: _Task, command_id: str) -> None:
         assert task.running is not None
@@ -444,6 +466,10 @@ class TaskRunner:
                 )
 
     async def close(self) -> None:
+        if self._prestaging is not None:
+            self._prestaging.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ExecutorError):
+                await self._prestaging
         for task_id in list(self.tasks):
             with contextlib.suppress(Exception):
                 await self._stop(task_id, None, "the agent is stopping")

@@ -29,7 +29,7 @@ from fedsky.shared.messages import (
     utcnow,
 )
 
-from tests.support import free_port
+from tests.support import eventually, free_port
 
 T = TypeVar("T")
 AGENT = "hospital-a"
@@ -228,3 +228,31 @@ async def test_a_long_start_keeps_saying_it_is_starting(
     assert kinds.count("task_starting") >= 4  # the first one, then one every 0.05 s
     progress = [k for k in kinds if k == "task_starting"]
     assert len(progress) == kinds.index("task_running")
+
+
+async def test_once_a_supernode_runs_the_idle_vms_are_readied_for_a_failover(
+    runner: Runner, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner.vms += [
+        VmInfo(
+            name="vm-002", uuid="8" * 32, state="running", vcpus=2, memory_mib=4096, disk_gib=20
+        ),
+        VmInfo(
+            name="vm-003", uuid="9" * 32, state="shutoff", vcpus=2, memory_mib=4096, disk_gib=20
+        ),
+    ]
+    readied: list[str] = []
+
+    async def prestage(vm_name: str, vm_addresses: tuple[str, ...]) -> bool:
+        readied.append(vm_name)
+        return True
+
+    monkeypatch.setattr(runner.runner.executor, "prestage", prestage, raising=False)
+    await runner.runner.handle(prepare())
+    await runner.next_event("task_acknowledged")
+    await runner.runner.handle(start(pki))
+    await runner.next_event("task_running")
+    await eventually(lambda: readied == ["vm-002"], what="vm-002 to be readied")
+    # Not the VM of the running task, nor a VM that is not running.
+    await asyncio.sleep(0.2)
+    assert readied == ["vm-002"]

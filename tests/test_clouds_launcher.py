@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 from fedsky.controller.clouds.base import AggregatorSpec, ProviderError
 from fedsky.controller.clouds.launcher import CommandLauncher, parse_launch_output
-from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.clouds.settings import LauncherConfig
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store

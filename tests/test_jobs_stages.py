@@ -173,10 +173,13 @@ async def test_a_failover_that_waits_for_a_rested_vm_then_uses_it(tmp_path: Path
     failed: set[str] = set()
 
     def each_vm_fails_once(agent: str, command: object) -> list[tuple[str, str]] | None:
-        if isinstance(command, PrepareTaskCommand) and agent == "hospital-eu":
-            if command.vm not in failed:
-                failed.add(command.vm)
-                return [("command_rejected", f"{command.vm} is not running")]
+        if (
+            isinstance(command, PrepareTaskCommand)
+            and agent == "hospital-eu"
+            and command.vm not in failed
+        ):
+            failed.add(command.vm)
+            return [("command_rejected", f"{command.vm} is not running")]
         return None
 
     h.agents.behave = each_vm_fails_once

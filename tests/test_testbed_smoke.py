@@ -1,43 +1,98 @@
-"""The testbed's smoke run: one federated job with every daemon on its own emulated host.
+"""The testbed's smoke runs: one federated job with every part on its own emulated host.
 
-The controller and its broker in `ctl`, each hospital's agent in its host, an sshd per VM host;
-the job completes, each participant's SuperNode runs in its VM's namespace (read from outside
-with `ip netns identify`), none on an agent's host or the aggregator's, and every link's RTT is
-on target. Needs root (namespaces), as here and in CI. Its own name prefix and subnet keep it
-apart from a `python -m benchmarks.testbed` run on the same machine.
+The controller, its broker and enrolment listener in `ctl`, each hospital's agent in its host,
+an sshd per VM host, and the aggregator on a machine the controller's launcher boots in the
+chosen region's host with the AWS start-up script as user data, installing fedsky from the
+pinned artifacts. The job completes; each participant's SuperNode runs in its VM's namespace
+(read from outside with `ip netns identify`), none on an agent's host or the aggregator's;
+every link's RTT is on target. With the failover, the VM host of one participant's SuperNode is
+cut off after the first round and the job completes on the hospital's other VM.
+
+Needs root (namespaces), as here and in CI. Their own name prefix and subnet keep them apart
+from a `python -m benchmarks.testbed` run on the same machine. The pinned artifacts are built
+once from this checkout for both runs (about 50 s) into a directory of the test's own.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.testbed.netns import blackhole_present, list_netns
-from benchmarks.testbed.smoke import failures, run_smoke
+from benchmarks.testbed.smoke import ensure_wheelhouse, failures, run_smoke
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.e2e]
 
 SUBNET = "10.215.0.0/16"
 PREFIX = f"s{os.getpid() % 100000}-"
 
 
-def test_smoke_job_trains_inside_the_vm_hosts() -> None:
-    result = run_smoke(subnet=SUBNET, prefix=PREFIX)
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("wheelhouse")
+    ensure_wheelhouse(directory)
+    return directory
 
+
+def _check_common(result: dict[str, Any], rounds: int) -> None:
     assert failures(result) == [], result
     assert result["job"]["state"] == "completed"
-    assert result["job"]["rounds_completed"] == 2
+    assert result["job"]["rounds_completed"] == rounds
     for participant in result["participants"]:
         assert participant["supernode_netns"] == participant["vm_host"]
         assert participant["vm_host"].startswith(f"{PREFIX}vm-{participant['name']}-")
         assert isinstance(participant["supernode_pid"], int)
-    agent_hosts = {f"{PREFIX}h-{p['name']}" for p in result["participants"]}
     seen = {s["netns"] for s in result["supernodes_seen"]}
-    assert not seen & agent_hosts
-    assert result["aggregator"]["host"] == f"{PREFIX}ctl"
-    assert result["aggregator"]["host"] not in seen
-    assert len(result["links"]) == 10
+    assert not seen & {f"{PREFIX}h-{p['name']}" for p in result["participants"]}
+    aggregator = result["aggregator"]
+    # Booted by its own user data in the region placement chose, never on the controller.
+    assert aggregator["started_by"] == "user-data"
+    assert aggregator["provider"] == "testbed"
+    region = aggregator["placed_on"].replace(":", "-")
+    assert aggregator["host"] == f"{PREFIX}r-{region}"
+    assert aggregator["host"] not in seen
+    assert aggregator["address"].split(":")[0].startswith("10.215.4.")
+    assert aggregator["user_data_exit"] == 0
+    # Every pair of hosts that talk, measured before the job.
+    assert result["links"]
+    assert {(x["from"], x["to"]) for x in result["links"]} >= {
+        (f"{PREFIX}ctl", f"{PREFIX}r-{region}"),
+        *((f"{PREFIX}vm-{p['name']}-vm1", f"{PREFIX}r-{region}") for p in result["participants"]),
+    }
     # Everything is gone afterwards.
     assert not [n for n in list_netns() if n.startswith(PREFIX)]
     assert not blackhole_present(SUBNET)
+    for path in ("/etc/fedsky/aggregator", "/var/lib/fedsky-aggregator", "/run/credentials"):
+        assert not Path(path).exists() or any(Path(path).iterdir()), path
+
+
+@pytest.mark.timeout(480)
+def test_smoke_job_trains_inside_the_vm_hosts_with_a_booted_aggregator(wheelhouse: Path) -> None:
+    result = run_smoke(
+        subnet=SUBNET, prefix=PREFIX, wheelhouse=wheelhouse, rebuild_wheelhouse=False
+    )
+    _check_common(result, rounds=2)
+    assert "failover" not in result
+
+
+@pytest.mark.timeout(540)
+def test_a_vm_host_cut_off_mid_job_fails_over_to_the_hospitals_other_vm(wheelhouse: Path) -> None:
+    result = run_smoke(
+        subnet=SUBNET,
+        prefix=PREFIX,
+        wheelhouse=wheelhouse,
+        rebuild_wheelhouse=False,
+        failover=True,
+    )
+    _check_common(result, rounds=4)
+    failover = result["failover"]
+    assert failover["cut_host"] == f"{PREFIX}vm-{failover['participant']}-{failover['from_vm']}"
+    assert failover["to_vm"] != failover["from_vm"]
+    assert failover["to_host"] == f"{PREFIX}vm-{failover['participant']}-{failover['to_vm']}"
+    assert 0 < failover["out_s"] < 240
+    moved = next(p for p in result["participants"] if p["name"] == failover["participant"])
+    assert moved["vm"] == failover["to_vm"]
+    assert moved["supernode_netns"] == failover["to_host"]

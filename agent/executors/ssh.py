@@ -438,6 +438,17 @@ class SshExecutor:
                 asyncio.get_running_loop().time() - started,
             )
 
+    async def prestage(self, vm_name: str, vm_addresses: tuple[str, ...]) -> bool:
+        """Install the client payload into a VM ahead of any task there (see `[payload]
+        prestage`), with the same checks as a start (pinned host key, not the agent's host).
+        False when there is nothing to install from (no `[payload]`)."""
+        if self.payload is None or not self.payload.prestage:
+            return False
+        target = self.target_for(vm_name, vm_addresses)
+        await self.check_target(target)
+        await self.ensure_payload(target)
+        return True
+
     async def installed_payload(self, target: VmTarget) -> str | None:
         """The requirement digest the VM's marker records, if the payload's scripts are there."""
         marker = shlex.quote(f"{self.remote_venv}/{MARKER_NAME}")

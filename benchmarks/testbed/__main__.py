@@ -2,6 +2,7 @@
 
     python -m benchmarks.testbed --links [--json] [--count 10]
     python -m benchmarks.testbed --smoke [--failover] [--json] [--keep-dir] [--reuse-wheelhouse]
+    python -m benchmarks.testbed --demo [--json] [--keep-dir] [--reuse-wheelhouse]
     python -m benchmarks.testbed --cleanup
 
 --links builds the case study's testbed (three hospitals with two VMs each, the controller, and
@@ -13,6 +14,8 @@ what it must, 1 when not, 2 when it could not run. With --failover, the VM host 
 participant's SuperNode is cut off after the first round. It first builds the pinned
 artifacts from this checkout (`make artifacts`, aggregator and client roles) into
 dist/wheelhouse; --reuse-wheelhouse keeps one that is there.
+--demo runs `make demo`'s case study (its three hospitals, the digits job and its placement
+limits) across the testbed the same way and says which host did what (`make demo-hosts`).
 --cleanup removes what a crashed run left behind.
 """
 
@@ -68,12 +71,17 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _smoke(*, as_json: bool, keep_dir: bool, failover: bool, reuse_wheelhouse: bool) -> int:
-    from benchmarks.testbed.smoke import failures, run_smoke
+def _smoke(
+    *, as_json: bool, keep_dir: bool, failover: bool, reuse_wheelhouse: bool, demo: bool
+) -> int:
+    from benchmarks.testbed.smoke import CASE_STUDY, SMOKE, failures, run_smoke
 
     try:
         result = run_smoke(
-            keep_dir=keep_dir, failover=failover, rebuild_wheelhouse=not reuse_wheelhouse
+            scenario=CASE_STUDY if demo else SMOKE,
+            keep_dir=keep_dir,
+            failover=failover,
+            rebuild_wheelhouse=not reuse_wheelhouse,
         )
     except TestbedError as exc:
         log.error("%s", exc)
@@ -84,24 +92,54 @@ def _smoke(*, as_json: bool, keep_dir: bool, failover: bool, reuse_wheelhouse: b
     if as_json:
         print(json.dumps(result, indent=2))
     else:
-        job, agg = result["job"], result["aggregator"]
-        print(f"job {job['id']}: {job['state']}, {job['rounds_completed']} rounds")
-        print(f"aggregator: {agg['address']} in {agg['host']} (started by {agg['started_by']})")
-        for p in result["participants"]:
-            print(
-                f"{p['name']}: VM {p['vm']} ({p['vm_host']}), SuperNode pid "
-                f"{p['supernode_pid']} in {p['supernode_netns']}"
-            )
-        if "failover" in result:
-            f = result["failover"]
-            print(
-                f"failover: {f['participant']} cut off in {f['cut_host']} ({f['from_vm']}), "
-                f"back on {f['to_vm']} ({f['to_host']}) after {f['out_s']} s"
-            )
+        print(_who_did_what(result))
+        if result.get("rounds_table"):
+            print("\nPer-round global metrics (fedctl models list):")
+            print(result["rounds_table"])
+        print("\nLinks (RTT measured before the job through the relays):")
         print(_table(result))
+        print(f"\ntimings: {result['timings']}")
         for problem in problems:
             print(f"PROBLEM: {problem}")
     return 0 if not problems else 1
+
+
+def _who_did_what(result: dict[str, Any]) -> str:
+    """Which host ran what, as seen from outside (namespaces read with `ip netns identify`)."""
+    at = result["addresses"]
+    hosts, job, agg = result["hosts"], result["job"], result["aggregator"]
+    rows = [
+        f"job {job['id']}: {job['state']}, {job['rounds_completed']} rounds"
+        + (f" ({job['error']})" if job.get("error") else ""),
+        "",
+        f"{'host':<28} {'address':<14} what ran there",
+        f"{hosts['controller']:<28} {at[hosts['controller']]:<14} fedsky-controller, its "
+        "Mosquitto (8883) and enrolment listener (8443, the pinned artifacts)",
+    ]
+    for netns in hosts["agents"]:
+        rows.append(f"{netns:<28} {at[netns]:<14} fedsky-agent (libvirt test node of its VMs)")
+    if agg["host"]:
+        rows.append(
+            f"{agg['host']:<28} {at[agg['host']]:<14} the aggregator ({agg['placed_on']}, "
+            f"{agg['instance_type']}): SuperLink pid {agg['superlink_pid']}, started by its "
+            f"{agg['started_by']} in {agg['user_data_s']} s"
+        )
+    ran: dict[str, list[str]] = {}
+    for s in result["supernodes_seen"]:
+        ran.setdefault(s["netns"], []).append(f"{s['site']}'s SuperNode (pid {s['pid']})")
+    for netns in hosts["vms"]:
+        what = ", ".join(ran.get(netns, [])) or "idle"
+        rows.append(f"{netns:<28} {at[netns]:<14} sshd; {what}")
+    for netns in hosts["regions"]:
+        if netns != agg["host"]:
+            rows.append(f"{netns:<28} {at[netns]:<14} nothing (a region placement did not pick)")
+    if "failover" in result:
+        f = result["failover"]
+        rows.append(
+            f"\nfailover: {f['participant']} cut off in {f['cut_host']} ({f['from_vm']}), "
+            f"back on {f['to_vm']} ({f['to_host']}) after {f['out_s']} s"
+        )
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--smoke: install from dist/wheelhouse as it is instead of rebuilding it",
     )
+    parser.add_argument(
+        "--demo", action="store_true", help="`make demo`'s case study across the testbed"
+    )
     parser.add_argument("--case-study", action="store_true", help="not yet available")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -140,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.case_study:
         parser.error("--case-study is not available yet")
-    if args.failover and not args.smoke:
-        parser.error("--failover goes with --smoke")
-    if args.smoke:
+    if args.failover and not (args.smoke or args.demo):
+        parser.error("--failover goes with --smoke or --demo")
+    if args.smoke or args.demo:
         return _smoke(
             as_json=args.json,
             keep_dir=args.keep_dir,
             failover=args.failover,
             reuse_wheelhouse=args.reuse_wheelhouse,
+            demo=args.demo,
         )
     try:
         if args.cleanup:
@@ -159,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if not args.links:
-            parser.error("say what to do: --links or --cleanup")
+            parser.error("say what to do: --links, --smoke, --demo or --cleanup")
         plan = case_study_plan(tuple(args.regions) if args.regions else CASE_REGIONS)
         result = run_links(plan, count=args.count)
     except TestbedError as exc:

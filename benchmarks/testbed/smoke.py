@@ -38,8 +38,9 @@ from typing import Any
 
 from fedsky.controller.cli.client import ApiError, ControllerUnavailable
 from fedsky.controller.jobs.stages.place import job_limits
-from fedsky.controller.onebox import OneboxError
+from fedsky.controller.onebox import STUDY_HOSPITALS, OneboxError
 from fedsky.controller.placement import JobProfile, load_catalog, place
+from fedsky.shared.jobspec import MaxCost
 from fedsky.shared.jobspec import Placement as PlacementLimits
 
 from benchmarks.testbed.hosts import (
@@ -62,6 +63,32 @@ SMOKE_HOSPITALS = (
 )
 SMOKE_ROUNDS = 2
 FAILOVER_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A job to run across the testbed: its hospitals (and their VMs), rounds and limits."""
+
+    name: str
+    hospitals: tuple[HospitalSpec, ...]
+    rounds: int
+    placement: PlacementLimits = field(default_factory=PlacementLimits)
+
+
+SMOKE = Scenario("testbed-smoke", SMOKE_HOSPITALS, SMOKE_ROUNDS)
+# `make demo`'s case study (fedsky.controller.demo): the study's three hospitals, the digits job
+# with its limits (85,000 KRW a month, 250 ms, cost:latency 9:1). Each hospital's VM hosts are
+# the study's two running VMs that meet the job's minimum (its third is too small).
+CASE_STUDY = Scenario(
+    "digits-case-study",
+    tuple(HospitalSpec(n, loc, ("vm-001", "vm-002")) for n, loc in STUDY_HOSPITALS.items()),
+    5,
+    PlacementLimits(
+        max_cost=MaxCost(amount=85000, currency="KRW", per="month"),
+        max_latency_ms=250,
+        cost_weight=0.9,
+    ),
+)
 # The clouds the testbed's launcher serves: placement picks among their offers.
 TESTBED_CLOUDS = ("aws",)
 JOB_TIMEOUT_S = 420.0
@@ -78,15 +105,19 @@ class SmokeError(TestbedError):
 
 
 def job_regions(
-    hospitals: Sequence[HospitalSpec], *, model_mb: float, rounds: int
+    hospitals: Sequence[HospitalSpec],
+    *,
+    model_mb: float,
+    rounds: int,
+    limits: PlacementLimits | None = None,
 ) -> tuple[str, str | None]:
     """Where the controller will place this job's aggregator, and the study's baseline: the
-    same optimizer on the same inputs (the catalog, the hospitals' locations, the job's default
-    limits, the launcher's clouds). The region hosts are made for these two only."""
+    same optimizer on the same inputs (the catalog, the hospitals' locations, the job's limits,
+    the launcher's clouds). The region hosts are made for these two only."""
     result = place(
         participants={h.name: h.location for h in hospitals},
         job=JobProfile(model_mb=max(model_mb, 0.001), rounds=rounds),
-        limits=job_limits(PlacementLimits()),
+        limits=job_limits(limits or PlacementLimits()),
         catalog=load_catalog(),
         clouds=TESTBED_CLOUDS,
     )
@@ -218,17 +249,18 @@ def _datasets(index: int, count: int) -> str:
     )
 
 
-def _job_spec(directory: Path, participants: Sequence[str], rounds: int) -> Path:
+def _job_spec(directory: Path, scenario: Scenario, rounds: int) -> Path:
     from fedsky.shared.modelfile import make_example
 
     model = directory / "digits-cnn.safetensors"
     make_example("digits", model)
-    spec = directory / "smoke-job.toml"
-    names = ", ".join(f'"{n}"' for n in participants)
+    spec = directory / f"{scenario.name}.toml"
+    names = ", ".join(f'"{h.name}"' for h in scenario.hospitals)
+    limits = scenario.placement
     spec.write_text(
         "\n".join(
             [
-                'name = "testbed-smoke"',
+                f'name = "{scenario.name}"',
                 f"participants = [{names}]",
                 f'model = "{model.name}"',
                 'dataset = "digits"',
@@ -242,6 +274,10 @@ def _job_spec(directory: Path, participants: Sequence[str], rounds: int) -> Path
                 "vcpus = 2",
                 "memory_gib = 4",
                 "disk_gib = 20",
+                "[placement]",
+                f"cost_weight = {limits.cost_weight}",
+                *([f'max_cost = "{limits.max_cost}"'] if limits.max_cost else []),
+                *([f"max_latency_ms = {limits.max_latency_ms}"] if limits.max_latency_ms else []),
                 "",
             ]
         )
@@ -284,7 +320,7 @@ class Cut:
 
 def run_smoke(
     *,
-    hospitals: Sequence[HospitalSpec] = SMOKE_HOSPITALS,
+    scenario: Scenario = SMOKE,
     rounds: int | None = None,
     failover: bool = False,
     subnet: str = SUBNET,
@@ -295,16 +331,19 @@ def run_smoke(
     rebuild_wheelhouse: bool = True,
 ) -> dict[str, Any]:
     """Build the testbed, run one job across it, take everything down; the smoke JSON."""
-    rounds = rounds or (FAILOVER_ROUNDS if failover else SMOKE_ROUNDS)
+    hospitals = scenario.hospitals
+    rounds = rounds or (max(FAILOVER_ROUNDS, scenario.rounds) if failover else scenario.rounds)
     root = root or Path(tempfile.mkdtemp(prefix="fedsky-testbed-"))
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     timings["wheelhouse_s"] = ensure_wheelhouse(wheelhouse, rebuild=rebuild_wheelhouse).get(
         "seconds", 0.0
     )
-    job_file = _job_spec(root, [h.name for h in hospitals], rounds)
+    job_file = _job_spec(root, scenario, rounds)
     model_mb = (root / "digits-cnn.safetensors").stat().st_size / 1e6
-    chosen, baseline = job_regions(hospitals, model_mb=model_mb, rounds=rounds)
+    chosen, baseline = job_regions(
+        hospitals, model_mb=model_mb, rounds=rounds, limits=scenario.placement
+    )
     regions = [chosen] + ([baseline] if baseline and baseline != chosen else [])
     plan = smoke_plan(hospitals, regions=regions, subnet=subnet, prefix=prefix)
     watch = SuperNodeWatch(subnet=plan.subnet, namespaces=frozenset(h.netns for h in plan.hosts))
@@ -350,6 +389,9 @@ def run_smoke(
                 timings["job_s"] = round(time.monotonic() - started, 1)
                 watch.stop()
                 result = _result(plan, job, links, watch, box, chosen=chosen, baseline=baseline)
+                if job["state"] == "completed":
+                    models = box.fedctl("models", "list", job_id, check=False)
+                    result["rounds_table"] = models.stdout.rstrip()
                 if cut is not None:
                     result["failover"] = _failover(job, watch, cut)
             finally:
@@ -505,6 +547,7 @@ def _result(
             {"site": s.site, "pid": s.pid, "netns": s.netns, "at_s": s.first_s}
             for s in watch.of(_SUPERNODE)
         ],
+        "addresses": {h.netns: h.address for h in plan.hosts},
         "hosts": {
             "controller": plan.host("ctl").netns,
             "agents": sorted(box.agent_netns.values()),
