@@ -16,6 +16,7 @@ from fedsky.controller.clouds.settings import AggregatorConfig, CloudsConfig
 from fedsky.controller.inventory.settings import InventoryConfig
 from fedsky.controller.models.settings import ModelsConfig
 from fedsky.controller.orchestrator.policy import Policy
+from fedsky.controller.placement.settings import PlacementConfig
 from fedsky.controller.settings import Section
 from fedsky.shared.config import load_config, resolve_path
 from pydantic import ValidationInfo, field_validator
@@ -33,6 +34,7 @@ class ControllerConfig(Section):
     clouds: CloudsConfig = CloudsConfig()
     aggregator: AggregatorConfig = AggregatorConfig()
     artifacts: ArtifactsConfig = ArtifactsConfig()
+    placement: PlacementConfig = PlacementConfig()
 
     @field_validator("state_dir")
     @classmethod

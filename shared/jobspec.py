@@ -19,7 +19,7 @@ A TOML file (YAML too, `.yaml`/`.yml`, read with `yaml.safe_load`):
     optimizer = "sgd"                # sgd | adam
     min_participants = 3             # per round; defaults to every participant
 
-    [resources]                      # the least a training VM must have
+    [resources]                      # the least a training VM must have (default 2 vCPU, 4 GiB)
     vcpus = 2
     memory_gib = 4
     disk_gib = 20
@@ -28,6 +28,7 @@ A TOML file (YAML too, `.yaml`/`.yml`, read with `yaml.safe_load`):
     max_cost = "85000 KRW/month"     # AMOUNT USD|KRW / month|job
     max_latency_ms = 250
     cost_weight = 0.5                # 1 = cost only, 0 = latency only
+    method = "exact"                 # or "nsga2" (NSGA-II over the same offers)
 
 Errors name the file and the key, e.g.
 `job.toml: key 'hyperparameters.optimizer': Input should be 'sgd' or 'adam' (got 'rmsprop')`.
@@ -124,8 +125,9 @@ class Hyperparameters(_Strict):
 
 
 class Resources(_Strict):
-    vcpus: Annotated[int, Field(ge=1, le=1024)] = 1
-    memory_gib: Annotated[float, Field(gt=0, le=16_384)] = 1.0
+    # The study's minimum for a training VM: 2 vCPUs and 4 GiB unless the job says otherwise.
+    vcpus: Annotated[int, Field(ge=1, le=1024)] = 2
+    memory_gib: Annotated[float, Field(gt=0, le=16_384)] = 4.0
     disk_gib: Annotated[float, Field(ge=0, le=1_048_576)] = 0.0
 
 
@@ -133,6 +135,9 @@ class Placement(_Strict):
     max_cost: MaxCost | None = None
     max_latency_ms: Annotated[float, Field(gt=0, le=60_000)] | None = None
     cost_weight: Annotated[float, Field(ge=0, le=1)] = 0.5
+    # The search over the offers: "exact" enumerates the Pareto front, "nsga2" runs NSGA-II
+    # (as the original study does) over the same space; `fedctl place --method` is the same.
+    method: Literal["exact", "nsga2"] = "exact"
 
 
 class JobSpec(_Strict):

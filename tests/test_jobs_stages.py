@@ -17,6 +17,7 @@ from fedsky.controller.jobs.stages.place import place_aggregator
 from fedsky.controller.jobs.stages.train import check_agents, check_run, train
 from fedsky.controller.orchestrator.failures import FailureReason
 from fedsky.controller.orchestrator.tasks import list_tasks
+from fedsky.controller.placement.settings import PlacementConfig
 from fedsky.shared.messages import (
     Event,
     FailureKind,
@@ -61,6 +62,24 @@ async def test_place_without_linked_clouds_uses_the_local_provider(h: Harness) -
     placement = await place_aggregator(h.ctx, await h.new_job())
     assert placement.provider == "local"
     assert "no cloud is linked: the local provider stands in" in await h.log_text()
+
+
+async def test_place_uses_the_jobs_search_and_the_configured_baseline(tmp_path: Path) -> None:
+    h = make_harness(tmp_path)
+    h.ctx.config = h.ctx.config.model_copy(
+        update={
+            "placement": PlacementConfig(baseline="aws:ap-northeast-2:m5.xlarge", krw_per_usd=1500)
+        }
+    )
+    run = await h.new_job(placement={"method": "nsga2"})
+    placement = await place_aggregator(h.ctx, run)
+    assert placement.method == "nsga2"
+    record = (await h.job())["placement"]
+    assert record["method"] == "nsga2"
+    assert (record["baseline"]["region"], record["baseline"]["instance_type"]) == (
+        "ap-northeast-2",
+        "m5.xlarge",
+    )
 
 
 async def test_place_infeasible_fails_the_job_with_the_reason(h: Harness) -> None:
@@ -141,7 +160,11 @@ async def test_an_agent_that_refuses_moves_the_participant_to_its_next_vm(h: Har
     assert "attempt 1 on vm-001 failed: command rejected" in await h.log_text()
 
 
-async def test_an_agent_refusing_on_every_vm_fails_the_job_after_max_tries(h: Harness) -> None:
+async def test_an_agent_refusing_on_every_vm_fails_the_job_after_max_tries(
+    tmp_path: Path,
+) -> None:
+    # Three VMs, five tries: the fourth and fifth wait for a VM to be rested.
+    h = make_harness(tmp_path, rest_after_failure_s=0.2)
     h.agents.behave = lambda agent, command: (
         [("task_failed", "the SuperNode exited with status 1", FailureKind.SUPERNODE_EXITED)]
         if isinstance(command, PrepareTaskCommand) and agent == "hospital-us"
@@ -386,3 +409,34 @@ async def test_cleanup_after_a_restart_finds_the_aggregator_from_the_record(h: H
     job = await h.job()
     await clean_up(h.ctx, "unit-0001", job=job, final_state="failed")
     assert [x.ref for x in h.clouds.provider_.terminated] == ["i-unit-0001"]
+
+
+def test_each_rounds_prediction_sits_beside_its_measurement() -> None:
+    from fedsky.controller.jobs.forecast import round_times
+    from fedsky.controller.models.records import RoundRecord
+
+    def record(number: int, duration: float | None) -> RoundRecord:
+        return RoundRecord(
+            job_id="unit-0001",
+            round=number,
+            metrics={},
+            all_metrics={},
+            per_class=None,
+            confusion_matrix=None,
+            participants=[],
+            failures=[],
+            duration_s=duration,
+            weights_sha256=None,
+            weights_size=None,
+            weights_pruned_at=None,
+            pinned=False,
+            recorded_at="2026-12-04T00:00:00+00:00",
+        )
+
+    placement = {"choice": {"round_time_s": 22.0}}
+    rows = round_times(placement, [record(1, 20.0), record(2, None)])
+    assert rows == [
+        {"round": 1, "predicted_s": 22.0, "measured_s": 20.0, "error": 0.1},
+        {"round": 2, "predicted_s": 22.0, "measured_s": None, "error": None},
+    ]
+    assert round_times(None, [record(1, 20.0)])[0]["predicted_s"] is None

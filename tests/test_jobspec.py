@@ -154,3 +154,18 @@ def test_missing_model_and_unreadable_files(tmp_path: Path) -> None:
         load_job_spec(tmp_path / "absent.toml")
     with pytest.raises(ConfigError, match="table of keys"):
         parse_job_spec_text("- a\n- b\n", path=tmp_path / "list.yaml")
+
+
+def test_the_search_method_and_the_studys_minimums(tmp_path: Path) -> None:
+    spec = load_job_spec(_write(tmp_path, GOOD))
+    assert spec.placement.method == "exact"
+    minimal = "\n".join(
+        line for line in GOOD.splitlines() if not line.startswith(("vcpus", "memory_gib"))
+    )
+    spec = load_job_spec(_write(tmp_path, minimal, "min.toml"))
+    assert (spec.resources.vcpus, spec.resources.memory_gib) == (2, 4.0)
+    nsga = GOOD.replace("[placement]", '[placement]\nmethod = "nsga2"')
+    assert load_job_spec(_write(tmp_path, nsga, "nsga.toml")).placement.method == "nsga2"
+    bad = GOOD.replace("[placement]", '[placement]\nmethod = "random"')
+    with pytest.raises(ConfigError, match=r"placement\.method"):
+        load_job_spec(_write(tmp_path, bad, "bad-method.toml"))

@@ -200,3 +200,46 @@ def test_case_study_command(capsys: pytest.CaptureFixture[str]) -> None:
     costs = [r["choice"]["cost"] for r in rows]
     assert costs == sorted(costs)  # cost first is cheapest
     assert all(r["cost_change_pct"] < 0 for r in rows)
+
+
+def test_the_controller_configs_rate_and_baseline_are_used(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    args = ["--max-cost", "85000 KRW/month", "--cost-weight", "0.1", "--json"]
+    code, out, _ = run(capsys, *args)
+    assert code == exitcodes.OK
+    default = json.loads(out)
+    config = tmp_path / "controller.toml"
+    config.write_text(
+        f'state_dir = "{tmp_path}"\n'
+        "[placement]\n"
+        "krw_per_usd = 2900\n"
+        'baseline = "aws:eu-central-1:m5.xlarge"\n'
+    )
+    code = main(["--config", str(config), *CASE, "--max-cost", "170000 KRW/month", "--json"])
+    body = json.loads(capsys.readouterr().out)
+    assert code == exitcodes.OK
+    assert body["baseline"]["region"] == "eu-central-1"
+    # The same offer costs twice as many won at twice the rate.
+    same = next(
+        p
+        for p in body["front"]
+        if (p["region"], p["instance_type"])
+        == (default["choice"]["region"], default["choice"]["instance_type"])
+    )
+    assert same["cost"] == pytest.approx(2 * default["choice"]["cost"], rel=1e-6)
+    # A flag still wins over the config.
+    code = main(["--config", str(config), *CASE, *args, "--krw-per-usd", "1450"])
+    assert json.loads(capsys.readouterr().out)["choice"]["cost"] == pytest.approx(
+        default["choice"]["cost"]
+    )
+
+
+def test_a_bad_baseline_in_the_config_names_the_key(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config = tmp_path / "controller.toml"
+    config.write_text('[placement]\nbaseline = "m5.xlarge"\n')
+    code = main(["--config", str(config), *CASE, "--max-cost", "85000 KRW/month"])
+    assert code == exitcodes.CONFIG
+    assert "placement.baseline" in capsys.readouterr().err

@@ -141,9 +141,15 @@ def test_point_figures_match_the_model_by_hand() -> None:
         ]
     )
     legs = transfer_s(26.0, rtts)
-    time = float(np.max(2 * legs + 60) + aggregation_s(26.0, 3, np.array([4.0]))[0])
+    # Train (weights down, 60 s, update up), aggregate, then evaluate (weights down, 6 s by
+    # default, metrics back: one request).
+    train = float(np.max(2 * legs + 60))
+    evaluate = float(np.max(legs + 6 + rtts / 1000))
+    time = train + aggregation_s(26.0, 3, np.array([4.0]))[0] + evaluate
     assert b.round_time_s == pytest.approx(time)
-    egress = 20 * 3 * 26 / 1000 * 0.09
+    # Per round the weights leave the cloud seven times: 3 for training, 3 for evaluation,
+    # 1 to the controller.
+    egress = 20 * 7 * 26 / 1000 * 0.09
     assert b.egress_usd == pytest.approx(egress)
     assert b.cost_usd == pytest.approx(0.192 * HOURS_PER_MONTH + egress)
     assert b.cost == pytest.approx((0.192 * HOURS_PER_MONTH + egress) * 1450)

@@ -56,6 +56,9 @@ def _check_common(result: dict[str, Any], rounds: int) -> None:
     assert aggregator["host"] not in seen
     assert aggregator["address"].split(":")[0].startswith("10.215.4.")
     assert aggregator["user_data_exit"] == 0
+    # The placement's forecast sits beside every round's measured time.
+    assert [r["round"] for r in result["round_times"]] == list(range(1, rounds + 1))
+    assert all(r["predicted_s"] > 0 and r["measured_s"] > 0 for r in result["round_times"])
     # Every pair of hosts that talk, measured before the job.
     assert result["links"]
     assert {(x["from"], x["to"]) for x in result["links"]} >= {

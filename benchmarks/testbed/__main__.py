@@ -93,6 +93,13 @@ def _smoke(
         print(json.dumps(result, indent=2))
     else:
         print(_who_did_what(result))
+        if result.get("round_times"):
+            print("\nRound time, placement's prediction against the run:")
+            for r in result["round_times"]:
+                print(
+                    f"  round {r['round']}: predicted {r['predicted_s']} s, measured "
+                    f"{r['measured_s']} s (error {r['error']})"
+                )
         if result.get("rounds_table"):
             print("\nPer-round global metrics (fedctl models list):")
             print(result["rounds_table"])

@@ -555,6 +555,8 @@ def _result(
             "regions": sorted(region_netns),
         },
         "links": links,
+        # The placement's predicted round time beside each round's measured one (the job's).
+        "round_times": job.get("round_times") or [],
     }
 
 

@@ -9,8 +9,10 @@ from aiohttp import web
 from fedsky.controller.api.responses import SERVICES, ApiProblem, json_ok
 from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.jobs.driver import JobManager
+from fedsky.controller.jobs.forecast import round_times
 from fedsky.controller.jobs.model_files import store_model_file
 from fedsky.controller.jobs.records import JobRejected
+from fedsky.controller.models.errors import NotFound
 from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
 from fedsky.shared.modelfile import ModelFileError
@@ -86,7 +88,17 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
-    return json_ok(await _job(request))
+    job = await _job(request)
+    models = _svc(request).models
+    rounds = []
+    if models is not None:
+        try:
+            rounds = await models.rounds(job["id"])
+        except NotFound:
+            rounds = []  # not recorded yet
+    # The placement's predicted round time beside each round's measured one.
+    job["round_times"] = round_times(job.get("placement"), rounds)
+    return json_ok(job)
 
 
 @routes.post("/v1/jobs/{job_id}/cancel")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedsky.controller.placement.defaults import DEFAULT_KRW_PER_USD, DEFAULT_TRAIN_S, METHODS
+from fedsky.controller.placement.settings import PlacementConfig
 from fedsky.shared import exitcodes
 
 if TYPE_CHECKING:
@@ -68,8 +69,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--krw-per-usd",
         type=float,
-        default=DEFAULT_KRW_PER_USD,
-        help=f"exchange rate (default {DEFAULT_KRW_PER_USD:g})",
+        default=None,
+        help="exchange rate (default: the controller config's placement.krw_per_usd, "
+        f"else {DEFAULT_KRW_PER_USD:g})",
     )
     p.add_argument(
         "--catalog",
@@ -107,6 +109,18 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _settings(args: argparse.Namespace) -> PlacementConfig:
+    """`[placement]` of the controller's config (the exchange rate, the baseline) when there is
+    one to read; the defaults when no config file exists (placement needs no controller)."""
+    from fedsky.controller.cli.client import config_path
+    from fedsky.controller.config import load_controller_config
+
+    path = config_path(getattr(args, "config", None))
+    if not path.exists():
+        return PlacementConfig()
+    return load_controller_config(path).placement
+
+
 def _participants(values: list[str]) -> dict[str, str]:
     from fedsky.controller.placement.model import PlacementError
 
@@ -140,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
     from fedsky.controller.placement.placer import place
 
     try:
+        settings = _settings(args)
+        krw_per_usd = args.krw_per_usd or settings.krw_per_usd
         participants = _participants(args.participant)
         limits = Limits(
             max_cost=parse_cost_limit(args.max_cost),
@@ -159,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 catalog=catalog,
                 clouds=clouds,
                 method=args.method,
-                krw_per_usd=args.krw_per_usd,
+                krw_per_usd=krw_per_usd,
                 seed=args.seed,
             )
             return _show_hierarchical(hier, args)
@@ -170,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
             catalog=catalog,
             clouds=clouds,
             method=args.method,
-            krw_per_usd=args.krw_per_usd,
+            krw_per_usd=krw_per_usd,
             seed=args.seed,
+            baseline_offer=settings.baseline_offer,
         )
     except CatalogError as exc:
         _err(str(exc))

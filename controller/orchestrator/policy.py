@@ -41,7 +41,7 @@ class Policy(Section):
     # A VM whose task failed is not chosen again for this long (any job).
     rest_after_failure_s: Annotated[float, Field(ge=0)] = 120.0
     # Attempts per participant and job, the first one included.
-    max_tries: Annotated[int, Field(ge=1, le=100)] = 3
+    max_tries: Annotated[int, Field(ge=1, le=100)] = 5
     # No acknowledgement of an assignment within this time: the agent is unresponsive.
     ack_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     # No report or task event from the agent running a task for this long: unresponsive.

@@ -8,10 +8,14 @@ transfer time of S MB over a path of round-trip time r seconds::
     ramp  = r * max(0, log2(min(W, link * r) / IW)) # slow start up to the window it needs
     t_xfer(S, r) = r * REQUEST_RTTS + ramp + S / B
 
-round time with participants p (RTT r_p to the aggregator) and an aggregator of v vCPUs::
+round time with participants p (RTT r_p to the aggregator) and an aggregator of v vCPUs, phase by
+phase (weights down, local training, update up, aggregation, then the evaluation round: weights
+down again, local evaluation, metrics back)::
 
     t_agg   = n * S / AGG_RATE * ((1 - P) + P / v)  # Amdahl: decoding is parallel, the sum is not
-    t_round = max_p (t_xfer(S, r_p) + train_s + t_xfer(S, r_p)) + t_agg
+    t_train = max_p (t_xfer(S, r_p) + train_s + t_xfer(S, r_p))
+    t_eval  = max_p (t_xfer(S, r_p) + eval_s + r_p * REQUEST_RTTS)
+    t_round = t_train + t_agg + t_eval
 
 memory the aggregation needs (it must fit the offer's memory)::
 
@@ -19,7 +23,9 @@ memory the aggregation needs (it must fit the offer's memory)::
 
 cost in USD, then in the user's currency at the configured rate::
 
-    egress = rounds * n * S / 1000 * egress_usd_per_gb   # the model to every participant, every round
+    egress = rounds * (2 n + 1) * S / 1000 * egress_usd_per_gb
+             # every round the weights leave the aggregator's cloud 2n + 1 times: to each
+             # participant for training and again for evaluation, and to the controller
     hours  = 730 (basis month) | rounds * t_round / 3600 (basis job)
     cost   = usd_per_hour * hours + egress
 """
@@ -34,6 +40,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 from fedsky.controller.placement.defaults import (
+    DEFAULT_EVAL_SHARE,
     DEFAULT_KRW_PER_USD,
     DEFAULT_TRAIN_S,
     HOURS_PER_MONTH,
@@ -88,6 +95,13 @@ class JobProfile:
     model_mb: float
     rounds: int
     train_s: float = DEFAULT_TRAIN_S
+    # Local evaluation per round; None: a share of `train_s` (one forward pass over a
+    # validation split is a fraction of an epoch of training).
+    eval_s: float | None = None
+
+    @property
+    def evaluation_s(self) -> float:
+        return self.train_s * DEFAULT_EVAL_SHARE if self.eval_s is None else self.eval_s
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.model_mb) and self.model_mb > 0):
@@ -96,6 +110,8 @@ class JobProfile:
             raise PlacementError(f"rounds must be a whole number >= 1, got {self.rounds!r}")
         if not (math.isfinite(self.train_s) and self.train_s >= 0):
             raise PlacementError(f"local training time must be >= 0 s, got {self.train_s}")
+        if self.eval_s is not None and not (math.isfinite(self.eval_s) and self.eval_s >= 0):
+            raise PlacementError(f"local evaluation time must be >= 0 s, got {self.eval_s}")
 
 
 @dataclass(frozen=True)
@@ -207,14 +223,21 @@ def round_time_s(
     """Round time per candidate; `rtt_ms` is (participants, candidates), `vcpus` (candidates,)."""
     rtt = np.asarray(rtt_ms, dtype=np.float64)
     leg = transfer_s(job.model_mb, rtt, params)
-    slowest = np.max(2.0 * leg + job.train_s, axis=0)
-    out: FloatArray = slowest + aggregation_s(job.model_mb, rtt.shape[0], vcpus, params)
+    train = np.max(2.0 * leg + job.train_s, axis=0)
+    evaluate = np.max(leg + job.evaluation_s + rtt / 1000.0 * params.request_rtts, axis=0)
+    out: FloatArray = train + aggregation_s(job.model_mb, rtt.shape[0], vcpus, params) + evaluate
     return out
 
 
-def egress_usd(job: JobProfile, receivers: int, egress_usd_per_gb: FloatArray) -> FloatArray:
-    """Egress of the model to `receivers` every round of the job."""
-    gb = job.rounds * receivers * job.model_mb / 1000.0
+def weight_copies_out(participants: int) -> int:
+    """Copies of the weights that leave the aggregator's cloud each round: one to each
+    participant for training, one again for evaluation, and one to the controller."""
+    return 2 * participants + 1
+
+
+def egress_usd(job: JobProfile, participants: int, egress_usd_per_gb: FloatArray) -> FloatArray:
+    """Egress of the job: `weight_copies_out` copies of the model every round."""
+    gb = job.rounds * weight_copies_out(participants) * job.model_mb / 1000.0
     out: FloatArray = gb * np.asarray(egress_usd_per_gb, dtype=np.float64)
     return out
 

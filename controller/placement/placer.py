@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 from fedsky.controller.placement.catalog import Catalog, Offer
 from fedsky.controller.placement.choice import Infeasibility, choose, explain
-from fedsky.controller.placement.defaults import METHODS, Method
+from fedsky.controller.placement.defaults import BASELINE_OFFER, METHODS, Method
 from fedsky.controller.placement.model import (
     DEFAULT_KRW_PER_USD,
     DEFAULT_PARAMS,
@@ -48,7 +48,7 @@ BoolArray = npt.NDArray[np.bool_]
 
 # What an operator does without the tool: AWS's default region and a general-purpose
 # 4 vCPU / 16 GiB instance, on demand.
-BASELINE = ("aws", "us-east-1", "m5.xlarge")
+BASELINE = BASELINE_OFFER
 
 
 def _num(value: float) -> float | None:
@@ -356,6 +356,7 @@ def place(
     krw_per_usd: float = DEFAULT_KRW_PER_USD,
     params: ModelParams = DEFAULT_PARAMS,
     seed: int = NSGA2_SEED,
+    baseline_offer: tuple[str, str, str] = BASELINE_OFFER,
 ) -> PlacementResult:
     """Place one aggregator for a job.
 
@@ -364,6 +365,7 @@ def place(
         measurement replaces the catalog's figure for that pair.
     clouds: only offers on these clouds are candidates (None: every cloud in the catalog).
     method: "exact" enumerates the front; "nsga2" runs NSGA-II (pymoo) over the same space.
+    baseline_offer: (cloud, region, instance type) every choice is compared with.
 
     Raises PlacementError for unusable inputs. An infeasible job is not an error: the result
     has an empty front, no choice and a `reason`.
@@ -400,7 +402,7 @@ def place(
         front_idx = found[np.lexsort((found, ev.round_time_s[found], ev.cost[found]))]
     front = tuple(ev.point(int(i)) for i in front_idx)
 
-    b = catalog.find(*BASELINE)
+    b = catalog.find(*baseline_offer)
     baseline = ev.point(b) if b is not None else None
     choice: Point | None = None
     reason: str | None = None

@@ -38,6 +38,7 @@ class Placement:
     provider: str
     linked_clouds: list[str]
     measured_rtt: dict[str, float]
+    method: str = "exact"
 
     @property
     def cloud(self) -> str:
@@ -58,6 +59,7 @@ class Placement:
             "provider": self.provider,
             "linked_clouds": self.linked_clouds,
             "measured_rtt": self.measured_rtt,
+            "method": self.method,
         }
 
 
@@ -89,6 +91,9 @@ async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
             catalog=load_catalog(),
             measured_rtt=measured or None,
             clouds=linked or None,
+            method=spec.placement.method,
+            krw_per_usd=ctx.config.placement.krw_per_usd,
+            baseline_offer=ctx.config.placement.baseline_offer,
         )
     except PlacementError as exc:
         raise JobFailure(f"placement: {exc}") from None
@@ -104,6 +109,7 @@ async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
         provider=provider_name,
         linked_clouds=linked,
         measured_rtt=measured,
+        method=result.method,
     )
     await ctx.store.run(
         jobstore.update_job,
