@@ -22,6 +22,7 @@ has its own. The agent installs the payload from the controller's pinned artifac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -36,7 +37,7 @@ from fedsky.agent.testnode import NodeVm, write_test_node
 from fedsky.controller.onebox import AgentProcess, Onebox, OneboxError, _bin
 
 from benchmarks.testbed import cloudvm
-from benchmarks.testbed.netns import Testbed, TestbedError
+from benchmarks.testbed.netns import Testbed, TestbedError, kill_namespace_processes
 from benchmarks.testbed.topology import HospitalSpec, Host
 
 BROKER_PORT = 8883
@@ -369,6 +370,14 @@ class TestbedBox(Onebox):
                     vm.proc.wait(10)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     vm.proc.kill()
+            # Power the VM off: its SSH sessions (an install the agent had under way) run in
+            # sessions of their own. None may outlive the mount points removed below: a
+            # removed mount point detaches their bind mounts, and they would write on the
+            # host's own directory.
+            kill_namespace_processes(vm.host.netns)
+            if vm.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    vm.proc.wait(10)
         # Machines the controller did not end (it was stopped mid-job, or failed to).
         cloudvm.cleanup_run(self.cloud_dir)
         cloudvm.remove_mountpoints(self.root)

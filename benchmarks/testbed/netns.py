@@ -225,8 +225,10 @@ def find_leftovers(plan: Plan | None = None, *, prefix: str | None = None) -> Le
     return found
 
 
-def _kill_namespace_processes(netns: str) -> None:
-    # A process left inside would keep the namespace (and its sockets) alive after `del`.
+def kill_namespace_processes(netns: str) -> None:
+    """Kill every process whose network namespace is `netns` (a machine powered off).
+
+    A process left inside would keep the namespace (and its sockets) alive after `del`."""
     out = ip("netns", "pids", netns, check=False)
     for pid in (int(p) for p in out.split() if p.isdigit()):
         with contextlib.suppress(ProcessLookupError):
@@ -239,7 +241,7 @@ def remove(leftovers: Leftovers) -> None:
     errors = []
     for netns in leftovers.namespaces:
         try:
-            _kill_namespace_processes(netns)
+            kill_namespace_processes(netns)
             ip("netns", "del", netns)
         except IpError as exc:
             errors.append(str(exc))
@@ -442,7 +444,7 @@ class Testbed:
         for ns in [*(h.netns for h in self.plan.hosts), self.plan.bridge_netns]:
             if ns in existing:
                 try:
-                    _kill_namespace_processes(ns)
+                    kill_namespace_processes(ns)
                     ip("netns", "del", ns)
                 except IpError as exc:
                     errors.append(str(exc))
