@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedsky.controller.onebox import STUDY_HOSPITALS, Onebox, OneboxError
+from fedsky.shared.jobspec import MaxCost, Placement
 
 
 def _say(text: str) -> None:
@@ -37,24 +38,45 @@ def _show(box: Onebox, *args: str) -> str:
 DEMO_ROUNDS = 5
 
 
-def _job_spec(directory: Path) -> Path:
-    """The case study's job: a CNN on digits split (non-IID) across the three hospitals."""
+# The case study's limits: 85,000 KRW a month, 250 ms, cost:latency 9:1.
+DEMO_PLACEMENT = Placement(
+    max_cost=MaxCost(amount=85000, currency="KRW", per="month"),
+    max_latency_ms=250,
+    cost_weight=0.9,
+)
+
+
+def digits_job_spec(
+    directory: Path,
+    *,
+    name: str,
+    participants: Sequence[str],
+    rounds: int,
+    placement: Placement = DEMO_PLACEMENT,
+) -> Path:
+    """A job spec (and its model file, `digits-cnn.safetensors`) in `directory`: the case
+    study's CNN on digits, trained across `participants`; the testbed's runs use it too."""
     from fedsky.shared.modelfile import make_example
 
     model = directory / "digits-cnn.safetensors"
     make_example("digits", model)
-    spec = directory / "digits-job.toml"
-    participants = ", ".join(f'"{n}"' for n in STUDY_HOSPITALS)
+    spec = directory / f"{name}.toml"
+    names = ", ".join(f'"{n}"' for n in participants)
+    limits = [f"cost_weight = {placement.cost_weight}", f'method = "{placement.method}"']
+    if placement.max_cost is not None:
+        limits.append(f'max_cost = "{placement.max_cost}"')
+    if placement.max_latency_ms is not None:
+        limits.append(f"max_latency_ms = {placement.max_latency_ms}")
     spec.write_text(
         "\n".join(
             [
-                'name = "digits-case-study"',
-                f"participants = [{participants}]",
+                f'name = "{name}"',
+                f"participants = [{names}]",
                 f'model = "{model.name}"',
                 'dataset = "digits"',
                 'selection_metric = "f1"',
                 "[hyperparameters]",
-                f"rounds = {DEMO_ROUNDS}",
+                f"rounds = {rounds}",
                 "local_epochs = 1",
                 "batch_size = 32",
                 "learning_rate = 0.05",
@@ -63,9 +85,7 @@ def _job_spec(directory: Path) -> Path:
                 "memory_gib = 4",
                 "disk_gib = 20",
                 "[placement]",
-                'max_cost = "85000 KRW/month"',
-                "max_latency_ms = 250",
-                "cost_weight = 0.9",
+                *limits,
                 "",
             ]
         )
@@ -73,17 +93,20 @@ def _job_spec(directory: Path) -> Path:
     return spec
 
 
-def _datasets(index: int) -> str:
-    # Each hospital holds its own non-IID slice of scikit-learn's digits; only the name travels.
+def digits_datasets(index: int, count: int) -> str:
+    """An agent's `[datasets.digits]`: its own non-IID slice (`index` of `count`) of
+    scikit-learn's digits; only the name travels."""
     return (
         "[datasets.digits]\n"
         'kind = "digits"\n'
-        f'partition = {{ index = {index}, count = {len(STUDY_HOSPITALS)}, scheme = "label-skew", seed = 7 }}\n'
+        f'partition = {{ index = {index}, count = {count}, scheme = "label-skew", seed = 7 }}\n'
     )
 
 
 def run_demo(*, root: Path, keep: bool) -> int:
-    extra = {name: _datasets(i) for i, name in enumerate(STUDY_HOSPITALS)}
+    extra = {
+        name: digits_datasets(i, len(STUDY_HOSPITALS)) for i, name in enumerate(STUDY_HOSPITALS)
+    }
     box = Onebox(root=root, report_interval_s=10.0, poll_interval_s=1.0, agent_extra=extra)
     started = time.monotonic()
     try:
@@ -115,7 +138,9 @@ def run_demo(*, root: Path, keep: bool) -> int:
                 f"--cost-weight={weight}",
             )
         _say("A federated job on digits across the three hospitals (data never leaves them)")
-        spec = _job_spec(root)
+        spec = digits_job_spec(
+            root, name="digits-case-study", participants=list(STUDY_HOSPITALS), rounds=DEMO_ROUNDS
+        )
         print(f"$ fedctl job submit {spec} --follow", flush=True)
         done = box.fedctl(
             "job", "submit", str(spec), "--follow", "--json", check=False, timeout=900

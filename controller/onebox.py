@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fedsky.agent.testnode import write_test_node
 from fedsky.controller.cli.client import ApiClient, ApiError, ControllerUnavailable
@@ -96,10 +96,28 @@ class Onebox:
 
     # -- running commands ---------------------------------------------------------------------
 
+    # -- where each process runs: all on this machine here; the testbed's harness puts each
+    # on its own emulated host by overriding these two.
+
+    def command(self, where: str, argv: Sequence[str]) -> list[str]:
+        """`argv` (a console script of this installation first) as run for `where`: the
+        controller's side ("controller") or an agent's (its name)."""
+        return [_bin(argv[0]), *argv[1:]]
+
+    def spawn(self, where: str, argv: Sequence[str], *, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        """A daemon for `where`, in a session of its own, logging to `log`."""
+        return subprocess.Popen(
+            self.command(where, argv),
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
     def run(
-        self, *argv: str, check: bool = True, timeout: float = 120
+        self, *argv: str, check: bool = True, timeout: float = 120, where: str = "controller"
     ) -> subprocess.CompletedProcess[str]:
-        cmd = [_bin(argv[0]), *argv[1:]]
+        cmd = self.command(where, argv)
         done = subprocess.run(
             cmd, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
         )
@@ -152,12 +170,8 @@ class Onebox:
 
     def start_controller(self, *, timeout: float = 60) -> None:
         log = (self.controller_dir / "controller.log").open("ab")
-        self.controller = subprocess.Popen(
-            [_bin("fedsky-controller"), "--config", str(self.controller_config)],
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.controller = self.spawn(
+            "controller", ["fedsky-controller", "--config", str(self.controller_config)], log=log
         )
         self.wait_controller(timeout=timeout)
 
@@ -232,13 +246,7 @@ class Onebox:
         agent = self.agents[name]
         agent.log_path = agent.config.parent / "agent.log"
         log = agent.log_path.open("ab")
-        agent.proc = subprocess.Popen(
-            [_bin("fedsky-agent"), "--config", str(agent.config)],
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        agent.proc = self.spawn(name, ["fedsky-agent", "--config", str(agent.config)], log=log)
 
     def stop_agent(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
         agent = self.agents[name]

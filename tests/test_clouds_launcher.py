@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from fedsky.controller.clouds.base import AggregatorSpec, ProviderError
-from fedsky.controller.clouds.launcher import CommandLauncher, parse_launch_output
+from fedsky.controller.clouds.launcher import BootedMachine, CommandLauncher, parse_launch_output
 from fedsky.controller.clouds.settings import LauncherConfig
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
@@ -186,11 +186,12 @@ def test_what_the_launcher_prints_is_checked(printed: str, reason: str) -> None:
 
 
 def test_a_host_name_is_an_address_too() -> None:
-    assert parse_launch_output('log line\n{"ref": "r/1", "address": "agg.dc1.example"}') == (
-        "r/1",
-        "agg.dc1.example",
-        None,
-    )
+    machine = parse_launch_output('log line\n{"ref": "r/1", "address": "agg.dc1.example"}')
+    assert machine == BootedMachine(ref="r/1", host="agg.dc1.example", is_ip=False, console=None)
+    assert machine.address(9092) == "agg.dc1.example:9092"
+    v6 = parse_launch_output('{"ref": "r/2", "address": "2001:db8::7", "console": "/log"}')
+    assert v6 == BootedMachine(ref="r/2", host="2001:db8::7", is_ip=True, console="/log")
+    assert v6.address(9092) == "[2001:db8::7]:9092"
 
 
 async def test_a_machine_that_never_answers_is_ended(service: Any, launcher: Launcher) -> None:

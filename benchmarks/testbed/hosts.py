@@ -32,9 +32,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fedsky.agent.testnode import NodeVm, write_test_node
-from fedsky.controller.onebox import AgentProcess, Onebox, OneboxError, _bin
+from fedsky.controller.onebox import AgentProcess, Onebox
 
 from benchmarks.testbed import cloudvm
 from benchmarks.testbed.netns import Testbed, TestbedError, kill_namespace_processes
@@ -228,41 +229,25 @@ class TestbedBox(Onebox):
         """The aggregator machines the testbed's cloud booted, alive or ended, with their logs."""
         return cloudvm.machine_records(self.cloud_dir)
 
-    # -- commands, each in its host's namespace ------------------------------------------------
+    # -- every process in its host's namespace ----------------------------------------------
 
-    def run_in(
-        self, netns: str, *argv: str, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        cmd = self.testbed.command(netns, [_bin(argv[0]), *argv[1:]])
-        done = subprocess.run(
-            cmd, env=self.env(), capture_output=True, text=True, timeout=timeout, check=False
-        )
-        if check and done.returncode != 0:
-            raise OneboxError(
-                f"`{' '.join(argv[:4])} ...` in {netns} exited {done.returncode}: "
-                f"{(done.stderr.strip() or done.stdout.strip())[-1500:]}"
-            )
-        return done
+    def netns_for(self, where: str) -> str:
+        """The namespace of the controller's side ("controller") or of an agent (its name)."""
+        return self.ctl.netns if where == "controller" else self.agent_netns[where]
 
-    def run(
-        self, *argv: str, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        """`fedctl` and the operator's commands: on the controller's host."""
-        return self.run_in(self.ctl.netns, *argv, check=check, timeout=timeout)
+    def command(self, where: str, argv: Sequence[str]) -> list[str]:
+        return self.testbed.command(self.netns_for(where), super().command(where, argv))
 
-    # -- controller ----------------------------------------------------------------------------
-
-    def start_controller(self, *, timeout: float = 60) -> None:
-        log = (self.controller_dir / "controller.log").open("ab")
-        self.controller = self.testbed.popen(
-            self.ctl.netns,
-            [_bin("fedsky-controller"), "--config", str(self.controller_config)],
+    def spawn(self, where: str, argv: Sequence[str], *, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        # Through the testbed, which stops what it started when it goes down.
+        return self.testbed.popen(
+            self.netns_for(where),
+            super().command(where, argv),
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.wait_controller(timeout=timeout)
 
     # -- VMs and agents ------------------------------------------------------------------------
 
@@ -323,43 +308,23 @@ class TestbedBox(Onebox):
         self.agent_netns[name] = agent_host.netns
         agentctl = ("agentctl", "--config", str(config))
         csr = home / f"{name}.csr"
-        self.run_in(agent_host.netns, *agentctl, "enroll", "request", name, "--out", str(csr))
+        self.run(*agentctl, "enroll", "request", name, "--out", str(csr), where=name)
         bundle = home / f"{name}.bundle.json"
         self.fedctl(
             "agents", "enroll", name, "--location", spec.location, "--csr", str(csr),
             "--out", str(bundle),
         )  # fmt: skip
-        self.run_in(agent_host.netns, *agentctl, "enroll", str(bundle))
+        self.run(*agentctl, "enroll", str(bundle), where=name)
         # Each VM's host key, pinned the operator's way before any job: fetched over the
         # testbed from the agent's host, accepted only with the fingerprint the VM shows.
         for vm in spec.vms:
-            self.run_in(
-                agent_host.netns,
-                *agentctl,
-                "vm",
-                "register",
-                vm,
-                "--fingerprint",
-                self.vm_hosts[(name, vm)].host_key_fingerprint,
-            )
+            fingerprint = self.vm_hosts[(name, vm)].host_key_fingerprint
+            self.run(*agentctl, "vm", "register", vm, "--fingerprint", fingerprint, where=name)
         agent = AgentProcess(
             name=name, location=spec.location, config=config, state_dir=state, node_xml=node_xml
         )
         self.agents[name] = agent
         return agent
-
-    def start_agent(self, name: str) -> None:
-        agent = self.agents[name]
-        agent.log_path = agent.config.parent / "agent.log"
-        log = agent.log_path.open("ab")
-        agent.proc = self.testbed.popen(
-            self.agent_netns[name],
-            [_bin("fedsky-agent"), "--config", str(agent.config)],
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
     def stop(self) -> None:
         super().stop()

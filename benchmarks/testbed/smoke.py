@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from fedsky.controller.cli.client import ApiError, ControllerUnavailable
+from fedsky.controller.demo import DEMO_PLACEMENT, DEMO_ROUNDS, digits_datasets, digits_job_spec
 from fedsky.controller.jobs.stages.place import job_limits
 from fedsky.controller.onebox import STUDY_HOSPITALS, OneboxError
 from fedsky.controller.placement import JobProfile, load_catalog, place
-from fedsky.shared.jobspec import MaxCost
 from fedsky.shared.jobspec import Placement as PlacementLimits
+from fedsky.shared.jobspec import load_job_spec
 
 from benchmarks.testbed.hosts import (
     BROKER_PORT,
@@ -82,12 +83,8 @@ SMOKE = Scenario("testbed-smoke", SMOKE_HOSPITALS, SMOKE_ROUNDS)
 CASE_STUDY = Scenario(
     "digits-case-study",
     tuple(HospitalSpec(n, loc, ("vm-001", "vm-002")) for n, loc in STUDY_HOSPITALS.items()),
-    5,
-    PlacementLimits(
-        max_cost=MaxCost(amount=85000, currency="KRW", per="month"),
-        max_latency_ms=250,
-        cost_weight=0.9,
-    ),
+    DEMO_ROUNDS,
+    DEMO_PLACEMENT,
 )
 # The clouds the testbed's launcher serves: placement picks among their offers.
 TESTBED_CLOUDS = ("aws",)
@@ -241,50 +238,6 @@ def _in_subnet(address: str, subnet: str) -> bool:
 # -- the run --------------------------------------------------------------------------------
 
 
-def _datasets(index: int, count: int) -> str:
-    return (
-        "[datasets.digits]\n"
-        'kind = "digits"\n'
-        f'partition = {{ index = {index}, count = {count}, scheme = "label-skew", seed = 7 }}\n'
-    )
-
-
-def _job_spec(directory: Path, scenario: Scenario, rounds: int) -> Path:
-    from fedsky.shared.modelfile import make_example
-
-    model = directory / "digits-cnn.safetensors"
-    make_example("digits", model)
-    spec = directory / f"{scenario.name}.toml"
-    names = ", ".join(f'"{h.name}"' for h in scenario.hospitals)
-    limits = scenario.placement
-    spec.write_text(
-        "\n".join(
-            [
-                f'name = "{scenario.name}"',
-                f"participants = [{names}]",
-                f'model = "{model.name}"',
-                'dataset = "digits"',
-                'selection_metric = "f1"',
-                "[hyperparameters]",
-                f"rounds = {rounds}",
-                "local_epochs = 1",
-                "batch_size = 32",
-                "learning_rate = 0.05",
-                "[resources]",
-                "vcpus = 2",
-                "memory_gib = 4",
-                "disk_gib = 20",
-                "[placement]",
-                f"cost_weight = {limits.cost_weight}",
-                *([f'max_cost = "{limits.max_cost}"'] if limits.max_cost else []),
-                *([f"max_latency_ms = {limits.max_latency_ms}"] if limits.max_latency_ms else []),
-                "",
-            ]
-        )
-    )
-    return spec
-
-
 def ensure_wheelhouse(directory: Path, *, rebuild: bool = True) -> dict[str, Any]:
     """The pinned artifacts the run installs from: the aggregator's (for the machine the
     launcher boots) and the client's (for the VMs), built from this checkout with the same
@@ -339,8 +292,14 @@ def run_smoke(
     timings["wheelhouse_s"] = ensure_wheelhouse(wheelhouse, rebuild=rebuild_wheelhouse).get(
         "seconds", 0.0
     )
-    job_file = _job_spec(root, scenario, rounds)
-    model_mb = (root / "digits-cnn.safetensors").stat().st_size / 1e6
+    job_file = digits_job_spec(
+        root,
+        name=scenario.name,
+        participants=[h.name for h in hospitals],
+        rounds=rounds,
+        placement=scenario.placement,
+    )
+    model_mb = (job_file.parent / load_job_spec(job_file).model).stat().st_size / 1e6
     chosen, baseline = job_regions(
         hospitals, model_mb=model_mb, rounds=rounds, limits=scenario.placement
     )
@@ -372,7 +331,7 @@ def run_smoke(
                         spec,
                         agent_host=plan.host(f"h-{spec.name}"),
                         vm_hosts=[plan.host(f"vm-{spec.name}-{vm}") for vm in spec.vms],
-                        datasets=_datasets(i, len(hospitals)),
+                        datasets=digits_datasets(i, len(hospitals)),
                     )
                     box.start_agent(spec.name)
                 box.wait_agents_online(

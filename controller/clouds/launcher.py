@@ -35,6 +35,7 @@ import logging
 import os
 import re
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from fedsky.controller.clouds.base import (
     AggregatorSpec,
     ProviderError,
 )
-from fedsky.controller.clouds.common import check_job_id, wait_superlink_answers
+from fedsky.controller.clouds.common import check_job_id
 from fedsky.controller.clouds.settings import LauncherConfig
 from fedsky.controller.security.bootstrap_tokens import TOKEN_PREFIX, VmBootstrap
 from fedsky.controller.security.startup_script import VM_FILES
@@ -70,12 +71,22 @@ def _reason(stderr: bytes, returncode: int | None) -> str:
     return f"exit {returncode}: {lines[-1][:300]}" if lines else f"exit {returncode}"
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+@dataclass(frozen=True)
+class BootedMachine:
+    """What `launch` reported: the machine's reference, the address it is reached at (an IP
+    address or a DNS name, as its certificate will name it) and where its boot log is."""
+
+    ref: str
+    host: str
+    is_ip: bool
+    console: str | None
+
+    def address(self, port: int) -> str:
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
 
 
-def parse_launch_output(text: str) -> tuple[str, str, str | None]:
-    """`(ref, host, console)` from what `launch` printed; ProviderError saying what is wrong."""
+def parse_launch_output(text: str) -> BootedMachine:
+    """The machine `launch` printed on its last line; ProviderError saying what is wrong."""
     lines = [line for line in text.splitlines() if line.strip()]
     try:
         answer = json.loads(lines[-1]) if lines else None
@@ -93,12 +104,12 @@ def parse_launch_output(text: str) -> tuple[str, str, str | None]:
     except ValueError:
         if not _HOST_NAME.match(host):
             raise ProviderError(f"the launcher printed {host[:80]!r}, not an address") from None
-    else:
-        if ip.is_unspecified or ip.is_multicast:
-            raise ProviderError(f"the launcher printed {host}, which no one can connect to")
+        ip = None
+    if ip is not None and (ip.is_unspecified or ip.is_multicast):
+        raise ProviderError(f"the launcher printed {host}, which no one can connect to")
     if console is not None and not isinstance(console, str):
         raise ProviderError("the launcher's `console` must be a string")
-    return ref, host, console
+    return BootedMachine(ref=ref, host=host, is_ip=ip is not None, console=console)
 
 
 class CommandLauncher:
@@ -181,37 +192,30 @@ class CommandLauncher:
                 *(arg for source in spec.allowed_sources for arg in ("--allow", source)),
                 stdin=script.encode(),
             )  # fmt: skip
-            ref, host, console = parse_launch_output(out)
+            machine = parse_launch_output(out)
         except BaseException:
             await asyncio.shield(self._bootstrap.tokens.revoke(job_id))
             raise
+        ref = machine.ref
         handle = AggregatorHandle(
             provider=self.name,
             job_id=job_id,
             ref=ref,
             region=spec.region,
-            address=_address(host, self._bootstrap.superlink_port),
+            address=machine.address(self._bootstrap.superlink_port),
         )
-        log.info("launcher %s booted %s for job %s at %s", self.name, ref, job_id, host)
+        log.info("launcher %s booted %s for job %s at %s", self.name, ref, job_id, machine.host)
         try:
-            is_ip = True
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                is_ip = False
             await self._bootstrap.tokens.bind(
                 job_id,
-                ip_addresses=[host] if is_ip else [],
-                dns_names=[] if is_ip else [host],
+                ip_addresses=[machine.host] if machine.is_ip else [],
+                dns_names=[] if machine.is_ip else [machine.host],
             )
             assert handle.address is not None
-            await wait_superlink_answers(
-                health_check=self._bootstrap.health_check,
-                address=handle.address,
-                timeout_s=self._bootstrap.ready_timeout_s,
-                interval_s=self._bootstrap.poll_interval_s,
+            await self._bootstrap.wait_answers(
+                handle.address,
                 ref=ref,
-                console_hint=console or f"{self.config.command[0]} (its boot log of {ref})",
+                console_hint=machine.console or f"{self.config.command[0]} (its boot log of {ref})",
             )
         except BaseException:
             await asyncio.shield(self._cleanup(handle))

@@ -43,6 +43,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from fedsky.controller.clouds.common import wait_superlink_answers
 from fedsky.controller.security.pki import IssuedCertificate, Pki, PkiError
 from fedsky.controller.security.startup_script import aggregator_artifacts, render_startup_script
 from fedsky.controller.store import Store, transaction
@@ -359,6 +360,18 @@ class VmBootstrap:
     # The wheelhouse whose manifest pins the install (`[artifacts] dir`), and a mirror of it.
     artifacts_dir: Path | None = None
     artifacts_url: str | None = None
+
+    async def wait_answers(self, address: str, *, ref: str, console_hint: str) -> None:
+        """Wait until the machine's SuperLink answers at `address` with a certificate from
+        fedsky's CA (`ready_timeout_s`); ProviderError naming `console_hint` when it does not."""
+        await wait_superlink_answers(
+            health_check=self.health_check,
+            address=address,
+            timeout_s=self.ready_timeout_s,
+            interval_s=self.poll_interval_s,
+            ref=ref,
+            console_hint=console_hint,
+        )
 
     async def startup_script(self, job_id: str) -> str:
         """A fresh token for `job_id`'s aggregator, inside the script that redeems it.

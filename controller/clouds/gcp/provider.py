@@ -36,7 +36,6 @@ from fedsky.controller.clouds.common import (
     check_job_id,
     check_sources,
     resource_name,
-    wait_superlink_answers,
     wait_until,
 )
 from fedsky.controller.clouds.errors import scrub
@@ -383,11 +382,8 @@ class GcpProvider:
 
     async def _wait_healthy(self, handle: AggregatorHandle) -> None:
         assert handle.address is not None
-        await wait_superlink_answers(
-            health_check=self._bootstrap.health_check,
-            address=handle.address,
-            timeout_s=self._bootstrap.ready_timeout_s,
-            interval_s=self._bootstrap.poll_interval_s,
+        await self._bootstrap.wait_answers(
+            handle.address,
             ref=handle.ref,
             console_hint=f"gcloud compute instances get-serial-port-output {handle.ref.partition('/')[2]}",
         )
