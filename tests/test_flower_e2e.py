@@ -4,8 +4,10 @@ One aggregator and three hospitals serve every test in this module (starting the
 a run). Runs are started as the FL initializer starts them (`SuperLinkControl.start_run`); the
 ServerApp writes each round to a directory (the file sink). Covered: two rounds with federated
 metrics equal to central ones, a dataset a site lacks, a model file that does not load, per-site
-dataset names, stopping a run, unregistering a key, and failover to a standby key (last: it
-replaces a SuperNode).
+dataset names, failover to a standby key (it replaces a SuperNode), and stopping a run and
+unregistering a key. Stopping comes last: a SuperNode whose ClientApp was mid-message when its run
+stopped waits for that reply for good and takes no further message (Flower 1.42), which is why
+fedsky ends a job's SuperNodes with its run and never reuses one for the next.
 """
 
 from __future__ import annotations
@@ -274,54 +276,6 @@ async def test_overrides_per_site(federation: Federation) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_stop_a_run_and_unregister_a_node(federation: Federation) -> None:
-    sink = federation.root / "runs" / "long"
-    settings = RunSettings.model_validate(
-        {
-            "job-id": "long",
-            "num-rounds": 50,
-            "min-participants": len(SITES),
-            "expected-participants": len(SITES),
-            "model-file": str(federation.model),
-            "sink": "file",
-            "sink-dir": str(sink),
-        }
-    )
-    run_id = await federation.control.start_run(
-        app_dir=prepare_app_dir(federation.root / "app"),
-        settings=settings,
-        run_config_file=federation.root / "long.toml",
-    )
-    await eventually(
-        lambda: federation.control.run_status(run_id),
-        until=lambda status: status == "running",
-        timeout=60,
-        interval=0.5,
-        what=f"run {run_id} to run",
-    )
-    await asyncio.sleep(3)  # round 1 under way
-    await federation.control.stop_run(run_id)
-    assert await _finished_status(federation.control, run_id, timeout=60) == "finished:stopped"
-    # A spare key: registered, then unregistered (what failover does to a dead node's key).
-    keys = generate_node_key(federation.root / "spare")
-    node_id = await federation.control.register_node(keys.public_key, name="spare")
-    await federation.control.unregister_node(node_id)
-    states = {n.node_id: n.status for n in await federation.control.list_nodes()}
-    assert states[node_id] == "unregistered"
-    # The SuperLink's refusals come back as errors that say what was refused.
-    with pytest.raises(ProviderError, match="registering a node key at the SuperLink"):
-        await federation.control.register_node(keys.public_key, name="spare-again")
-    not_a_key = federation.root / "spare" / "not-a-key.pub"
-    not_a_key.write_text("ssh-rsa AAAA\n")
-    with pytest.raises(ProviderError, match=r"not-a-key\.pub is not an OpenSSH public key"):
-        await federation.control.register_node(not_a_key)
-    with pytest.raises(
-        ProviderError, match=r"reading run 12345 at the SuperLink .* failed: .*not found"
-    ):
-        await federation.control.run_status(12345)
-
-
-@pytest.mark.asyncio(loop_scope="module")
 async def test_failover_to_a_standby_key(federation: Federation) -> None:
     """A hospital's SuperNode dies mid-round with every site required; its node is unregistered
     (its pending message fails at once) and a replacement with the pre-registered standby key
@@ -390,3 +344,52 @@ async def test_failover_to_a_standby_key(federation: Federation) -> None:
     assert failed, "the kill was not noticed mid-round"
     assert {f.site for f in failed} == {"hospital-eu"}
     assert await _finished_status(federation.control, run_id) == "finished:completed"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_stop_a_run_and_unregister_a_node(federation: Federation) -> None:
+    # Last in the module: the stop may leave a SuperNode waiting for a reply that never comes.
+    sink = federation.root / "runs" / "long"
+    settings = RunSettings.model_validate(
+        {
+            "job-id": "long",
+            "num-rounds": 50,
+            "min-participants": len(SITES),
+            "expected-participants": len(SITES),
+            "model-file": str(federation.model),
+            "sink": "file",
+            "sink-dir": str(sink),
+        }
+    )
+    run_id = await federation.control.start_run(
+        app_dir=prepare_app_dir(federation.root / "app"),
+        settings=settings,
+        run_config_file=federation.root / "long.toml",
+    )
+    await eventually(
+        lambda: federation.control.run_status(run_id),
+        until=lambda status: status == "running",
+        timeout=60,
+        interval=0.5,
+        what=f"run {run_id} to run",
+    )
+    await asyncio.sleep(3)  # round 1 under way
+    await federation.control.stop_run(run_id)
+    assert await _finished_status(federation.control, run_id, timeout=60) == "finished:stopped"
+    # A spare key: registered, then unregistered (what failover does to a dead node's key).
+    keys = generate_node_key(federation.root / "spare")
+    node_id = await federation.control.register_node(keys.public_key, name="spare")
+    await federation.control.unregister_node(node_id)
+    states = {n.node_id: n.status for n in await federation.control.list_nodes()}
+    assert states[node_id] == "unregistered"
+    # The SuperLink's refusals come back as errors that say what was refused.
+    with pytest.raises(ProviderError, match="registering a node key at the SuperLink"):
+        await federation.control.register_node(keys.public_key, name="spare-again")
+    not_a_key = federation.root / "spare" / "not-a-key.pub"
+    not_a_key.write_text("ssh-rsa AAAA\n")
+    with pytest.raises(ProviderError, match=r"not-a-key\.pub is not an OpenSSH public key"):
+        await federation.control.register_node(not_a_key)
+    with pytest.raises(
+        ProviderError, match=r"reading run 12345 at the SuperLink .* failed: .*not found"
+    ):
+        await federation.control.run_status(12345)
