@@ -38,6 +38,8 @@ bench: install
 	$(PY) -m benchmarks.orchestrator
 	$(PY) -m benchmarks.control_plane
 	$(PY) -m benchmarks.fl_overhead
+	# The case study on the testbed (root; about 15 minutes): predicted against measured.
+	$(PY) -m benchmarks.testbed --case-study
 
 # The pinned release artifacts: dist/wheelhouse/ (wheels of fedsky and every dependency per
 # role, requirements-<role>.txt with --hash lines, manifest.json). ROLES="aggregator" limits it.

@@ -148,18 +148,21 @@ def _phases(timelines: list[Timeline]) -> dict[str, float]:
     return {k: round(statistics.fmean(v), 3) for k, v in parts.items() if v}
 
 
-def _synthetic_xray(root: Path, *, seed: int, per_class: int = 40) -> ImageFolderSpec:
-    """Grey 64x64 noise images in the chest X-ray layout, for the 26 MB model (timing only)."""
+def synthetic_xray(root: Path, *, seed: int, per_class: int = 40) -> ImageFolderSpec:
+    """Grey 64x64 images in the chest X-ray layout for the 26 MB model: noise, with a brighter
+    patch in the "covid" class so that training has something to learn."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     for split, n in (("train", per_class), ("test", per_class // 4)):
-        for cls in ("normal", "covid"):
+        for label, cls in enumerate(("normal", "covid")):
             d = root / split / cls
             d.mkdir(parents=True, exist_ok=True)
             for k in range(n):
-                Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(d / f"{k}.png")
+                pixels = rng.integers(0, 200, (64, 64), dtype=np.uint8)
+                pixels[20:44, 20:44] += np.uint8(55 * label)
+                Image.fromarray(pixels).save(d / f"{k}.png")
     return ImageFolderSpec(kind="image-folder", root=root)
 
 
@@ -201,6 +204,7 @@ async def run_bare(
     work: Path,
     measure_fixed_costs: bool = True,
     torch_threads: int | None = 1,
+    xray_per_class: int = 40,
 ) -> BareResult:
     """`torch_threads=None` leaves torch its default, as a fedsky job's SuperNodes do."""
     pki = Pki.init(work / "pki")
@@ -229,7 +233,7 @@ async def run_bare(
                         kind="digits",
                         partition=Partition(index=i, count=nodes, scheme="label-skew", seed=11),
                     ),
-                    "xray": _synthetic_xray(d / "xray", seed=i),
+                    "xray": synthetic_xray(d / "xray", seed=i, per_class=xray_per_class),
                 },
             )
             cmd = supernode_command(
@@ -427,7 +431,7 @@ def run_job(*, nodes: int = 3, rounds: int = 3, model: str = "digits", work: Pat
             kind="digits", partition=Partition(index=i, count=nodes, scheme="label-skew", seed=11)
         )
         if model == "xray":
-            data = _synthetic_xray(work / "data" / name, seed=i)
+            data = synthetic_xray(work / "data" / name, seed=i)
         extra[name] = _dataset_toml("xray" if model == "xray" else "digits", data)
     box = Onebox(root=work / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra)
     try:

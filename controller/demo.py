@@ -18,9 +18,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedsky.controller.onebox import STUDY_HOSPITALS, Onebox, OneboxError
 from fedsky.shared.jobspec import MaxCost, Placement
+
+if TYPE_CHECKING:
+    from fedsky.shared.modelfile import ExampleName
 
 
 def _say(text: str) -> None:
@@ -46,20 +50,23 @@ DEMO_PLACEMENT = Placement(
 )
 
 
-def digits_job_spec(
+def example_job_spec(
     directory: Path,
     *,
     name: str,
     participants: Sequence[str],
     rounds: int,
     placement: Placement = DEMO_PLACEMENT,
+    example: ExampleName = "digits",
+    learning_rate: float = 0.05,
 ) -> Path:
-    """A job spec (and its model file, `digits-cnn.safetensors`) in `directory`: the case
-    study's CNN on digits, trained across `participants`; the testbed's runs use it too."""
+    """A job spec (and its model file, `<example>-cnn.safetensors`) in `directory`: one of
+    fedsky's example networks trained on the dataset of the same name across `participants`.
+    The demo's case study is the digits CNN; the testbed's runs use these too."""
     from fedsky.shared.modelfile import make_example
 
-    model = directory / "digits-cnn.safetensors"
-    make_example("digits", model)
+    model = directory / f"{example}-cnn.safetensors"
+    make_example(example, model)
     spec = directory / f"{name}.toml"
     names = ", ".join(f'"{n}"' for n in participants)
     limits = [f"cost_weight = {placement.cost_weight}", f'method = "{placement.method}"']
@@ -67,19 +74,24 @@ def digits_job_spec(
         limits.append(f'max_cost = "{placement.max_cost}"')
     if placement.max_latency_ms is not None:
         limits.append(f"max_latency_ms = {placement.max_latency_ms}")
+    if placement.offer is not None:
+        limits.append(f'offer = "{placement.offer}"')
+    for key in ("train_s", "eval_s"):
+        if (value := getattr(placement, key)) is not None:
+            limits.append(f"{key} = {value}")
     spec.write_text(
         "\n".join(
             [
                 f'name = "{name}"',
                 f"participants = [{names}]",
                 f'model = "{model.name}"',
-                'dataset = "digits"',
+                f'dataset = "{example}"',
                 'selection_metric = "f1"',
                 "[hyperparameters]",
                 f"rounds = {rounds}",
                 "local_epochs = 1",
                 "batch_size = 32",
-                "learning_rate = 0.05",
+                f"learning_rate = {learning_rate}",
                 "[resources]",
                 "vcpus = 2",
                 "memory_gib = 4",
@@ -138,7 +150,7 @@ def run_demo(*, root: Path, keep: bool) -> int:
                 f"--cost-weight={weight}",
             )
         _say("A federated job on digits across the three hospitals (data never leaves them)")
-        spec = digits_job_spec(
+        spec = example_job_spec(
             root, name="digits-case-study", participants=list(STUDY_HOSPITALS), rounds=DEMO_ROUNDS
         )
         print(f"$ fedctl job submit {spec} --follow", flush=True)

@@ -138,6 +138,14 @@ class Placement(_Strict):
     # The search over the offers: "exact" enumerates the Pareto front, "nsga2" runs NSGA-II
     # (as the original study does) over the same space; `fedctl place --method` is the same.
     method: Literal["exact", "nsga2"] = "exact"
+    # Run the aggregator on this offer ("cloud:region:instance_type") instead of the search's
+    # choice: the model still predicts its round time and cost beside the baseline's.
+    offer: Annotated[str, Field(pattern=r"^[a-z0-9-]+:[a-z0-9-]+:[A-Za-z0-9._-]+$")] | None = None
+    # Local training and evaluation seconds per round on a participant's VM, as measured (e.g.
+    # by `python -m fedsky.shared.flower.calibrate` on the job's model and data); None: the
+    # model's documented default.
+    train_s: Annotated[float, Field(ge=0, le=86_400)] | None = None
+    eval_s: Annotated[float, Field(ge=0, le=86_400)] | None = None
 
 
 class JobSpec(_Strict):

@@ -32,3 +32,14 @@ def mqtt_broker(pki: Pki, broker_dir: Path) -> Iterator[MqttBroker]:
         yield broker
     finally:
         broker.close()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pinned artifacts (aggregator and client) built once from this checkout, for the
+    testbed's runs."""
+    from benchmarks.testbed.smoke import ensure_wheelhouse
+
+    directory = tmp_path_factory.mktemp("wheelhouse")
+    ensure_wheelhouse(directory)
+    return directory

@@ -169,3 +169,26 @@ def test_the_search_method_and_the_studys_minimums(tmp_path: Path) -> None:
     bad = GOOD.replace("[placement]", '[placement]\nmethod = "random"')
     with pytest.raises(ConfigError, match=r"placement\.method"):
         load_job_spec(_write(tmp_path, bad, "bad-method.toml"))
+
+
+def test_a_pinned_offer_and_measured_phase_times(tmp_path: Path) -> None:
+    from fedsky.controller.jobs.stages.place import job_profile, pinned_offer
+
+    pinned = GOOD.replace(
+        "[placement]", '[placement]\noffer = "aws:us-east-1:m5.xlarge"\ntrain_s = 12.5\neval_s = 3'
+    )
+    spec = load_job_spec(_write(tmp_path, pinned, "pinned.toml"))
+    assert pinned_offer(spec.placement) == ("aws", "us-east-1", "m5.xlarge")
+    profile = job_profile(spec.placement, model_mb=26.0, rounds=3)
+    assert (profile.train_s, profile.evaluation_s, profile.rounds) == (12.5, 3.0, 3)
+    plain = load_job_spec(_write(tmp_path, GOOD, "plain.toml"))
+    assert pinned_offer(plain.placement) is None
+    assert job_profile(plain.placement, model_mb=26.0, rounds=3).train_s == 60.0  # the default
+    for line, key in (
+        ('offer = "us-east-1 m5.xlarge"', "placement.offer"),
+        ('offer = "aws:us-east-1"', "placement.offer"),
+        ("train_s = -1", "placement.train_s"),
+    ):
+        bad = GOOD.replace("[placement]", f"[placement]\n{line}")
+        with pytest.raises(ConfigError, match=rf"key '{key}'"):
+            load_job_spec(_write(tmp_path, bad, "bad-pin.toml"))

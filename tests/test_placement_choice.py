@@ -8,6 +8,7 @@ from fedsky.controller.placement import (
     CostLimit,
     JobProfile,
     Limits,
+    PlacementError,
     PlacementResult,
     load_catalog,
     parse_cost_limit,
@@ -146,3 +147,27 @@ def test_both_limits_and_memory() -> None:
     assert mem.binding == ("memory",)
     assert "GiB of memory the aggregation needs" in mem.reason
     assert mem.closest[0].offer.memory_gib == max(o.memory_gib for o in load_catalog().offers)
+
+
+def test_a_pinned_offer_is_the_choice_when_it_could_be_chosen() -> None:
+    args: dict[str, object] = {
+        "participants": CASE,
+        "job": JobProfile(model_mb=26, rounds=20),
+        "limits": Limits(max_cost=parse_cost_limit("1000000 USD/month"), max_latency_ms=60_000),
+        "catalog": load_catalog(),
+    }
+    pinned = ("aws", "us-east-1", "m5.xlarge")
+    res = place(**args, offer=pinned)  # type: ignore[arg-type]
+    assert res.choice is not None
+    assert res.baseline is not None
+    assert res.choice.key == pinned
+    # Predicted as any candidate: the same figures as the baseline it is.
+    assert res.choice.round_time_s == res.baseline.round_time_s
+    assert res.front  # the search still ran, for the record
+    with pytest.raises(PlacementError, match="not in the catalog"):
+        place(**args, offer=("aws", "us-east-1", "m9.huge"))  # type: ignore[arg-type]
+    with pytest.raises(PlacementError, match=r"not on a cloud the job may use \(gcp\)"):
+        place(**args, offer=pinned, clouds=("gcp",))  # type: ignore[arg-type]
+    tight = Limits(max_cost=parse_cost_limit("1000000 USD/month"), max_latency_ms=50)
+    with pytest.raises(PlacementError, match="breaks the job's limits"):
+        place(**(args | {"limits": tight}), offer=pinned)  # type: ignore[arg-type]

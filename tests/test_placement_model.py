@@ -147,9 +147,9 @@ def test_point_figures_match_the_model_by_hand() -> None:
     evaluate = float(np.max(legs + 6 + rtts / 1000))
     time = train + aggregation_s(26.0, 3, np.array([4.0]))[0] + evaluate
     assert b.round_time_s == pytest.approx(time)
-    # Per round the weights leave the cloud seven times: 3 for training, 3 for evaluation,
-    # 1 to the controller.
-    egress = 20 * 7 * 26 / 1000 * 0.09
+    # Per round the weights leave the cloud 3 times for training, 3 for evaluation, and once
+    # to the controller, base64 over the bus (4/3 of the size).
+    egress = 20 * (6 + 4 / 3) * 26 / 1000 * 0.09
     assert b.egress_usd == pytest.approx(egress)
     assert b.cost_usd == pytest.approx(0.192 * HOURS_PER_MONTH + egress)
     assert b.cost == pytest.approx((0.192 * HOURS_PER_MONTH + egress) * 1450)
@@ -194,3 +194,19 @@ def test_measured_rtt_replaces_the_table() -> None:
             catalog=cat,
             measured_rtt={"asia": {"aws:us-east-1": 0.0}},
         )
+
+
+def test_the_aggregators_link_is_shared_by_its_participants() -> None:
+    from fedsky.controller.placement.model import ModelParams
+
+    params = ModelParams(link_mbps=1000.0, aggregator_link_mbps=200.0)
+    rtt = np.array([1.0])
+    alone = float(transfer_s(26.0, rtt, params, sharing=1)[0])
+    three = float(transfer_s(26.0, rtt, params, sharing=3)[0])
+    # 26 MB at the whole 200 Mbit/s, then at a third of it (the ramp differs by under 1 ms).
+    assert alone == pytest.approx(26e6 / 25e6, abs=2e-3)
+    assert three == pytest.approx(26e6 / (25e6 / 3), abs=2e-3)
+    # Below the participant's own link, sharing changes nothing.
+    assert float(transfer_s(26.0, rtt, DEFAULT_PARAMS, sharing=3)[0]) == pytest.approx(
+        float(transfer_s(26.0, rtt, DEFAULT_PARAMS)[0])
+    )

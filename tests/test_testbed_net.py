@@ -238,3 +238,88 @@ def test_relayed_links_measure_their_targets(clean: None) -> None:
 
 
 _CONNECT = "import socket; socket.create_connection(('%s', 7007), timeout=2)"
+
+
+# -- link shaping and slow start ---------------------------------------------------------------
+
+_SINK = """
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], 7100)); srv.listen(8)
+while True:
+    conn, _ = srv.accept()
+    head = b""
+    while len(head) < 16:
+        head += conn.recv(16 - len(head))
+    want = int(head.decode()); got = 0
+    while got < want:
+        got += len(conn.recv(1 << 16))
+    conn.sendall(b"k"); conn.close()
+"""
+_SEND = """
+import socket, sys, time
+def exchange(size):
+    with socket.create_connection((sys.argv[1], 7100), timeout=30) as s:
+        s.sendall(f"{size:<16}".encode())
+        t = time.monotonic(); s.sendall(b"x" * size)
+        if s.recv(1) != b"k":
+            raise ConnectionError("no answer")
+        return time.monotonic() - t
+for _ in range(100):  # until the sink listens
+    try:
+        exchange(0); break
+    except OSError:
+        time.sleep(0.1)
+time.sleep(0.5)  # past the idle RTO: the measured transfer starts a fresh connection anyway
+print(exchange(int(sys.argv[2])))
+"""
+
+
+def _send(testbed: Testbed, src: str, dst: Host, size: int) -> float:
+    out = subprocess.run(
+        testbed.command(PREFIX + src, [sys.executable, "-c", _SEND, dst.address, str(size)]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return float(out.stdout)
+
+
+def test_links_are_shaped_by_class_and_open_with_slow_start(clean: None) -> None:
+    """A region host's link is held to its class's bandwidth (tc tbf), and a relayed transfer
+    starts at TCP's initial window and doubles it each RTT, as a real path does. Both checks
+    are lower bounds (what physics allows at best), which a loaded machine cannot break. The
+    relays count what each host sent."""
+    hosts = (
+        Host("a", PREFIX + "a", "vm", host_address(TEST_SUBNET, "vm", 0)),
+        Host("b", PREFIX + "b", "region", host_address(TEST_SUBNET, "region", 0)),
+        Host("c", PREFIX + "c", "hospital", host_address(TEST_SUBNET, "hospital", 0)),
+    )
+    plan = Plan(
+        hosts=hosts,
+        links=(Link("a", "b", 2.0), Link("a", "c", 100.0)),
+        subnet=TEST_SUBNET,
+        prefix=PREFIX,
+        bandwidth_mbps={"region": 40.0},
+    )
+    with Testbed(plan) as testbed, Relays(testbed) as relays:
+        relays.add(routes_for(plan, {"b": [7100], "c": [7100]}))
+        for name in ("b", "c"):
+            host = plan.host(name)
+            testbed.popen(host.netns, [sys.executable, "-c", _SINK, host.address])
+        shaped = _send(testbed, "a", plan.host("b"), 4_000_000)
+        # 100 kB takes three RTTs at IW10 (14.6 + 29.2 + 58.4 kB), one RTT without slow start.
+        opening = _send(testbed, "a", plan.host("c"), 100_000)
+        sent = relays.sent_bytes()
+    _assert_clean(plan)
+    # What each host sent, counted by the relays whichever side dialled: a's payloads, and the
+    # sinks' one-byte answers.
+    assert sent[plan.host("a").address] >= 4_100_000
+    assert 0 < sent[plan.host("b").address] < 1_000
+    assert shaped >= 0.9 * 4_000_000 * 8 / 40e6, shaped  # 0.8 s at 40 Mbit/s
+    assert opening >= 0.25, opening
+    with pytest.raises(PlanError, match="not a host role"):
+        Plan(hosts=hosts, links=(), subnet=TEST_SUBNET, prefix=PREFIX, bandwidth_mbps={"x": 1.0})  # type: ignore[dict-item]
+    with pytest.raises(PlanError, match="not in"):
+        Plan(hosts=hosts, links=(), subnet=TEST_SUBNET, prefix=PREFIX, bandwidth_mbps={"vm": 0})

@@ -10,7 +10,8 @@ cut off after the first round and the job completes on the hospital's other VM.
 
 Needs root (namespaces), as here and in CI. Their own name prefix and subnet keep them apart
 from a `python -m benchmarks.testbed` run on the same machine. The pinned artifacts are built
-once from this checkout for both runs (about 50 s) into a directory of the test's own.
+once from this checkout for every testbed run of the session (about 50 s; `wheelhouse` in
+conftest.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 from benchmarks.testbed import cloudvm
 from benchmarks.testbed.hosts import VM_PATHS
 from benchmarks.testbed.netns import blackhole_present, list_netns
-from benchmarks.testbed.smoke import ensure_wheelhouse, failures, run_smoke
+from benchmarks.testbed.smoke import failures, run_smoke
 
 pytestmark = [pytest.mark.e2e]
 
@@ -33,13 +34,6 @@ PREFIX = f"s{os.getpid() % 100000}-"
 # Where the VM hosts and the aggregator machine bind their own directories over this host's.
 MACHINE_PATHS = (*cloudvm.MACHINE_PATHS, *VM_PATHS)
 EXISTED = {path: Path(path).exists() for path in MACHINE_PATHS}
-
-
-@pytest.fixture(scope="module")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("wheelhouse")
-    ensure_wheelhouse(directory)
-    return directory
 
 
 def _check_common(result: dict[str, Any], rounds: int) -> None:

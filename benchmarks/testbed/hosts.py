@@ -96,6 +96,14 @@ class VmHost:
     def log_path(self) -> Path:
         return self.directory / "sshd.log"
 
+    def own(self, path: str) -> Path:
+        """Where this VM's own copy of `path` (one of VM_PATHS, or below one) is kept."""
+        for top in VM_PATHS:
+            if path == top or path.startswith(top + "/"):
+                rest = path[len(top) :].lstrip("/")
+                return self.directory / "fs" / top.strip("/").replace("/", "__") / rest
+        raise ValueError(f"{path} is not under one of the VM's own directories {VM_PATHS}")
+
     def start(
         self,
         testbed: Testbed,
@@ -134,7 +142,7 @@ class VmHost:
         # only. The mount points are made on this machine if missing (and removed at the end).
         mounts = []
         for path in VM_PATHS:
-            own = d / "fs" / path.strip("/").replace("/", "__")
+            own = self.own(path)
             own.mkdir(parents=True, exist_ok=True, mode=0o755)
             cloudvm.ensure_mountpoint(Path(path), record=mountpoint_record)
             mounts.append(f"mount --bind {shlex.quote(str(own))} {shlex.quote(path)}")
@@ -175,6 +183,7 @@ class TestbedBox(Onebox):
         wheelhouse: Path,
         launcher_clouds: Sequence[str] = ("aws",),
         report_interval_s: float = 5.0,
+        placement: str = "",
     ) -> None:
         address = controller_host.address
         self.cloud_dir = root / "cloud"
@@ -204,6 +213,8 @@ class TestbedBox(Onebox):
                     "timeout_s = 60",
                     "[artifacts]",
                     f'dir = "{wheelhouse}"',
+                    # The optimizer's figures for this testbed (its links), if any.
+                    *(["[placement]", placement] if placement else []),
                 ]
             ),
         )

@@ -77,6 +77,16 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = _IP_TIMEOUT
     return done.stdout
 
 
+def shape(netns: str, device: str, mbps: float) -> None:
+    """Limit what leaves `device` to `mbps` Mbit/s (a token bucket: this kernel has no netem).
+    The burst holds a few of the veth's 64 KiB GSO packets, which a smaller bucket would drop
+    for good; the queue holds 100 ms at the rate."""
+    run(
+        ["tc", "-n", netns, "qdisc", "add", "dev", device, "root", "tbf",
+         "rate", f"{mbps:g}mbit", "burst", "512kb", "latency", "100ms"]
+    )  # fmt: skip
+
+
 def ip(*args: str, check: bool = True) -> str:
     return run(["ip", *args], check=check)
 
@@ -391,6 +401,11 @@ class Testbed:
         ip("-n", ns, "addr", "add", f"{host.address}/32", "dev", HOST_IF)
         ip("-n", ns, "link", "set", HOST_IF, "up")
         ip("-n", ns, "route", "add", self.plan.relay_address, "dev", HOST_IF, "src", host.address)
+        mbps = self.plan.bandwidth_mbps.get(host.role)
+        if mbps is not None:
+            # Both ends: the host's side shapes what it sends, the bridge's what it receives.
+            shape(ns, HOST_IF, mbps)
+            shape(br, port, mbps)
         for peer in self.plan.peers(host.name):
             # A local route, not an address: connections to the peer are delivered inside this
             # host (to the relay bound there), yet the peer's address is not one of this host's

@@ -21,13 +21,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import select
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ CHUNK = 64 * 1024
 # Chunks in flight per direction: bounds memory (4 MiB) and, like a real path's window, the
 # throughput (buffer / one-way delay).
 QUEUE_CHUNKS = 64
+# The emulated TCP sender: IW10 (RFC 6928), Linux's default maximum send window (tcp_wmem),
+# and its minimum retransmission timeout (the idle time after which the window starts over).
+INITIAL_WINDOW = 10 * 1460
+WINDOW = QUEUE_CHUNKS * CHUNK
+MIN_RTO_S = 0.2
 CONNECT_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 30.0
 # The event loop waits in whole milliseconds, rounded up, and waking takes time on a VM: a
@@ -63,6 +69,7 @@ class Route:
     address: str
     port: int
     delay_ms: float
+    source: str = ""  # the dialling host's address (for the byte counts; else its netns)
 
 
 def routes_for(plan: Plan, services: Mapping[str, Iterable[int]]) -> list[Route]:
@@ -76,7 +83,8 @@ def routes_for(plan: Plan, services: Mapping[str, Iterable[int]]) -> list[Route]
         for src, dst in ((link.a, link.b), (link.b, link.a)):
             target = plan.host(dst)
             for port in services.get(dst, ()):
-                routes.append(Route(plan.host(src).netns, target.address, int(port), half))
+                origin = plan.host(src)
+                routes.append(Route(origin.netns, target.address, int(port), half, origin.address))
     return routes
 
 
@@ -94,6 +102,9 @@ class RelayServer:
         # The two transports of every open relayed connection, by its route (for `cut`).
         self._open: dict[Route, set[asyncio.StreamWriter]] = {}
         self._timer = Timer()
+        # Bytes each host has sent over the relays, by the host's address: what it wrote on
+        # connections it dialled and what it answered on connections dialled to it.
+        self.sent: dict[str, int] = {}
 
     async def add(self, route: Route) -> None:
         sock = await asyncio.to_thread(socket_in, route.netns)
@@ -159,9 +170,14 @@ class RelayServer:
                     # Nagle would add its own delays to small messages on top of ours.
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             delay = route.delay_ms / 1000.0
+            source = route.source or route.netns
             async with asyncio.TaskGroup() as group:
-                group.create_task(_pipe(reader, upstream, delay, self._timer))
-                group.create_task(_pipe(up_reader, writer, delay, self._timer))
+                group.create_task(
+                    _pipe(reader, upstream, delay, self._timer, self._counter(source))
+                )
+                group.create_task(
+                    _pipe(up_reader, writer, delay, self._timer, self._counter(route.address))
+                )
         except (OSError, TimeoutError, ExceptionGroup) as exc:
             log.debug("relayed connection to %s:%d ended: %r", route.address, route.port, exc)
         finally:
@@ -169,6 +185,12 @@ class RelayServer:
             for w in writers:
                 open_here.discard(w)
                 w.transport.abort()
+
+    def _counter(self, host: str) -> Callable[[int], None]:
+        def count(size: int) -> None:
+            self.sent[host] = self.sent.get(host, 0) + size
+
+        return count
 
     def cut(self, *, netns: str, address: str) -> int:
         """Take a host off the network: the relays listening in its namespace (what it dials)
@@ -215,16 +237,60 @@ class Timer:
         self.early = min(max(self.early + 0.1 * late, 0.0), MAX_EARLY_S)
 
 
+class Window:
+    """A TCP sender's congestion window over the relayed path, as Linux runs it without loss:
+    it opens at the initial window, grows by what each ACK acknowledges (doubling every RTT,
+    slow start) up to the socket's window, and starts over after an idle RTO. The relay's
+    sender side is local, so without this every transfer would start at full rate."""
+
+    def __init__(self, rtt: float, *, initial: int = INITIAL_WINDOW, limit: int = WINDOW) -> None:
+        self.rtt = rtt
+        self.initial = initial
+        self.limit = limit
+        self.cwnd = initial
+        self.in_flight = 0
+        self.last_send = -math.inf
+        self._acked = asyncio.Event()
+
+    async def room(self, now: float) -> int:
+        """Bytes that may be sent now, waiting for ACKs while the window is full."""
+        if self.in_flight == 0 and now - self.last_send > self.rtt + MIN_RTO_S:
+            self.cwnd = self.initial  # RFC 5681 4.1: restart after an idle RTO
+        while self.in_flight >= self.cwnd:
+            self._acked.clear()
+            await self._acked.wait()
+        return self.cwnd - self.in_flight
+
+    def sent(self, size: int, now: float) -> None:
+        self.in_flight += size
+        self.last_send = now
+        asyncio.get_running_loop().call_later(self.rtt, self._ack, size)
+
+    def _ack(self, size: int) -> None:
+        self.in_flight -= size
+        self.cwnd = min(self.limit, self.cwnd + size)
+        self._acked.set()
+
+
 async def _pipe(
-    src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float, timer: Timer
+    src: asyncio.StreamReader,
+    dst: asyncio.StreamWriter,
+    delay: float,
+    timer: Timer,
+    count: Callable[[int], None] | None = None,
 ) -> None:
-    """Copy src to dst, each chunk released `delay` seconds after it arrived."""
+    """Copy src to dst, each chunk released `delay` seconds after it arrived, no more in
+    flight than the path's congestion window (`Window`, over an RTT of twice `delay`)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+    window = Window(2 * delay) if delay > 0 else None
 
     async def read() -> None:
         while True:
-            data = await src.read(CHUNK)
+            size = CHUNK if window is None else min(CHUNK, await window.room(loop.time()))
+            data = await src.read(size)
+            if window is not None and data:
+                window.sent(len(data), loop.time())
             await queue.put((loop.time() + delay, data))  # blocks when full: back-pressure
             if not data:
                 return
@@ -239,6 +305,8 @@ async def _pipe(
                 return
             dst.write(data)
             await dst.drain()
+            if count is not None:
+                count(len(data))
 
     async with asyncio.TaskGroup() as group:
         group.create_task(read())
@@ -255,6 +323,8 @@ async def serve(lines: asyncio.StreamReader, out: Any) -> None:
                 reply: dict[str, Any]
                 if "cut" in request:
                     reply = {"ok": True, "cut": server.cut(**request["cut"])}
+                elif "sent" in request:
+                    reply = {"ok": True, "sent": dict(server.sent)}
                 else:
                     routes = [Route(**r) for r in request["routes"]]
                     for route in routes:
@@ -323,6 +393,11 @@ class Relays:
         """Cut `host` off: nothing it dials and nothing dialling it gets through any more, open
         connections included (they are reset). Returns the number of relays stopped."""
         return int(self._ask({"cut": {"netns": host.netns, "address": host.address}})["cut"])
+
+    def sent_bytes(self) -> dict[str, int]:
+        """Bytes each host has sent over the relays so far, by its address (the host's
+        outbound traffic on every link, whichever side dialled)."""
+        return {k: int(v) for k, v in self._ask({"sent": True})["sent"].items()}
 
     def _ask(self, payload: dict[str, Any]) -> dict[str, Any]:
         proc = self._proc

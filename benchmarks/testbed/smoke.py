@@ -31,16 +31,18 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedsky.controller.cli.client import ApiError, ControllerUnavailable
-from fedsky.controller.demo import DEMO_PLACEMENT, DEMO_ROUNDS, digits_datasets, digits_job_spec
-from fedsky.controller.jobs.stages.place import job_limits
+from fedsky.controller.demo import DEMO_PLACEMENT, DEMO_ROUNDS, digits_datasets, example_job_spec
+from fedsky.controller.jobs.stages.place import job_limits, job_profile, pinned_offer
 from fedsky.controller.onebox import STUDY_HOSPITALS, OneboxError
-from fedsky.controller.placement import JobProfile, load_catalog, place
+from fedsky.controller.placement import load_catalog, place
+from fedsky.controller.placement.model import DEFAULT_PARAMS, ModelParams
 from fedsky.shared.jobspec import Placement as PlacementLimits
 from fedsky.shared.jobspec import load_job_spec
 
@@ -107,16 +109,21 @@ def job_regions(
     model_mb: float,
     rounds: int,
     limits: PlacementLimits | None = None,
+    params: ModelParams = DEFAULT_PARAMS,
 ) -> tuple[str, str | None]:
     """Where the controller will place this job's aggregator, and the study's baseline: the
     same optimizer on the same inputs (the catalog, the hospitals' locations, the job's limits,
     the launcher's clouds). The region hosts are made for these two only."""
+    limits = limits or PlacementLimits()
     result = place(
         participants={h.name: h.location for h in hospitals},
-        job=JobProfile(model_mb=max(model_mb, 0.001), rounds=rounds),
-        limits=job_limits(limits or PlacementLimits()),
+        job=job_profile(limits, model_mb=model_mb, rounds=rounds),
+        limits=job_limits(limits),
         catalog=load_catalog(),
         clouds=TESTBED_CLOUDS,
+        method=limits.method,
+        offer=pinned_offer(limits),
+        params=params,
     )
     if result.choice is None:
         raise PlanError(f"the job cannot be placed: {result.reason}")
@@ -271,6 +278,57 @@ class Cut:
     at_s: float  # since the watch started
 
 
+@contextmanager
+def federation_on_testbed(
+    plan: Plan,
+    hospitals: Sequence[HospitalSpec],
+    *,
+    root: Path,
+    wheelhouse: Path,
+    datasets: Sequence[str],
+    timings: dict[str, float],
+    placement: str = "",
+) -> Iterator[tuple[TestbedBox, Testbed, Relays, list[dict[str, Any]]]]:
+    """The testbed up with its relays, links measured, the controller in ctl and every
+    hospital's agent online (`datasets`: each agent's `[datasets]` TOML, in hospital order);
+    everything stopped and taken down on exit. Adds testbed_s, links_s and daemons_s."""
+    t0 = time.monotonic()
+    with Testbed(plan) as testbed, Relays(testbed) as relays:
+        relays.add(routes_for(plan, services(plan)))
+        mark = time.monotonic()
+        links = measure_links(testbed, port=ECHO_PORT)
+        timings["testbed_s"] = round(mark - t0, 1)
+        timings["links_s"] = round(time.monotonic() - mark, 1)
+        box = TestbedBox(
+            root=root,
+            testbed=testbed,
+            controller_host=plan.host("ctl"),
+            region_hosts=[h for h in plan.hosts if h.role == "region"],
+            wheelhouse=wheelhouse,
+            launcher_clouds=TESTBED_CLOUDS,
+            placement=placement,
+        )
+        try:
+            mark = time.monotonic()
+            box.init_ca()
+            box.start_controller()
+            for spec, agent_datasets in zip(hospitals, datasets, strict=True):
+                box.add_hospital(
+                    spec,
+                    agent_host=plan.host(f"h-{spec.name}"),
+                    vm_hosts=[plan.host(f"vm-{spec.name}-{vm}") for vm in spec.vms],
+                    datasets=agent_datasets,
+                )
+                box.start_agent(spec.name)
+            box.wait_agents_online(
+                [h.name for h in hospitals], vms=min(len(h.vms) for h in hospitals)
+            )
+            timings["daemons_s"] = round(time.monotonic() - mark, 1)
+            yield box, testbed, relays, links
+        finally:
+            box.stop()
+
+
 def run_smoke(
     *,
     scenario: Scenario = SMOKE,
@@ -292,7 +350,7 @@ def run_smoke(
     timings["wheelhouse_s"] = ensure_wheelhouse(wheelhouse, rebuild=rebuild_wheelhouse).get(
         "seconds", 0.0
     )
-    job_file = digits_job_spec(
+    job_file = example_job_spec(
         root,
         name=scenario.name,
         participants=[h.name for h in hospitals],
@@ -308,43 +366,22 @@ def run_smoke(
     watch = SuperNodeWatch(subnet=plan.subnet, namespaces=frozenset(h.netns for h in plan.hosts))
     cut: Cut | None = None
     try:
-        with Testbed(plan) as testbed, Relays(testbed) as relays:
-            relays.add(routes_for(plan, services(plan)))
-            mark = time.monotonic()
-            links = measure_links(testbed, port=ECHO_PORT)
-            timings["testbed_s"] = round(mark - t0 - timings["wheelhouse_s"], 1)
-            timings["links_s"] = round(time.monotonic() - mark, 1)
-            box = TestbedBox(
-                root=root,
-                testbed=testbed,
-                controller_host=plan.host("ctl"),
-                region_hosts=[h for h in plan.hosts if h.role == "region"],
-                wheelhouse=wheelhouse,
-                launcher_clouds=TESTBED_CLOUDS,
-            )
+        with federation_on_testbed(
+            plan,
+            hospitals,
+            root=root,
+            wheelhouse=wheelhouse,
+            datasets=[digits_datasets(i, len(hospitals)) for i in range(len(hospitals))],
+            timings=timings,
+        ) as (box, testbed, relays, links):
             try:
-                mark = time.monotonic()
-                box.init_ca()
-                box.start_controller()
-                for i, spec in enumerate(hospitals):
-                    box.add_hospital(
-                        spec,
-                        agent_host=plan.host(f"h-{spec.name}"),
-                        vm_hosts=[plan.host(f"vm-{spec.name}-{vm}") for vm in spec.vms],
-                        datasets=digits_datasets(i, len(hospitals)),
-                    )
-                    box.start_agent(spec.name)
-                box.wait_agents_online(
-                    [h.name for h in hospitals], vms=min(len(h.vms) for h in hospitals)
-                )
-                timings["daemons_s"] = round(time.monotonic() - mark, 1)
                 watch.start()
                 started = time.monotonic()
                 submitted = json.loads(box.fedctl("job", "submit", str(job_file), "--json").stdout)
                 job_id = submitted["id"]
                 if failover:
                     cut = _cut_mid_job(box, relays, testbed, plan, job_id, watch)
-                job = _wait_job(box, job_id, deadline=started + JOB_TIMEOUT_S)
+                job = wait_job(box, job_id, deadline=started + JOB_TIMEOUT_S)
                 timings["job_s"] = round(time.monotonic() - started, 1)
                 watch.stop()
                 result = _result(plan, job, links, watch, box, chosen=chosen, baseline=baseline)
@@ -355,7 +392,6 @@ def run_smoke(
                     result["failover"] = _failover(job, watch, cut)
             finally:
                 watch.stop()
-                box.stop()
     except (OneboxError, ApiError, ControllerUnavailable) as exc:
         raise SmokeError(f"{exc} (files under {root})") from None
     timings["total_s"] = round(time.monotonic() - t0, 1)
@@ -365,7 +401,9 @@ def run_smoke(
     return result
 
 
-def _wait_job(box: TestbedBox, job_id: str, *, deadline: float) -> dict[str, Any]:
+def wait_job(box: TestbedBox, job_id: str, *, deadline: float) -> dict[str, Any]:
+    """The job once it has ended; cancelled and SmokeError at the deadline (monotonic)."""
+    started = time.monotonic()
     while True:
         job: dict[str, Any] = box.api.get(f"/v1/jobs/{job_id}")
         if job["state"] in _TERMINAL:
@@ -373,7 +411,8 @@ def _wait_job(box: TestbedBox, job_id: str, *, deadline: float) -> dict[str, Any
         if time.monotonic() > deadline:
             box.fedctl("job", "cancel", job_id, check=False)
             raise SmokeError(
-                f"job {job_id} did not end within {JOB_TIMEOUT_S:g} s ({job['state']})"
+                f"job {job_id} did not end within {time.monotonic() - started:.0f} s "
+                f"({job['state']})"
             )
         time.sleep(1.0)
 

@@ -73,6 +73,10 @@ class Plan:
     links: tuple[Link, ...]
     subnet: str = SUBNET
     prefix: str = ""
+    # Access-link bandwidth by host role (the link classes, docs/testbed.md), in Mbit/s: the
+    # host's interface is shaped to it both ways (tc tbf), shared by all its connections.
+    # A role not named is not shaped.
+    bandwidth_mbps: Mapping[Role, float] = field(default_factory=dict)
     _by_name: Mapping[str, Host] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +105,11 @@ class Plan:
             if not link.rtt_target_ms > 0:
                 raise PlanError(f"link {link.a}-{link.b}: RTT target must be positive")
             pairs.add(pair)
+        for role, mbps in self.bandwidth_mbps.items():
+            if role not in _ROLE_BLOCK:
+                raise PlanError(f"bandwidth for {role!r}: not a host role")
+            if not 0 < mbps <= 100_000:
+                raise PlanError(f"bandwidth for {role}: {mbps} Mbit/s is not in (0, 100000]")
         object.__setattr__(self, "_by_name", by_name)
 
     def host(self, name: str) -> Host:
@@ -176,6 +185,7 @@ def build_plan(
     subnet: str = SUBNET,
     prefix: str = "",
     lan_rtt_ms: float = LAN_RTT_MS,
+    bandwidth_mbps: Mapping[Role, float] | None = None,
 ) -> Plan:
     """The hosts and links for hospitals (with their VMs) and candidate aggregator regions.
 
@@ -227,4 +237,10 @@ def build_plan(
                 links.append(Link(v.name, r.name, rtt(hospital.location, r.location)))
     for r in region_hosts:
         links.append(Link(ctl.name, r.name, rtt(ctl_location, r.location)))
-    return Plan(hosts=tuple(hosts), links=tuple(links), subnet=subnet, prefix=prefix)
+    return Plan(
+        hosts=tuple(hosts),
+        links=tuple(links),
+        subnet=subnet,
+        prefix=prefix,
+        bandwidth_mbps=dict(bandwidth_mbps or {}),
+    )

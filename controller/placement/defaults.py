@@ -12,6 +12,10 @@ DEFAULT_TRAIN_S = 60.0  # local training per round when the job does not say
 # forward pass over a validation split, against epochs of forward and backward passes.
 DEFAULT_EVAL_SHARE = 0.1
 HOURS_PER_MONTH = 730.0  # 365 * 24 / 12
+# The links the round-time model assumes, Mbit/s ([placement] participant_link_mbps and
+# aggregator_link_mbps): a hospital's uplink, and a cloud VM's network (up to 10 Gbit/s).
+DEFAULT_PARTICIPANT_LINK_MBPS = 1000.0
+DEFAULT_AGGREGATOR_LINK_MBPS = 10_000.0
 
 Method = Literal["exact", "nsga2"]
 METHODS: tuple[Method, ...] = ("exact", "nsga2")

@@ -4,6 +4,7 @@ Formulas (see docs/placement.md for the reasoning and the defaults):
 
 transfer time of S MB over a path of round-trip time r seconds::
 
+    link  = min(participant link, aggregator link / n)  # n copies cross the aggregator's at once
     B     = min(link, W / r)                        # bytes/s; a TCP flow is window-limited
     ramp  = r * max(0, log2(min(W, link * r) / IW)) # slow start up to the window it needs
     t_xfer(S, r) = r * REQUEST_RTTS + ramp + S / B
@@ -23,9 +24,10 @@ memory the aggregation needs (it must fit the offer's memory)::
 
 cost in USD, then in the user's currency at the configured rate::
 
-    egress = rounds * (2 n + 1) * S / 1000 * egress_usd_per_gb
-             # every round the weights leave the aggregator's cloud 2n + 1 times: to each
-             # participant for training and again for evaluation, and to the controller
+    egress = rounds * (2 n + 4/3) * S / 1000 * egress_usd_per_gb
+             # every round the weights leave the aggregator's cloud to each participant for
+             # training and again for evaluation, and to the controller over the bus
+             # (base64 in JSON: 4/3 of the model's size)
     hours  = 730 (basis month) | rounds * t_round / 3600 (basis job)
     cost   = usd_per_hour * hours + egress
 """
@@ -40,8 +42,10 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 from fedsky.controller.placement.defaults import (
+    DEFAULT_AGGREGATOR_LINK_MBPS,
     DEFAULT_EVAL_SHARE,
     DEFAULT_KRW_PER_USD,
+    DEFAULT_PARTICIPANT_LINK_MBPS,
     DEFAULT_TRAIN_S,
     HOURS_PER_MONTH,
 )
@@ -75,7 +79,10 @@ class PlacementError(ValueError):
 class ModelParams:
     """The model's constants; every one is documented in docs/placement.md."""
 
-    link_mbps: float = 1000.0  # a participant's access link, Mbit/s
+    link_mbps: float = DEFAULT_PARTICIPANT_LINK_MBPS  # a participant's access link, Mbit/s
+    # The aggregator's own link, Mbit/s: its n participants' copies cross it at once, so each
+    # gets a share of it.
+    aggregator_link_mbps: float = DEFAULT_AGGREGATOR_LINK_MBPS
     tcp_window_bytes: float = 4 * 1024 * 1024  # Linux's default tcp_wmem maximum
     initial_window_bytes: float = 10 * 1460  # IW10 (RFC 6928)
     request_rtts: float = 1.0  # one request/response exchange per transfer
@@ -188,11 +195,13 @@ def currency_rate(currency: Currency, krw_per_usd: float) -> float:
 
 
 def transfer_s(
-    model_mb: float, rtt_ms: FloatArray, params: ModelParams = DEFAULT_PARAMS
+    model_mb: float, rtt_ms: FloatArray, params: ModelParams = DEFAULT_PARAMS, *, sharing: int = 1
 ) -> FloatArray:
-    """Seconds to move `model_mb` MB one way over paths with the given RTTs."""
+    """Seconds to move `model_mb` MB one way over paths with the given RTTs, `sharing`
+    transfers crossing the aggregator's link at once."""
     rtt_s = np.asarray(rtt_ms, dtype=np.float64) / 1000.0
-    link = params.link_mbps * 1e6 / 8.0  # bytes/s
+    mbps = min(params.link_mbps, params.aggregator_link_mbps / max(1, sharing))
+    link = mbps * 1e6 / 8.0  # bytes/s
     with np.errstate(divide="ignore", invalid="ignore"):
         rate = np.minimum(link, params.tcp_window_bytes / rtt_s)
         needed = np.minimum(params.tcp_window_bytes, link * rtt_s)
@@ -222,17 +231,23 @@ def round_time_s(
 ) -> FloatArray:
     """Round time per candidate; `rtt_ms` is (participants, candidates), `vcpus` (candidates,)."""
     rtt = np.asarray(rtt_ms, dtype=np.float64)
-    leg = transfer_s(job.model_mb, rtt, params)
+    leg = transfer_s(job.model_mb, rtt, params, sharing=rtt.shape[0])
     train = np.max(2.0 * leg + job.train_s, axis=0)
     evaluate = np.max(leg + job.evaluation_s + rtt / 1000.0 * params.request_rtts, axis=0)
     out: FloatArray = train + aggregation_s(job.model_mb, rtt.shape[0], vcpus, params) + evaluate
     return out
 
 
-def weight_copies_out(participants: int) -> int:
-    """Copies of the weights that leave the aggregator's cloud each round: one to each
-    participant for training, one again for evaluation, and one to the controller."""
-    return 2 * participants + 1
+# The controller's copy of each round's weights travels over the bus base64-encoded in JSON
+# (shared/flower/transfer.py): 4 bytes on the wire for every 3 of the model.
+BUS_COPY_FACTOR = 4.0 / 3.0
+
+
+def weight_copies_out(participants: int) -> float:
+    """Copies of the weights that leave the aggregator's cloud each round, in model sizes:
+    one to each participant for training, one again for evaluation, and the controller's
+    (a third larger on the wire)."""
+    return 2 * participants + BUS_COPY_FACTOR
 
 
 def egress_usd(job: JobProfile, participants: int, egress_usd_per_gb: FloatArray) -> FloatArray:

@@ -205,6 +205,7 @@ class PlacementResult:
                 "model_mb": self.job.model_mb,
                 "rounds": self.job.rounds,
                 "train_s": self.job.train_s,
+                "eval_s": self.job.evaluation_s,
             },
             "limits": {
                 "max_cost": limit.amount,
@@ -357,6 +358,7 @@ def place(
     params: ModelParams = DEFAULT_PARAMS,
     seed: int = NSGA2_SEED,
     baseline_offer: tuple[str, str, str] = BASELINE_OFFER,
+    offer: tuple[str, str, str] | None = None,
 ) -> PlacementResult:
     """Place one aggregator for a job.
 
@@ -366,6 +368,8 @@ def place(
     clouds: only offers on these clouds are candidates (None: every cloud in the catalog).
     method: "exact" enumerates the front; "nsga2" runs NSGA-II (pymoo) over the same space.
     baseline_offer: (cloud, region, instance type) every choice is compared with.
+    offer: (cloud, region, instance type) the job runs on instead of the search's choice; it
+        must be in the catalog, on an allowed cloud and within the limits (PlacementError).
 
     Raises PlacementError for unusable inputs. An infeasible job is not an error: the result
     has an empty front, no choice and a `reason`.
@@ -408,7 +412,9 @@ def place(
     reason: str | None = None
     binding: tuple[str, ...] = ()
     closest: tuple[Point, ...] = ()
-    if front:
+    if offer is not None:
+        choice = _pinned(ev, offer, clouds)
+    elif front:
         k = choose(
             [p.cost for p in front],
             [p.round_time_s for p in front],
@@ -435,6 +441,23 @@ def place(
         krw_per_usd=krw_per_usd,
         evaluation=ev,
     )
+
+
+def _pinned(ev: Evaluation, offer: tuple[str, str, str], clouds: Collection[str] | None) -> Point:
+    """The job's own offer, evaluated as any candidate; refused unless it could be chosen."""
+    label = ":".join(offer)
+    i = ev.catalog.find(*offer)
+    if i is None:
+        raise PlacementError(f"offer {label} is not in the catalog")
+    if not ev.in_scope[i]:
+        allowed = ", ".join(sorted(clouds or ())) or "none"
+        raise PlacementError(f"offer {label} is not on a cloud the job may use ({allowed})")
+    point = ev.point(i)
+    if not point.feasible:
+        raise PlacementError(
+            f"offer {label} breaks the job's limits: {'; '.join(point.violations)}"
+        )
+    return point
 
 
 def _explain(ev: Evaluation, limits: Limits) -> Infeasibility:

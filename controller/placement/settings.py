@@ -5,11 +5,20 @@ The defaults are today's: edit them when they change (the dates are in docs/plac
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import replace
+from typing import TYPE_CHECKING, Annotated
 
-from fedsky.controller.placement.defaults import BASELINE_OFFER, DEFAULT_KRW_PER_USD
+from fedsky.controller.placement.defaults import (
+    BASELINE_OFFER,
+    DEFAULT_AGGREGATOR_LINK_MBPS,
+    DEFAULT_KRW_PER_USD,
+    DEFAULT_PARTICIPANT_LINK_MBPS,
+)
 from fedsky.controller.settings import Section
 from pydantic import Field, field_validator
+
+if TYPE_CHECKING:
+    from fedsky.controller.placement.model import ModelParams
 
 
 class PlacementConfig(Section):
@@ -18,6 +27,23 @@ class PlacementConfig(Section):
     # What an operator runs without the optimizer, every choice is compared with:
     # "cloud:region:instance_type".
     baseline: str = ":".join(BASELINE_OFFER)
+
+    # The links the round-time model assumes, Mbit/s: a hospital's uplink and the aggregator's
+    # (shared by its participants). Measure yours; the defaults are docs/placement.md's.
+    participant_link_mbps: Annotated[float, Field(gt=0, le=1_000_000)] = (
+        DEFAULT_PARTICIPANT_LINK_MBPS
+    )
+    aggregator_link_mbps: Annotated[float, Field(gt=0, le=1_000_000)] = DEFAULT_AGGREGATOR_LINK_MBPS
+
+    @property
+    def model_params(self) -> ModelParams:
+        from fedsky.controller.placement.model import DEFAULT_PARAMS  # numpy: not for the CLI
+
+        return replace(
+            DEFAULT_PARAMS,
+            link_mbps=self.participant_link_mbps,
+            aggregator_link_mbps=self.aggregator_link_mbps,
+        )
 
     @field_validator("baseline")
     @classmethod

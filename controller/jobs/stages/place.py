@@ -72,6 +72,21 @@ def job_limits(pl: PlacementLimits) -> Limits:
     )
 
 
+def job_profile(pl: PlacementLimits, *, model_mb: float, rounds: int) -> JobProfile:
+    """What the model knows of a job: its model's size, its rounds and, where the job gives
+    measured ones, its local training and evaluation seconds."""
+    extra = {k: v for k, v in (("train_s", pl.train_s), ("eval_s", pl.eval_s)) if v is not None}
+    return JobProfile(model_mb=max(model_mb, 0.001), rounds=rounds, **extra)
+
+
+def pinned_offer(pl: PlacementLimits) -> tuple[str, str, str] | None:
+    """The offer the job pins its aggregator to, if it does."""
+    if pl.offer is None:
+        return None
+    cloud, region, instance_type = pl.offer.split(":")
+    return cloud, region, instance_type
+
+
 async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
     """Choose the aggregator's offer, record it with the job, and say where in the job's log."""
     spec = run.spec
@@ -86,7 +101,7 @@ async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
         result = await asyncio.to_thread(
             place,
             participants={p: locations[p] for p in spec.participants},
-            job=JobProfile(model_mb=max(model_mb, 0.001), rounds=spec.hyperparameters.rounds),
+            job=job_profile(spec.placement, model_mb=model_mb, rounds=spec.hyperparameters.rounds),
             limits=limits,
             catalog=load_catalog(),
             measured_rtt=measured or None,
@@ -94,6 +109,8 @@ async def place_aggregator(ctx: JobContext, run: JobRun) -> Placement:
             method=spec.placement.method,
             krw_per_usd=ctx.config.placement.krw_per_usd,
             baseline_offer=ctx.config.placement.baseline_offer,
+            offer=pinned_offer(spec.placement),
+            params=ctx.config.placement.model_params,
         )
     except PlacementError as exc:
         raise JobFailure(f"placement: {exc}") from None
