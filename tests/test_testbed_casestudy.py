@@ -28,6 +28,7 @@ from benchmarks.testbed.casestudy import (
     with_comparisons,
 )
 from benchmarks.testbed.netns import blackhole_present, list_netns
+from benchmarks.testbed.smoke import SmokeError
 
 SUBNET = "10.216.0.0/16"
 PREFIX = f"c{os.getpid() % 100000}-"
@@ -75,7 +76,7 @@ def test_a_rows_cost_is_the_catalogs_prices_with_measured_hours_and_bytes() -> N
     assert rows[1]["cost_change_vs_baseline"] == pytest.approx(-0.5, abs=1e-4)
     assert rows[1]["time_change_vs_baseline"] == pytest.approx(0.25, abs=1e-4)
     assert rows[1]["time_error"] == rows[1]["error"] == pytest.approx(0.2, abs=1e-4)
-    with pytest.raises(Exception, match="no measured round"):
+    with pytest.raises(SmokeError, match="no measured round"):
         measure_row(job=_job(0.1, 1.0, []), egress_bytes=1, model_mb=1.0)
 
 

@@ -45,8 +45,9 @@ from fedsky.controller.placement.defaults import BASELINE_OFFER, DEFAULT_KRW_PER
 from fedsky.controller.placement.model import (
     DEFAULT_PARAMS,
     JobProfile,
+    egress_usd,
+    hours,
     round_time_s,
-    weight_copies_out,
 )
 from fedsky.shared.datasets import write_catalog
 from fedsky.shared.flower.calibrate import Calibration, Workload, calibrate
@@ -223,8 +224,12 @@ def measure_row(
     # The median round: one round slowed by something else on this shared machine (another
     # VM's install, a neighbour) does not stand for the placement.
     measured_s = statistics.median(rounds)
-    predicted_usd = len(rounds) * (
-        predicted_s / 3600 * usd_h + weight_copies_out(n) * model_mb / 1000 * usd_gb
+    job_profile = JobProfile(model_mb=model_mb, rounds=len(rounds))
+    predicted_usd = float(
+        (
+            hours(job_profile, "job", np.array([predicted_s])) * usd_h
+            + egress_usd(job_profile, n, np.array([usd_gb]))
+        )[0]
     )
     measured_usd = len(rounds) * measured_s / 3600 * usd_h + egress_bytes / 1e9 * usd_gb
     return {

@@ -76,7 +76,8 @@ class VmError(Exception):
     """What the launcher reports to the controller (the last line of stderr)."""
 
 
-def _mountpoint(path: str, vm_dir: Path) -> Path:
+def mountpoint(path: str, vm_dir: Path) -> Path:
+    """Where a machine's own copy of `path` is kept under its directory."""
     return vm_dir / "fs" / path.strip("/").replace("/", "__")
 
 
@@ -147,7 +148,7 @@ def launch(args: argparse.Namespace) -> dict[str, Any]:
     (vm_dir / "user-data").write_bytes(user_data)
     (vm_dir / "user-data").chmod(0o700)
     for path in MACHINE_PATHS:
-        _mountpoint(path, vm_dir).mkdir(parents=True, mode=0o755)
+        mountpoint(path, vm_dir).mkdir(parents=True, mode=0o755)
     bin_dir = vm_dir / "bin"
     bin_dir.mkdir()
     standin = bin_dir / "systemctl"
@@ -307,7 +308,7 @@ def boot(args: argparse.Namespace) -> None:
         # behind only where none was before and is removed when the last machine ends.
         ensure_mountpoint(Path(path), record=vm_dir.parent / CREATED)
         subprocess.run(
-            ["mount", "--bind", str(_mountpoint(path, vm_dir)), path], check=True, timeout=30
+            ["mount", "--bind", str(mountpoint(path, vm_dir)), path], check=True, timeout=30
         )
     env = {
         "PATH": f"{vm_dir / 'bin'}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

@@ -100,8 +100,7 @@ class VmHost:
         """Where this VM's own copy of `path` (one of VM_PATHS, or below one) is kept."""
         for top in VM_PATHS:
             if path == top or path.startswith(top + "/"):
-                rest = path[len(top) :].lstrip("/")
-                return self.directory / "fs" / top.strip("/").replace("/", "__") / rest
+                return cloudvm.mountpoint(top, self.directory) / path[len(top) :].lstrip("/")
         raise ValueError(f"{path} is not under one of the VM's own directories {VM_PATHS}")
 
     def start(

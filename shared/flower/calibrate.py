@@ -72,7 +72,8 @@ class Calibration:
         return f"train_s = {self.train_s:.1f}\neval_s = {self.eval_s:.1f}\n"
 
 
-def _timed(argv: Sequence[str]) -> float:
+def _timed(phase: Phase, workload: Workload) -> float:
+    argv = workload.argv(phase)
     started = time.monotonic()
     done = subprocess.run(
         list(argv), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False
@@ -80,7 +81,7 @@ def _timed(argv: Sequence[str]) -> float:
     elapsed = time.monotonic() - started
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise CalibrationError(f"the calibration's {argv[4]} process failed: {tail}")
+        raise CalibrationError(f"the calibration's {phase} process failed: {tail}")
     return elapsed
 
 
@@ -93,7 +94,7 @@ def calibrate(*, workloads: Sequence[Workload], repeats: int = 1) -> Calibration
     with ThreadPoolExecutor(max_workers=len(workloads)) as pool:
         for phase in PHASES:
             for _ in range(max(1, repeats)):
-                times = list(pool.map(lambda w, p=phase: _timed(w.argv(p)), workloads))
+                times = list(pool.map(lambda w, p=phase: _timed(p, w), workloads))
                 best[phase] = min(best.get(phase, float("inf")), max(times))
     return Calibration(
         train_s=round(best["train"], 2),
