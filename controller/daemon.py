@@ -36,7 +36,7 @@ from fedsky.controller.security.enrollment import record_certificate, revoked_se
 from fedsky.controller.security.pki import Pki, PkiError, cert_info
 from fedsky.controller.security.revocation import RevocationEnforcer
 from fedsky.controller.services import Services
-from fedsky.controller.store import Store, StoreError
+from fedsky.controller.store import Store, StoreError, secure_state_dir, state_lock
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
 from fedsky.shared.ids import CONTROLLER_ID
@@ -69,7 +69,7 @@ def ensure_controller_identity(pki: Pki, store: Store) -> tuple[Path, Path]:
 
 def open_parts(config: ControllerConfig) -> tuple[Store, Pki]:
     """Open the state (store, PKI) and declare every part's schema."""
-    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    secure_state_dir(config.state_dir)
     try:
         pki = Pki.open(config.pki_dir)
     except PkiError as exc:
@@ -130,10 +130,6 @@ async def _serve_api(
         await web.UnixSite(runner, str(sock)).start()
         os.chmod(sock, config.api.socket_mode)
         log.info("API listening on unix socket %s", sock)
-        if config.api.tcp:
-            host, port = config.api.tcp.rsplit(":", 1)
-            await web.TCPSite(runner, host, int(port)).start()
-            log.info("API listening on http://%s", config.api.tcp)
         started.set()
         await asyncio.Event().wait()
     finally:
@@ -141,7 +137,14 @@ async def _serve_api(
 
 
 async def serve(config: ControllerConfig, *, started: asyncio.Event | None = None) -> None:
-    """Run the controller until cancelled."""
+    """Run the controller until cancelled; StateInUse when another runs on its state."""
+    # Before anything else: a second controller must not touch the first one's broker, socket
+    # or database.
+    with state_lock(config.state_dir):
+        await _serve(config, started=started)
+
+
+async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> None:
     store, pki = open_parts(config)
     started = started or asyncio.Event()
     try:

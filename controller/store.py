@@ -12,7 +12,10 @@ store's single writer thread with its own connection; writes that read first use
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import functools
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +36,48 @@ CREATE TABLE IF NOT EXISTS schema_parts (
 
 class StoreError(Exception):
     """The state file cannot be opened or used."""
+
+
+class StateInUse(StoreError):
+    """Another controller already runs on this state directory."""
+
+
+# The state directory holds the inventory, job logs, keys: its owner and group (the operators
+# who use the API socket) may enter it, nobody else. The database file is the owner's alone.
+STATE_DIR_MODE = 0o750
+STATE_FILE_MODE = 0o600
+LOCK_NAME = "controller.lock"
+
+
+def secure_state_dir(path: Path) -> None:
+    """Create `path` (and its parents) if missing and take away what others may do in it."""
+    path.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
+    mode = path.stat().st_mode & 0o777
+    if mode & ~STATE_DIR_MODE:
+        os.chmod(path, mode & STATE_DIR_MODE)
+
+
+@contextlib.contextmanager
+def state_lock(state_dir: Path) -> Iterator[None]:
+    """One controller per state directory: an exclusive lock held while the block runs. The
+    kernel drops it however the process ends (kill -9 too), so a crash never leaves it stale."""
+    secure_state_dir(state_dir)
+    path = state_dir / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, STATE_FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise StateInUse(
+                f"another controller (pid {holder}) runs on the state directory {state_dir} "
+                f"(it holds {path}); stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -64,6 +109,11 @@ class Store:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Created (or tightened) owner-only before SQLite opens it; its -wal and -shm files
+            # take the database file's mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, STATE_FILE_MODE))
+            if self.path.stat().st_mode & 0o077:
+                os.chmod(self.path, STATE_FILE_MODE)
             self._conn = _connect(self.path)
             self._conn.execute(_META_DDL)
         except (OSError, sqlite3.Error) as exc:

@@ -17,7 +17,15 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 from fedsky.shared.ids import AGENT_ID_PATTERN
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_MAJOR = 1
 SCHEMA_VERSION = "1.1"
@@ -115,13 +123,13 @@ class TaskSummary(BaseModel):
     job_id: ShortText
     vm: ShortText
     state: Literal["assigned", "starting", "running", "stopping"]
-    since: datetime
+    since: AwareDatetime
 
 
 class Report(Message):
     agent_id: AgentId
     seq: Annotated[int, Field(ge=0)]
-    sent_at: datetime
+    sent_at: AwareDatetime
     host: HostInfo
     vms: Annotated[list[VmInfo], Field(max_length=4096)]
     task: TaskSummary | None = None
@@ -137,7 +145,7 @@ class AgentStatus(Message):
 
     agent_id: AgentId
     state: Literal["online", "offline"]
-    at: datetime | None = None
+    at: AwareDatetime | None = None
     version: ShortText = ""
 
 
@@ -146,8 +154,8 @@ class AgentStatus(Message):
 
 class Command(Message):
     command_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] = Field(default_factory=new_id)
-    issued_at: datetime = Field(default_factory=utcnow)
-    expires_at: datetime
+    issued_at: AwareDatetime = Field(default_factory=utcnow)
+    expires_at: AwareDatetime
 
     def expired(self, now: datetime | None = None) -> bool:
         return (now or utcnow()) >= self.expires_at
@@ -264,7 +272,7 @@ def _minor(schema: object) -> int | None:
 class Event(Message):
     agent_id: AgentId
     kind: EventKind
-    at: datetime = Field(default_factory=utcnow)
+    at: AwareDatetime = Field(default_factory=utcnow)
     command_id: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
     task_id: ShortText | None = None
     detail: Detail = ""
@@ -374,8 +382,8 @@ class RoundMetrics(Message):
     ]
     participants: Annotated[list[SiteContribution], Field(max_length=1024)]
     failures: Annotated[list[SiteFailure], Field(max_length=1024)] = []
-    started_at: datetime
-    finished_at: datetime
+    started_at: AwareDatetime
+    finished_at: AwareDatetime
     duration_s: Annotated[float, Field(ge=0)]
     weights: WeightsRef | None = None
 
@@ -406,7 +414,7 @@ class RunFinished(Message):
     rounds_completed: Annotated[int, Field(ge=0)]
     num_rounds: Annotated[int, Field(ge=1)]
     reason: Detail = ""
-    finished_at: datetime = Field(default_factory=utcnow)
+    finished_at: AwareDatetime = Field(default_factory=utcnow)
 
 
 AggregatorMessage = Annotated[

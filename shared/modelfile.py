@@ -46,6 +46,9 @@ META_FORMAT = "format"
 META_VERSION = "format_version"
 META_ARCHITECTURE = "architecture"
 
+# The largest model file a job may bring (the controller refuses a larger upload; fedctl checks
+# before reading it).
+MAX_MODEL_FILE_BYTES = 60 << 20
 MAX_HEADER_BYTES = 16 << 20  # safetensors itself refuses headers over 100 MB
 MAX_LAYERS = 256
 MAX_CLASSES = 256  # also bounds the confusion matrix a round's metrics carry

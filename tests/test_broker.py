@@ -103,9 +103,12 @@ def test_acl_gives_each_identity_only_its_subtree() -> None:
         "topic read fedsky/v1/agents/+/up/#",
         "topic read fedsky/v1/aggregators/+/up/#",
         "topic write fedsky/v1/agents/+/down/#",
-        "pattern write fedsky/v1/agents/%u/up/#",
+        "pattern write fedsky/v1/agents/%u/up/report",
+        "pattern write fedsky/v1/agents/%u/up/status",
+        "pattern write fedsky/v1/agents/%u/up/events",
         "pattern read fedsky/v1/agents/%u/down/#",
-        "pattern write fedsky/v1/aggregators/%u/up/#",
+        "pattern write fedsky/v1/aggregators/%u/up/metrics",
+        "pattern write fedsky/v1/aggregators/%u/up/status",
     ]
     # Nothing grants readwrite, nor anything outside the prefix.
     assert "readwrite" not in acl
@@ -159,9 +162,12 @@ def test_acl_is_spelled_by_the_topics_module() -> None:
         ("ctl", "read", topics.all_agents_up),
         ("ctl", "read", topics.all_aggregators_up),
         ("ctl", "write", topics.all_agents_down),
-        (None, "write", topics.agent_up(ACL_USERNAME)),
+        (None, "write", topics.report(ACL_USERNAME)),
+        (None, "write", topics.status(ACL_USERNAME)),
+        (None, "write", topics.events(ACL_USERNAME)),
         (None, "read", topics.agent_down(ACL_USERNAME)),
-        (None, "write", topics.aggregator_up(ACL_USERNAME)),
+        (None, "write", topics.aggregator_metrics(ACL_USERNAME)),
+        (None, "write", topics.aggregator_status(ACL_USERNAME)),
     ]
 
 

@@ -9,6 +9,7 @@ one publisher's messages in order). Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import ssl
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-from fedsky.controller.security.pki import Pki
+from fedsky.controller.security.pki import CertKind, Pki
 
 from tests.support import MqttBroker, eventually, receive_until, write_credentials
 
@@ -91,6 +92,55 @@ async def test_agent_cannot_forge_commands(mqtt_broker: MqttBroker) -> None:
         got_a = await receive_until(agent_a, lambda m: m.payload == b"marker-a")
     assert _payloads(got_b) == [b"marker-b"]
     assert _payloads(got_a) == [b"marker-a"]
+
+
+@pytest.mark.parametrize(
+    ("victim", "kind"), [("hospital-b", "agent"), ("controller", "controller")]
+)
+async def test_a_certificate_cannot_take_over_another_clients_session(
+    mqtt_broker: MqttBroker, victim: str, kind: CertKind
+) -> None:
+    """hospital-a connects three times asking for the victim's client id: the broker gives it
+    its own name instead, so the victim's session is never closed (before, each attempt
+    kicked it and published its will)."""
+    t = mqtt_broker.topics
+    victim_creds = mqtt_broker.client_context_for(victim, kind)
+    a = mqtt_broker.client_context_for("hospital-a")
+    async with mqtt_broker.client(victim_creds, identifier=victim) as held:
+        for _ in range(3):
+            async with mqtt_broker.client(a, identifier=victim) as intruder:
+                await intruder.publish(t.report("hospital-a"), b"hello", qos=QOS)
+        # The victim's connection is the one it opened: a QoS 1 publish still gets its PUBACK.
+        topic = t.cmd("hospital-b") if kind == "controller" else t.report(victim)
+        await held.publish(topic, b"still-here", qos=QOS, timeout=5)
+    assert "already connected, closing old connection" not in mqtt_broker.log_text()
+
+
+async def test_an_agent_writes_only_its_own_three_channels(mqtt_broker: MqttBroker) -> None:
+    """Under its own `up/` an agent may write its report, status and events, nothing else: a
+    hospital cannot park retained messages on topics of its choosing (a flood of 1 MB
+    retained messages under `up/x/...` once grew the broker's memory and persistence file)."""
+    t = mqtt_broker.topics
+    ctl = mqtt_broker.client_context_for("controller", "controller")
+    a = mqtt_broker.client_context_for("hospital-a")
+    up = t.report("hospital-a").rsplit("/", 1)[0]
+    async with mqtt_broker.client(ctl) as controller, mqtt_broker.client(a) as agent_a:
+        await controller.subscribe(t.all_agents_up, qos=QOS)
+        for n in range(20):
+            await agent_a.publish(f"{up}/flood/{n}", b"x" * 1000, qos=QOS, retain=True)
+        await agent_a.publish(f"{t.report('hospital-a')}/extra", b"x", qos=QOS, retain=True)
+        await agent_a.publish(t.report("hospital-a"), b"marker", qos=QOS)
+        got = await receive_until(controller, lambda m: m.payload == b"marker", timeout=5)
+    assert [str(m.topic) for m in got] == [t.report("hospital-a")]
+    # A new subscriber finds no retained message of the flood.
+    async with mqtt_broker.client(ctl) as late:
+        await late.subscribe(t.agent_up("hospital-a"), qos=QOS)
+        retained = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.5):
+                async for message in late.messages:
+                    retained.append(str(message.topic))
+    assert retained == []
 
 
 async def test_agent_cannot_read_another_agents_commands_or_reports(
@@ -257,9 +307,11 @@ async def test_a_reload_leaves_a_revoked_live_connection_a_restart_cuts_it(
     t = mqtt_broker.topics
     ctl = mqtt_broker.client_context_for("controller", "controller")
     doomed = mqtt_broker.client_context_for("hospital-a")
+    # Probes with a certificate of their own: one of `doomed`'s would take over its session.
+    probe = mqtt_broker.client_context_for("hospital-z")
     async with mqtt_broker.client(ctl) as controller, mqtt_broker.client(doomed) as live:
         await controller.subscribe(t.all_agents_up, qos=QOS)
-        mqtt_broker.revoke(doomed.serial, restart=False)
+        mqtt_broker.revoke(doomed.serial, probe.serial, restart=False)
         mqtt_broker.files.install_crl()
         assert mqtt_broker.pid is not None
         os.kill(mqtt_broker.pid, signal.SIGHUP)
@@ -267,7 +319,7 @@ async def test_a_reload_leaves_a_revoked_live_connection_a_restart_cuts_it(
         # The reload refuses new connections of the revoked certificate...
         async def refused() -> bool:
             try:
-                async with mqtt_broker.client(doomed.context, timeout=2):
+                async with mqtt_broker.client(probe.context, timeout=2):
                     pass
             except aiomqtt.MqttError:
                 return True

@@ -27,11 +27,21 @@ HOST = HostInfo(
 )
 
 
-def _report(seq: int, *, agent_id: str = AGENT, vms: tuple[str, ...] = ("vm-001",)) -> Report:
+# Reports are dated from a few minutes ago, a second apart by seq.
+BASE = datetime.now(UTC) - timedelta(minutes=5)
+
+
+def _report(
+    seq: int,
+    *,
+    agent_id: str = AGENT,
+    vms: tuple[str, ...] = ("vm-001",),
+    sent_at: datetime | None = None,
+) -> Report:
     return Report(
         agent_id=agent_id,
         seq=seq,
-        sent_at=datetime(2030, 1, 1, tzinfo=UTC) + timedelta(seconds=seq),
+        sent_at=sent_at or BASE + timedelta(seconds=seq),
         host=HOST,
         vms=[
             VmInfo(
@@ -58,6 +68,31 @@ def store(tmp_path: Path, pki: Pki) -> Iterator[Store]:
     )
     yield store
     store.close()
+
+
+async def test_a_report_from_the_future_is_refused_and_never_freezes_the_agent(
+    store: Store,
+) -> None:
+    """Stored as the newest, a report dated a day ahead made every genuine one after it stale."""
+    ingest = InventoryIngest(store=store, history_per_agent=5)
+    now = datetime.now(UTC)
+    ahead = _report(50, sent_at=now + timedelta(days=1), vms=("vm-009",))
+    slightly_ahead = _report(51, sent_at=now + inventory.MAX_CLOCK_AHEAD / 2)
+    outcomes = await ingest.reports([(ahead, now), (slightly_ahead, now)])
+    assert [(o.accepted, o.reason) for o in outcomes] == [(False, "from_future"), (True, "")]
+    # A newest time an earlier version stored from the future does not make reports stale.
+    await store.run(
+        lambda conn: conn.execute(
+            "UPDATE agents SET last_report_sent_at = ? WHERE id = ?",
+            ((now + timedelta(days=1)).isoformat(), AGENT),
+        )
+    )
+    later = datetime.now(UTC)
+    (outcome,) = await ingest.reports([(_report(52, sent_at=later), later)])
+    assert (outcome.accepted, outcome.reason) == (True, "")
+    agent = await store.run(inventory.get_agent, AGENT)
+    assert agent is not None
+    assert agent["last_seq"] == 52
 
 
 async def test_a_batch_of_reports_gives_one_outcome_each(store: Store) -> None:

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.jobs.driver import JobManager
 from fedsky.controller.jobs.records import JobRejected
-from fedsky.shared.messages import PrepareTaskCommand, RunFinished, StopTaskCommand
+from fedsky.shared.messages import Event, PrepareTaskCommand, RunFinished, StopTaskCommand
 
 from tests.fakes.jobs import MODEL_DIGEST, SPEC, Harness, ScriptedAgents, make_harness
 from tests.support.wait import eventually
@@ -126,10 +127,14 @@ async def test_cancel_in_each_stage_stops_everything(
     if stage == "assigning":
         await eventually(lambda: _prepared(h.agents, "hospital-eu"), until=bool)
     assert await manager.cancel(job_id)
-    job = await h.job(job_id)
-    assert job["state"] == "cancelled"
-    live = [t for t in job["tasks"] if t["state"] not in ("stopped", "failed", "finished")]
-    assert live == []
+    assert (await h.job(job_id))["state"] == "cancelled"
+    # Every task's stop is sent before the job ends; each agent's confirmation follows.
+    job = await eventually(
+        lambda: h.job(job_id),
+        until=lambda job: all(
+            t["state"] in ("stopped", "failed", "finished") for t in job["tasks"]
+        ),
+    )
     stopped = {c.task_id for _, c in h.agents.commands(StopTaskCommand)}  # type: ignore[attr-defined]
     started = {t["id"] for t in job["tasks"] if t["state"] == "stopped"}
     assert started <= stopped
@@ -137,6 +142,38 @@ async def test_cancel_in_each_stage_stops_everything(
     assert bool(h.clouds.provider_.terminated) == launched
     assert h.models.finished == {job_id: "cancelled"}
     assert await manager.ctx.queue.active_tasks() == {}
+
+
+async def test_stops_a_restarted_controller_owes_are_sent_once_the_bus_is_up(
+    setup: tuple[Harness, JobManager],
+) -> None:
+    """A controller restarted mid-job recovers before its bus is connected: the stops it could
+    not send are owed (tasks `stopping`), sent when the bus is up, and a task ends only on its
+    own agent's word."""
+    h, manager = setup
+    job_id = await manager.submit(spec_data=SPEC, model_digest=MODEL_DIGEST)
+    await eventually(lambda: _run_started(manager, job_id), until=bool)
+    manager._drivers[job_id].cancel()  # the old controller is gone; its job stays "training"
+    await asyncio.sleep(0)
+    await h.store.run(jobstore.set_state, job_id, "training")
+    h.agents.down = True
+    h.agents.sent.clear()
+    await manager.recover()
+    job = await h.job(job_id)
+    assert job["state"] == "failed"
+    assert {t["state"] for t in job["tasks"]} == {"stopping"}
+    assert h.agents.commands(StopTaskCommand) == []
+    # Another hospital's word does not end hospital-us's task.
+    us_task = next(t["id"] for t in job["tasks"] if t["participant"] == "hospital-us")
+    await manager.on_event(Event(agent_id="hospital-eu", kind="task_stopped", task_id=us_task))
+    assert {t["state"] for t in (await h.job(job_id))["tasks"]} == {"stopping"}
+    h.agents.down = False
+    job = await eventually(
+        lambda: h.job(job_id),
+        until=lambda job: {t["state"] for t in job["tasks"]} == {"stopped"},
+        timeout=10,
+    )
+    assert {a for a, _ in h.agents.commands(StopTaskCommand)} == {"hospital-us", "hospital-eu"}
 
 
 async def _prepared(agents: ScriptedAgents, agent: str) -> bool:

@@ -400,8 +400,14 @@ def test_cancel_mid_training_stops_every_supernode_and_the_aggregator(
     assert "cancelled" in done.stdout
     assert superlink_pids(shared_box) == []
     _wait_supernodes_gone(shared_box)
-    tasks = shared_box.api.get(f"/v1/jobs/{job['id']}")["tasks"]
-    assert {t["state"] for t in tasks} == {"stopped"}
+    # Each task is stopped once its agent confirms it (stopping until then).
+    eventually_blocking(
+        lambda: {t["state"] for t in shared_box.api.get(f"/v1/jobs/{job['id']}")["tasks"]},
+        until=lambda states: states == {"stopped"},
+        timeout=30,
+        interval=0.5,
+        what="every task's stop to be confirmed",
+    )
 
 
 def test_unreachable_aggregator_fails_the_job_not_hangs(shared_box: Onebox, tmp_path: Path) -> None:

@@ -42,7 +42,10 @@ POINT_FIELDS = {
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main([*CASE, *args])
+    try:
+        code = main([*CASE, *args])
+    except SystemExit as exc:  # argparse refusing an option's value
+        code = int(exc.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -118,7 +121,7 @@ def test_infeasible_exits_3_with_reason_and_json_shape(capsys: pytest.CaptureFix
         (["--max-cost", "85000 EUR/month"], "currency 'EUR' is not supported"),
         (
             ["--max-cost", "85000 KRW/month", "--cost-weight", "9"],
-            "cost weight must be between 0 and 1",
+            "'9' is not a number between 0 and 1",
         ),
         (["--max-cost", "85000 KRW/month", "--participant", "bad"], "expected NAME=cloud:region"),
         (
@@ -129,7 +132,15 @@ def test_infeasible_exits_3_with_reason_and_json_shape(capsys: pytest.CaptureFix
             ["--max-cost", "85000 KRW/month", "--participant", "x=aws:nowhere-9"],
             "unknown location 'aws:nowhere-9'",
         ),
-        (["--max-cost", "85000 KRW/month", "--krw-per-usd", "-3"], "KRW per USD rate must be > 0"),
+        (
+            ["--max-cost", "85000 KRW/month", "--krw-per-usd", "-3"],
+            "'-3' is not a number between 0.0001 and 1,000,000,000",
+        ),
+        (
+            ["--max-cost", "85000 KRW/month", "--method", "nsga2", "--seed", "-1"],
+            "'-1' is not a whole number between 0 and 4,294,967,295",
+        ),
+        (["--max-cost", "85000 KRW/month", "--model-mb", "nan"], "'nan' is not a number"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(

@@ -8,7 +8,13 @@ from datetime import timedelta
 from typing import Annotated
 
 from aiohttp import web
-from fedsky.controller.api.responses import SERVICES, ApiProblem, json_ok
+from fedsky.controller.api.responses import (
+    SERVICES,
+    ApiProblem,
+    finite_number,
+    json_ok,
+    whole_number,
+)
 from fedsky.controller.bus.consumer import BusUnavailable
 from fedsky.controller.inventory import store as inventory
 from fedsky.controller.security import enrollment
@@ -70,7 +76,7 @@ async def get_agent(request: web.Request) -> web.Response:
 @routes.get("/v1/agents/{agent_id}/history")
 async def agent_history(request: web.Request) -> web.Response:
     agent_id = request.match_info["agent_id"]
-    limit = min(int(request.query.get("limit", "50")), 1000)
+    limit = whole_number(request.query.get("limit"), "limit", default=50, lo=1, hi=1000)
     return json_ok(await _services(request).store.run(inventory.history, agent_id, limit))
 
 
@@ -134,7 +140,7 @@ async def revoke(request: web.Request) -> web.Response:
 async def ping(request: web.Request) -> web.Response:
     svc = _services(request)
     agent_id = request.match_info["agent_id"]
-    timeout = min(float(request.query.get("timeout", "10")), 60.0)
+    timeout = finite_number(request.query.get("timeout"), "timeout", default=10.0, lo=0.1, hi=60.0)
     agent = await svc.store.run(inventory.get_agent, agent_id)
     if agent is None or agent["state"] == "revoked":
         raise ApiProblem(404, f"no enrolled agent {agent_id!r}")
@@ -144,7 +150,11 @@ async def ping(request: web.Request) -> web.Response:
     answered: asyncio.Future[Event] = loop.create_future()
 
     async def on_event(event: Event) -> None:
-        if event.command_id == command.command_id and not answered.done():
+        if (
+            event.command_id == command.command_id
+            and event.agent_id == agent_id
+            and not answered.done()
+        ):
             answered.set_result(event)
 
     bus.add_event_listener(on_event)

@@ -6,7 +6,12 @@ import asyncio
 from typing import Annotated, Any
 
 from aiohttp import web
-from fedsky.controller.api.responses import SERVICES, ApiProblem, json_ok
+from fedsky.controller.api.responses import (
+    SERVICES,
+    ApiProblem,
+    json_ok,
+    whole_number,
+)
 from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.jobs.driver import JobManager
 from fedsky.controller.jobs.forecast import round_times
@@ -15,12 +20,10 @@ from fedsky.controller.jobs.records import JobRejected
 from fedsky.controller.models.errors import NotFound
 from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
-from fedsky.shared.modelfile import ModelFileError
+from fedsky.shared.modelfile import MAX_MODEL_FILE_BYTES, ModelFileError
 from pydantic import BaseModel, ConfigDict, Field
 
 routes = web.RouteTableDef()
-
-MAX_MODEL_BYTES = 60 << 20
 
 
 class SubmitRequest(BaseModel):
@@ -55,8 +58,8 @@ async def upload_model_file(request: web.Request) -> web.Response:
     data = await request.read()
     if not data:
         raise ApiProblem(400, "empty model file", exit_code=exitcodes.USAGE)
-    if len(data) > MAX_MODEL_BYTES:
-        raise ApiProblem(413, f"model file larger than {MAX_MODEL_BYTES >> 20} MiB")
+    if len(data) > MAX_MODEL_FILE_BYTES:
+        raise ApiProblem(413, f"model file larger than {MAX_MODEL_FILE_BYTES >> 20} MiB")
     try:
         stored = await asyncio.to_thread(
             store_model_file, _svc(request).need_config().state_dir, data
@@ -112,8 +115,8 @@ async def cancel(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}/logs")
 async def logs(request: web.Request) -> web.Response:
+    after = whole_number(request.query.get("after"), "after", default=0, lo=0, hi=2**63 - 1)
     job = await _job(request)
-    after = int(request.query.get("after", "0"))
     return json_ok(await _svc(request).store.run(jobstore.job_log, job["id"], after_id=after))
 
 

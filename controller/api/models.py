@@ -18,7 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
-from fedsky.controller.api.responses import SERVICES, ApiProblem, json_ok
+from fedsky.controller.api.responses import (
+    SERVICES,
+    ApiProblem,
+    json_ok,
+    whole_number,
+)
 from fedsky.controller.models.criteria import (
     Criteria,
     Threshold,
@@ -58,8 +63,12 @@ def _problem(exc: ModelManagerError) -> ApiProblem:
     return ApiProblem(400, str(exc), exit_code=exitcodes.USAGE)
 
 
+# Job specs allow at most 10,000 rounds (`shared.jobspec`).
+MAX_ROUND = 10_000
+
+
 def _round_no(request: web.Request) -> int:
-    return int(request.match_info["round"])
+    return whole_number(request.match_info["round"], "round", default=0, lo=1, hi=MAX_ROUND)
 
 
 @dataclass(frozen=True)
@@ -83,11 +92,11 @@ def best_query(query: MultiMapping[str]) -> BestQuery:
             criteria = Criteria(metric=None, weights=parse_score(score), thresholds=thresholds)
         elif metric:
             criteria = Criteria(metric=parse_metric(metric), thresholds=thresholds)
-        runners_up = int(query.get("runners_up", "3"))
-        if not 0 <= runners_up <= MAX_RUNNERS_UP:
-            raise ValueError(f"runners_up must be between 0 and {MAX_RUNNERS_UP}")
     except ValueError as exc:
         raise ApiProblem(400, str(exc), exit_code=exitcodes.USAGE) from None
+    runners_up = whole_number(
+        query.get("runners_up"), "runners_up", default=3, lo=0, hi=MAX_RUNNERS_UP
+    )
     all_jobs = query.get("all_jobs", "").lower() in ("1", "true", "yes")
     jobs = list(getall("job", []))
     if all_jobs and jobs:

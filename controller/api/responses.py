@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,13 @@ from pydantic import ValidationError
 log = logging.getLogger(__name__)
 
 SERVICES = web.AppKey("services", Services)
+
+
+_HTTP_MESSAGES = {
+    404: "no such route",
+    405: "method not allowed on this route",
+    413: "request body too large",
+}
 
 
 def json_error(
@@ -42,6 +50,40 @@ class ApiProblem(Exception):
         self.status = status
         self.message = message
         self.exit_code = exit_code
+
+
+def whole_number(text: str | None, what: str, *, default: int, lo: int, hi: int) -> int:
+    """A whole number from a query or path (`default` when absent); ApiProblem 400 unless it is
+    one between `lo` and `hi`."""
+    if text is None:
+        return default
+    if not (text.isascii() and text.lstrip("-").isdigit() and len(text) <= 19):
+        raise ApiProblem(
+            400, f"{what} must be a whole number, got {text[:40]!r}", exit_code=exitcodes.USAGE
+        )
+    value = int(text)
+    if not lo <= value <= hi:
+        raise ApiProblem(
+            400, f"{what} must be between {lo} and {hi}, got {value}", exit_code=exitcodes.USAGE
+        )
+    return value
+
+
+def finite_number(text: str | None, what: str, *, default: float, lo: float, hi: float) -> float:
+    """A number from a query (`default` when absent); ApiProblem 400 unless finite, in range."""
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ApiProblem(
+            400,
+            f"{what} must be a number between {lo:g} and {hi:g}, got {text[:40]!r}",
+            exit_code=exitcodes.USAGE,
+        )
+    return value
 
 
 def problem_response(exc: BaseException) -> web.Response | None:
@@ -84,8 +126,13 @@ async def answer_errors(
         )
     except json.JSONDecodeError:
         return json_error(400, "invalid request: body is not JSON", exit_code=exitcodes.USAGE)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        # aiohttp's own refusals (a body over client_max_size, an unknown route) in the same
+        # JSON form as every other error.
+        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
+        return json_error(exc.status, message, exit_code=exitcodes.USAGE)
     except Exception as exc:
         response = problem_response(exc)
         if response is not None:

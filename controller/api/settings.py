@@ -6,30 +6,31 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from fedsky.controller.settings import Section, check_bind_host
+from fedsky.controller.settings import Section
 from fedsky.shared.artifacts import ArtifactError, check_file, read_manifest
 from fedsky.shared.config import resolve_path
 from pydantic import Field, ValidationInfo, field_validator
 
 
 class ApiConfig(Section):
-    # Unix socket (default: <state_dir>/controller.sock) and/or a TCP listener (host:port).
-    # The TCP listener is plain HTTP without authentication: bind it to loopback. It is a bind
-    # address only (nothing is told where the API is), used by `fedctl` on the same host.
+    # The unix socket (default: <state_dir>/controller.sock): the file's owner and group (the
+    # operators) may use the API, nobody else.
     socket: Path | None = None
     socket_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
-    tcp: Annotated[str, Field(pattern=r"^[^:]+:\d{1,5}$")] | None = None
+    # Refused: kept so that a config that still sets it is told why (docs/security.md).
+    tcp: str | None = None
 
     @field_validator("tcp")
     @classmethod
-    def _bind(cls, value: str | None) -> str | None:
+    def _no_plain_tcp(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        host, _, port = value.rpartition(":")
-        check_bind_host(host)
-        if not 0 < int(port) <= 65535:
-            raise ValueError("the port must be between 1 and 65535")
-        return value
+        raise ValueError(
+            "the API is not served over TCP: it would be plain HTTP without authentication "
+            "(anyone reaching the port could enrol an agent and take its key). Use the unix "
+            "socket, from another machine over ssh (ssh -L /tmp/fedsky.sock:SOCKET host, then "
+            "fedctl --socket /tmp/fedsky.sock); see docs/security.md"
+        )
 
 
 class ArtifactsConfig(Section):

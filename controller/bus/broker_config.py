@@ -5,15 +5,17 @@ fedsky's CA (`require_certificate`), its CN becomes its MQTT username
 (`use_identity_as_username`), and the ACL lets each identity touch only its own topics (every
 topic string comes from `fedsky.shared.topics`):
 
-- an agent writes `<prefix>/agents/<its id>/up/#` and reads `<prefix>/agents/<its id>/down/#`;
-- an aggregator (`agg-<job>`) writes `<prefix>/aggregators/<its id>/up/#`;
+- an agent writes `<prefix>/agents/<its id>/up/{report,status,events}` and reads
+  `<prefix>/agents/<its id>/down/#`;
+- an aggregator (`agg-<job>`) writes `<prefix>/aggregators/<its id>/up/{metrics,status}`;
 - the controller reads every `up` and writes every `down`.
 
 Mosquitto's `pattern` lines apply to every user (the controller too), and a pattern cannot say
-"only users whose name starts with agg-": so any identity may also write
-`<prefix>/aggregators/<its own id>/up/#` and `<prefix>/agents/<its own id>/up/#`. No identity can
-ever write under another's name; the consumer must still check that the sender's id fits the
-subtree (`check_agent_id` under `agents`, `is_aggregator_id` under `aggregators`).
+"only users whose name starts with agg-": so any identity may also write its own aggregator's
+and agent's channels. No identity can ever write under another's name; the consumer must still
+check that the sender's id fits the subtree (`check_agent_id` under `agents`,
+`is_aggregator_id` under `aggregators`). The client id is the CN too
+(`use_username_as_clientid`): a certificate cannot take over another client's session.
 
 Mosquitto 2.0 loads its CRL at start. A reload (SIGHUP) applies a new CRL to new connections
 only: a revoked client that is already connected stays connected. So after a revocation the
@@ -111,9 +113,13 @@ def render_acl(*, topic_prefix: str, controller_id: str = CONTROLLER_ID) -> str:
             "",
             "# Apply to every user, the controller too: it has no agent or aggregator subtree",
             "# of its own to use, and no one can take its name.",
-            f"pattern write {topics.agent_up(ACL_USERNAME)}",
+            "# Only the channels the controller reads: nothing else to park retained messages on.",
+            f"pattern write {topics.report(ACL_USERNAME)}",
+            f"pattern write {topics.status(ACL_USERNAME)}",
+            f"pattern write {topics.events(ACL_USERNAME)}",
             f"pattern read {topics.agent_down(ACL_USERNAME)}",
-            f"pattern write {topics.aggregator_up(ACL_USERNAME)}",
+            f"pattern write {topics.aggregator_metrics(ACL_USERNAME)}",
+            f"pattern write {topics.aggregator_status(ACL_USERNAME)}",
             "",
         ]
     )
@@ -175,6 +181,9 @@ def render_config(
         "allow_anonymous false",
         "require_certificate true",
         "use_identity_as_username true",
+        # The client id becomes the username (the certificate's CN), whatever the client asked
+        # for: a certificate can only ever take over its own session, never another client's.
+        "use_username_as_clientid true",
         "tls_version tlsv1.2",
         f"cafile {ca_file}",
         f"certfile {cert_file}",

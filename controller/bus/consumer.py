@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 INGEST_QUEUE = 20_000
 INGEST_BATCH = 500
 
+# Why the inventory refused a report, as the rejection log says it.
+REPORT_REFUSALS = {
+    "unknown_agent": "not enrolled or revoked",
+    "stale": "older than the newest report stored",
+    "from_future": "sent_at is ahead of the controller's clock",
+}
+
 EventListener = Callable[[Event], Awaitable[None]]
 AggregatorHandler = Callable[[str, str, bytes], Awaitable[None]]
 
@@ -224,6 +231,8 @@ class ControllerBus:
                 for listener in list(self._event_listeners):
                     try:
                         await listener(event)
+                    except PayloadError as exc:  # e.g. an event about another agent's task
+                        self.stats.rejects.reject(topic.sender, exc.reason, exc.detail)
                     except Exception:
                         log.exception(
                             "event listener failed on %s from %s", event.kind, event.agent_id
@@ -264,9 +273,9 @@ class ControllerBus:
                     self.stats.reports_stored += 1
                     if outcome.came_online:
                         log.info("agent %s is online", outcome.agent_id)
-                elif outcome.reason == "unknown_agent":
+                else:
                     self.stats.rejects.reject(
-                        outcome.agent_id, "unknown_agent", "not enrolled or revoked"
+                        outcome.agent_id, outcome.reason, REPORT_REFUSALS.get(outcome.reason, "")
                     )
 
     @property

@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fedsky.controller.cli.output import api_client, call_api, fail, print_json, print_table
+from fedsky.controller.cli.output import (
+    api_client,
+    call_api,
+    fail,
+    number_in,
+    print_json,
+    print_table,
+)
 from fedsky.shared import exitcodes
 
 
@@ -44,7 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     ping = a_sub.add_parser("ping", help="send a ping command and wait for the agent's answer")
     ping.add_argument("name")
-    ping.add_argument("--timeout", type=float, default=10.0)
+    ping.add_argument(
+        "--timeout", type=number_in(0.1, 60), default=10.0, help="seconds (default 10)"
+    )
     ping.set_defaults(func=_ping)
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from fedsky.controller.cli.output import fail, print_json, print_table
+from fedsky.controller.cli.output import fail, number_in, print_json, print_table
 from fedsky.controller.orchestrator.simulator import ScenarioError, load_scenario, simulate
 from fedsky.shared import exitcodes
 
@@ -40,7 +40,12 @@ def register(subparsers: Any) -> None:
     orch.add_argument(
         "--runs", type=_positive_int, default=20, help="FL runs (jobs) to simulate (default 20)"
     )
-    orch.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    orch.add_argument(
+        "--seed",
+        type=number_in(0, 2**32 - 1, whole=True),
+        default=0,
+        help="random seed (default 0)",
+    )
     orch.add_argument("--json", action="store_true", help="print one JSON object")
     orch.set_defaults(func=_orchestrator)
 

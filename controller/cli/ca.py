@@ -8,6 +8,7 @@ from fedsky.controller.cli.client import config_path
 from fedsky.controller.cli.output import fail
 from fedsky.controller.config import load_controller_config
 from fedsky.controller.security.pki import Pki, PkiError
+from fedsky.controller.store import secure_state_dir
 from fedsky.shared import exitcodes
 
 
@@ -28,8 +29,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _init(args: argparse.Namespace) -> int:
     config = load_controller_config(config_path(args.config))
     try:
+        secure_state_dir(config.state_dir)
         pki = Pki.init(config.pki_dir, common_name=args.name, force=args.force)
-    except PkiError as exc:
+    except (PkiError, OSError) as exc:
         return fail(str(exc))
     print(f"CA created in {config.pki_dir}")
     print(f"CA certificate: {pki.ca_cert_path}")

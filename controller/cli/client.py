@@ -31,9 +31,21 @@ class ApiError(Exception):
 
     @property
     def exit_code(self) -> int:
-        if self.status in (400, 404, 409, 422):
-            return int(self.body.get("exit_code", exitcodes.FAILED))
-        return exitcodes.FAILED
+        """The exit code the controller gave (69 for a cloud it cannot reach, ...), when it is
+        one of fedsky's; else 1."""
+        code = self.body.get("exit_code")
+        return code if isinstance(code, int) and code in _EXIT_CODES else exitcodes.FAILED
+
+
+_EXIT_CODES = frozenset(
+    (
+        exitcodes.FAILED,
+        exitcodes.USAGE,
+        exitcodes.INFEASIBLE,
+        exitcodes.UNAVAILABLE,
+        exitcodes.CONFIG,
+    )
+)
 
 
 class _UnixHTTPConnection(HTTPConnection):
@@ -85,7 +97,12 @@ class ApiClient:
 
     def request(self, method: str, path: str, payload: Any = None) -> Any:
         body = None if payload is None else json.dumps(payload).encode()
-        resp = self._open(method, path, body, "application/json")
+        return self._answer(self._open(method, path, body, "application/json"))
+
+    @staticmethod
+    def _answer(resp: HTTPResponse) -> Any:
+        """The JSON body; ApiError with the controller's message for a status >= 400 (a body that
+        is not JSON is shown as text, never a decoding traceback)."""
         raw = resp.read()
         try:
             data = json.loads(raw) if raw else None
@@ -106,15 +123,7 @@ class ApiClient:
         return self.request("DELETE", path)
 
     def upload(self, path: str, data: bytes, content_type: str = "application/octet-stream") -> Any:
-        resp = self._open("POST", path, data, content_type)
-        raw = resp.read()
-        parsed = json.loads(raw) if raw else None
-        if resp.status >= 400:
-            message = (
-                parsed.get("error") if isinstance(parsed, dict) else raw.decode(errors="replace")
-            )
-            raise ApiError(resp.status, str(message), parsed if isinstance(parsed, dict) else None)
-        return parsed
+        return self._answer(self._open("POST", path, data, content_type))
 
     def download(self, path: str) -> tuple[bytes, dict[str, str]]:
         resp = self._open("GET", path, None, "")

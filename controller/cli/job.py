@@ -15,6 +15,7 @@ from fedsky.controller.orchestrator.explain import render_explain
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
 from fedsky.shared.jobspec import load_job_spec
+from fedsky.shared.modelfile import MAX_MODEL_FILE_BYTES
 
 END_STATES = ("completed", "failed", "cancelled")
 
@@ -61,8 +62,18 @@ def _submit(args: argparse.Namespace) -> int:
         spec = load_job_spec(args.spec)
     except ConfigError as exc:
         return fail(str(exc), exitcodes.USAGE)
+    try:
+        size = spec.model.stat().st_size
+        if size > MAX_MODEL_FILE_BYTES:
+            return fail(
+                f"{spec.model}: the model file is {size / (1 << 20):.1f} MiB; the controller "
+                f"takes model files up to {MAX_MODEL_FILE_BYTES >> 20} MiB",
+                exitcodes.USAGE,
+            )
+        data = spec.model.read_bytes()
+    except OSError as exc:
+        return fail(f"cannot read the model file {spec.model}: {exc.strerror}", exitcodes.USAGE)
     client = api_client(args)
-    data = spec.model.read_bytes()
     model, code = call_api(lambda: client.upload("/v1/model-files", data))
     if model is None:
         return code

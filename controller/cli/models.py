@@ -17,7 +17,14 @@ from urllib.parse import quote, urlencode
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fedsky.controller.cli.client import ApiClient
-from fedsky.controller.cli.output import api_client, call_api, fail, print_json, print_table
+from fedsky.controller.cli.output import (
+    api_client,
+    call_api,
+    fail,
+    number_in,
+    print_json,
+    print_table,
+)
 from fedsky.controller.models.errors import VerificationError
 from fedsky.controller.models.signing import load_public_key, metadata_path_for, verify_download
 from fedsky.shared import exitcodes
@@ -42,7 +49,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     best.add_argument("--all-jobs", action="store_true", help="compare the rounds of every job")
     _criteria_args(best)
     best.add_argument(
-        "--runners-up", type=int, default=3, metavar="N", help="how many to list (default 3)"
+        "--runners-up",
+        type=number_in(0, 50, whole=True),
+        default=3,
+        metavar="N",
+        help="how many to list (default 3)",
     )
     best.add_argument("--json", action="store_true", help="print JSON")
     best.set_defaults(func=_best)
@@ -52,7 +63,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     dl.add_argument("job")
     which = dl.add_mutually_exclusive_group()
-    which.add_argument("--round", type=int, metavar="N", help="this round")
+    which.add_argument(
+        "--round", type=number_in(1, 10_000, whole=True), metavar="N", help="this round"
+    )
     which.add_argument(
         "--best", action="store_true", help="the best round by the criteria (the default)"
     )
@@ -87,7 +100,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     pin = m_sub.add_parser("pin", help="keep a round's checkpoint whatever the retention policy")
     pin.add_argument("job")
-    pin.add_argument("round", type=int)
+    pin.add_argument("round", type=number_in(1, 10_000, whole=True))
     pin.add_argument("--unpin", action="store_true", help="let retention prune it again")
     pin.set_defaults(func=_pin)
 

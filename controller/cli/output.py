@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -11,6 +13,30 @@ from fedsky.controller.cli.client import ApiClient, ApiError, ControllerUnavaila
 from fedsky.shared import exitcodes
 
 T = TypeVar("T")
+
+
+def _bound(x: float) -> str:
+    return f"{int(x):,}" if x == int(x) else f"{x:g}"
+
+
+def number_in(lo: float, hi: float, *, whole: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number (a whole one with `whole`) between `lo` and `hi`;
+    anything else is a usage error naming the range (never a traceback)."""
+
+    def parse(text: str) -> float:
+        try:
+            value: float = int(text) if whole else float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and lo <= value <= hi):
+            kind = "a whole number" if whole else "a number"
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {kind} between {_bound(lo)} and {_bound(hi)}"
+            )
+        return value
+
+    parse.__name__ = "whole number" if whole else "number"
+    return parse
 
 
 def print_json(data: Any) -> None:
@@ -56,6 +82,4 @@ def api_client(args: Any) -> ApiClient:
     if getattr(args, "socket", None):
         return ApiClient(args.socket)
     cfg = load_controller_config(config_path(getattr(args, "config", None)))
-    if cfg.api.tcp and not cfg.api_socket.exists():
-        return ApiClient(f"http://{cfg.api.tcp}")
     return ApiClient(str(cfg.api_socket))

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedsky.controller.cli.output import number_in
 from fedsky.controller.placement.defaults import DEFAULT_KRW_PER_USD, DEFAULT_TRAIN_S, METHODS
 from fedsky.controller.placement.settings import PlacementConfig
 from fedsky.shared import exitcodes
@@ -43,8 +44,13 @@ def register(subparsers: Any) -> None:
         metavar="NAME=LOC",
         help="a participant and its nearest cloud region, e.g. seoul=aws:ap-northeast-2 (repeat per participant)",
     )
-    p.add_argument("--model-mb", type=float, required=True, help="model size in MB")
-    p.add_argument("--rounds", type=int, required=True, help="federated rounds of the job")
+    p.add_argument("--model-mb", type=number_in(0.001, 1e6), required=True, help="model size in MB")
+    p.add_argument(
+        "--rounds",
+        type=number_in(1, 10_000, whole=True),
+        required=True,
+        help="federated rounds of the job",
+    )
     p.add_argument(
         "--max-cost",
         required=True,
@@ -52,23 +58,26 @@ def register(subparsers: Any) -> None:
         help="maximum cost, e.g. '85000 KRW/month' (730 h of the aggregator plus one job's egress) or '40 USD/job'",
     )
     p.add_argument(
-        "--max-latency-ms", type=float, required=True, help="maximum RTT to every participant"
+        "--max-latency-ms",
+        type=number_in(1e-3, 1e6),
+        required=True,
+        help="maximum RTT to every participant",
     )
     p.add_argument(
         "--cost-weight",
-        type=float,
+        type=number_in(0, 1),
         default=0.5,
         help="w in w*cost + (1-w)*time over the normalised front: 0.9 = cost first, 0.1 = time first (default 0.5)",
     )
     p.add_argument(
         "--train-s",
-        type=float,
+        type=number_in(0, 1e6),
         default=DEFAULT_TRAIN_S,
         help=f"local training time per round (default {DEFAULT_TRAIN_S:g} s)",
     )
     p.add_argument(
         "--krw-per-usd",
-        type=float,
+        type=number_in(0.0001, 1e9),
         default=None,
         help="exchange rate (default: the controller config's placement.krw_per_usd, "
         f"else {DEFAULT_KRW_PER_USD:g})",
@@ -94,7 +103,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="plan one aggregator per continent plus a global one",
     )
-    p.add_argument("--seed", type=int, default=1, help="NSGA-II seed (default 1)")
+    p.add_argument(
+        "--seed",
+        type=number_in(0, 2**32 - 1, whole=True),
+        default=1,
+        help="NSGA-II seed (default 1)",
+    )
     p.add_argument(
         "--all", action="store_true", help="also list every offer evaluated, feasible or not"
     )

@@ -92,6 +92,12 @@ def ensure_schema(store: Store) -> None:
     store.ensure_schema("inventory", SCHEMA)
 
 
+# How far ahead of the controller's clock an agent's `sent_at` may be. A report from further
+# ahead is refused: stored as the newest, it would make every genuine report after it look
+# stale until the agent's clock caught up with it.
+MAX_CLOCK_AHEAD = timedelta(seconds=60)
+
+
 def _iso(value: datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
@@ -128,7 +134,9 @@ def record_reports(
     """Store a batch of reports in one transaction; returns what happened to each.
 
     A report older than the newest one stored for its agent (by the agent's `sent_at`) is
-    ignored: after a reconnect the agent sends only its newest, but QoS 1 may redeliver.
+    ignored: after a reconnect the agent sends only its newest, but QoS 1 may redeliver. A
+    report sent more than `MAX_CLOCK_AHEAD` after it was received is refused ("from_future");
+    a newest time stored beyond that bound (by an earlier version) does not make reports stale.
     """
     outcomes: list[ReportOutcome] = []
     trimmed: set[str] = set()
@@ -139,10 +147,18 @@ def record_reports(
             except UnknownAgent:
                 outcomes.append(ReportOutcome(report.agent_id, False, False, "unknown_agent"))
                 continue
-            sent = _iso(report.sent_at)
-            if agent["last_report_sent_at"] is not None and sent < agent["last_report_sent_at"]:
+            latest_credible = received_at + MAX_CLOCK_AHEAD
+            if report.sent_at > latest_credible:
+                outcomes.append(ReportOutcome(report.agent_id, False, False, "from_future"))
+                continue
+            newest = agent["last_report_sent_at"]
+            if (
+                newest is not None
+                and report.sent_at < datetime.fromisoformat(newest) <= latest_credible
+            ):
                 outcomes.append(ReportOutcome(report.agent_id, False, False, "stale"))
                 continue
+            sent = _iso(report.sent_at)
             now = _iso(received_at)
             conn.execute(
                 """

@@ -20,7 +20,15 @@ from fedsky.controller.jobs.ports import (
 from fedsky.controller.orchestrator.store import QueueStore
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
-from fedsky.shared.messages import Event
+from fedsky.shared.messages import Event, PayloadError
+
+
+@dataclass(frozen=True)
+class TaskWaiter:
+    """A task's agent, and the queue for the events that agent sends about it."""
+
+    agent_id: str
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
 
 
 @dataclass
@@ -37,8 +45,32 @@ class JobContext:
     make_control: RunControlFactory
     revocations: JobRevocations
     clouds: CloudAccess | None = None
-    # Task id -> the queue its agent's events go to while a stage or a follower waits on them.
-    waiters: dict[str, asyncio.Queue[Event]] = field(default_factory=dict)
+    # Task id -> its agent and the queue that agent's events for it go to while a stage or a
+    # follower waits on them.
+    waiters: dict[str, TaskWaiter] = field(default_factory=dict)
+
+    def wait_on_task(self, task_id: str, *, agent_id: str) -> asyncio.Queue[Event]:
+        """The queue the task's events will arrive on: only those its own agent sends."""
+        waiter = TaskWaiter(agent_id=agent_id)
+        self.waiters[task_id] = waiter
+        return waiter.events
+
+    def route_event(self, event: Event) -> bool:
+        """Hand an agent's event to whoever waits on its task. Task ids are predictable
+        (`{job}-{participant}-{attempt}`), so an event for a task another agent runs is refused
+        (PayloadError, counted against its sender) before it can fail, stop or take over the task.
+        True when a waiter took it."""
+        if event.task_id is None:
+            return False
+        waiter = self.waiters.get(event.task_id)
+        if waiter is None:
+            return False
+        if event.agent_id != waiter.agent_id:
+            raise PayloadError(
+                "foreign_task", f"task {event.task_id} is not {event.agent_id}'s: event ignored"
+            )
+        waiter.events.put_nowait(event)
+        return True
 
     @property
     def jobs_dir(self) -> Path:

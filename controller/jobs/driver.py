@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,12 +33,13 @@ from fedsky.controller.jobs.ports import (
 )
 from fedsky.controller.jobs.records import JobFailure, JobRejected, JobRun, minimum_resources
 from fedsky.controller.jobs.stages.assign import assign_all, candidates_by_participant
-from fedsky.controller.jobs.stages.cleanup import clean_up
+from fedsky.controller.jobs.stages.cleanup import clean_up, send_stop
 from fedsky.controller.jobs.stages.launch import launch_aggregator
 from fedsky.controller.jobs.stages.place import place_aggregator
 from fedsky.controller.jobs.stages.train import train
 from fedsky.controller.orchestrator.eligibility import check_feasible
 from fedsky.controller.orchestrator.store import QueueStore
+from fedsky.controller.orchestrator.tasks import ENDED_BY_EVENT, tasks_stopping
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 from fedsky.shared.flower.transfer import AggregatorFeed, RoundReady, RunEnded
@@ -48,6 +51,10 @@ from pydantic import ValidationError
 log = logging.getLogger(__name__)
 
 FEED_EXPIRE_S = 10.0
+# How often the stops the controller owes are looked at, and how long one waits for its
+# agent's confirmation before it is sent again.
+STOP_SWEEP_S = 2.0
+STOP_RESEND_S = 60.0
 
 
 class JobManager:
@@ -92,6 +99,7 @@ class JobManager:
             self._group = group
             await self.recover()
             group.create_task(self._expire_feed(), name="jobs-feed-expiry")
+            group.create_task(self.stop_owed_tasks(), name="jobs-stop-owed-tasks")
             await asyncio.Event().wait()
 
     async def recover(self) -> None:
@@ -112,6 +120,24 @@ class JobManager:
                 message=f"failed: the controller restarted while the job was {was}",
             )
             await clean_up(self.ctx, job_id, job=job)
+
+    async def stop_owed_tasks(self) -> None:
+        """Send the stops the controller still owes (tasks left `stopping`): once the bus is
+        up, then again every `STOP_RESEND_S` until each task's agent confirms. A controller
+        restarted mid-job recovers before its bus is connected; this is what reaches the
+        SuperNodes the previous one left running."""
+        sent_at: dict[str, float] = {}
+        while True:
+            owed = await self.ctx.store.run(tasks_stopping)
+            now = time.monotonic()
+            for task in owed:
+                if now - sent_at.get(task["id"], -math.inf) < STOP_RESEND_S:
+                    continue
+                if await send_stop(self.ctx, task, reason="the job ended"):
+                    sent_at[task["id"]] = now
+            live = {task["id"] for task in owed}
+            sent_at = {k: v for k, v in sent_at.items() if k in live}
+            await asyncio.sleep(STOP_SWEEP_S)
 
     async def _expire_feed(self) -> None:
         while True:
@@ -241,12 +267,19 @@ class JobManager:
     # --- what arrives from the bus ----------------------------------------------------------
 
     async def on_event(self, event: Event) -> None:
-        """An agent's event: to the stage or follower waiting on its task."""
-        if event.task_id is None:
+        """An agent's event: to the stage or follower waiting on its task, if it is the
+        task's own agent's (PayloadError otherwise); else, the end of a task being stopped."""
+        if self.ctx.route_event(event) or event.task_id is None:
             return
-        waiter = self.ctx.waiters.get(event.task_id)
-        if waiter is not None:
-            waiter.put_nowait(event)
+        ended = ENDED_BY_EVENT.get(event.kind)
+        if ended is not None:
+            await self.ctx.store.run(
+                jobstore.confirm_task_ended,
+                event.task_id,
+                agent_id=event.agent_id,
+                state=ended,
+                reason=event.detail,
+            )
 
     async def on_aggregator(self, sender: str, channel: str, payload: bytes) -> None:
         """A job's ServerApp publishing its rounds and its result."""

@@ -248,6 +248,25 @@ def create_task(
     return task_id
 
 
+def confirm_task_ended(
+    conn: sqlite3.Connection, task_id: str, *, agent_id: str, state: TaskState, reason: str
+) -> bool:
+    """A stopping task's own agent confirmed its end (see `tasks.confirm_ended`)."""
+    with transaction(conn):
+        row = attempt_tasks.confirm_ended(
+            conn, task_id, agent_id=agent_id, state=state, reason=reason
+        )
+        if row is None:
+            return False
+        _log(
+            conn,
+            row["job_id"],
+            "info",
+            f"{row['participant']}: task on {row['vm']} {state}: confirmed by its agent",
+        )
+        return True
+
+
 def set_task_state(
     conn: sqlite3.Connection,
     task_id: str,

@@ -2,7 +2,8 @@
 
 An attempt (`orchestrator_attempt`) is the orchestrator's record of a participant on a VM; the
 job pipeline adds to the same row what only the task has: the task id the agent's events echo,
-the state the agent reports (assigned, acknowledged, running, then finished, failed or stopped),
+the state the agent reports (assigned, acknowledged, running, then finished, failed or stopped;
+stopping while the controller waits for the agent to confirm a stop it sent or still owes),
 the SuperNode key's role and its node id. One row per attempt, one place to read it from.
 """
 
@@ -13,9 +14,21 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 TaskState = Literal[
-    "assigned", "acknowledged", "starting", "running", "finished", "failed", "stopped"
+    "assigned", "acknowledged", "starting", "running", "stopping", "finished", "failed", "stopped"
 ]
-LIVE_TASK_STATES: tuple[TaskState, ...] = ("assigned", "acknowledged", "starting", "running")
+LIVE_TASK_STATES: tuple[TaskState, ...] = (
+    "assigned",
+    "acknowledged",
+    "starting",
+    "running",
+    "stopping",
+)
+# The agent's own word that a task ended, and the state it leaves the task in.
+ENDED_BY_EVENT: dict[str, TaskState] = {
+    "task_stopped": "stopped",
+    "task_finished": "finished",
+    "task_failed": "failed",
+}
 TASK_ID_MAX = 80
 
 
@@ -73,6 +86,30 @@ def update_task(
         "node_id = COALESCE(?, node_id), key_role = COALESCE(?, key_role), task_updated_at = ? "
         "WHERE task_id = ? RETURNING job_id, participant, vm",
         (state, reason, reason, node_id, key_role, _now(), task_id),
+    ).fetchone()
+    return row
+
+
+def tasks_stopping(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every task of any job still waiting for its agent to confirm a stop."""
+    rows = conn.execute(
+        "SELECT task_id AS id, job_id, participant FROM orchestrator_attempt "
+        "WHERE task_state = 'stopping' ORDER BY task_updated_at"
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def confirm_ended(
+    conn: sqlite3.Connection, task_id: str, *, agent_id: str, state: TaskState, reason: str
+) -> sqlite3.Row | None:
+    """A stopping task's own agent says it ended: record it. None (nothing changed) when the
+    task is not stopping or is not that agent's. The caller holds the transaction."""
+    row: sqlite3.Row | None = conn.execute(
+        "UPDATE orchestrator_attempt SET task_state = ?, "
+        "task_reason = CASE WHEN ? = '' THEN task_reason ELSE ? END, task_updated_at = ? "
+        "WHERE task_id = ? AND participant = ? AND task_state = 'stopping' "
+        "RETURNING job_id, participant, vm",
+        (state, reason, reason, _now(), task_id, agent_id),
     ).fetchone()
     return row
 

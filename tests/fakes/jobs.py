@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedsky.controller.bus.consumer import BusUnavailable
 from fedsky.controller.clouds.base import (
     AggregatorFiles,
     AggregatorHandle,
@@ -74,6 +75,7 @@ class ScriptedAgents:
         self.behave: Behaviour = lambda agent, command: None
         self.aggregator_handler: Any = None
         self.listeners: list[Any] = []
+        self.down = False  # the broker cannot be reached: every command raises BusUnavailable
         # Like the real agent: one key pair per job and role, new ones only when asked.
         self.key_generation: dict[tuple[str, str], int] = {}
 
@@ -81,6 +83,8 @@ class ScriptedAgents:
         self.listeners.append(listener)
 
     async def send_command(self, agent_id: str, command: Command) -> None:
+        if self.down:
+            raise BusUnavailable("the broker is not reachable; the command was not sent")
         self.sent.append((agent_id, command))
         reply = self.behave(agent_id, command)
         if reply is None:
@@ -109,9 +113,12 @@ class ScriptedAgents:
             asyncio.get_running_loop().call_soon(self.deliver, event)
 
     def deliver(self, event: Event) -> None:
-        waiter = self._ctx().waiters.get(event.task_id or "")
-        if waiter is not None:
-            waiter.put_nowait(event)
+        """As the bus does: to the listeners (a job manager's `on_event`), else straight to
+        the stages' waiters."""
+        if not self.listeners:
+            self._ctx().route_event(event)
+        for listener in self.listeners:
+            asyncio.get_running_loop().create_task(listener(event))
 
     @staticmethod
     def _healthy(command: Command) -> Reply:

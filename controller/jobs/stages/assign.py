@@ -130,8 +130,7 @@ async def start_on_vm(ctx: JobContext, run: JobRun, part: Participant) -> None:
         attempt=part.attempt,
     )
     part.task_id = task_id
-    waiter: asyncio.Queue[Event] = asyncio.Queue()
-    ctx.waiters[task_id] = waiter
+    waiter = ctx.wait_on_task(task_id, agent_id=part.name)
     # Keys: the first attempt uses the node key, a failover the pre-registered standby; past
     # those the agent makes a fresh pair (an unregistered key cannot register again).
     ack = await command(

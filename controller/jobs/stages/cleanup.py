@@ -43,18 +43,16 @@ async def clean_up(
         tasks = await ctx.store.run(list_tasks, job_id)
     for task in tasks:
         if task["state"] in LIVE_TASK_STATES:
-            with contextlib.suppress(BusUnavailable):
-                await ctx.bus.send_command(
-                    task["participant"],
-                    StopTaskCommand(
-                        expires_at=command_expiry(ctx.config.bus.command_ttl_s),
-                        task_id=task["id"],
-                        reason=f"job {final_state or job['state']}",
-                    ),
-                )
+            # Stopping until the task's agent confirms (`JobManager.on_event`); a stop the bus
+            # could not carry now is sent when it can (`JobManager.stop_owed_tasks`).
+            # Marked first: the agent's confirmation may come back before `send_stop` returns.
             await ctx.store.run(
-                jobstore.set_task_state, task["id"], "stopped", reason="the job ended"
+                jobstore.set_task_state, task["id"], "stopping", reason="the job ended"
             )
+            if not await send_stop(ctx, task, reason=f"job {final_state or job['state']}"):
+                await ctx.log(
+                    job_id, f"{task['participant']}: the stop of its task waits for the bus"
+                )
         ctx.waiters.pop(task["id"], None)
     # End the participants' attempts so their VMs count as free again.
     outcome: AttemptState = "succeeded" if final_state == "completed" else "cancelled"
@@ -75,6 +73,22 @@ async def clean_up(
     if run is not None:
         for follower in run.followers:
             follower.cancel()
+
+
+async def send_stop(ctx: JobContext, task: Mapping[str, Any], *, reason: str) -> bool:
+    """Tell a task's agent to stop it; False when the bus cannot carry the command now."""
+    try:
+        await ctx.bus.send_command(
+            task["participant"],
+            StopTaskCommand(
+                expires_at=command_expiry(ctx.config.bus.command_ttl_s),
+                task_id=task["id"],
+                reason=reason,
+            ),
+        )
+    except BusUnavailable:
+        return False
+    return True
 
 
 async def _terminate_aggregator(
