@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 SCHEMA_MAJOR = 1
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"  # 1.1: task_failed kinds; 1.2: round phases
 MAX_PAYLOAD_BYTES = 1 << 20  # 1 MiB: a report of 4,096 VMs fits many times over.
 
 VmState = Literal[
@@ -362,6 +362,26 @@ class WeightsRef(BaseModel):
     format: Literal["safetensors"] = "safetensors"
 
 
+class RoundPhases(BaseModel):
+    """Where a round's time went, measured by the ServerApp: from sending the weights for
+    training to the last reply (the participants' downloads, training and uploads), the
+    averaging, and the evaluation round trip."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    train_s: Annotated[float, Field(ge=0, le=1e7)]
+    aggregate_s: Annotated[float, Field(ge=0, le=1e7)]
+    evaluate_s: Annotated[float, Field(ge=0, le=1e7)]
+
+
+def phase_seconds(phases: RoundPhases) -> dict[str, float]:
+    """A round's phases by name: train, aggregate, evaluate."""
+    return {"train": phases.train_s, "aggregate": phases.aggregate_s, "evaluate": phases.evaluate_s}
+
+
+PHASE_NAMES = ("train", "aggregate", "evaluate")
+
+
 class RoundMetrics(Message):
     """A round's global metrics, computed from the participants' summed confusion matrices."""
 
@@ -385,6 +405,8 @@ class RoundMetrics(Message):
     started_at: AwareDatetime
     finished_at: AwareDatetime
     duration_s: Annotated[float, Field(ge=0)]
+    # Sent by aggregators of schema 1.2 and later.
+    phases: RoundPhases | None = None
     weights: WeightsRef | None = None
 
     @field_validator("confusion_matrix")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from fedsky.shared.flower.runconfig import RunSettings, settings_for_job
-from fedsky.shared.flower.server_app import _Reply, _site_of, fedavg
+from fedsky.shared.flower.server_app import _Reply, _site_of, fedavg, pull_replies_promptly
 from fedsky.shared.flower.training import evaluate, train
 from fedsky.shared.jobspec import parse_job_spec_text
 from fedsky.shared.modelfile import build_module, example_architecture, load_weights, module_weights
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.superlink.grid import http_grid
 
 
 @pytest.mark.parametrize(
@@ -129,3 +132,24 @@ min_participants = 2
         RunSettings.model_validate({"dataset-overrides": "[1]"})
     with pytest.raises(ValueError, match="must be a JSON object"):
         RunSettings.model_validate({"dataset-overrides": "{"})
+
+
+def test_a_reply_still_arriving_is_pulled_on_a_short_backoff(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SuperNode makes its reply visible before its weights have arrived; Flower's grid
+    then retries after 1, 2 and 4 s. The ServerApp's grid retries after 0.1, 0.2, 0.4 s."""
+    monkeypatch.setattr(http_grid, "pull_objects", inflatable_utils.pull_objects)
+    assert pull_replies_promptly()
+    assert pull_replies_promptly()  # once is enough; twice changes nothing
+    tries: list[float] = []
+
+    def pull_object(object_id: str) -> bytes:
+        tries.append(time.monotonic())
+        if len(tries) < 4:  # still arriving
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return b"weights"
+
+    assert http_grid.pull_objects(["w"], pull_object_fn=pull_object) == {"w": b"weights"}
+    # 0.7 s of backoff (+-20%) before the fourth try; Flower's own schedule waits 7 s.
+    assert tries[-1] - tries[0] < 2.0

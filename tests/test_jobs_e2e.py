@@ -111,6 +111,14 @@ def test_two_round_job_completes_and_aggregator_is_gone(box: Onebox, tmp_path: P
         else [r["round"] for r in rounds] == [1, 2]
     )
     assert superlink_pids(box) == []
+    # Each round's phases as the ServerApp timed them, within the round's measured duration,
+    # and from round 2 a forecast refined by the rounds measured before it.
+    timed = box.api.get(f"/v1/jobs/{job['id']}")["round_times"]
+    for row in timed:
+        phases = row["phases_s"]
+        assert set(phases) == {"train", "aggregate", "evaluate"}, row
+        assert 0 < sum(phases.values()) <= row["measured_s"] + 0.05, row
+    assert timed[1]["forecast_s"] == timed[0]["measured_s"]
     _aggregator_identity_is_refused_after_the_job(box, job["id"])
     box.wait_agents_online(list(HOSPITALS), timeout=60)  # they rode out the broker's restart
     _downloaded_model_reproduces_stored_accuracy(box, job["id"], tmp_path)

@@ -416,12 +416,15 @@ def test_each_rounds_prediction_sits_beside_its_measurement() -> None:
     from fedsky.controller.jobs.forecast import round_times
     from fedsky.controller.models.records import RoundRecord
 
-    def record(number: int, duration: float | None) -> RoundRecord:
+    def record(number: int, duration: float | None, phases: tuple[float, ...] = ()) -> RoundRecord:
         return RoundRecord(
             job_id="unit-0001",
             round=number,
             metrics={},
-            all_metrics={},
+            all_metrics={
+                f"{name}_phase_s": value
+                for name, value in zip(("train", "aggregate", "evaluate"), phases, strict=False)
+            },
             per_class=None,
             confusion_matrix=None,
             participants=[],
@@ -435,9 +438,36 @@ def test_each_rounds_prediction_sits_beside_its_measurement() -> None:
         )
 
     placement = {"choice": {"round_time_s": 22.0}}
-    rows = round_times(placement, [record(1, 20.0), record(2, None)])
+    rows = round_times(
+        placement, [record(2, 30.0), record(1, 20.0, (14.0, 0.5, 5.5)), record(3, None)]
+    )
     assert rows == [
-        {"round": 1, "predicted_s": 22.0, "measured_s": 20.0, "error": 0.1},
-        {"round": 2, "predicted_s": 22.0, "measured_s": None, "error": None},
+        {
+            "round": 1,
+            "predicted_s": 22.0,
+            "measured_s": 20.0,
+            "error": 0.1,
+            "phases_s": {"train": 14.0, "aggregate": 0.5, "evaluate": 5.5},
+            "forecast_s": 22.0,  # nothing measured yet: the placement's
+            "forecast_error": 0.1,
+        },
+        {
+            "round": 2,
+            "predicted_s": 22.0,
+            "measured_s": 30.0,
+            "error": 0.2667,
+            "phases_s": None,  # an aggregator that did not time its phases
+            "forecast_s": 20.0,  # round 1 as measured
+            "forecast_error": 0.3333,
+        },
+        {
+            "round": 3,
+            "predicted_s": 22.0,
+            "measured_s": None,
+            "error": None,
+            "phases_s": None,
+            "forecast_s": 25.0,  # the mean of rounds 1 and 2
+            "forecast_error": None,
+        },
     ]
     assert round_times(None, [record(1, 20.0)])[0]["predicted_s"] is None

@@ -22,7 +22,7 @@ def event(**fields: Any) -> bytes:
 
 
 def test_this_version_sends_its_kind_and_reads_it_back() -> None:
-    assert SCHEMA_VERSION == "1.1"
+    assert SCHEMA_VERSION == "1.2"
     sent = Event(
         agent_id="hospital-a",
         kind="task_failed",
@@ -30,7 +30,7 @@ def test_this_version_sends_its_kind_and_reads_it_back() -> None:
         failure_kind=FailureKind.VM_STOPPED,
     )
     wire = json.loads(sent.encode())
-    assert (wire["schema"], wire["failure_kind"]) == ("1.1", "vm_stopped")
+    assert (wire["schema"], wire["failure_kind"]) == ("1.2", "vm_stopped")
     assert decode(Event, sent.encode()) == sent
 
 

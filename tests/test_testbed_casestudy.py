@@ -117,6 +117,9 @@ def test_one_round_per_row_on_the_testbed_has_the_case_studys_shape(wheelhouse: 
         assert row["measured_cost"] > 0
         assert row["error"] == row["time_error"] >= 0
         assert row["cost_error"] >= 0
+        # The round's phases, timed by the aggregator the start-up script installed.
+        assert set(row["phases_s"]) == {"train", "aggregate", "evaluate"}, row
+        assert sum(row["phases_s"].values()) <= row["measured_round_s"] + 0.05
         # The region host sent at least every copy of the weights (2 per participant and one
         # to the controller): the bytes are measured, not the model's count.
         assert row["egress_bytes"] >= 7 * result["job"]["model_mb"] * 1e6, row

@@ -58,6 +58,8 @@ def _check_common(result: dict[str, Any], rounds: int) -> None:
     # The placement's forecast sits beside every round's measured time.
     assert [r["round"] for r in result["round_times"]] == list(range(1, rounds + 1))
     assert all(r["predicted_s"] > 0 and r["measured_s"] > 0 for r in result["round_times"])
+    # The aggregator the start-up script installed times each round's phases.
+    assert all(r["phases_s"]["train"] > 0 for r in result["round_times"])
     # Every pair of hosts that talk, measured before the job.
     assert result["links"]
     assert {(x["from"], x["to"]) for x in result["links"]} >= {

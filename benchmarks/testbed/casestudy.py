@@ -215,7 +215,9 @@ def measure_row(
 ) -> dict[str, Any]:
     """The controller's prediction and the run's measurement of one completed job."""
     choice = (job.get("placement") or {}).get("choice") or {}
-    rounds = [r["measured_s"] for r in job.get("round_times") or [] if r["measured_s"]]
+    timed = [r for r in job.get("round_times") or [] if r["measured_s"]]
+    rounds = [r["measured_s"] for r in timed]
+    phases = [r["phases_s"] for r in timed if r.get("phases_s")]
     if not choice or not rounds:
         raise SmokeError(f"job {job['id']} has no placement or no measured round")
     n = len(job["spec"]["participants"])
@@ -242,6 +244,14 @@ def measure_row(
         "measured_cost": round(measured_usd * krw_per_usd, 2),
         "currency": CURRENCY,
         "rounds": len(rounds),
+        "rounds_s": rounds,
+        # Each phase's median over the rounds, as the ServerApp timed them.
+        "phases_s": {
+            name: round(statistics.median(p[name] for p in phases), 2)
+            for name in ("train", "aggregate", "evaluate")
+        }
+        if phases
+        else None,
         "egress_bytes": egress_bytes,
     }
 

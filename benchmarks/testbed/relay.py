@@ -282,18 +282,26 @@ async def _pipe(
     """Copy src to dst, each chunk released `delay` seconds after it arrived, no more in
     flight than the path's congestion window (`Window`, over an RTT of twice `delay`)."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
+    # Twice the window's chunks: a chunk may go out in two pieces where the window ends.
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=2 * QUEUE_CHUNKS)
     window = Window(2 * delay) if delay > 0 else None
 
     async def read() -> None:
         while True:
-            size = CHUNK if window is None else min(CHUNK, await window.room(loop.time()))
-            data = await src.read(size)
-            if window is not None and data:
-                window.sent(len(data), loop.time())
-            await queue.put((loop.time() + delay, data))  # blocks when full: back-pressure
+            data = await src.read(CHUNK)
             if not data:
+                await queue.put((loop.time() + delay, b""))  # the sender's EOF
                 return
+            if window is None:
+                await queue.put((loop.time() + delay, data))  # blocks when full: back-pressure
+                continue
+            # The window is asked once the data is here: only then is it known how long the
+            # path was idle (an idle RTO starts slow start over).
+            while data:
+                room = await window.room(loop.time())
+                piece, data = data[:room], data[room:]
+                window.sent(len(piece), loop.time())
+                await queue.put((loop.time() + delay, piece))
 
     async def write() -> None:
         while True:

@@ -37,7 +37,7 @@ from fedsky.controller.models.signing import (
     sign_metadata,
 )
 from fedsky.controller.store import Store, transaction
-from fedsky.shared.messages import RoundMetrics
+from fedsky.shared.messages import RoundMetrics, phase_seconds
 from fedsky.shared.metrics import (
     DEFAULT_SELECTION_METRIC,
     METRIC_NAMES,
@@ -226,6 +226,10 @@ class ModelManager:
         metrics: dict[str, float | None] = metric_values(message)
         if message.train_loss is not None:
             metrics["train_loss"] = message.train_loss
+        if message.phases is not None:  # kept with the round's other figures
+            metrics.update(
+                {f"{name}_phase_s": value for name, value in phase_seconds(message.phases).items()}
+            )
         return await self.record_round(
             job_id=message.job_id,
             round=message.round,
