@@ -27,7 +27,7 @@ from fedsky.controller.bus.supervisor import ManagedBroker
 from fedsky.controller.clouds.service import CloudService
 from fedsky.controller.config import ControllerConfig, load_controller_config
 from fedsky.controller.inventory import store as inventory
-from fedsky.controller.inventory.service import InventoryIngest
+from fedsky.controller.inventory.service import InventoryIngest, ReportQuota
 from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.jobs.driver import JobManager
 from fedsky.controller.models.service import ModelManager
@@ -170,7 +170,13 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
             tls_context=client_context(ca_file=ca_file, cert_file=cert, key_file=key),
             topics=topics,
             inventory=InventoryIngest(
-                store=store, history_per_agent=config.inventory.history_per_agent
+                store=store,
+                history_per_agent=config.inventory.history_per_agent,
+                history_bytes_per_agent=config.inventory.history_bytes_per_agent,
+                quota=ReportQuota(
+                    per_minute=config.inventory.reports_per_minute,
+                    burst=config.inventory.report_burst,
+                ),
             ),
         )
         revocations = RevocationEnforcer(settings=config.broker, broker=broker, pki=pki)

@@ -62,6 +62,7 @@ class Onebox:
     offline_after_s: float = 30.0
     agent_extra: Mapping[str, str] = field(default_factory=dict)  # extra TOML per agent
     controller_extra: str = ""
+    inventory_extra: str = ""  # more `[inventory]` keys
     quiet: bool = True
     controller: subprocess.Popen[bytes] | None = None
     agents: dict[str, AgentProcess] = field(default_factory=dict)
@@ -154,6 +155,7 @@ class Onebox:
                     "[inventory]",
                     f"offline_after_s = {self.offline_after_s}",
                     "sweep_interval_s = 1.0",
+                    self.inventory_extra,
                     # Every simulated hospital reports this one machine as its host: under a
                     # test suite's load its CPU is often above the production threshold.
                     "[orchestrator]",

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from fedsky.controller.bus.consumer import ControllerBus
 from fedsky.controller.inventory import store as inventory
-from fedsky.controller.inventory.service import InventoryIngest
+from fedsky.controller.inventory.service import InventoryIngest, ReportQuota
 from fedsky.controller.security import enrollment
 from fedsky.controller.store import Store
 from fedsky.shared.messages import MAX_PAYLOAD_BYTES, HostInfo, Report, VmInfo
@@ -105,7 +105,10 @@ async def _run_scenario(
         port=broker.port,
         tls_context=controller.context,
         topics=broker.topics,
-        inventory=InventoryIngest(store=store, history_per_agent=10),
+        # A quota these scenarios' bursts of hostile payloads from one agent stay within.
+        inventory=InventoryIngest(
+            store=store, history_per_agent=10, quota=ReportQuota(per_minute=6000, burst=1000)
+        ),
     )
     task = asyncio.create_task(bus.run())
     try:

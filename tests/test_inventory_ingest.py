@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from fedsky.controller.inventory import store as inventory
-from fedsky.controller.inventory.service import InventoryIngest, UnknownAgent
+from fedsky.controller.inventory.service import InventoryIngest, ReportQuota, UnknownAgent
 from fedsky.controller.security import enrollment
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
@@ -134,3 +134,35 @@ async def test_status_and_events_of_an_unknown_agent_are_refused(store: Store) -
         await ingest.status(AgentStatus(agent_id="hospital-x", state="online"), received_at=now)
     with pytest.raises(UnknownAgent):
         await ingest.event(Event(agent_id="hospital-x", kind="pong"), received_at=now)
+
+
+def test_the_report_quota_allows_a_burst_then_its_rate() -> None:
+    quota = ReportQuota(per_minute=60, burst=3)
+    assert [quota.admit(AGENT, 100.0) for _ in range(4)] == [True, True, True, False]
+    assert quota.admit("hospital-b", 100.0)  # each agent its own bucket
+    assert not quota.admit(AGENT, 100.5)
+    assert quota.admit(AGENT, 101.1)  # one a second
+    assert not quota.admit(AGENT, 101.2)
+    assert [quota.admit(AGENT, 1000.0) for _ in range(4)] == [True, True, True, False]
+
+
+async def test_history_keeps_only_its_byte_budget_per_agent(store: Store) -> None:
+    """A hospital sending reports of 4,096 VMs kept 200 of them (hundreds of MB)."""
+    ingest = InventoryIngest(store=store, history_per_agent=200, history_bytes_per_agent=1 << 20)
+    now = datetime.now(UTC)
+    names = tuple(f"vm-{i:04d}" for i in range(2000))
+    outcomes = await ingest.reports([(_report(seq, vms=names), now) for seq in range(1, 8)])
+    assert all(o.accepted for o in outcomes)
+    sizes = await store.run(
+        lambda conn: [
+            r[0]
+            for r in conn.execute(
+                "SELECT length(payload) FROM report_history WHERE agent_id = ? ORDER BY id",
+                (AGENT,),
+            )
+        ]
+    )
+    assert sum(sizes) <= 1 << 20
+    assert sizes  # the newest is kept
+    history = await store.run(inventory.history, AGENT, 10)
+    assert history[0]["seq"] == 7

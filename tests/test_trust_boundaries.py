@@ -282,3 +282,37 @@ def test_a_restarted_controller_stops_the_supernodes_a_killed_one_left(
         interval=0.5,
         what="the SuperNode to exit",
     )
+
+
+def test_a_flood_of_large_reports_is_held_to_the_agents_quota(box: Onebox) -> None:
+    """310 valid reports of 4,096 VMs each once grew the database by hundreds of MB and made
+    `GET /v1/agents` take 15 s: an agent's reports beyond its quota are refused before they
+    are parsed, and its history keeps a byte budget."""
+    genuine = box.api.get("/v1/agents/hospital-eu/history?limit=1")[0]["report"]
+    box.stop_agent("hospital-eu")
+    before = _rejected(box).get("rate_limited", 0)
+    vms = [
+        {"name": f"vm-{i:04d}", "uuid": f"{i:032x}", "state": "running", "vcpus": 2,
+         "memory_mib": 2048, "disk_gib": 20}
+        for i in range(4096)
+    ]  # fmt: skip
+    topic = Topics(box.topic_prefix).report("hospital-eu")
+    flood = [
+        (topic, json.dumps(dict(genuine, seq=10**6 + n, sent_at=datetime.now(UTC).isoformat(),
+                                vms=vms)).encode())
+        for n in range(60)
+    ]  # fmt: skip
+    try:
+        _publish_as(box, "hospital-eu", flood)
+        eventually_blocking(
+            lambda: _rejected(box).get("rate_limited", 0) - before,
+            until=lambda n: n >= 40,
+            timeout=30,
+            interval=0.2,
+            what="the reports beyond the quota to be refused",
+        )
+        history = box.api.get("/v1/agents/hospital-eu/history?limit=1000")
+        assert len(json.dumps(history)) < 6 << 20
+        assert len(box.api.get("/v1/agents")) == len(HOSPITALS)
+    finally:
+        box.start_agent("hospital-eu")

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -214,6 +215,8 @@ class ControllerBus:
             if topic.role == "aggregators":
                 await self._dispatch_aggregator(topic.sender, topic.channel, bytes(payload))
             elif topic.channel == "report":
+                if not self._inventory.quota.admit(topic.sender, time.monotonic()):
+                    raise PayloadError("rate_limited", "more reports than its quota allows")
                 report = decode(Report, payload)
                 self._check_sender(topic.sender, report.agent_id)
                 await self._ingest.put((report, now))

@@ -24,6 +24,23 @@ from fedsky.shared.messages import AgentStatus, Event, Report
 __all__ = ["InventoryIngest", "ReportOutcome", "UnknownAgent"]
 
 
+class ReportQuota:
+    """Per agent, a token bucket: `burst` reports at once, then `per_minute`. Plain state (the
+    caller gives the time), so the consumer asks it before it parses a report at all."""
+
+    def __init__(self, *, per_minute: float, burst: int) -> None:
+        self._rate = per_minute / 60.0
+        self._burst = float(burst)
+        self._tokens: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
+
+    def admit(self, agent_id: str, now: float) -> bool:
+        tokens, at = self._tokens.get(agent_id, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - at) * self._rate)
+        admitted = tokens >= 1.0
+        self._tokens[agent_id] = (tokens - 1.0 if admitted else tokens, now)
+        return admitted
+
+
 class InventoryIngest:
     """Stores reports, statuses and events from enrolled agents.
 
@@ -31,13 +48,27 @@ class InventoryIngest:
     in the outcome of each, `status` and `event` raise `UnknownAgent`.
     """
 
-    def __init__(self, *, store: Store, history_per_agent: int) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        history_per_agent: int,
+        history_bytes_per_agent: int = 4 << 20,
+        quota: ReportQuota | None = None,
+    ) -> None:
         self._store = store
         self._history = history_per_agent
+        self._history_bytes = history_bytes_per_agent
+        self.quota = quota or ReportQuota(per_minute=60.0, burst=10)
 
     async def reports(self, batch: Sequence[tuple[Report, datetime]]) -> list[ReportOutcome]:
         """Store a batch of (report, received at) in one transaction; one outcome per report."""
-        return await self._store.run(record_reports, batch, history_limit=self._history)
+        return await self._store.run(
+            record_reports,
+            batch,
+            history_limit=self._history,
+            history_bytes=self._history_bytes,
+        )
 
     async def status(self, status: AgentStatus, *, received_at: datetime) -> bool:
         """Apply an agent's online/offline status; True when its state changed."""

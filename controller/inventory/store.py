@@ -130,6 +130,7 @@ def record_reports(
     reports: Sequence[tuple[Report, datetime]],
     *,
     history_limit: int,
+    history_bytes: int = 4 << 20,
 ) -> list[ReportOutcome]:
     """Store a batch of reports in one transaction; returns what happened to each.
 
@@ -221,6 +222,17 @@ def record_reports(
                     ORDER BY id DESC LIMIT 1 OFFSET ?)
                 """,
                 (agent_id, agent_id, history_limit),
+            )
+            # The newest reports that fit in `history_bytes`; older ones go.
+            conn.execute(
+                """
+                DELETE FROM report_history WHERE agent_id = ? AND id <= (
+                    SELECT id FROM (
+                        SELECT id, SUM(length(payload)) OVER (ORDER BY id DESC) AS total
+                        FROM report_history WHERE agent_id = ?)
+                    WHERE total > ? ORDER BY id DESC LIMIT 1)
+                """,
+                (agent_id, agent_id, history_bytes),
             )
     return outcomes
 

@@ -186,14 +186,21 @@ def choose(
     credits = {k: v for k, v in state.credits.items() if k in keep}
 
     if not fit:
-        # VMs held back only by a rest are worth waiting for: say when the first one is free.
-        waits = [
-            rests[vm.key].until for vm in ordered if {k for k, _ in checks[vm.key]} == {"resting"}
-        ]
-        retry_at = min(waits) if waits else None
+        # VMs held back only by a rest, or by their agent's short absence, are worth waiting
+        # for: say when the first one may be free.
+        waits = {
+            vm.key: at
+            for vm in ordered
+            if (at := _free_again_at(vm, checks[vm.key], rests, policy, now)) is not None
+        }
+        retry_at = min(waits.values()) if waits else None
         summary = _nothing_eligible(ordered, checks)
         if retry_at is not None:
-            summary += f"; a resting VM is free again in {retry_at - now:.0f} s"
+            first = next(vm for vm in ordered if waits.get(vm.key) == retry_at)
+            if any(kind == "resting" for kind, _ in checks[first.key]):
+                summary += f"; a resting VM is free again in {retry_at - now:.0f} s"
+            else:
+                summary += f"; waiting for agent {first.agent_id} to come back"
         considerations = tuple(
             Consideration(
                 vm=vm.vm, agent_id=vm.agent_id, outcome="skipped", reasons=tuple(reasons[vm.key])
@@ -272,6 +279,31 @@ def choose(
         summary=f"took {best.vm} on {best.agent_id} ({n_fit} of {len(ordered)} VMs eligible)",
     )
     return decision, new_state
+
+
+# Reasons that pass by themselves: a rest ends; an agent that restarts comes back.
+_WAITABLE: frozenset[ReasonKind] = frozenset({"resting", "offline", "stale"})
+# How soon to look again for an agent that is away.
+AGENT_RETRY_S = 5.0
+
+
+def _free_again_at(
+    vm: VmCandidate,
+    found: Sequence[tuple[ReasonKind, str]],
+    rests: Mapping[str, Rest],
+    policy: Policy,
+    now: float,
+) -> float | None:
+    """When `vm` may be eligible again, if only waitable reasons hold it back."""
+    kinds = {kind for kind, _ in found}
+    if not kinds <= _WAITABLE:
+        return None
+    at = rests[vm.key].until if "resting" in kinds else now
+    if kinds & {"offline", "stale"}:
+        if vm.report_age_s >= policy.agent_return_s:
+            return None  # away for too long: not worth waiting for
+        at = max(at, now + AGENT_RETRY_S)
+    return at
 
 
 def _nothing_eligible(

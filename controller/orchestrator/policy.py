@@ -46,6 +46,10 @@ class Policy(Section):
     ack_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     # No report or task event from the agent running a task for this long: unresponsive.
     unresponsive_after_s: Annotated[float, Field(gt=0)] = 30.0
+    # An agent gone offline (a restart, a short outage) is waited for this long, counted from
+    # its last report, before a participant with no other VM fails: its VMs are free again as
+    # soon as it is back.
+    agent_return_s: Annotated[float, Field(ge=0)] = 90.0
     # The largest queue weight a VM can get from its free capacity (see `capacity_weight`).
     max_weight: Annotated[int, Field(ge=1, le=64)] = 4
 
