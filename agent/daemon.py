@@ -318,6 +318,7 @@ class AgentDaemon:
         """Run until `stop` is set; StatusError if the status socket cannot be served."""
         try:
             server = await self.status_server.start()
+            await self.runner.reap_leftovers()
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(self.status_server.run(server), name="status"),

@@ -35,6 +35,7 @@ from fedsky.agent.executors.base import (
     SuperNodeLaunch,
     VmSettings,
     VmUnreachable,
+    reap_leftovers,
 )
 from fedsky.agent.executors.factory import make_executor
 from fedsky.agent.payload import PayloadSource
@@ -464,6 +465,15 @@ class TaskRunner:
                     "",
                     failed=(FailureKind.VM_STOPPED, f"vm-left-running: {task.vm} is {state}"),
                 )
+
+    async def reap_leftovers(self) -> list[str]:
+        """At start: stop what an earlier run of the agent left running (it was killed, so it
+        could not stop its tasks) and say so, as for any task stopped (`task_stopped`)."""
+        reaped: list[str] = await self._blocking(lambda: reap_leftovers(self.work_dir))
+        for task_id in reaped:
+            log.warning("task %s: stopped the SuperNode an earlier run of the agent left", task_id)
+            self._emit("task_stopped", task_id, None, "the agent restarted and stopped it")
+        return reaped
 
     async def close(self) -> None:
         if self._prestaging is not None:

@@ -64,3 +64,24 @@ def test_anything_else_is_not_answered() -> None:
     assert problem_for(ValueError("a bug")) is None
     assert problem_for(KeyError("x")) is None
     assert all(isinstance(a, HttpAnswer) for a in ERROR_ANSWERS.values())
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "exit_code"),
+    [
+        # A cloud it cannot reach: the API says 69 with a 502; fedctl used to exit 1.
+        (502, {"error": "unreachable", "exit_code": exitcodes.UNAVAILABLE}, exitcodes.UNAVAILABLE),
+        (503, {"error": "no bus", "exit_code": exitcodes.UNAVAILABLE}, exitcodes.UNAVAILABLE),
+        (400, {"error": "bad", "exit_code": exitcodes.USAGE}, exitcodes.USAGE),
+        (422, {"error": "none fits", "exit_code": exitcodes.INFEASIBLE}, exitcodes.INFEASIBLE),
+        (500, {"error": "internal error"}, exitcodes.FAILED),
+        (400, {"error": "odd", "exit_code": 42}, exitcodes.FAILED),  # not one of fedsky's
+        (413, None, exitcodes.FAILED),  # a body that was not JSON
+    ],
+)
+def test_fedctl_exits_with_the_code_the_controller_gives(
+    status: int, body: dict[str, object] | None, exit_code: int
+) -> None:
+    from fedsky.controller.cli.client import ApiError
+
+    assert ApiError(status, "x", body).exit_code == exit_code

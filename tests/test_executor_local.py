@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -111,3 +113,29 @@ def test_supernode_command_line(tmp_path: Path) -> None:
     keys = generate_node_key(tmp_path / "keys")
     assert keys.private_key.stat().st_mode & 0o077 == 0
     assert keys.public_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_an_agent_restarting_stops_what_its_killed_run_left(tmp_path: Path) -> None:
+    """An agent killed mid-job (kill -9) left its SuperNode running for good: the next run
+    finds it by the pid file in the task's directory and stops its whole process group; a pid
+    the system has since given to another process is left alone."""
+    import subprocess
+    import sys
+
+    from fedsky.agent.executors.base import PID_FILE, reap_leftovers, record_pid
+
+    left = tmp_path / "job1-hospital-us-1"
+    left.mkdir()
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", str(left / "ca.crt")],
+        start_new_session=True,
+    )
+    record_pid(left, orphan.pid)
+    reused = tmp_path / "job2-hospital-us-1"
+    reused.mkdir()
+    record_pid(reused, os.getpid())  # this pid now belongs to someone else
+    assert reap_leftovers(tmp_path) == ["job1-hospital-us-1"]
+    assert orphan.wait(timeout=10) == -signal.SIGTERM
+    assert not (left / PID_FILE).exists()
+    assert not (reused / PID_FILE).exists()
+    assert reap_leftovers(tmp_path) == []

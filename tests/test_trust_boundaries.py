@@ -248,6 +248,40 @@ def test_an_unknown_route_answers_in_json(box: Onebox) -> None:
     assert refused.value.body == {"error": "no such route", "exit_code": 2}
 
 
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_short_agent_restart_mid_job_moves_the_participant_on(
+    box: Onebox, tmp_path: Path, how: signal.Signals
+) -> None:
+    """A stopped agent stops its SuperNode and says so; a killed one leaves it running, and the
+    agent's next run stops it and says so. The job used to lose that participant for good, or
+    fail ("no eligible VM among 5: 5 offline"); the killed agent's SuperNode ran on after the
+    job. Now the participant moves to another of its VMs once its agent is back."""
+    spec = write_job(tmp_path, participants=["hospital-us"], rounds=4, name=f"agent-{how.name}")
+    job_id = json.loads(box.fedctl("job", "submit", str(spec), "--json").stdout)["id"]
+    wait_job(box, job_id, ("training",), timeout=180)
+    (first,) = eventually_blocking(
+        lambda: _pids(b"flower-supernode", box),
+        timeout=60,
+        interval=0.5,
+        what="hospital-us's SuperNode",
+    )
+    box.stop_agent("hospital-us", sig=how)
+    if how == signal.SIGKILL:
+        assert first in _pids(b"flower-supernode", box)  # left behind
+    box.start_agent("hospital-us")
+    eventually_blocking(
+        lambda: first not in _pids(b"flower-supernode", box),
+        timeout=30,
+        interval=0.5,
+        what="the first SuperNode to be stopped",
+    )
+    job = wait_job(box, job_id, ("completed", "failed", "cancelled"), timeout=480)
+    logs = box.fedctl("job", "logs", job_id, check=False).stdout
+    assert job["state"] == "completed", logs
+    assert len(job["tasks"]) >= 2, logs
+    assert "its agent stopped the task" in logs
+
+
 def test_a_restarted_controller_stops_the_supernodes_a_killed_one_left(
     box: Onebox, tmp_path: Path
 ) -> None:

@@ -12,8 +12,12 @@ that libvirt does not tell it (the address to reach it at, the paths of its own 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import re
+import signal
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -34,6 +38,48 @@ _FLOWER_EXITS = {
     605: "a TLS certificate is invalid",
 }
 _EXIT_LINE = re.compile(r"Exit Code: (\d+)")
+
+
+# In a task's directory on the agent's host while its SuperNode (or the SSH session running it
+# in the VM) runs: the local process's pid, so that an agent killed without stopping its tasks
+# finds them when it starts again.
+PID_FILE = "supernode.pid"
+REAP_WAIT_S = 5.0
+
+
+def record_pid(task_dir: Path, pid: int) -> None:
+    (task_dir / PID_FILE).write_text(f"{pid}\n")
+
+
+def reap_leftovers(work_dir: Path) -> list[str]:
+    """Stop the SuperNodes (or SSH sessions) an earlier run of the agent left running (it was
+    killed, not stopped); the ids of their tasks. A pid is only signalled when its command line
+    names the task: a pid the system has since given to another process is left alone."""
+    reaped: list[str] = []
+    for pid_file in sorted(work_dir.glob(f"*/{PID_FILE}")):
+        task_id = pid_file.parent.name
+        try:
+            pid = int(pid_file.read_text().strip())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            command = b""
+        if task_id.encode() in command:
+            _stop_group(pid)
+            reaped.append(task_id)
+        pid_file.unlink(missing_ok=True)
+    return reaped
+
+
+def _stop_group(pid: int) -> None:
+    """SIGTERM to the process group `pid` leads (executors start it in a session of its
+    own), SIGKILL if it is still there after `REAP_WAIT_S`."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + REAP_WAIT_S
+        while time.monotonic() < deadline:
+            os.killpg(pid, 0)  # ProcessLookupError once the group is gone
+            time.sleep(0.1)
+        os.killpg(pid, signal.SIGKILL)
 
 
 class ExecutorError(Exception):

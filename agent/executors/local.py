@@ -20,6 +20,7 @@ from fedsky.agent.executors.base import (
     ExitStatus,
     SuperNodeLaunch,
     describe_exit,
+    record_pid,
 )
 from fedsky.shared.config import ConfigError
 from fedsky.shared.datasets import load_catalog, scrub
@@ -158,6 +159,7 @@ class LocalExecutor:
                 )
             except OSError as exc:
                 raise ExecutorError(f"cannot start the SuperNode: {exc.strerror}") from None
+        await asyncio.to_thread(record_pid, task_dir, proc.pid)
         log.info("task %s: SuperNode pid %s for %s", launch.task_id, proc.pid, launch.superlink)
         return LocalSuperNode(
             launch.task_id, proc, log_file, [task_dir, *_catalog_paths(launch.dataset_config)]

@@ -49,6 +49,7 @@ from fedsky.agent.executors.base import (
     VmUnreachable,
     describe_exit,
     last_lines,
+    record_pid,
 )
 from fedsky.agent.executors.local import _catalog_paths
 from fedsky.agent.hostkeys import HostKeyError, check_vm_name, pinned_keys
@@ -587,6 +588,7 @@ rm -f -- .pip.log {" ".join(q(f) for f in local.files)}
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
             )
+        await asyncio.to_thread(record_pid, task_dir, proc.pid)
         log.info("task %s: SuperNode started in VM %s over SSH", launch.task_id, target)
         return SshSuperNode(
             self,

@@ -255,4 +255,16 @@ async def follow_task(
             return
         if event.kind == "task_stopped":
             await ctx.store.run(jobstore.set_task_state, task_id, "stopped", reason=event.detail)
+            if part.task_id == task_id:
+                # Not the controller's stop (it sends those after moving the participant on, or
+                # at the job's end, when no one follows the task): the agent stopped it on its
+                # own, on its way down for a restart. The participant moves on, the agent's VMs
+                # waited for while it is away.
+                await run.failures.put(
+                    Failover(
+                        part.name,
+                        FailureReason.AGENT_UNRESPONSIVE,
+                        f"its agent stopped the task ({event.detail})",
+                    )
+                )
             return
