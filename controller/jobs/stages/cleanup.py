@@ -42,6 +42,9 @@ async def clean_up(
     if not tasks:
         tasks = await ctx.store.run(list_tasks, job_id)
     for task in tasks:
+        # No follower hears of this task any more: the agent's answer to the stop below is a
+        # confirmation (`JobManager.on_event`), not a reason to fail the participant over.
+        ctx.waiters.pop(task["id"], None)
         if task["state"] in LIVE_TASK_STATES:
             # Stopping until the task's agent confirms (`JobManager.on_event`); a stop the bus
             # could not carry now is sent when it can (`JobManager.stop_owed_tasks`).
@@ -53,7 +56,6 @@ async def clean_up(
                 await ctx.log(
                     job_id, f"{task['participant']}: the stop of its task waits for the bus"
                 )
-        ctx.waiters.pop(task["id"], None)
     # End the participants' attempts so their VMs count as free again.
     outcome: AttemptState = "succeeded" if final_state == "completed" else "cancelled"
     for participant in job["spec"]["participants"]:
