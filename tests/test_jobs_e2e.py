@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,9 +13,10 @@ from typing import Any
 
 import pytest
 from fedsky.controller.onebox import Onebox
+from fedsky.controller.security.pki import Pki
 from fedsky.shared.modelfile import make_example
 
-from tests.support import eventually_blocking
+from tests.support import eventually_blocking, write_credentials
 
 pytestmark = pytest.mark.e2e
 
@@ -171,11 +175,30 @@ def _xray_model(path: Path) -> None:
     write_model_file(path, arch, module_weights(build_module(arch)))
 
 
+def _spy_on_the_bus(box: Onebox, directory: Path) -> ssl.SSLContext:
+    """A `privacy-spy` certificate from the box's CA, and a line in the managed broker's ACL
+    that lets it read every topic (reloaded with SIGHUP); its TLS context."""
+    pki = Pki.open(box.controller_dir / "state" / "pki")
+    issued = pki.issue(common_name="privacy-spy", kind="agent")
+    credentials = write_credentials(directory, issued, ca_pem=pki.ca_cert_pem)
+    pid = int(box.api.get("/v1/health")["broker_pid"])
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    conf = Path(argv[argv.index("-c") + 1])
+    acl = next(
+        Path(line.split(" ", 1)[1])
+        for line in conf.read_text().splitlines()
+        if line.startswith("acl_file ")
+    )
+    acl.write_text(acl.read_text() + f"\nuser privacy-spy\ntopic read {box.topic_prefix}/#\n")
+    os.kill(pid, signal.SIGHUP)
+    time.sleep(1.0)  # the reload
+    return credentials.context
+
+
 def test_nothing_but_parameters_and_metrics_leave_the_hospitals(tmp_path: Path) -> None:
     """Capture everything the controller and the aggregator receive during a job: no dataset
     path and no sample is in it."""
     import asyncio
-    import ssl
 
     import aiomqtt
 
@@ -194,11 +217,9 @@ def test_nothing_but_parameters_and_metrics_leave_the_hospitals(tmp_path: Path) 
     stop = asyncio.Event()
 
     async def spy() -> None:
-        # The controller's own identity: it may read every `up` topic of every agent and aggregator.
-        pki = box.controller_dir / "state" / "pki"
-        ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(pki / "controller.crt", pki / "controller.key")
+        # An identity of its own that may read every topic (the controller's certificate would
+        # take over the controller's session: the broker names a session after its CN).
+        ctx = _spy_on_the_bus(box, tmp_path / "spy")
         async with aiomqtt.Client(
             "127.0.0.1",
             box.broker_port,
@@ -473,7 +494,6 @@ def _downloaded_model_reproduces_stored_accuracy(box: Onebox, job_id: str, tmp_p
 def _aggregator_identity_is_refused_after_the_job(box: Onebox, job_id: str) -> None:
     """The job's own bus certificate (`agg-<job>`) is revoked and the broker enforces it."""
     import asyncio
-    import ssl
 
     import aiomqtt
 

@@ -341,3 +341,16 @@ def test_benchmark_runs_the_command_for_both_policies_and_every_level() -> None:
     ]
     assert rows[0][3:7] == ["0.00%", "100.00%", "12", "0"]
     assert rows[2][6] != "0"  # failovers happen at fail_prob 0.5
+
+
+def test_an_agent_that_stays_away_is_waited_for_then_given_up() -> None:
+    """A participant whose only fit VMs are behind an offline agent is waited for (agent
+    restarts come back) for `agent_return_s` of simulated time, then dropped: never a wait
+    without end."""
+    data = study_data()
+    for vm in data["participants"]["hospital-eu"]:
+        vm["online"] = False
+    out = simulate(parse_scenario(data), policy="fedsky", runs=3, seed=0).to_dict()
+    assert out["tasks"] == 9
+    assert out["dropouts"] == 3  # hospital-eu's, once per run
+    assert out["dropout_causes"] == {"no eligible VM": 3}

@@ -25,7 +25,7 @@ import heapq
 import json
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -291,6 +291,7 @@ class _Simulation:
     def __init__(self, scenario: Scenario, policy_name: PolicyName, runs: int, seed: int) -> None:
         self.scenario = scenario
         self.policy = scenario.policy
+        self._job_start = 0.0
         self.sim = scenario.sim
         self.minimum = scenario.min.resources()
         self.policy_name = policy_name
@@ -323,6 +324,7 @@ class _Simulation:
 
     def _one_job(self) -> None:
         start = self.clock
+        self._job_start = start
         tasks = [
             _Task(participant=name, remaining_s=self.sim.task_s) for name in sorted(self.candidates)
         ]
@@ -343,7 +345,7 @@ class _Simulation:
     def _on_assign(self, event: _Event) -> None:
         task = event.task
         now = event.at
-        vms = self.candidates[task.participant]
+        vms = [self._aged(vm, now) for vm in self.candidates[task.participant]]
         if self.policy_name == "random":
             # The original study's baseline: one VM at random, whatever its state; no retry.
             vm = self.rng.choice(vms)
@@ -360,6 +362,14 @@ class _Simulation:
             trigger="job start" if event.kind == "assign" else "retry after a rest",
         )
         self._follow(task, decision, now)
+
+    def _aged(self, vm: VmCandidate, now: float) -> VmCandidate:
+        """An agent that is away (offline, or its reports stale) sends nothing while the
+        job runs (each job starts from the scenario's figures): its last report grows older, so a
+        wait for it ends."""
+        if vm.agent_online and vm.report_age_s <= self.policy.max_report_age_s:
+            return vm
+        return replace(vm, report_age_s=vm.report_age_s + now - self._job_start)
 
     # A retry is the same choice, made when a resting VM is free again.
     _on_retry = _on_assign
