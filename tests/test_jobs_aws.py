@@ -247,7 +247,15 @@ def _assert_gone(aws: AwsBox, job_id: str, region: str) -> None:
     instances = _instances(aws, job_id, region)
     assert instances, f"no instance of {job_id} was ever launched"
     assert {i["State"]["Name"] for i in instances} == {"terminated"}
-    assert _groups(aws, job_id, region) == []
+    # The provider deletes the group once it has seen every instance terminated (its next
+    # poll): a moment after the instance's state changes.
+    eventually_blocking(
+        lambda: _groups(aws, job_id, region),
+        until=lambda groups: groups == [],
+        timeout=20,
+        interval=0.2,
+        what=f"the security group of {job_id} to be deleted",
+    )
 
 
 def _tags(instance: dict[str, Any]) -> dict[str, str]:
