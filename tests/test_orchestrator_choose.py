@@ -463,37 +463,16 @@ def test_an_agent_that_is_briefly_away_is_waited_for_not_given_up() -> None:
     """An agent restarting takes its VMs offline for seconds: a failover then waits for it
     (a one-second agent restart used to fail the whole job: "no eligible VM: 5 offline")."""
     away = [vm(f"vm-00{i}", agent_online=False, report_age_s=8.0) for i in range(1, 4)]
-    decision, _ = choose(
-        participant="hospital-eu",
-        candidates=away,
-        minimum=MIN,
-        policy=POLICY,
-        state=QueueState(participant="hospital-eu"),
-        now=1000.0,
-    )
+    decision, _ = pick(away, QueueState(participant="hospital-eu"), now=1000.0)
     assert decision.chosen is None
     assert decision.retry_at is not None
     assert 1000.0 < decision.retry_at <= 1010.0
     assert "waiting for agent hospital-eu to come back" in decision.summary
     # Gone for longer than the policy waits: given up, as before.
     gone = [replace(v, report_age_s=POLICY.agent_return_s + 1) for v in away]
-    decision, _ = choose(
-        participant="hospital-eu",
-        candidates=gone,
-        minimum=MIN,
-        policy=POLICY,
-        state=QueueState(participant="hospital-eu"),
-        now=1000.0,
-    )
+    decision, _ = pick(gone, QueueState(participant="hospital-eu"), now=1000.0)
     assert decision.retry_at is None
     # A VM that is away and also too small is not waited for.
     small = [vm("vm-009", agent_online=False, report_age_s=8.0, vcpus=1)]
-    decision, _ = choose(
-        participant="hospital-eu",
-        candidates=small,
-        minimum=MIN,
-        policy=POLICY,
-        state=QueueState(participant="hospital-eu"),
-        now=1000.0,
-    )
+    decision, _ = pick(small, QueueState(participant="hospital-eu"), now=1000.0)
     assert decision.retry_at is None

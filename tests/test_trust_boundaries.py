@@ -27,7 +27,7 @@ from fedsky.shared.tls import client_context
 from fedsky.shared.topics import Topics
 
 from tests.support import eventually_blocking
-from tests.test_jobs_e2e import _pids, wait_job, write_job
+from tests.test_jobs_e2e import _pids, _wait_supernodes_gone, wait_job, write_job
 
 pytestmark = pytest.mark.e2e
 
@@ -107,6 +107,17 @@ def test_a_second_controller_on_the_same_state_is_refused(box: Onebox) -> None:
     assert box.controller.poll() is None
 
 
+def _supernode(box: Onebox) -> int:
+    """The one SuperNode of the box's running job (hospital-us's), once it has started."""
+    (pid,) = eventually_blocking(
+        lambda: _pids(b"flower-supernode", box),
+        timeout=60,
+        interval=0.5,
+        what="hospital-us's SuperNode",
+    )
+    return int(pid)
+
+
 def _agent(box: Onebox, name: str) -> dict[str, Any]:
     agent: dict[str, Any] = box.api.get(f"/v1/agents/{name}")
     return agent
@@ -152,13 +163,7 @@ def test_one_hospital_cannot_fail_or_take_over_anothers_task(box: Onebox, tmp_pa
     hospital-eu's node key, and the job completes on hospital-us's first attempt."""
     spec = write_job(tmp_path, participants=["hospital-us"], rounds=2, name="trust-task")
     job_id = json.loads(box.fedctl("job", "submit", str(spec), "--json").stdout)["id"]
-    job = eventually_blocking(
-        lambda: box.api.get(f"/v1/jobs/{job_id}"),
-        until=lambda job: job["state"] == "training" or job["state"] in ("failed", "cancelled"),
-        timeout=180,
-        interval=0.5,
-        what=f"job {job_id} to train",
-    )
+    job = wait_job(box, job_id, ("training", "failed", "cancelled"), timeout=180)
     assert job["state"] == "training", box.fedctl("job", "logs", job_id, check=False).stdout
     victim_task = job["tasks"][0]["id"]
     box.stop_agent("hospital-eu")
@@ -183,13 +188,7 @@ def test_one_hospital_cannot_fail_or_take_over_anothers_task(box: Onebox, tmp_pa
             interval=0.2,
             what="the forged events to be refused",
         )
-        job = eventually_blocking(
-            lambda: box.api.get(f"/v1/jobs/{job_id}"),
-            until=lambda job: job["state"] in ("completed", "failed", "cancelled"),
-            timeout=300,
-            interval=0.5,
-            what=f"job {job_id} to end",
-        )
+        job = wait_job(box, job_id, ("completed", "failed", "cancelled"), timeout=300)
     finally:
         box.start_agent("hospital-eu")
     logs = box.fedctl("job", "logs", job_id, check=False).stdout
@@ -259,12 +258,7 @@ def test_a_short_agent_restart_mid_job_moves_the_participant_on(
     spec = write_job(tmp_path, participants=["hospital-us"], rounds=4, name=f"agent-{how.name}")
     job_id = json.loads(box.fedctl("job", "submit", str(spec), "--json").stdout)["id"]
     wait_job(box, job_id, ("training",), timeout=180)
-    (first,) = eventually_blocking(
-        lambda: _pids(b"flower-supernode", box),
-        timeout=60,
-        interval=0.5,
-        what="hospital-us's SuperNode",
-    )
+    first = _supernode(box)
     box.stop_agent("hospital-us", sig=how)
     if how == signal.SIGKILL:
         assert first in _pids(b"flower-supernode", box)  # left behind
@@ -290,12 +284,7 @@ def test_a_restarted_controller_stops_the_supernodes_a_killed_one_left(
     spec = write_job(tmp_path, participants=["hospital-us"], rounds=50, name="orphaned")
     job_id = json.loads(box.fedctl("job", "submit", str(spec), "--json").stdout)["id"]
     wait_job(box, job_id, ("training",), timeout=180)
-    eventually_blocking(
-        lambda: _pids(b"flower-supernode", box),
-        timeout=60,
-        interval=0.5,
-        what="hospital-us's SuperNode",
-    )
+    _supernode(box)
     assert box.controller is not None
     box.controller.send_signal(signal.SIGKILL)  # only the controller: its broker lives on
     box.controller.wait(10)
@@ -309,13 +298,7 @@ def test_a_restarted_controller_stops_the_supernodes_a_killed_one_left(
         interval=0.5,
         what="hospital-us to confirm its task stopped",
     )
-    eventually_blocking(
-        lambda: _pids(b"flower-supernode", box),
-        until=lambda pids: pids == [],
-        timeout=30,
-        interval=0.5,
-        what="the SuperNode to exit",
-    )
+    _wait_supernodes_gone(box)
 
 
 def test_a_flood_of_large_reports_is_held_to_the_agents_quota(box: Onebox) -> None:
