@@ -29,9 +29,17 @@ from benchmarks.testbed.casestudy import (
 )
 from benchmarks.testbed.netns import blackhole_present, list_netns
 from benchmarks.testbed.smoke import SmokeError
+from tests.support.testbed import clear_testbed_leftovers
 
 SUBNET = "10.216.0.0/16"
 PREFIX = f"c{os.getpid() % 100000}-"
+
+
+@pytest.fixture(autouse=True)
+def _clean_slate() -> None:
+    clear_testbed_leftovers(PREFIX)
+
+
 ROW_KEYS = {
     "label", "cloud", "region", "instance_type", "predicted_round_s", "measured_round_s",
     "error", "predicted_cost", "measured_cost", "currency", "cost_change_vs_baseline",

@@ -8,6 +8,7 @@ same machine does not collide with them.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -41,6 +42,7 @@ from benchmarks.testbed.topology import (
     build_plan,
     host_address,
 )
+from tests.support.testbed import clear_testbed_leftovers
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SUBNET = "10.214.0.0/16"
@@ -84,6 +86,7 @@ def _assert_clean(plan: Plan) -> None:
 
 @pytest.fixture
 def clean(root: None) -> object:
+    clear_testbed_leftovers(PREFIX)
     yield
     # Whatever a failing test left must not reach the next one.
     cleanup(prefix=PREFIX)
@@ -168,6 +171,31 @@ def test_refuses_to_start_over_leftovers_until_cleaned(clean: None) -> None:
     with Testbed(plan):
         pass
     _assert_clean(plan)
+
+
+def test_a_journal_names_its_run_by_pid_and_start_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A machine that starts the same steps the same way gives the next run the same pid: a
+    # journal is a live run's only when its pid also started when that run did.
+    monkeypatch.setattr(netns, "STATE_DIR", tmp_path)
+    started = netns.process_start_ticks(1)
+    assert started is not None
+
+    def journal(name: str, pid: int, ticks: int | None) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"pid": pid, "started": ticks, "namespaces": []}))
+        return path
+
+    live = journal("live", 1, started)
+    reused = journal("reused", 1, started + 1)
+    ours = journal("ours", os.getpid(), netns.process_start_ticks(os.getpid()))
+    old = journal("old", 1, None)  # written before journals had a start time
+    found = netns.find_leftovers()
+    assert live not in found.journals
+    assert old not in found.journals
+    assert reused in found.journals
+    assert ours in found.journals  # this process's own testbed still up is one it failed to end
 
 
 def test_failure_during_setup_tears_down(clean: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,11 +26,19 @@ from benchmarks.testbed import cloudvm
 from benchmarks.testbed.hosts import VM_PATHS
 from benchmarks.testbed.netns import blackhole_present, list_netns
 from benchmarks.testbed.smoke import failures, run_smoke
+from tests.support.testbed import clear_testbed_leftovers
 
 pytestmark = [pytest.mark.e2e]
 
 SUBNET = "10.215.0.0/16"
 PREFIX = f"s{os.getpid() % 100000}-"
+
+
+@pytest.fixture(autouse=True)
+def _clean_slate() -> None:
+    clear_testbed_leftovers(PREFIX)
+
+
 # Where the VM hosts and the aggregator machine bind their own directories over this host's.
 MACHINE_PATHS = (*cloudvm.MACHINE_PATHS, *VM_PATHS)
 EXISTED = {path: Path(path).exists() for path in MACHINE_PATHS}

@@ -198,15 +198,33 @@ def _read_journal(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
+def _process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the parenthesised command name, or None."""
     try:
-        # The state field follows the parenthesised command name; a zombie ("Z") is gone too.
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
+        return None
+    return stat.rpartition(")")[2].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot): with the pid, names one process even after
+    the pid is reused, as it is when a machine starts the same steps the same way."""
+    fields = _process_stat(pid)
+    # Field 22 of stat; the list starts at field 3 (state).
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def _alive(pid: int, started: int | None = None) -> bool:
+    """Whether the run that wrote a journal is still running: its pid is alive, not a zombie,
+    and (when the journal says) started when that run did. This process is never "alive":
+    a testbed of its own still in a journal is one it failed to take down."""
+    if pid == os.getpid():
         return False
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+    fields = _process_stat(pid)
+    if not fields or fields[0] == "Z":
+        return False
+    return started is None or process_start_ticks(pid) == started
 
 
 def find_leftovers(plan: Plan | None = None, *, prefix: str | None = None) -> Leftovers:
@@ -224,7 +242,8 @@ def find_leftovers(plan: Plan | None = None, *, prefix: str | None = None) -> Le
     if STATE_DIR.is_dir():
         for path in sorted(STATE_DIR.glob("*.json")):
             journal = _read_journal(path)
-            if _alive(int(journal.get("pid", 0))):
+            started = journal.get("started")
+            if _alive(int(journal.get("pid", 0)), started if isinstance(started, int) else None):
                 continue  # a live testbed of another process: not ours to touch
             found.journals.append(path)
             names |= set(journal.get("namespaces", []))
@@ -372,6 +391,7 @@ class Testbed:
         STATE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         record = {
             "pid": os.getpid(),
+            "started": process_start_ticks(os.getpid()),
             "subnet": self.plan.subnet,
             "namespaces": [self.plan.bridge_netns, *(h.netns for h in self.plan.hosts)],
         }
