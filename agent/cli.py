@@ -171,16 +171,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     # cryptography is imported only here: `status` stays light.
-    from .enroll import EnrolError, InstallPaths, install_bundle, make_request
+    from .enroll import EnrolError, install_bundle, make_request
 
     config = _config(args)
-    paths = InstallPaths(
-        state_dir=config.state_dir,
-        key_file=config.key_file,
-        cert_file=config.cert_file,
-        ca_file=config.ca_file,
-        bundle_file=config.bundle_file,
-    )
+    paths = config.install_paths
     try:
         if args.target == _REQUEST:
             if args.name is None:

@@ -36,7 +36,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fedsky.agent.executors.base import (
     VM_NAME_PATTERN,
@@ -52,6 +52,9 @@ from fedsky.shared.datasets import DatasetSpec
 from fedsky.shared.ids import InvalidIdError, check_agent_id
 from fedsky.shared.jobspec import DATASET_NAME_PATTERN
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+if TYPE_CHECKING:  # cryptography stays out of `agentctl status`
+    from fedsky.agent.enroll import InstallPaths
 
 DEFAULT_CONFIG_PATH = Path("/etc/fedsky/agent.toml")
 CONFIG_ENV = "FEDSKY_AGENT_CONFIG"
@@ -120,6 +123,10 @@ class TlsSection(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    # Renewal (agent/renewal.py): ask for a new certificate once the current one has less than
+    # this left; look this often.
+    renew_before_days: Annotated[float, Field(ge=0, le=3650)] = 30.0
+    renew_check_s: Annotated[float, Field(ge=1, le=86400)] = 3600.0
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
@@ -288,6 +295,19 @@ class AgentConfig(_Section):
         return self
 
     # Derived locations.
+    @property
+    def install_paths(self) -> InstallPaths:
+        """Where the agent's identity files are (enrolment and renewal write them)."""
+        from fedsky.agent.enroll import InstallPaths
+
+        return InstallPaths(
+            state_dir=self.state_dir,
+            key_file=self.key_file,
+            cert_file=self.cert_file,
+            ca_file=self.ca_file,
+            bundle_file=self.bundle_file,
+        )
+
     @property
     def key_file(self) -> Path:
         return self.tls.key_file or self.state_dir / KEY_NAME

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -28,6 +29,7 @@ from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
 from fedsky.shared.logs import setup_logging
 from fedsky.shared.messages import (
+    CertificateIssuedCommand,
     Command,
     Event,
     PingCommand,
@@ -62,6 +64,8 @@ T = TypeVar("T")
 
 _FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
 _CERT_WARN_BEFORE = timedelta(days=30)
+# A renewal asked for and not answered (the controller was away) is asked again after this.
+_RENEWAL_RETRY_S = 3600.0
 
 
 def _remove_socket(path: Path) -> None:
@@ -179,7 +183,63 @@ class AgentDaemon:
         if isinstance(command, PrepareTaskCommand | StartTaskCommand | StopTaskCommand):
             await self.runner.handle(command)
             return
+        if isinstance(command, CertificateIssuedCommand):
+            await self._install_renewed(command)
+            return
         self.link.emit(self.link.rejection(command, "this agent does not support this command"))
+
+    # --- certificate renewal (agent/renewal.py) -----------------------------------------------
+
+    async def _renewer(self) -> None:
+        """Ask for a new certificate once the current one nears its end; again after an hour
+        without an answer."""
+        from fedsky.agent.renewal import renewal_due, request_renewal
+
+        section = self.config.tls
+        before = timedelta(days=section.renew_before_days)
+        asked_at: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                due = await self.blocking(lambda: renewal_due(self.config.cert_file, before=before))
+                if due and (asked_at is None or loop.time() - asked_at >= _RENEWAL_RETRY_S):
+                    csr = await self.blocking(
+                        lambda: request_renewal(
+                            self.config.install_paths, agent_id=self.identity.agent_id
+                        )
+                    )
+                    self.link.emit(
+                        Event(
+                            agent_id=self.identity.agent_id,
+                            kind="certificate_requested",
+                            csr_pem=csr.decode(),
+                        )
+                    )
+                    asked_at = loop.time()
+                    log.info("asked the controller to renew the agent's certificate")
+            except Exception as exc:  # a file that cannot be read: say so, try again later
+                log.error("certificate renewal: %s", exc)
+            await asyncio.sleep(section.renew_check_s)
+
+    async def _install_renewed(self, command: CertificateIssuedCommand) -> None:
+        from fedsky.agent.renewal import RenewalError, install_renewed
+
+        try:
+            bundle = await self.blocking(
+                lambda: install_renewed(self.config.install_paths, command.cert_pem)
+            )
+        except (RenewalError, OSError) as exc:
+            log.error("refused the renewed certificate: %s", exc)
+            self.link.emit(self.link.rejection(command, f"renewed certificate refused: {exc}"))
+            return
+        self.identity = dataclasses.replace(self.identity, cert_not_after=bundle.not_after)
+        self.state.cert_not_after = bundle.not_after
+        self.state.touch()
+        log.info(
+            "installed the renewed certificate (valid until %s); reconnecting with it",
+            bundle.not_after.isoformat(),
+        )
+        self.link.reconnect()
 
     def _task_changed(self, summary: TaskSummary | None) -> None:
         self.state.task = summary
@@ -325,6 +385,7 @@ class AgentDaemon:
                     tg.create_task(self.link.run(), name="link"),
                     tg.create_task(self._reporter(), name="reporter"),
                     tg.create_task(self._poller(), name="inventory-poller"),
+                    tg.create_task(self._renewer(), name="certificate-renewal"),
                 ]
                 if self.config.rtt_probe.targets and self._rtt_source is not None:
                     tasks.append(tg.create_task(self._rtt_prober(), name="rtt-probe"))
@@ -366,7 +427,8 @@ async def run_agent(*, config: AgentConfig, identity: Identity, status_gid: int 
         )
     elif identity.cert_not_after - now < _CERT_WARN_BEFORE:
         log.warning(
-            "the agent's certificate expires at %s: re-enrol soon",
+            "the agent's certificate expires at %s: it is renewed over the bus while the "
+            "controller answers (else re-enrol)",
             identity.cert_not_after.isoformat(),
         )
     daemon = AgentDaemon(config=config, identity=identity, status_gid=status_gid)
@@ -387,6 +449,18 @@ async def run_agent(*, config: AgentConfig, identity: Identity, status_gid: int 
     log.info("stopped")
 
 
+def _complete_renewal(config: AgentConfig) -> None:
+    """Finish a certificate swap a stopped run left half-done, before the identity is read."""
+    if not config.bundle_file.with_name(config.bundle_file.name + ".next").exists():
+        return
+    from fedsky.agent.renewal import complete_interrupted_renewal
+
+    try:
+        complete_interrupted_renewal(config.install_paths)
+    except Exception as exc:
+        raise ConfigError(f"completing an interrupted certificate renewal failed: {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedsky-agent", description="Run the fedsky agent.")
     parser.add_argument(
@@ -400,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     path: Path = args.config or default_config_path()
     try:
         config = load_agent_config(path)
+        _complete_renewal(config)
         identity = resolve_identity(config)
         require_executor(config, path)
         gid = resolve_group(config.status.group)

@@ -122,25 +122,33 @@ def make_request(*, name: str, paths: InstallPaths, new_key: bool = False) -> Re
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
             raise EnrolError(f"{paths.key_file} is neither an EC nor an RSA key")
     else:
-        key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        atomic_write(paths.key_file, pem, mode=0o600, owner=_owner_of(paths.state_dir))
+        key = new_private_key(paths.key_file, owner=_owner_of(paths.state_dir))
         created = True
+    return RequestResult(
+        name=name, key_file=paths.key_file, key_created=created, csr_pem=csr_for(name, key)
+    )
+
+
+def new_private_key(path: Path, *, owner: tuple[int, int] | None) -> ec.EllipticCurvePrivateKey:
+    """A fresh EC P-256 key, written to `path` 0600 from its creation on."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    atomic_write(path, pem, mode=0o600, owner=owner)
+    return key
+
+
+def csr_for(name: str, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    """A PEM certificate request for the common name `name`, signed with `key`."""
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .sign(key, hashes.SHA256())
     )
-    return RequestResult(
-        name=name,
-        key_file=paths.key_file,
-        key_created=created,
-        csr_pem=csr.public_bytes(serialization.Encoding.PEM),
-    )
+    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 # --- step 3: check and install the bundle ------------------------------------------------------

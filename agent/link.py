@@ -23,7 +23,7 @@ import ssl
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import aiomqtt
 from fedsky.shared.messages import (
@@ -51,6 +51,10 @@ TlsFactory = Callable[[], ssl.SSLContext]
 _SEEN_COMMANDS = 512  # redelivered QoS 1 commands are recognised among this many recent ids
 _INCOMING_QUEUE = 256  # commands waiting to be handled; the broker holds back the rest
 _CLOSE_TIMEOUT_S = 3.0
+
+
+class _Reconnect(Exception):
+    """The session ends because `reconnect()` asked for a new one."""
 
 
 class AgentLink:
@@ -97,6 +101,7 @@ class AgentLink:
         self._logged_reasons: set[str] = set()
         self._client: aiomqtt.Client | None = None
         self._closing = False
+        self._reconnect = asyncio.Event()
         self.reports_sent = 0
 
     @property
@@ -125,6 +130,11 @@ class AgentLink:
         self._events.append(event)
         self._state.events_queued = len(self._events)
         self._wake.set()
+
+    def reconnect(self) -> None:
+        """End the current session and connect again at once (with a fresh TLS context: after
+        the certificate was renewed)."""
+        self._reconnect.set()
 
     # --- payloads -----------------------------------------------------------------------------
 
@@ -177,6 +187,10 @@ class AgentLink:
                     delays = self._backoff.delays()
                     last_error = None
                     await self._session(client)
+            except _Reconnect:
+                log.info("reconnecting to broker %s as asked", self.address)
+                delays = self._backoff.delays()
+                continue
             except aiomqtt.MqttError as exc:
                 error = str(exc) or type(exc).__name__
             except (ssl.SSLError, OSError) as exc:
@@ -202,14 +216,19 @@ class AgentLink:
         )
         self._state.link_up()
         log.info("connected to broker %s as %s", self.address, self._agent_id)
+        self._reconnect.clear()
         receiving = asyncio.create_task(self._receive(client), name="link-receive")
         sending = asyncio.create_task(self._send(client), name="link-send")
+        asked = asyncio.create_task(self._reconnect.wait(), name="link-reconnect")
+        tasks: set[asyncio.Task[Any]] = {receiving, sending, asked}
         try:
-            done, _ = await asyncio.wait({receiving, sending}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (receiving, sending):
+            for task in (receiving, sending, asked):
                 task.cancel()
-            await asyncio.gather(receiving, sending, return_exceptions=True)
+            await asyncio.gather(receiving, sending, asked, return_exceptions=True)
+        if asked in done:
+            raise _Reconnect
         for task in done:
             task.result()  # raises the MqttError that ended the session
 

@@ -17,6 +17,7 @@ from fedsky.controller.inventory.settings import InventoryConfig
 from fedsky.controller.models.settings import ModelsConfig
 from fedsky.controller.orchestrator.policy import Policy
 from fedsky.controller.placement.settings import PlacementConfig
+from fedsky.controller.security.settings import PkiConfig
 from fedsky.controller.settings import Section
 from fedsky.shared.config import load_config, resolve_path
 from pydantic import ValidationInfo, field_validator
@@ -35,6 +36,7 @@ class ControllerConfig(Section):
     aggregator: AggregatorConfig = AggregatorConfig()
     artifacts: ArtifactsConfig = ArtifactsConfig()
     placement: PlacementConfig = PlacementConfig()
+    pki: PkiConfig = PkiConfig()
 
     @field_validator("state_dir")
     @classmethod

@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,12 @@ from pathlib import Path
 
 from aiohttp import web
 from fedsky.controller.api.app import make_app
-from fedsky.controller.api.enroll_listener import listener_tls, serve_enroll
+from fedsky.controller.api.enroll_listener import (
+    ensure_server_cert,
+    listener_tls,
+    serve_enroll,
+    split_listen,
+)
 from fedsky.controller.bus.broker_config import BrokerError, prepare_broker_files
 from fedsky.controller.bus.consumer import ControllerBus
 from fedsky.controller.bus.supervisor import ManagedBroker
@@ -31,9 +37,12 @@ from fedsky.controller.inventory.service import InventoryIngest, ReportQuota
 from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.jobs.driver import JobManager
 from fedsky.controller.models.service import ModelManager
+from fedsky.controller.security import audit, users
 from fedsky.controller.security.aggregators import AggregatorEnrolment
+from fedsky.controller.security.audit import AuditTrail, HeadSigner
 from fedsky.controller.security.enrollment import record_certificate, revoked_serials
 from fedsky.controller.security.pki import Pki, PkiError, cert_info
+from fedsky.controller.security.renewal import CertificateRenewal
 from fedsky.controller.security.revocation import RevocationEnforcer
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store, StoreError, secure_state_dir, state_lock
@@ -47,6 +56,9 @@ from fedsky.shared.topics import Topics
 log = logging.getLogger("fedsky.controller")
 
 RENEW_BEFORE = timedelta(days=30)
+CRL_CHECK_S = 12 * 3600.0
+API_CERT_FILE = "api-listener.crt"
+API_KEY_FILE = "api-listener.key"
 
 
 def ensure_controller_identity(pki: Pki, store: Store) -> tuple[Path, Path]:
@@ -77,16 +89,34 @@ def open_parts(config: ControllerConfig) -> tuple[Store, Pki]:
     store = Store(config.db_path)
     inventory.ensure_schema(store)
     jobstore.ensure_schema(store)
+    users.ensure_schema(store)
+    audit.ensure_schema(store)
     _renew_crl(pki, store)
     return store, pki
 
 
-def _renew_crl(pki: Pki, store: Store) -> None:
-    """Rewrite the CRL well before its next_update: past it, Mosquitto refuses every client."""
+def _renew_crl(pki: Pki, store: Store) -> bool:
+    """Rewrite the CRL well before its next_update: past it, Mosquitto refuses every client.
+    True when it was rewritten."""
     next_update = pki.crl_next_update
     if next_update is None or next_update - datetime.now(UTC) < RENEW_BEFORE:
         pki.write_crl(store.call(revoked_serials))
         log.info("certificate revocation list renewed")
+        return True
+    return False
+
+
+async def _crl_timer(pki: Pki, store: Store, broker: ManagedBroker | None) -> None:
+    """Keep the CRL fresh while the controller runs for months: check twice a day, and have the
+    managed broker reload a renewed one (SIGHUP, no restart)."""
+    while True:
+        await asyncio.sleep(CRL_CHECK_S)
+        try:
+            renewed = await asyncio.to_thread(_renew_crl, pki, store)
+            if renewed and broker is not None:
+                await broker.reload_crl()
+        except Exception as exc:  # tried again at the next check
+            log.error("renewing the certificate revocation list failed: %s", exc)
 
 
 async def _sweep_offline(store: Store, config: ControllerConfig) -> None:
@@ -117,8 +147,29 @@ async def _sweep_cloud_orphans(clouds: CloudService, store: Store) -> None:
         log.warning("terminated orphaned aggregator %s", ref)
 
 
+def api_tls(*, pki: Pki, store: Store, config: ControllerConfig) -> ssl.SSLContext:
+    """The network listener's server context (`[api] listen`), its certificate from the CA."""
+    names = config.api.certificate_names()  # never empty: the config's check
+    cert_file, key_file = pki.directory / API_CERT_FILE, pki.directory / API_KEY_FILE
+    ensure_server_cert(
+        pki=pki,
+        store=store,
+        names=names,
+        cert_file=cert_file,
+        key_file=key_file,
+        config_key="api.public_names",
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
+    return ctx
+
+
 async def _serve_api(
-    app: web.Application, config: ControllerConfig, started: asyncio.Event
+    app: web.Application,
+    config: ControllerConfig,
+    started: asyncio.Event,
+    tls: ssl.SSLContext | None,
 ) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -130,6 +181,10 @@ async def _serve_api(
         await web.UnixSite(runner, str(sock)).start()
         os.chmod(sock, config.api.socket_mode)
         log.info("API listening on unix socket %s", sock)
+        if tls is not None and config.api.listen:
+            host, port = split_listen(config.api.listen)
+            await web.TCPSite(runner, host, port, ssl_context=tls).start()
+            log.info("API listening on https://%s (users' tokens)", config.api.listen)
         started.set()
         await asyncio.Event().wait()
     finally:
@@ -178,8 +233,11 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
                     burst=config.inventory.report_burst,
                 ),
             ),
+            dynsec=broker is not None and broker.can_cut_sessions,
         )
-        revocations = RevocationEnforcer(settings=config.broker, broker=broker, pki=pki)
+        revocations = RevocationEnforcer(
+            settings=config.broker, broker=broker, pki=pki, sessions=bus
+        )
         models = ModelManager(
             store=store, root=config.registry.root(config.state_dir), config=config.registry
         )
@@ -205,8 +263,25 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
             clouds=clouds,
             aggregators=aggregators,
             jobs=jobs,
+            audit=AuditTrail(
+                store=store,
+                signer=HeadSigner.load(
+                    path=config.state_dir / audit.HEAD_FILE, key_file=key, cert_file=cert
+                ),
+                ca_cert_pem=pki.ca_cert_pem,
+            ),
         )
+        renewals = CertificateRenewal(
+            store=store,
+            pki=pki,
+            bus=bus,
+            audit=services.audit,
+            days=config.pki.agent_cert_days,
+            min_interval=timedelta(seconds=config.pki.renewal_min_interval_s),
+        )
+        bus.add_event_listener(renewals.on_event)
         app = make_app(services)
+        api_context = api_tls(pki=pki, store=store, config=config) if config.api.listen else None
         enroll_tls = (
             listener_tls(pki=pki, store=store, clouds=config.clouds)
             if config.clouds.enroll_listen
@@ -220,12 +295,13 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
             tg.create_task(_sweep_cloud_orphans(clouds, store), name="cloud-orphan-sweep")
             tg.create_task(jobs.run(), name="jobs")
             tg.create_task(_sweep_offline(store, config), name="offline-sweeper")
+            tg.create_task(_crl_timer(pki, store, broker), name="crl-timer")
             if enroll_tls is not None and config.clouds.enroll_listen:
                 tg.create_task(
                     serve_enroll(services, listen=config.clouds.enroll_listen, tls=enroll_tls),
                     name="enroll-listener",
                 )
-            tg.create_task(_serve_api(app, config, started), name="api")
+            tg.create_task(_serve_api(app, config, started, api_context), name="api")
     finally:
         store.close()
 

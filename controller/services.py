@@ -16,6 +16,7 @@ from fedsky.controller.config import ControllerConfig
 from fedsky.controller.jobs.driver import JobManager
 from fedsky.controller.models.service import ModelManager
 from fedsky.controller.security.aggregators import AggregatorEnrolment
+from fedsky.controller.security.audit import AuditTrail
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.security.revocation import RevocationEnforcer
 from fedsky.controller.store import Store
@@ -37,6 +38,7 @@ class Services:
     clouds: CloudService | None = None
     aggregators: AggregatorEnrolment | None = None
     jobs: JobManager | None = None
+    audit: AuditTrail | None = None
 
     def need_config(self) -> ControllerConfig:
         return _present(self.config, "the controller's configuration")

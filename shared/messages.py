@@ -5,7 +5,9 @@ fields are ignored (models use `extra="ignore"`); another major version is refus
 never raises anything but `PayloadError`, whose `reason` is a short category that the consumer
 counts and logs once per sender.
 
-Minor versions: 1.1 adds `Event.failure_kind`, why a task failed as one of `FailureKind`.
+Minor versions: 1.1 adds `Event.failure_kind`, why a task failed as one of `FailureKind`; 1.2
+`RoundMetrics.phases`; 1.3 certificate renewal (`certificate_requested` events with
+`Event.csr_pem`, the `certificate_issued` command).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pydantic import (
 )
 
 SCHEMA_MAJOR = 1
-SCHEMA_VERSION = "1.2"  # 1.1: task_failed kinds; 1.2: round phases
+SCHEMA_VERSION = "1.3"  # 1.1: task_failed kinds; 1.2: round phases; 1.3: certificate renewal
 MAX_PAYLOAD_BYTES = 1 << 20  # 1 MiB: a report of 4,096 VMs fits many times over.
 
 VmState = Literal[
@@ -206,8 +208,21 @@ class StopTaskCommand(Command):
     reason: ShortText = ""
 
 
+class CertificateIssuedCommand(Command):
+    """The agent's renewed certificate (1.3), the answer to its `certificate_requested` event.
+
+    The agent installs it only if the CA signed it for its own name and its pending new key."""
+
+    kind: Literal["certificate_issued"] = "certificate_issued"
+    cert_pem: Annotated[str, Field(max_length=16384)]
+
+
 AnyCommand = Annotated[
-    PingCommand | PrepareTaskCommand | StartTaskCommand | StopTaskCommand,
+    PingCommand
+    | PrepareTaskCommand
+    | StartTaskCommand
+    | StopTaskCommand
+    | CertificateIssuedCommand,
     Field(discriminator="kind"),
 ]
 
@@ -228,6 +243,7 @@ EventKind = Literal[
     "task_finished",
     "task_failed",
     "task_stopped",
+    "certificate_requested",
 ]
 
 
@@ -283,6 +299,9 @@ class Event(Message):
     ] = {}
     # task_failed (1.1): why. Always set on a decoded task_failed event, whatever its minor.
     failure_kind: FailureKind | None = None
+    # certificate_requested (1.3): a CSR made with a new key; the event itself comes over the
+    # session of the current certificate, which is what vouches for it.
+    csr_pem: Annotated[str, Field(max_length=16384)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -495,7 +514,9 @@ def decode(model: type[M], payload: bytes | bytearray) -> M:
 
 def decode_command(
     payload: bytes | bytearray,
-) -> PingCommand | PrepareTaskCommand | StartTaskCommand | StopTaskCommand:
+) -> (
+    PingCommand | PrepareTaskCommand | StartTaskCommand | StopTaskCommand | CertificateIssuedCommand
+):
     return _validated(CommandEnvelope, {"command": _parsed(payload)}, skip=1).command
 
 

@@ -12,21 +12,11 @@ from typing import Any
 
 from fedsky.agent.config import AgentConfig, load_agent_config, resolve_identity
 from fedsky.agent.daemon import AgentDaemon
-from fedsky.agent.enroll import InstallPaths, install_bundle, make_request
+from fedsky.agent.enroll import install_bundle, make_request
 from fedsky.controller.security.pki import Pki
 from fedsky.shared.bundle import EnrolmentBundle
 
 from tests.support import eventually
-
-
-def install_paths(config: AgentConfig) -> InstallPaths:
-    return InstallPaths(
-        state_dir=config.state_dir,
-        key_file=config.key_file,
-        cert_file=config.cert_file,
-        ca_file=config.ca_file,
-        bundle_file=config.bundle_file,
-    )
 
 
 def enrol(
@@ -40,7 +30,7 @@ def enrol(
     location: str = "aws:us-east-1",
 ) -> EnrolmentBundle:
     """The hospital's way: key and request here, signed by the CA, bundle installed."""
-    paths = install_paths(AgentConfig(state_dir=state_dir))
+    paths = AgentConfig(state_dir=state_dir).install_paths
     req = make_request(name=agent_id, paths=paths)
     issued = pki.issue(common_name=agent_id, kind="agent", csr_pem=req.csr_pem)
     bundle = EnrolmentBundle(

@@ -17,14 +17,7 @@ from fedsky.shared.bundle import EnrolmentBundle
 
 
 def _paths(state: Path) -> InstallPaths:
-    c = AgentConfig(state_dir=state)
-    return InstallPaths(
-        state_dir=c.state_dir,
-        key_file=c.key_file,
-        cert_file=c.cert_file,
-        ca_file=c.ca_file,
-        bundle_file=c.bundle_file,
-    )
+    return AgentConfig(state_dir=state).install_paths
 
 
 def _bundle(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import ssl
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from fedsky.controller.bus.broker_config import DYNSEC_COMMANDS, DYNSEC_RESPONSES
 from fedsky.controller.security.pki import CertKind, Pki
 
 from tests.support import MqttBroker, eventually, receive_until, write_credentials
@@ -300,10 +302,77 @@ async def test_expired_crl_refuses_everyone(mqtt_broker: MqttBroker) -> None:
         pass
 
 
+async def _cut(client: aiomqtt.Client, username: str) -> dict[str, object]:
+    """Send the dynamic-security plugin the controller's session cut; its answer."""
+    commands = {
+        "commands": [
+            {"command": "createClient", "username": username},
+            {"command": "deleteClient", "username": username},
+        ]
+    }
+    await client.subscribe(DYNSEC_RESPONSES, qos=QOS)
+    await client.publish(DYNSEC_COMMANDS, json.dumps(commands), qos=QOS)
+    got = await receive_until(client, lambda m: m.topic.value == DYNSEC_RESPONSES)
+    answer: dict[str, object] = json.loads(bytes(got[-1].payload))  # type: ignore[arg-type]
+    return answer
+
+
+async def test_the_dynamic_security_plugin_cuts_one_session_and_nobody_else(
+    mqtt_broker: MqttBroker,
+) -> None:
+    """Revocation without a restart: the CRL reloaded (SIGHUP) refuses new connections, and
+    the plugin's deleteClient closes the live one; the others never notice. An agent cannot
+    send the plugin commands."""
+    assert mqtt_broker.files.dynsec
+    t = mqtt_broker.topics
+    ctl = mqtt_broker.client_context_for("controller", "controller")
+    doomed = mqtt_broker.client_context_for("hospital-a")
+    other = mqtt_broker.client_context_for("hospital-b")
+    async with (
+        mqtt_broker.client(ctl) as controller,
+        mqtt_broker.client(doomed) as live,
+        mqtt_broker.client(other) as bystander,
+    ):
+        # A hostile agent's try at cutting its neighbour is denied by the ACL.
+        await bystander.publish(
+            DYNSEC_COMMANDS,
+            json.dumps({"commands": [{"command": "deleteClient", "username": "hospital-a"}]}),
+            qos=QOS,
+        )
+        await controller.subscribe(t.all_agents_up, qos=QOS)
+        await live.publish(t.report("hospital-a"), b"still-here", qos=QOS)
+        assert _payloads(await receive_until(controller, lambda m: True)) == [b"still-here"]
+
+        mqtt_broker.revoke(doomed.serial, restart=False)
+        mqtt_broker.files.install_crl()
+        assert mqtt_broker.pid is not None
+        os.kill(mqtt_broker.pid, signal.SIGHUP)
+        started = time.monotonic()
+        answer = await _cut(controller, "hospital-a")
+        assert answer == {"responses": [{"command": "createClient"}, {"command": "deleteClient"}]}
+
+        async def cut_off() -> bool:
+            try:
+                await live.publish(t.report("hospital-a"), b"after-cut", qos=QOS, timeout=1)
+            except aiomqtt.MqttError:
+                return True
+            return False
+
+        await eventually(cut_off, timeout=2.0, interval=0.05, what="the live session to be cut")
+        assert time.monotonic() - started < 2.0
+        # Everyone else is still connected: the same sessions carry on.
+        await bystander.publish(t.report("hospital-b"), b"bystander", qos=QOS)
+        got = await receive_until(controller, lambda m: m.payload == b"bystander")
+        assert b"after-cut" not in _payloads(got)
+    assert await _refused(mqtt_broker, doomed.context) < 2.0
+    assert "hospital-b been disconnected" not in mqtt_broker.log_text()
+    assert "Denied PUBLISH from hospital-b" in mqtt_broker.log_text()
+
+
 async def test_a_reload_leaves_a_revoked_live_connection_a_restart_cuts_it(
     mqtt_broker: MqttBroker,
 ) -> None:
-    # Why revocation restarts the broker rather than sending it SIGHUP.
+    # Why a reload alone is not enough: the live session must be cut (plugin, or restart).
     t = mqtt_broker.topics
     ctl = mqtt_broker.client_context_for("controller", "controller")
     doomed = mqtt_broker.client_context_for("hospital-a")

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, web
 from fedsky.controller.api.app import make_app
+from fedsky.controller.api.clouds import make_enroll_app
 from fedsky.controller.cli.main import main as fedctl
 from fedsky.controller.clouds.base import AggregatorSpec
 from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.security.audit import AuditTrail, list_records
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.services import Services
 
@@ -62,21 +65,35 @@ class Recorder:
 @pytest.fixture
 async def api(
     tmp_path: Path, pki: Pki, moto: MotoAws, fake: FakeGcp
-) -> AsyncIterator[tuple[str, CloudService, Recorder]]:
+) -> AsyncIterator[tuple[str, str, CloudService, Recorder]]:
     service, store = open_service(
         tmp_path / "state", pki, clouds_config(moto_endpoint=moto.endpoint, gcp=fake)
     )
     aggregators, _ = open_enrolment(tmp_path / "state", pki, store)
     recorder = Recorder()
-    app = make_app(Services(store=store, pki=pki, clouds=service, aggregators=aggregators))
-    app.middlewares.insert(0, recorder.middleware)  # outermost: sees error responses too
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    # The audit log is in the database the secrets are searched for too.
+    services = Services(
+        store=store,
+        pki=pki,
+        clouds=service,
+        aggregators=aggregators,
+        audit=AuditTrail(store=store, signer=None, ca_cert_pem=None),
+    )
+    # The operator's API on its unix socket; the VMs' enrolment route on its own listener.
+    operator_app, enroll_app = make_app(services), make_enroll_app(services)
+    runners = []
+    for app in (operator_app, enroll_app):
+        app.middlewares.insert(0, recorder.middleware)  # outermost: sees error responses too
+        runners.append(web.AppRunner(app))
+        await runners[-1].setup()
+    socket = tmp_path / "api.sock"
+    await web.UnixSite(runners[0], str(socket)).start()
+    site = web.TCPSite(runners[1], "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}", service, recorder
-    await runner.cleanup()
+    yield str(socket), f"http://127.0.0.1:{port}", service, recorder
+    for runner in runners:
+        await runner.cleanup()
     store.close()
 
 
@@ -86,14 +103,14 @@ async def _fedctl(url: str, *args: str) -> int:
 
 
 async def test_a_full_run_leaks_no_secret(
-    api: tuple[str, CloudService, Recorder],
+    api: tuple[str, str, CloudService, Recorder],
     moto: MotoAws,
     fake: FakeGcp,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    url, service, recorder = api
+    url, enroll_url, service, recorder = api
     aws_key = moto.user("fl")
     (tmp_path / "credentials.csv").write_bytes(aws_key.console_csv(with_user=True))
     gcp_info = fake.new_key()
@@ -172,7 +189,7 @@ async def test_a_full_run_leaks_no_secret(
             _, csr = make_csr(f"agg-{job}")
             _, bus_csr = make_csr(f"agg-{job}")
             body = {"token": token, "csr_pem": csr.decode(), "bus_csr_pem": bus_csr.decode()}
-            async with session.post(f"{url}/v1/aggregators/enroll", json=body) as resp:
+            async with session.post(f"{enroll_url}/v1/aggregators/enroll", json=body) as resp:
                 assert resp.status == 200, await resp.text()
             await provider.terminate(handle)
     assert await _fedctl(url, "remove", "research") == 0
@@ -209,6 +226,22 @@ async def test_a_full_run_leaks_no_secret(
     assert len(recorder.bodies) == 11  # every request above, answered
     assert len(caplog.records) > 50  # the libraries' debug logs are in there too
     assert b"CREATE TABLE clouds" in database
+    # The admin's actions are in the audit log, by the socket's uid, with their outcomes.
+    records = service.store.call(list_records)
+    enrolments = [r for r in records if r["action"] == "aggregator.enrol"]
+    assert [r["outcome"] for r in enrolments] == ["ok"] * len(tokens)
+    assert all(r["actor"].startswith("aggregator VM at 127.0.0.1") for r in enrolments)
+    records = [r for r in records if r["action"].startswith("cloud.")]
+    assert [(r["action"], r["target"], r["outcome"].split(":")[0]) for r in records] == [
+        ("cloud.link", "aws:prod", "ok"),
+        ("cloud.link", "aws:wrong", "refused 422"),
+        ("cloud.link", "gcp:research", "ok"),
+        ("cloud.link", "gcp:-", "refused 400"),
+        ("cloud.verify", "prod", "ok"),
+        ("cloud.remove", "research", "ok"),
+        ("cloud.verify", "research", "refused 404"),
+    ], [(r["action"], r["target"], r["outcome"]) for r in records]
+    assert all(r["actor"].startswith(f"uid:{os.getuid()}(") for r in records)
 
     for label, value in secrets.items():
         assert value not in logs, f"{label} in the logs"

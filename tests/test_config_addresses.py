@@ -16,6 +16,7 @@ from fedsky.controller.bus.broker_config import prepare_broker_files
 from fedsky.controller.bus.supervisor import ManagedBroker
 from fedsky.controller.config import ControllerConfig, load_controller_config
 from fedsky.controller.inventory import store as inventory
+from fedsky.controller.security import users
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store
@@ -66,9 +67,15 @@ def _load(tmp_path: Path, text: str) -> ControllerConfig:
         ('[aggregator]\nbind_host = "agg.local"', "aggregator.bind_host", "not a host name"),
         ('[aggregator]\nbind_host = "10.0.0.300"', "aggregator.bind_host", "bind address"),
         ('[clouds]\nenroll_listen = "ctl:8443"', "clouds.enroll_listen", "not a host name"),
-        # The API has no TCP listener (no TLS or authentication there yet): a config that
-        # asks for one is told so.
-        ('[api]\ntcp = "127.0.0.1:8080"', "api.tcp", "not served over TCP"),
+        # The old plain-HTTP listener is refused with the reason; the TLS one needs its names.
+        (
+            '[api]\ntcp = "127.0.0.1:8080"',
+            "api.tcp",
+            "plain HTTP without authentication is not served",
+        ),
+        ('[api]\nlisten = "8443"', "api.listen", "must be host:port"),
+        ('[api]\nlisten = "ctl:8443"', "api.listen", "not a host name"),
+        ('[api]\nlisten = "0.0.0.0:8443"', "api", "give the names clients use"),
         ('[broker]\nmanaged = false\nhost = "0.0.0.0"', "broker.host", "to connect to"),
         # The operator's aggregator host.
         ('[aggregator.onprem]\nname = "hq"\nports = [9099, 9092]', "aggregator.onprem.ports", ""),
@@ -162,11 +169,13 @@ async def test_a_hospital_gets_the_brokers_public_host_and_the_broker_answers_to
     store = Store(tmp_path / "controller.db")
     inventory.ensure_schema(store)
     client = TestClient(TestServer(make_app(Services(store=store, config=config, pki=pki))))
+    token = store.call(users.add_user, name="ops", role=users.Role.ADMIN, created_by="test")
     await client.start_server()
     try:
         response = await client.post(
             "/v1/agents",
             json={"name": "hospital-a", "location": "aws:eu-west-1", "with_key": True},
+            headers={"Authorization": f"Bearer {token}"},
         )
         assert response.status == 201, await response.text()
         body = await response.json()

@@ -34,12 +34,14 @@ def _attempt(store: Store, job_id: str, participant: str, number: int, vm: str) 
 
 
 def _job(store: Store, job_id: str) -> None:
+    # The columns every version of the jobs table has (an older store has no `owner`).
     store.call(
-        jobstore.create_job,
-        job_id=job_id,
-        name="j",
-        spec={"participants": ["hospital-eu"]},
-        model_digest="ab" * 32,
+        lambda conn: conn.execute(
+            "INSERT INTO jobs(id, name, state, spec_json, model_digest, created_at, updated_at) "
+            "VALUES (?, 'j', 'created', '{\"participants\": [\"hospital-eu\"]}', ?, "
+            "'2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')",
+            (job_id, "ab" * 32),
+        )
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ def event(**fields: Any) -> bytes:
 
 
 def test_this_version_sends_its_kind_and_reads_it_back() -> None:
-    assert SCHEMA_VERSION == "1.2"
+    assert SCHEMA_VERSION == "1.3"
     sent = Event(
         agent_id="hospital-a",
         kind="task_failed",
@@ -30,7 +31,7 @@ def test_this_version_sends_its_kind_and_reads_it_back() -> None:
         failure_kind=FailureKind.VM_STOPPED,
     )
     wire = json.loads(sent.encode())
-    assert (wire["schema"], wire["failure_kind"]) == ("1.2", "vm_stopped")
+    assert (wire["schema"], wire["failure_kind"]) == ("1.3", "vm_stopped")
     assert decode(Event, sent.encode()) == sent
 
 
@@ -103,3 +104,18 @@ def test_another_major_is_still_refused() -> None:
     with pytest.raises(PayloadError) as err:
         decode(Event, event(schema="2.0", failure_kind="vm_stopped"))
     assert err.value.reason == "schema_version"
+
+
+def test_certificate_renewal_travels_as_an_event_and_a_command() -> None:
+    from fedsky.shared.messages import CertificateIssuedCommand, decode_command
+
+    csr = "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n"
+    sent = Event(agent_id="hospital-a", kind="certificate_requested", csr_pem=csr)
+    assert decode(Event, sent.encode()).csr_pem == csr
+    with pytest.raises(PayloadError):
+        decode(Event, event(kind="certificate_requested", csr_pem="x" * 20000))
+    command = CertificateIssuedCommand(
+        cert_pem="-----BEGIN CERTIFICATE-----\n...",
+        expires_at=datetime.now(UTC) + timedelta(hours=1),
+    )
+    assert decode_command(command.encode()) == command

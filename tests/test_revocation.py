@@ -3,8 +3,10 @@ running job for a job's certificate. A small fake broker stands in for Mosquitto
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,24 +16,34 @@ from fedsky.controller.api.agents import revoke
 from fedsky.controller.api.app import make_app
 from fedsky.controller.api.responses import ApiProblem
 from fedsky.controller.bus.broker_config import BrokerError, external_revocation_instructions
+from fedsky.controller.bus.consumer import BusUnavailable
 from fedsky.controller.bus.settings import BrokerConfig
 from fedsky.controller.inventory import store as inventory
 from fedsky.controller.security import enrollment
 from fedsky.controller.security.pki import Pki, cert_info
 from fedsky.controller.security.revocation import (
     MANAGED_BROKER_RESTARTED,
+    SESSION_CUT,
     RevocationEnforcer,
 )
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store
 
+from tests.support import eventually
+
 
 class FakeBroker:
-    """Counts restarts; fails the next `failures` of them."""
+    """Counts restarts and CRL reloads; fails the next `failures` restarts. `can_cut_sessions`:
+    it has the dynamic-security plugin."""
 
-    def __init__(self, *, failures: int = 0) -> None:
+    def __init__(self, *, failures: int = 0, can_cut_sessions: bool = False) -> None:
         self.restarts = 0
+        self.reloads = 0
         self.failures = failures
+        self.can_cut_sessions = can_cut_sessions
+
+    async def reload_crl(self) -> None:
+        self.reloads += 1
 
     async def restart(self) -> None:
         if self.failures:
@@ -40,8 +52,62 @@ class FakeBroker:
         self.restarts += 1
 
 
-def _enforcer(pki: Pki, broker: FakeBroker | None, *, managed: bool = True) -> RevocationEnforcer:
-    return RevocationEnforcer(settings=BrokerConfig(managed=managed), broker=broker, pki=pki)
+class FakeSessions:
+    """The bus's session cut: records whom; refuses while `down`."""
+
+    def __init__(self, *, down: bool = False) -> None:
+        self.cut: list[str] = []
+        self.down = down
+
+    async def cut_session(self, username: str) -> None:
+        if self.down:
+            raise BusUnavailable("the broker is not reachable")
+        self.cut.append(username)
+
+
+def _enforcer(
+    pki: Pki,
+    broker: FakeBroker | None,
+    *,
+    managed: bool = True,
+    sessions: FakeSessions | None = None,
+) -> RevocationEnforcer:
+    return RevocationEnforcer(
+        settings=BrokerConfig(managed=managed), broker=broker, pki=pki, sessions=sessions
+    )
+
+
+# --- with the dynamic-security plugin: cut the one session, no restart --------------------
+
+
+async def test_an_agent_revocation_cuts_its_session_and_reloads_the_crl(pki: Pki) -> None:
+    broker, sessions = FakeBroker(can_cut_sessions=True), FakeSessions()
+    enforcer = _enforcer(pki, broker, sessions=sessions)
+    assert await enforcer.agent_revoked("hospital-a") == SESSION_CUT
+    assert (sessions.cut, broker.reloads, broker.restarts) == (["hospital-a"], 1, 0)
+
+
+async def test_a_job_identity_is_cut_at_the_jobs_end_even_while_others_run(pki: Pki) -> None:
+    broker, sessions = FakeBroker(can_cut_sessions=True), FakeSessions()
+    enforcer = _enforcer(pki, broker, sessions=sessions)
+    enforcer.job_certificate_revoked("agg-job-1")
+    await enforcer.job_ended(others_running=True)
+    assert (sessions.cut, broker.restarts) == (["agg-job-1"], 0)
+    assert not enforcer.job_revocations_pending
+
+
+async def test_a_cut_that_fails_falls_back_to_the_restart(pki: Pki) -> None:
+    broker, sessions = FakeBroker(can_cut_sessions=True), FakeSessions(down=True)
+    enforcer = _enforcer(pki, broker, sessions=sessions)
+    assert await enforcer.agent_revoked("hospital-a") == MANAGED_BROKER_RESTARTED
+    assert broker.restarts == 1
+    enforcer.job_certificate_revoked("agg-job-1")
+    await enforcer.job_ended(others_running=True)  # no restart while a job runs
+    assert enforcer.job_revocations_pending
+    sessions.down = False
+    await enforcer.job_ended(others_running=True)  # the next job's end cuts it
+    assert (sessions.cut, broker.restarts) == (["agg-job-1"], 1)
+    assert not enforcer.job_revocations_pending
 
 
 # --- an agent revoked by the operator -------------------------------------------------------
@@ -155,4 +221,26 @@ async def test_the_revoke_view_revokes_then_restarts_the_managed_broker(
         await revoke(request("hospital-a"))
     assert refused.value.status == 409
     assert broker.restarts == 1
+    store.close()
+
+
+async def test_the_crl_timer_renews_a_crl_near_its_end_and_the_broker_reloads_it(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsky.controller import daemon
+
+    store = Store(tmp_path / "controller.db")
+    inventory.ensure_schema(store)
+    pki.write_crl([], days=2)  # past it, Mosquitto would refuse every client
+    monkeypatch.setattr(daemon, "CRL_CHECK_S", 0.01)
+    broker = FakeBroker()
+    timer = asyncio.create_task(daemon._crl_timer(pki, store, broker))  # type: ignore[arg-type]
+    try:
+        await eventually(lambda: broker.reloads, timeout=5, what="the broker to reload the CRL")
+    finally:
+        timer.cancel()
+    next_update = pki.crl_next_update
+    assert next_update is not None
+    assert next_update - datetime.now(UTC) > timedelta(days=30)
+    assert broker.reloads == 1  # renewed once; later checks find it fresh
     store.close()

@@ -333,3 +333,53 @@ def test_a_flood_of_large_reports_is_held_to_the_agents_quota(box: Onebox) -> No
         assert len(box.api.get("/v1/agents")) == len(HOSPITALS)
     finally:
         box.start_agent("hospital-eu")
+
+
+def test_revoking_an_agent_mid_job_cuts_only_its_session(box: Onebox, tmp_path: Path) -> None:
+    """hospital-eu is revoked while a job trains on hospital-us: its session is cut at once
+    through the broker's dynamic-security plugin and its certificate refused from then on; the
+    broker is not restarted, so hospital-us, the aggregator and the controller stay connected
+    and the job completes. (Last in this module: hospital-eu stays revoked.)"""
+    spec = write_job(tmp_path, participants=["hospital-us"], rounds=3, name="revoke-mid-job")
+    job_id = json.loads(box.fedctl("job", "submit", str(spec), "--json").stdout)["id"]
+    wait_job(box, job_id, ("training",), timeout=180)
+    before = box.api.get("/v1/health")
+    us_log, eu_log = (box.agents[n].log_path for n in ("hospital-us", "hospital-eu"))
+    assert us_log is not None
+    assert eu_log is not None
+    us_connects = us_log.read_text().count("connected to broker")
+    eu_connects = eu_log.read_text().count("connected to broker")
+    controller_log = box.controller_dir / "controller.log"
+
+    done = box.fedctl("agents", "revoke", "hospital-eu")
+    assert "no restart" in done.stdout, done.stdout
+    eventually_blocking(
+        lambda: (
+            "hospital-eu been disconnected by administrative action" in controller_log.read_text()
+        ),
+        timeout=2.0,
+        interval=0.05,
+        what="hospital-eu's session to be cut",
+    )
+    job = wait_job(box, job_id, ("completed", "failed", "cancelled"), timeout=300)
+    logs = box.fedctl("job", "logs", job_id, check=False).stdout
+    assert job["state"] == "completed", logs
+    after = box.api.get("/v1/health")
+    # No restart, and the controller's own connection never dropped.
+    assert after["broker_pid"] == before["broker_pid"]
+    assert after["bus_connected_since"] == before["bus_connected_since"]
+    # hospital-us never reconnected; hospital-eu tried and is refused (the CRL, reloaded).
+    assert us_log.read_text().count("connected to broker") == us_connects
+    assert eu_log.read_text().count("connected to broker") == eu_connects
+    # The agent's own view of its next try: the broker's TLS alert.
+    assert "CERTIFICATE_REVOKED" in eu_log.read_text()
+    # From the revocation to the cut, by the controller's own log clock.
+    lines = controller_log.read_text().splitlines()
+    revoked_at = _logged_at(lines, "revoked 1 certificate(s) of agent hospital-eu")
+    cut_at = _logged_at(lines, "Client hospital-eu been disconnected by administrative action")
+    assert timedelta(0) <= cut_at - revoked_at < timedelta(seconds=2)
+
+
+def _logged_at(lines: list[str], text: str) -> datetime:
+    line = next(line for line in lines if text in line)
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")

@@ -49,6 +49,7 @@ async def health(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "bus_connected": bool(bus and bus.connected),
+            "bus_connected_since": bus.stats.connected_since if bus else None,
             "broker_managed": svc.need_config().broker.managed,
             "broker_pid": getattr(svc.broker, "pid", None),
             "received": bus.stats.received if bus else 0,
@@ -109,6 +110,7 @@ async def enrol(request: web.Request) -> web.Response:
             broker_host=cfg.broker_public_host,
             broker_port=cfg.broker.port,
             topic_prefix=cfg.bus.topic_prefix,
+            days=cfg.pki.agent_cert_days,
         )
     except InvalidIdError as exc:
         raise ApiProblem(400, str(exc), exit_code=exitcodes.USAGE) from None
@@ -130,7 +132,7 @@ async def revoke(request: web.Request) -> web.Response:
     except enrollment.EnrolmentError as exc:
         raise ApiProblem(404 if exc.not_found else 409, str(exc)) from None
     log.info("revoked %d certificate(s) of agent %s", count, agent_id)
-    enforcement = await svc.need_revocations().agent_revoked()
+    enforcement = await svc.need_revocations().agent_revoked(agent_id)
     return json_ok(
         {"agent_id": agent_id, "revoked_certificates": count, "enforcement": enforcement}
     )

@@ -5,9 +5,9 @@
 carry what `fedctl clouds list` shows, never a secret.
 
 `POST /v1/aggregators/enroll` is what a cloud aggregator VM calls with its one-time token and
-two CSRs (the SuperLink's and its bus identity's). It is in `routes` (the operator's API) and in
-`enroll_routes`: the controller serves the latter alone on a listener the clouds can reach
-(`make_enroll_app`), so that the operator's API never has to face the internet. The VM then
+two CSRs (the SuperLink's and its bus identity's). It is in `enroll_routes` only: the controller
+serves those alone on a listener the clouds can reach (`make_enroll_app`), so that the
+operator's API never has to face the internet. The VM then
 fetches its job's model file there, `GET /v1/aggregators/model`, with the bus certificate it
 just got as its TLS client certificate; that route is in `enroll_routes` only (the operator's
 API has no client certificates). The same listener serves the pinned artifacts
@@ -20,6 +20,7 @@ import logging
 from typing import Annotated, Any
 
 from aiohttp import web
+from fedsky.controller.api.access import AUDIT_TARGET
 from fedsky.controller.api.artifacts import SHELF, ArtifactShelf, artifact_routes
 from fedsky.controller.api.responses import SERVICES, ApiProblem, domain_errors, json_error, json_ok
 from fedsky.controller.clouds.plugin import MAX_FILE_BYTES
@@ -69,6 +70,7 @@ async def add_cloud(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_FILE_BYTES:
         raise ApiProblem(413, f"credential files are under {MAX_FILE_BYTES // 1024} KiB")
     data = await request.read()
+    request[AUDIT_TARGET] = f"{request.match_info['cloud']}:{request.query.get('name') or '-'}"
     record, result = await service.add(
         cloud=request.match_info["cloud"],
         data=data,
@@ -76,6 +78,7 @@ async def add_cloud(request: web.Request) -> web.Response:
         profile=request.query.get("profile") or None,
         region=request.query.get("region") or None,
     )
+    request[AUDIT_TARGET] = f"{record.cloud}:{record.name}"
     return json_ok(_with_result(record, result), status=201)
 
 
@@ -101,6 +104,23 @@ class EnrollAggregatorRequest(BaseModel):
 
     def __repr__(self) -> str:
         return "EnrollAggregatorRequest(token=***)"
+
+
+async def _audit(request: web.Request, job_id: str, outcome: str) -> None:
+    """The audit record of an aggregator's enrolment: its caller holds a one-time token, not a
+    user's, so it is named by its address."""
+    trail = request.app[SERVICES].audit
+    if trail is None:
+        return
+    try:
+        await trail.record(
+            actor=f"aggregator VM at {request.remote or '?'} (enrolment token)",
+            action="aggregator.enrol",
+            target=job_id,
+            outcome=outcome,
+        )
+    except Exception:
+        log.exception("cannot write the audit record of an aggregator's enrolment")
 
 
 async def enroll_aggregator(request: web.Request) -> web.Response:
@@ -130,10 +150,12 @@ async def enroll_aggregator(request: web.Request) -> web.Response:
                 409, "not ready: the controller has not recorded this VM's address yet; retry"
             )
         log.warning("aggregator enrolment refused from %s: %s", request.remote, exc.reason)
+        await _audit(request, "?", f"refused 403: {exc.reason}")
         # One answer for unknown, used, expired and revoked: a caller learns nothing about tokens.
         return json_error(403, "the enrolment token is invalid, used or expired")
     except PkiError as exc:
         return json_error(400, f"cannot sign the request: {exc}")
+    await _audit(request, enrolled.job_id, "ok")
     return json_ok(
         {
             "job_id": enrolled.job_id,
@@ -169,7 +191,6 @@ async def aggregator_model(request: web.Request) -> web.StreamResponse:
     )
 
 
-routes.post("/v1/aggregators/enroll")(enroll_aggregator)
 enroll_routes.post("/v1/aggregators/enroll")(enroll_aggregator)
 enroll_routes.get(MODEL_PATH)(aggregator_model)
 

@@ -50,7 +50,7 @@ def listener_host(clouds: CloudsConfig) -> str:
     return parts.hostname
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
+def split_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     return host.strip("[]"), int(port)
 
@@ -80,27 +80,55 @@ def _reusable(pki: Pki, cert_file: Path, key_file: Path, dns: list[str], ips: li
     return set(dns) <= have_dns and set(ips) <= have_ips
 
 
+def ensure_server_cert(
+    *,
+    pki: Pki,
+    store: Store,
+    names: list[str],
+    cert_file: Path,
+    key_file: Path,
+    config_key: str,
+) -> None:
+    """Issue (and record) a listener's certificate for `names` (host names or IP addresses)
+    unless the one in `cert_file` still covers them for another 30 days."""
+    dns: list[str] = []
+    ips: list[str] = []
+    for name in names:
+        more_dns, more_ips = _names(name)
+        dns += more_dns
+        ips += more_ips
+    if _reusable(pki, cert_file, key_file, dns, ips):
+        return
+    first = names[0]
+    try:
+        issued = pki.issue(
+            common_name=first if len(first) <= 64 else "fedsky-listener",
+            kind="server",
+            dns_names=dns,
+            ip_addresses=ips,
+            days=CERT_DAYS,
+        )
+    except PkiError as exc:
+        raise ConfigError(f"{config_key}: {exc}") from None
+    assert issued.key_pem is not None
+    write_private_key(key_file, issued.key_pem, overwrite=True)
+    atomic_write(cert_file, issued.cert_pem, mode=0o644)
+    store.call(record_certificate, issued)
+    log.info("issued the certificate of %s for %s", cert_file.name, ", ".join(names))
+
+
 def listener_tls(*, pki: Pki, store: Store, clouds: CloudsConfig) -> ssl.SSLContext:
     """The listener's server context; issues (and records) its certificate when needed."""
     host = listener_host(clouds)
-    dns, ips = _names(host)
     cert_file, key_file = pki.directory / CERT_FILE, pki.directory / KEY_FILE
-    if not _reusable(pki, cert_file, key_file, dns, ips):
-        try:
-            issued = pki.issue(
-                common_name=host if len(host) <= 64 else "fedsky-enroll",
-                kind="server",
-                dns_names=dns,
-                ip_addresses=ips,
-                days=CERT_DAYS,
-            )
-        except PkiError as exc:
-            raise ConfigError(f"clouds.enroll_url: {exc}") from None
-        assert issued.key_pem is not None
-        write_private_key(key_file, issued.key_pem, overwrite=True)
-        atomic_write(cert_file, issued.cert_pem, mode=0o644)
-        store.call(record_certificate, issued)
-        log.info("issued the enrolment listener's certificate for %s", host)
+    ensure_server_cert(
+        pki=pki,
+        store=store,
+        names=[host],
+        cert_file=cert_file,
+        key_file=key_file,
+        config_key="clouds.enroll_url",
+    )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))
@@ -118,7 +146,7 @@ async def serve_enroll(
     runner = web.AppRunner(make_enroll_app(services), access_log=None)
     await runner.setup()
     try:
-        host, port = _split_listen(listen)
+        host, port = split_listen(listen)
         await web.TCPSite(runner, host, port, ssl_context=tls).start()
         log.info("aggregator enrolment listening on https://%s", listen)
         if started is not None:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Annotated, Any
 
 from aiohttp import web
+from fedsky.controller.api.access import AUDIT_TARGET, caller_of
 from fedsky.controller.api.responses import (
     SERVICES,
     ApiProblem,
@@ -68,6 +69,7 @@ async def upload_model_file(request: web.Request) -> web.Response:
         raise ApiProblem(
             400, f"the model file does not load: {exc}", exit_code=exitcodes.USAGE
         ) from None
+    request[AUDIT_TARGET] = stored.digest
     return json_ok(stored.to_json(), status=201)
 
 
@@ -75,11 +77,16 @@ async def upload_model_file(request: web.Request) -> web.Response:
 async def submit(request: web.Request) -> web.Response:
     body = SubmitRequest.model_validate(await request.json())
     try:
-        job_id = await _jobs(request).submit(spec_data=body.spec, model_digest=body.model_digest)
+        job_id = await _jobs(request).submit(
+            spec_data=body.spec,
+            model_digest=body.model_digest,
+            owner=caller.name if (caller := caller_of(request)) else None,
+        )
     except JobRejected as exc:
         raise ApiProblem(
             422, str(exc), exit_code=exitcodes.INFEASIBLE if exc.infeasible else exitcodes.FAILED
         ) from None
+    request[AUDIT_TARGET] = job_id
     job = await _svc(request).store.run(jobstore.get_job, job_id)
     return json_ok(job, status=201)
 

@@ -6,10 +6,15 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from fedsky.controller.settings import Section
+from fedsky.controller.settings import (
+    Section,
+    check_advertised_host,
+    check_bind_host,
+    is_wildcard,
+)
 from fedsky.shared.artifacts import ArtifactError, check_file, read_manifest
 from fedsky.shared.config import resolve_path
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 
 class ApiConfig(Section):
@@ -17,8 +22,48 @@ class ApiConfig(Section):
     # operators) may use the API, nobody else.
     socket: Path | None = None
     socket_mode: Annotated[int, Field(ge=0, le=0o777)] = 0o660
+    # The API over the network: "host:port", TLS with a certificate from fedsky's CA, every
+    # request with a user's token (`fedctl users add`). Off by default.
+    listen: str | None = None
+    # Names (host names or addresses) the listener's certificate carries, the ones clients use;
+    # default: `listen`'s host when it is not a wildcard.
+    public_names: list[Annotated[str, Field(min_length=1, max_length=253)]] = []
     # Refused: kept so that a config that still sets it is told why (docs/security.md).
     tcp: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port (e.g. 0.0.0.0:8443), not {value[:80]!r}")
+        check_bind_host(host.strip("[]"))
+        return value
+
+    @field_validator("public_names")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        return [check_advertised_host(name) for name in value]
+
+    @model_validator(mode="after")
+    def _listener_has_names(self) -> ApiConfig:
+        if self.listen is not None and not self.certificate_names():
+            raise ValueError(
+                "api.listen binds every address: give the names clients use to reach the API "
+                "in api.public_names (its certificate carries them)"
+            )
+        return self
+
+    def certificate_names(self) -> list[str]:
+        """The listener certificate's names: `public_names`, and `listen`'s host unless it is a
+        wildcard."""
+        names = list(self.public_names)
+        host = (self.listen or "").rpartition(":")[0].strip("[]")
+        if host and not is_wildcard(host) and host not in names:
+            names.insert(0, host)
+        return names
 
     @field_validator("tcp")
     @classmethod
@@ -26,10 +71,9 @@ class ApiConfig(Section):
         if value is None:
             return None
         raise ValueError(
-            "the API is not served over TCP: it would be plain HTTP without authentication "
-            "(anyone reaching the port could enrol an agent and take its key). Use the unix "
-            "socket, from another machine over ssh (ssh -L /tmp/fedsky.sock:SOCKET host, then "
-            "fedctl --socket /tmp/fedsky.sock); see docs/security.md"
+            "plain HTTP without authentication is not served (anyone reaching the port could "
+            "enrol an agent and take its key): use api.listen, the API over TLS with users' "
+            "tokens (fedctl users add), or the unix socket; see docs/security.md"
         )
 
 

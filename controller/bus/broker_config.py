@@ -18,10 +18,12 @@ check that the sender's id fits the subtree (`check_agent_id` under `agents`,
 (`use_username_as_clientid`): a certificate cannot take over another client's session.
 
 Mosquitto 2.0 loads its CRL at start. A reload (SIGHUP) applies a new CRL to new connections
-only: a revoked client that is already connected stays connected. So after a revocation the
-managed broker is restarted (`ManagedBroker.restart` in `fedsky.controller.bus.supervisor`, which
-copies the current CRL in first) and every client reconnects, the revoked one refused; an
-external broker's operator must do the same by hand (`external_revocation_instructions`).
+only: a revoked client that is already connected stays connected. So the managed broker also
+loads the dynamic-security plugin, through which the controller cuts one identity's sessions
+(`DYNSEC_COMMANDS`; only the controller may write there); without the plugin it is restarted
+(`ManagedBroker.restart`, which copies the current CRL in first) and every client reconnects,
+the revoked one refused. See `fedsky.controller.security.revocation`. An external broker's
+operator must reload and restart by hand (`external_revocation_instructions`).
 
 Running as root: Mosquitto drops to the `mosquitto` user before it reads its key, ACL and CRL
 (and writes its persistence). Rather than `user root` (a network daemon keeping root), the
@@ -38,6 +40,7 @@ import contextlib
 import grp
 import hashlib
 import ipaddress
+import json
 import logging
 import os
 import pwd
@@ -88,6 +91,39 @@ _PIDFILE = "mosquitto.pid"
 RUNTIME_ROOT = Path("/run/fedsky")
 
 
+# Mosquitto's dynamic-security plugin, loaded only to cut a revoked client's live session
+# (`deleteClient` closes every connection of that username at once, without a restart). The
+# ACL file still decides what each identity may do: the plugin's own default access allows
+# everything and it holds no clients, so it adds no rule of its own.
+DYNSEC_PLUGIN_PATHS = (
+    Path("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"),
+    Path("/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so"),
+    Path("/usr/lib/mosquitto/mosquitto_dynamic_security.so"),
+    Path("/usr/lib/mosquitto_dynamic_security.so"),
+    Path("/usr/local/lib/mosquitto_dynamic_security.so"),
+)
+DYNSEC_COMMANDS = "$CONTROL/dynamic-security/v1"
+DYNSEC_RESPONSES = "$CONTROL/dynamic-security/v1/response"
+_DYNSEC_DIR = "dynsec"
+_DYNSEC_FILE = "dynamic-security.json"
+DYNSEC_NEUTRAL = {
+    "defaultACLAccess": {
+        "publishClientSend": True,
+        "publishClientReceive": True,
+        "subscribe": True,
+        "unsubscribe": True,
+    },
+    "clients": [],
+    "groups": [],
+    "roles": [],
+}
+
+
+def find_dynsec_plugin() -> Path | None:
+    """The dynamic-security plugin of the installed Mosquitto, or None."""
+    return next((path for path in DYNSEC_PLUGIN_PATHS if path.is_file()), None)
+
+
 class BrokerError(Exception):
     """The broker cannot be prepared or kept running; the message says why."""
 
@@ -110,6 +146,9 @@ def render_acl(*, topic_prefix: str, controller_id: str = CONTROLLER_ID) -> str:
             f"topic read {topics.all_agents_up}",
             f"topic read {topics.all_aggregators_up}",
             f"topic write {topics.all_agents_down}",
+            "# The dynamic-security plugin's commands (a revoked session is cut with them).",
+            f"topic write {DYNSEC_COMMANDS}",
+            f"topic read {DYNSEC_RESPONSES}",
             "",
             "# Apply to every user, the controller too: it has no agent or aggregator subtree",
             "# of its own to use, and no one can take its name.",
@@ -137,6 +176,8 @@ def render_config(
     persistence_dir: Path | None = None,
     run_as: str | None = None,
     debug_log: bool = False,
+    dynsec_plugin: Path | None = None,
+    dynsec_config: Path | None = None,
 ) -> str:
     """`mosquitto.conf` for one mutual-TLS listener (TLS 1.2 at least) and nothing else."""
     lines = [
@@ -190,9 +231,12 @@ def render_config(
         f"keyfile {key_file}",
         f"crlfile {crl_file}",
         f"acl_file {acl_file}",
-        "",
     ]
-    for path in (ca_file, cert_file, key_file, crl_file, acl_file, persistence_dir):
+    if dynsec_plugin is not None and dynsec_config is not None:
+        lines += [f"plugin {dynsec_plugin}", f"plugin_opt_config_file {dynsec_config}"]
+    lines.append("")
+    paths = (ca_file, cert_file, key_file, crl_file, acl_file, persistence_dir, dynsec_plugin)
+    for path in (*paths, dynsec_config):
         if path is not None and any(c in str(path) for c in "\n\r"):
             raise BrokerError(f"path {str(path)!r} cannot be written into mosquitto.conf")
     return "\n".join(lines)
@@ -219,6 +263,8 @@ class BrokerFiles:
     directory: Path
     conf_file: Path
     acl_file: Path
+    # The dynamic-security plugin is loaded (a revoked session can be cut without a restart).
+    dynsec: bool
     ca_file: Path
     cert_file: Path
     key_file: Path
@@ -426,6 +472,22 @@ def prepare_broker_files(
             os.chown(persistence_dir, ids[0], ids[1])
         os.chmod(persistence_dir, 0o700)
 
+    plugin = find_dynsec_plugin()
+    dynsec_config: Path | None = None
+    if plugin is not None:
+        # The plugin rewrites its file after each command: a directory of the broker's user.
+        dynsec_dir = directory / _DYNSEC_DIR
+        dynsec_dir.mkdir(exist_ok=True, mode=0o700)
+        dynsec_config = dynsec_dir / _DYNSEC_FILE
+        atomic_write(dynsec_config, json.dumps(DYNSEC_NEUTRAL).encode(), mode=0o600)
+        if ids is not None:
+            os.chown(dynsec_dir, ids[0], ids[1])
+            os.chown(dynsec_config, ids[0], ids[1])
+    else:
+        log.warning(
+            "Mosquitto's dynamic-security plugin is not installed: a revocation restarts the "
+            "managed broker (every client reconnects) to cut the revoked session"
+        )
     atomic_write(
         acl_file,
         render_acl(topic_prefix=topic_prefix, controller_id=controller_id).encode(),
@@ -445,6 +507,8 @@ def prepare_broker_files(
             persistence_dir=persistence_dir,
             run_as=MOSQUITTO_USER if ids is not None else None,
             debug_log=debug_log,
+            dynsec_plugin=plugin,
+            dynsec_config=dynsec_config,
         ).encode(),
         mode=private_mode,
         group=gid,
@@ -453,6 +517,7 @@ def prepare_broker_files(
         directory=directory,
         conf_file=conf_file,
         acl_file=acl_file,
+        dynsec=dynsec_config is not None,
         ca_file=ca_file,
         cert_file=cert_file,
         key_file=key_file,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiomqtt
+from fedsky.controller.bus.broker_config import DYNSEC_COMMANDS, DYNSEC_RESPONSES
 from fedsky.controller.inventory.service import InventoryIngest, UnknownAgent
 from fedsky.shared.ids import CONTROLLER_ID, is_agent_id, is_aggregator_id
 from fedsky.shared.messages import (
@@ -104,8 +106,13 @@ class ControllerBus:
         topics: Topics,
         inventory: InventoryIngest,
         backoff: Backoff | None = None,
+        dynsec: bool = False,
     ) -> None:
         self._host = host
+        # The broker's dynamic-security plugin answers the controller's commands (cut_session).
+        self._dynsec = dynsec
+        self._dynsec_lock = asyncio.Lock()
+        self._dynsec_answer: asyncio.Future[bytes] | None = None
         self._port = port
         self._tls = tls_context
         self.topics = topics
@@ -149,6 +156,41 @@ class ControllerBus:
         except aiomqtt.MqttError as exc:
             raise BusUnavailable(f"publishing the command failed: {exc}") from None
 
+    async def cut_session(self, username: str, *, timeout: float = 5.0) -> None:
+        """Close every connection of `username` now, through the broker's dynamic-security
+        plugin: the client is created there and deleted at once (deleting a client closes its
+        sessions; the plugin holds no clients otherwise). BusUnavailable if it did not answer
+        or refused."""
+        client = self._client
+        if not self._dynsec:
+            raise BusUnavailable("the broker has no dynamic-security plugin")
+        if client is None or not self._connected.is_set():
+            raise BusUnavailable("the broker is not reachable")
+        commands = {
+            "commands": [
+                {"command": "createClient", "username": username},
+                {"command": "deleteClient", "username": username},
+            ]
+        }
+        async with self._dynsec_lock:
+            answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._dynsec_answer = answer
+            try:
+                await client.publish(DYNSEC_COMMANDS, json.dumps(commands), qos=1, timeout=10)
+                async with asyncio.timeout(timeout):
+                    raw = await answer
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                raise BusUnavailable(f"the broker did not cut the session: {exc}") from None
+            finally:
+                self._dynsec_answer = None
+        try:
+            responses = json.loads(raw)["responses"]
+            deleted = next(r for r in responses if r.get("command") == "deleteClient")
+        except (ValueError, KeyError, TypeError, StopIteration):
+            raise BusUnavailable("the broker's answer to the session cut is unreadable") from None
+        if deleted.get("error"):
+            raise BusUnavailable(f"the broker refused to cut the session: {deleted['error']}")
+
     async def run(self) -> None:
         """Consume until cancelled, reconnecting with backoff and full jitter."""
         async with asyncio.TaskGroup() as tg:
@@ -179,6 +221,8 @@ class ControllerBus:
                 ) as client:
                     await client.subscribe(self.topics.all_agents_up, qos=1)
                     await client.subscribe(self.topics.all_aggregators_up, qos=1)
+                    if self._dynsec:
+                        await client.subscribe(DYNSEC_RESPONSES, qos=1)
                     self._client = client
                     self._connected.set()
                     self.stats.connected_since = datetime.now(UTC)
@@ -199,6 +243,11 @@ class ControllerBus:
     # -- dispatch ------------------------------------------------------------------------------
 
     async def _dispatch(self, message: aiomqtt.Message) -> None:
+        if message.topic.value == DYNSEC_RESPONSES:
+            answer = self._dynsec_answer
+            if answer is not None and not answer.done() and isinstance(message.payload, bytes):
+                answer.set_result(message.payload)
+            return
         self.stats.received += 1
         topic = self.topics.parse_up(message.topic.value)
         if topic is None:

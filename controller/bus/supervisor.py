@@ -34,8 +34,10 @@ def _log_line(line: str) -> None:
     """Relay one Mosquitto log line at a level that matches what it says."""
     if line.startswith(("Error", "Warning")):
         log.warning("mosquitto: %s", line)
-    elif line.startswith(("mosquitto version", "Opening ", "OpenSSL Error")):
-        # Start and stop, and refused certificates (revoked, foreign, missing).
+    elif line.startswith(("mosquitto version", "Opening ", "OpenSSL Error")) or (
+        "disconnected by administrative action" in line
+    ):
+        # Start and stop, refused certificates (revoked, foreign, missing), cut sessions.
         log.info("mosquitto: %s", line)
     else:
         # Connections, refusals of bad certificates, denials: one per client event.
@@ -188,6 +190,20 @@ class ManagedBroker:
         await self._wait_for(
             lambda: self._ready and self._generation > generation, timeout, "restart"
         )
+
+    @property
+    def can_cut_sessions(self) -> bool:
+        """The dynamic-security plugin is loaded: a revoked session can be cut, no restart."""
+        return self._files.dynsec
+
+    async def reload_crl(self) -> None:
+        """Copy the current CRL in and have Mosquitto reload it (SIGHUP): new connections are
+        checked against it; connected clients stay (see `security.revocation`)."""
+        proc = self._proc
+        if not self._running or proc is None or proc.returncode is not None:
+            raise BrokerError("the managed broker is not running")
+        await asyncio.to_thread(self._files.install_crl)
+        proc.send_signal(signal.SIGHUP)
 
     # --- internals ------------------------------------------------------------------------
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
-from http.client import HTTPConnection, HTTPResponse
+import ssl
+from dataclasses import dataclass, field
+from http.client import HTTPConnection, HTTPResponse, HTTPSConnection
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,25 +63,50 @@ class _UnixHTTPConnection(HTTPConnection):
 
 @dataclass(frozen=True)
 class ApiClient:
-    """`address` is a unix socket path or `http://host:port`."""
+    """`address` is a unix socket path, `https://host:port` (the API's network listener: the
+    server checked against `ca_file`, `token` sent as a bearer token) or `http://host:port`
+    (a test's plain listener)."""
 
     address: str
     timeout: float = 30.0
+    token: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
 
     def _connection(self) -> HTTPConnection:
-        if self.address.startswith("http://"):
+        if self.address.startswith(("http://", "https://")):
             parts = urlsplit(self.address)
-            return HTTPConnection(
-                parts.hostname or "127.0.0.1", parts.port or 80, timeout=self.timeout
-            )
+            host = parts.hostname or "127.0.0.1"
+            if parts.scheme == "https":
+                if self.ca_file is None:
+                    raise ControllerUnavailable(
+                        "an https address needs the CA certificate that signed the API's "
+                        "(fedctl --ca FILE, or FEDSKY_CA)"
+                    )
+                try:
+                    context = ssl.create_default_context(cafile=str(self.ca_file))
+                except (OSError, ssl.SSLError) as exc:
+                    raise ControllerUnavailable(
+                        f"cannot use the CA certificate {self.ca_file}: {exc}"
+                    ) from None
+                return HTTPSConnection(
+                    host, parts.port or 443, timeout=self.timeout, context=context
+                )
+            return HTTPConnection(host, parts.port or 80, timeout=self.timeout)
         return _UnixHTTPConnection(self.address, self.timeout)
 
     def _open(self, method: str, path: str, body: bytes | None, content_type: str) -> HTTPResponse:
         conn = self._connection()
         headers = {"Content-Type": content_type} if body is not None else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         try:
             conn.request(method, path, body=body, headers=headers)
             return conn.getresponse()
+        except ssl.SSLError as exc:
+            raise ControllerUnavailable(
+                f"TLS with {self.address} failed: {exc.reason or exc} (is --ca the CA of this "
+                "controller, and the address one of the API's public names?)"
+            ) from None
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             raise ControllerUnavailable(
                 f"the controller is not running (nothing answers at {self.address}: {exc.strerror}); "

@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "bench",
     "models",
     "clouds",
+    "users",
+    "audit",
 )
 
 
@@ -39,7 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--socket",
         default=None,
-        help="controller API: a unix socket path or http://host:port (default: from the config)",
+        help="controller API: a unix socket path, or https://host:port with --ca and a token "
+        "(default: $FEDSKY_API, else the config's socket)",
+    )
+    parser.add_argument(
+        "--ca",
+        default=None,
+        help="CA certificate that signed the API's (https only; default: $FEDSKY_CA)",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding your API token (https only; default: $FEDSKY_TOKEN_FILE, or the "
+        "token itself in $FEDSKY_TOKEN)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fedsky.controller.cli.client import ApiClient, ApiError, ControllerUnavailable
@@ -74,12 +76,29 @@ def call_api(fn: Callable[[], T]) -> tuple[T | None, int]:
         return None, fail(exc.message, exc.exit_code)
 
 
+def _token(args: Any) -> str | None:
+    """The user's token: `--token-file`, else $FEDSKY_TOKEN; never a command-line argument (it
+    would show in `ps`)."""
+    path = getattr(args, "token_file", None) or os.environ.get("FEDSKY_TOKEN_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip() or None
+        except OSError as exc:
+            raise ControllerUnavailable(
+                f"cannot read the token file {path}: {exc.strerror}"
+            ) from None
+    return os.environ.get("FEDSKY_TOKEN") or None
+
+
 def api_client(args: Any) -> ApiClient:
-    """The client for the controller named by `--socket`, or by the config file's API socket."""
+    """The client for the controller named by `--socket` (a unix socket or an https URL with
+    `--ca` and a token), or by the config file's API socket."""
     from fedsky.controller.cli.client import config_path
     from fedsky.controller.config import load_controller_config
 
-    if getattr(args, "socket", None):
-        return ApiClient(args.socket)
+    address = getattr(args, "socket", None) or os.environ.get("FEDSKY_API")
+    if address:
+        ca = getattr(args, "ca", None) or os.environ.get("FEDSKY_CA")
+        return ApiClient(address, token=_token(args), ca_file=Path(ca) if ca else None)
     cfg = load_controller_config(config_path(getattr(args, "config", None)))
     return ApiClient(str(cfg.api_socket))

@@ -147,7 +147,9 @@ class JobManager:
 
     # --- submission -------------------------------------------------------------------------
 
-    async def submit(self, *, spec_data: Mapping[str, Any], model_digest: str) -> str:
+    async def submit(
+        self, *, spec_data: Mapping[str, Any], model_digest: str, owner: str | None = None
+    ) -> str:
         """Check a job and start driving it; JobRejected when it cannot run at all."""
         ctx = self.ctx
         try:
@@ -180,6 +182,7 @@ class JobManager:
             name=spec.name,
             spec=spec.model_dump(mode="json"),
             model_digest=model_digest,
+            owner=owner,
         )
         await ctx.models.record_job(
             job_id=job_id,

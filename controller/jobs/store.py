@@ -86,6 +86,8 @@ SCHEMA = [
                     AND t.attempt = orchestrator_attempt.number)
     """,
     "DROP TABLE tasks",
+    # Who submitted the job: an API user's name, or `uid:N(login)` on the unix socket.
+    "ALTER TABLE jobs ADD COLUMN owner TEXT",
 ]
 
 
@@ -113,14 +115,20 @@ class JobConflict(Exception):
 
 
 def create_job(
-    conn: sqlite3.Connection, *, job_id: str, name: str, spec: dict[str, Any], model_digest: str
+    conn: sqlite3.Connection,
+    *,
+    job_id: str,
+    name: str,
+    spec: dict[str, Any],
+    model_digest: str,
+    owner: str | None = None,
 ) -> None:
     now = _now()
     with transaction(conn):
         conn.execute(
-            "INSERT INTO jobs(id, name, state, spec_json, model_digest, created_at, updated_at) "
-            "VALUES (?, ?, 'created', ?, ?, ?, ?)",
-            (job_id, name, json.dumps(spec), model_digest, now, now),
+            "INSERT INTO jobs(id, name, state, spec_json, model_digest, created_at, updated_at, "
+            "owner) VALUES (?, ?, 'created', ?, ?, ?, ?, ?)",
+            (job_id, name, json.dumps(spec), model_digest, now, now, owner),
         )
         _log(conn, job_id, "info", f"job {name!r} created")
 
@@ -193,6 +201,7 @@ def _job_view(row: sqlite3.Row) -> dict[str, Any]:
         "aggregator": json.loads(row["aggregator_json"]) if row["aggregator_json"] else None,
         "rounds_done": row["rounds_done"],
         "error": row["error"],
+        "owner": row["owner"],
     }
 
 

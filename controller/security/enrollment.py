@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from fedsky.controller.security.pki import IssuedCertificate, Pki
 from fedsky.controller.store import transaction
@@ -134,3 +134,46 @@ def revoke_agent(conn: sqlite3.Connection, pki: Pki, agent_id: str) -> int:
             "UPDATE agents SET revoked_at = ?, online = 0 WHERE id = ?", (_now(), agent_id)
         )
     return count
+
+
+# An agent may renew at most this often by default (`[pki] renewal_min_interval_s`): each
+# renewal is a certificate that stays valid until it expires.
+RENEWAL_MIN_INTERVAL = timedelta(hours=1)
+
+
+def renew_agent(
+    conn: sqlite3.Connection,
+    pki: Pki,
+    *,
+    agent_id: str,
+    csr_pem: bytes,
+    days: int = 365,
+    min_interval: timedelta = RENEWAL_MIN_INTERVAL,
+    now: datetime | None = None,
+) -> IssuedCertificate:
+    """Sign an enrolled, unrevoked agent's renewal CSR (for its own name, whatever the CSR says)
+    and record it. EnrolmentError when the agent is unknown or revoked, asked less than
+    `min_interval` after its last certificate, or the request is unusable."""
+    moment = now or datetime.now(UTC)
+    with transaction(conn):
+        row = conn.execute("SELECT revoked_at FROM agents WHERE id = ?", (agent_id,)).fetchone()
+        if row is None:
+            raise EnrolmentError(f"no agent {agent_id!r} is enrolled", not_found=True)
+        if row["revoked_at"] is not None:
+            raise EnrolmentError(f"agent {agent_id!r} is revoked", conflict=True)
+        last = conn.execute(
+            "SELECT max(issued_at) AS at FROM certificates WHERE common_name = ? AND kind = 'agent'",
+            (agent_id,),
+        ).fetchone()["at"]
+        if last is not None and moment - datetime.fromisoformat(last) < min_interval:
+            raise EnrolmentError(
+                f"agent {agent_id!r} got a certificate at {last}: renewals are at most every "
+                f"{min_interval.total_seconds():.0f} s",
+                conflict=True,
+            )
+        try:
+            cert = pki.issue(common_name=agent_id, kind="agent", csr_pem=csr_pem, days=days)
+        except ValueError as exc:
+            raise EnrolmentError(f"cannot sign the renewal of {agent_id!r}: {exc}") from None
+        _insert_certificate(conn, cert)
+    return cert

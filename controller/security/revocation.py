@@ -1,14 +1,18 @@
-"""Making the broker refuse revoked certificates: the one policy for when it restarts.
+"""Making the broker refuse revoked certificates: cut the live session, refuse the next one.
 
-A revocation only writes the CRL. Mosquitto 2.0 reads its CRL at start, and a restart drops
-every connection (clients reconnect within seconds; their sessions and queued commands are
-kept), so when to restart is a choice:
+A revocation writes the CRL. Mosquitto 2.0 checks a CRL it reloads (SIGHUP) on new connections
+only, so a revoked client that is connected stays connected until its session is cut. With the
+managed broker and its dynamic-security plugin (`bus.broker_config`), both happen at once and
+nobody else is disturbed: the CRL is copied in and reloaded, and the controller's bus sends the
+plugin `createClient` + `deleteClient` for the identity, which closes every connection of that
+username (measured: a few ms; every other agent and aggregator stays connected).
 
-- an agent revoked by the operator: restart the managed broker now, so the agent is cut off at
-  once; with an external broker, tell its operator what to do (`agent_revoked`);
-- a job's aggregator certificate revoked when the job ended: restart once no other job is
-  running, so that no aggregator loses its bus mid-round (`job_certificate_revoked`, then
-  `job_ended`). A restart that fails stays pending for the next job to end.
+Without the plugin the managed broker is restarted instead (every client reconnects; their
+sessions and queued commands are kept), so when to restart is a choice:
+- an agent revoked by the operator: at once;
+- a job's aggregator identity revoked when the job ended: once no other job runs, so that no
+  aggregator loses its bus mid-round; a failed restart stays pending for the next job to end.
+With an external broker, its operator is told what to do (`agent_revoked`).
 """
 
 from __future__ import annotations
@@ -25,13 +29,34 @@ log = logging.getLogger(__name__)
 MANAGED_BROKER_RESTARTED = (
     "the managed broker was restarted and refuses the certificate from now on"
 )
+SESSION_CUT = (
+    "the session was cut at once and the broker refuses the certificate from now on "
+    "(no restart: every other client stayed connected)"
+)
 
 
 class RestartableBroker(Protocol):
     """The managed broker (`fedsky.controller.bus.supervisor.ManagedBroker`), as far as
-    revocation needs it: a restart that loads the current CRL and returns once it serves."""
+    revocation needs it."""
 
-    async def restart(self) -> None: ...
+    @property
+    def can_cut_sessions(self) -> bool:
+        """Its dynamic-security plugin is loaded."""
+        ...
+
+    async def restart(self) -> None:
+        """Load the current CRL by a restart; return once it serves."""
+        ...
+
+    async def reload_crl(self) -> None:
+        """Load the current CRL for new connections (SIGHUP), without a restart."""
+        ...
+
+
+class SessionCutter(Protocol):
+    """The controller's bus, as far as revocation needs it (`ControllerBus.cut_session`)."""
+
+    async def cut_session(self, username: str) -> None: ...
 
 
 class RevocationEnforcer:
@@ -41,46 +66,71 @@ class RevocationEnforcer:
     """
 
     def __init__(
-        self, *, settings: BrokerConfig, broker: RestartableBroker | None, pki: Pki
+        self,
+        *,
+        settings: BrokerConfig,
+        broker: RestartableBroker | None,
+        pki: Pki,
+        sessions: SessionCutter | None = None,
     ) -> None:
         self._settings = settings
         self._broker = broker
         self._pki = pki
-        self._job_revocations_pending = False
+        self._sessions = sessions
+        self._job_identities_pending: list[str] = []
 
     @property
     def job_revocations_pending(self) -> bool:
-        """A job's certificate was revoked and the broker has not been restarted for it yet."""
-        return self._job_revocations_pending
+        """A job's identity was revoked and the broker does not refuse it yet."""
+        return bool(self._job_identities_pending)
 
-    async def agent_revoked(self) -> str:
+    async def _cut(self, identity: str) -> bool:
+        """Reload the CRL and cut `identity`'s session without a restart; False when this
+        broker cannot, or it failed (logged: the caller falls back to a restart)."""
+        broker, sessions = self._broker, self._sessions
+        if broker is None or sessions is None or not identity or not broker.can_cut_sessions:
+            return False
+        try:
+            await broker.reload_crl()
+            await sessions.cut_session(identity)
+        except Exception as exc:  # the bus or the plugin: the restart still enforces it
+            log.warning("cutting %s's session without a restart failed: %s", identity, exc)
+            return False
+        log.info("cut the session of %s; the broker refuses its certificate from now on", identity)
+        return True
+
+    async def agent_revoked(self, agent_id: str = "") -> str:
         """Enforce an agent's revocation now; says how it was (or must be) enforced.
 
         A failed restart raises (`BrokerError`): the revocation is written, but the caller must
         know the broker still accepts the certificate.
         """
         if self._settings.managed and self._broker is not None:
+            if await self._cut(agent_id):
+                return SESSION_CUT
             await self._broker.restart()
             return MANAGED_BROKER_RESTARTED
         return external_revocation_instructions(crl_path=self._pki.crl_path)
 
-    def job_certificate_revoked(self) -> None:
-        """Note that an ending job's certificate was revoked; `job_ended` applies it."""
-        self._job_revocations_pending = True
+    def job_certificate_revoked(self, identity: str = "") -> None:
+        """Note that an ending job's identity was revoked; `job_ended` applies it."""
+        self._job_identities_pending.append(identity)
 
     async def job_ended(self, *, others_running: bool) -> None:
-        """Restart the managed broker for the pending job revocations, unless another job runs.
-
-        The last job to end restarts it. A failed restart is logged and kept pending, so the
-        next job to end tries again; it never fails the job's clean-up.
+        """Apply the pending job revocations: cut each session at once where the broker can;
+        otherwise restart the managed broker, unless another job runs (the last job to end
+        restarts it). A failure is logged and kept pending; it never fails the job's clean-up.
         """
-        if not self._job_revocations_pending or self._broker is None:
+        pending, broker = self._job_identities_pending, self._broker
+        if not pending or broker is None:
             return
-        if others_running:
+        left = [identity for identity in pending if not await self._cut(identity)]
+        self._job_identities_pending = left
+        if not left or others_running:
             return
-        self._job_revocations_pending = False
+        self._job_identities_pending = []
         try:
-            await self._broker.restart()
+            await broker.restart()
         except Exception as exc:
-            self._job_revocations_pending = True
+            self._job_identities_pending = left
             log.error("restarting the broker to apply revocations failed: %s", exc)

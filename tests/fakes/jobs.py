@@ -247,7 +247,7 @@ class FakeRevocations:
     revoked: int = 0
     ended: list[bool] = field(default_factory=list)  # others_running, per ended job
 
-    def job_certificate_revoked(self) -> None:
+    def job_certificate_revoked(self, identity: str = "") -> None:
         self.revoked += 1
 
     async def job_ended(self, *, others_running: bool) -> None:

@@ -66,7 +66,7 @@ async def clean_up(
     await _terminate_aggregator(ctx, job_id, run=run, job=job)
     with contextlib.suppress(Exception):
         if await ctx.store.run(revoke_common_name, ctx.pki, aggregator_id(job_id)):
-            ctx.revocations.job_certificate_revoked()
+            ctx.revocations.job_certificate_revoked(aggregator_id(job_id))
     await ctx.revocations.job_ended(others_running=others_running)
     if final_state is None:
         final_state = str((await ctx.store.run(jobstore.get_job, job_id))["state"])

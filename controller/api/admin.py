@@ -1,0 +1,89 @@
+"""API views for the admin: API users and their tokens, the audit log, the PKI's expiries."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from aiohttp import web
+from fedsky.controller.api.access import AUDIT_TARGET, caller_of
+from fedsky.controller.api.responses import SERVICES, ApiProblem, json_ok, whole_number
+from fedsky.controller.security import expiry, users
+from fedsky.controller.security.audit import AuditTrail
+from fedsky.shared import exitcodes
+from pydantic import BaseModel, ConfigDict, Field
+
+routes = web.RouteTableDef()
+
+
+class AddUserRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(max_length=63)]
+    role: Annotated[str, Field(max_length=20)]
+
+
+def _problem(exc: users.UserError) -> ApiProblem:
+    return ApiProblem(
+        exc.status, str(exc), exit_code=exitcodes.USAGE if exc.status == 400 else exitcodes.FAILED
+    )
+
+
+def _trail(request: web.Request) -> AuditTrail:
+    trail = request.app[SERVICES].audit
+    if trail is None:
+        raise ApiProblem(503, "the audit log is not available", exit_code=exitcodes.UNAVAILABLE)
+    return trail
+
+
+@routes.get("/v1/users")
+async def list_users(request: web.Request) -> web.Response:
+    return json_ok(await request.app[SERVICES].store.run(users.list_users))
+
+
+@routes.post("/v1/users")
+async def add_user(request: web.Request) -> web.Response:
+    body = AddUserRequest.model_validate(await request.json())
+    request[AUDIT_TARGET] = body.name[:63]
+    caller = caller_of(request)
+    try:
+        role = users.Role.parse(body.role)
+        token = await request.app[SERVICES].store.run(
+            users.add_user,
+            name=body.name,
+            role=role,
+            created_by=caller.name if caller else "?",
+        )
+    except users.UserError as exc:
+        raise _problem(exc) from None
+    # The token is in this answer and nowhere else: not in the log, not in the audit record.
+    return json_ok({"name": body.name, "role": role.label, "token": token}, status=201)
+
+
+@routes.post("/v1/users/{name}/revoke")
+async def revoke_user(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    try:
+        await request.app[SERVICES].store.run(users.revoke_user, name)
+    except users.UserError as exc:
+        raise _problem(exc) from None
+    return json_ok({"name": name, "revoked": True})
+
+
+@routes.get("/v1/audit")
+async def audit_records(request: web.Request) -> web.Response:
+    after = whole_number(request.query.get("after"), "after", default=0, lo=0, hi=2**63 - 1)
+    limit = whole_number(request.query.get("limit"), "limit", default=100, lo=1, hi=10_000)
+    return json_ok(await _trail(request).records(after=after, limit=limit))
+
+
+@routes.get("/v1/audit/verify")
+async def audit_verify(request: web.Request) -> web.Response:
+    return json_ok((await _trail(request).verify()).to_json())
+
+
+@routes.get("/v1/ca")
+async def ca_status(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    # The managed broker's server certificate (not issued through the store's records).
+    files = [svc.broker.files.cert_file] if svc.broker is not None else []
+    return json_ok(await svc.store.run(expiry.ca_status, pki=svc.need_pki(), files=files))
