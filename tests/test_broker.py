@@ -20,6 +20,8 @@ import aiomqtt
 import pytest
 from cryptography import x509
 from fedsky.controller.bus.broker_config import (
+    DYNSEC_COMMANDS,
+    DYNSEC_RESPONSES,
     MAX_PACKET_SIZE,
     BrokerError,
     BrokerFiles,
@@ -103,6 +105,8 @@ def test_acl_gives_each_identity_only_its_subtree() -> None:
         "topic read fedsky/v1/agents/+/up/#",
         "topic read fedsky/v1/aggregators/+/up/#",
         "topic write fedsky/v1/agents/+/down/#",
+        "topic write $CONTROL/dynamic-security/v1",
+        "topic read $CONTROL/dynamic-security/v1/response",
         "pattern write fedsky/v1/agents/%u/up/report",
         "pattern write fedsky/v1/agents/%u/up/status",
         "pattern write fedsky/v1/agents/%u/up/events",
@@ -162,6 +166,8 @@ def test_acl_is_spelled_by_the_topics_module() -> None:
         ("ctl", "read", topics.all_agents_up),
         ("ctl", "read", topics.all_aggregators_up),
         ("ctl", "write", topics.all_agents_down),
+        ("ctl", "write", DYNSEC_COMMANDS),
+        ("ctl", "read", DYNSEC_RESPONSES),
         (None, "write", topics.report(ACL_USERNAME)),
         (None, "write", topics.status(ACL_USERNAME)),
         (None, "write", topics.events(ACL_USERNAME)),
@@ -182,6 +188,10 @@ def test_acl_lets_each_identity_use_exactly_its_own_topics() -> None:
         assert topics.parse_up(sent(me)) is not None
     assert _allowed(acl, me, "read", topics.cmd(me))
     assert not _allowed(acl, me, "read", topics.cmd(other))
+    # Only the controller may give the dynamic-security plugin commands (cut a session).
+    assert not _allowed(acl, me, "write", DYNSEC_COMMANDS)
+    assert not _allowed(acl, agg, "write", DYNSEC_COMMANDS)
+    assert _allowed(acl, "controller", "write", DYNSEC_COMMANDS)
     assert not _allowed(acl, me, "write", topics.cmd(me))
     assert _allowed(acl, "controller", "write", topics.cmd(other))
     for sent in (topics.aggregator_metrics, topics.aggregator_status):
