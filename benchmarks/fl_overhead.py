@@ -61,7 +61,7 @@ from fedsky.shared.flower.runconfig import RunSettings
 from fedsky.shared.flower.sink import read_file_sink
 from fedsky.shared.modelfile import make_example
 from fedsky.shared.net import free_port
-from fedsky.shared.supernode import generate_node_key, supernode_command
+from fedsky.shared.supernode import SUPERNODE_EXECUTABLE, generate_node_key, supernode_command
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EVENTS = {
@@ -245,7 +245,7 @@ async def run_bare(
                 runtime_port=free_port(),
                 flwr_home=d / "flwr-home",
                 node_config={"torch-threads": torch_threads} if torch_threads else {},
-                executable=f"{bin_dir}/flower-supernode",
+                executable=f"{bin_dir}/{SUPERNODE_EXECUTABLE}",
                 bin_dir=bin_dir,
             )
             proc, tl, log = _spawn(cmd.argv, {**os.environ, **cmd.env}, d / "supernode.log")

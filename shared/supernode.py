@@ -16,6 +16,10 @@ from pathlib import Path
 
 from fedsky.shared.ids import check_agent_id
 
+# fedsky's SuperNode: Flower's, refusing every app but fedsky's own, pinned by digest where it
+# runs (`fedsky.shared.flower.pinned_supernode`). Its name keeps "flower-supernode" in it.
+SUPERNODE_EXECUTABLE = "fedsky-flower-supernode"
+
 # How long a SuperNode keeps trying to reach an aggregator that does not answer before it gives
 # up (and its executor reports the task failed) instead of retrying for ever.
 DEFAULT_MAX_WAIT_S = 120.0
@@ -101,7 +105,7 @@ def supernode_command(
     runtime_port: int,
     flwr_home: Path,
     node_config: Mapping[str, str | int | float | bool] | None = None,
-    executable: str = "flower-supernode",
+    executable: str = SUPERNODE_EXECUTABLE,
     max_wait_s: float | None = DEFAULT_MAX_WAIT_S,
     bin_dir: str | None = None,
 ) -> SuperNodeCommand:

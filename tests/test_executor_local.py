@@ -26,7 +26,7 @@ from fedsky.shared.supernode import (
     supernode_command,
 )
 
-from tests.support import free_port
+from tests.support import eventually_blocking, free_port
 
 
 def _launch(tmp_path: Path, pki: Pki, superlink: str) -> SuperNodeLaunch:
@@ -131,6 +131,15 @@ def test_an_agent_restarting_stops_what_its_killed_run_left(tmp_path: Path) -> N
         start_new_session=True,
     )
     record_pid(left, orphan.pid)
+    # A SuperNode left by a killed agent has long been running: wait until this one's command
+    # line is readable (right after the start it can still be empty).
+    eventually_blocking(
+        lambda: Path(f"/proc/{orphan.pid}/cmdline").read_bytes(),
+        until=lambda cmdline: b"job1-hospital-us-1" in cmdline,
+        timeout=10,
+        interval=0.05,
+        what="the stand-in SuperNode to start",
+    )
     reused = tmp_path / "job2-hospital-us-1"
     reused.mkdir()
     record_pid(reused, os.getpid())  # this pid now belongs to someone else

@@ -153,3 +153,23 @@ def test_a_reply_still_arriving_is_pulled_on_a_short_backoff(
     assert http_grid.pull_objects(["w"], pull_object_fn=pull_object) == {"w": b"weights"}
     # 0.7 s of backoff (+-20%) before the fourth try; Flower's own schedule waits 7 s.
     assert tries[-1] - tries[0] < 2.0
+
+
+def test_the_pin_is_the_bundle_the_controller_builds_and_nothing_else(tmp_path: Path) -> None:
+    from fedsky.controller.clouds.superlink import prepare_app_dir
+    from fedsky.shared.flower.pinned_supernode import pinned_fab_digest, refusal
+    from flwr.cli.build import build_fab_from_disk
+
+    pinned = pinned_fab_digest()
+    ours = build_fab_from_disk(prepare_app_dir(tmp_path / "ours"))
+    assert refusal(ours, pinned=pinned) is None
+    foreign = prepare_app_dir(tmp_path / "foreign")
+    (foreign / "pyproject.toml").write_text(
+        (foreign / "pyproject.toml").read_text().replace("fedsky.shared.flower.client_app", "x")
+    )
+    reason = refusal(build_fab_from_disk(foreign), pinned=pinned)
+    assert reason is not None
+    assert "is not fedsky's" in reason
+    extra = prepare_app_dir(tmp_path / "extra")
+    (extra / "more.py").write_text("import os\n")
+    assert refusal(build_fab_from_disk(extra), pinned=pinned) is not None

@@ -13,6 +13,7 @@ fedsky ends a job's SuperNodes with its run and never reuses one for the next.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from fedsky.agent.executors.base import SuperNodeLaunch
 from fedsky.agent.executors.local import LocalExecutor, LocalSuperNode
 from fedsky.controller.clouds.base import AggregatorHandle, AggregatorSpec, ProviderError
 from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
-from fedsky.controller.clouds.superlink import SuperLinkControl, prepare_app_dir
+from fedsky.controller.clouds.superlink import FlowerCliError, SuperLinkControl, prepare_app_dir
 from fedsky.controller.security.pki import Pki
 from fedsky.shared.datasets import BundledDatasetSpec, Partition, load_dataset, write_catalog
 from fedsky.shared.flower.runconfig import RunSettings
@@ -393,3 +394,51 @@ async def test_stop_a_run_and_unregister_a_node(federation: Federation) -> None:
         ProviderError, match=r"reading run 12345 at the SuperLink .* failed: .*not found"
     ):
         await federation.control.run_status(12345)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_foreign_app_never_runs_at_a_hospital(federation: Federation) -> None:
+    """Anyone who can start a run (a hostile hospital with only the CA certificate could, on
+    Flower's open Control API) may name an app of their own: every SuperNode refuses its bundle,
+    so its ClientApp module is never imported."""
+    app = federation.root / "foreign-app"
+    app.mkdir(exist_ok=True)
+    marker = federation.root / "foreign-code-ran"
+    pyproject = (prepare_app_dir(federation.root / "app") / "pyproject.toml").read_text()
+    (app / "pyproject.toml").write_text(
+        pyproject.replace("fedsky.shared.flower.client_app:app", "foreign_app:app")
+    )
+    (app / "foreign_app.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from fedsky.shared.flower.client_app import app\n"
+    )
+    sink = federation.root / "runs" / "foreign"
+    settings = RunSettings.model_validate(
+        {
+            "job-id": "foreign",
+            "num-rounds": 1,
+            "min-participants": len(SITES),
+            "expected-participants": len(SITES),
+            "model-file": str(federation.model),
+            "sink": "file",
+            "sink-dir": str(sink),
+            "round-timeout-s": 20,
+            "join-timeout-s": 20,
+        }
+    )
+    logs = [node.log_file for node in federation.nodes]
+    run_id = await federation.control.start_run(
+        app_dir=app, settings=settings, run_config_file=federation.root / "foreign.toml"
+    )
+    try:
+        await eventually(
+            lambda: all(f"refused run {run_id}" in log.read_text() for log in logs),
+            timeout=60,
+            interval=0.5,
+            what="every SuperNode to refuse the foreign app",
+        )
+    finally:
+        with contextlib.suppress(FlowerCliError):  # refused everywhere, it may have ended
+            await federation.control.stop_run(run_id)
+    assert not marker.exists()
+    assert all(node.running for node in federation.nodes)

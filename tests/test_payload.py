@@ -2,7 +2,7 @@
 the VM over SSH.
 
 The "VM" is this machine's loopback sshd (as in `test_executor_ssh.py`, its host key pinned);
-the artifacts are a tiny client wheelhouse (a `fedsky` wheel with a `flower-supernode` console
+the artifacts are a tiny client wheelhouse (a `fedsky` wheel with a `fedsky-flower-supernode` console
 script, and its dependency) served by the controller's own enrolment app and listener TLS.
 """
 
@@ -55,7 +55,7 @@ from fedsky.shared.messages import (
     VmInfo,
     utcnow,
 )
-from fedsky.shared.supernode import generate_node_key
+from fedsky.shared.supernode import SUPERNODE_EXECUTABLE, generate_node_key
 
 from tests import test_executor_ssh as ssh_tests
 from tests.fakes.clouds import open_enrolment
@@ -82,7 +82,7 @@ class Artifacts:
 async def artifacts(tmp_path: Path, pki: Pki) -> AsyncIterator[Artifacts]:
     """The controller's enrolment app on its listener TLS, serving a client wheelhouse."""
     wheelhouse = tmp_path / "wh"
-    write_wheelhouse(wheelhouse, "client", scripts=["flower-supernode"])
+    write_wheelhouse(wheelhouse, "client", scripts=[SUPERNODE_EXECUTABLE])
     _, store = open_enrolment(tmp_path / "state", pki)
     port = free_port()
     base = f"https://127.0.0.1:{port}"
@@ -183,7 +183,7 @@ async def test_the_payload_is_installed_once_and_the_supernode_runs_from_it(
     first_s = time.monotonic() - started
     # Installed in the VM's venv from the pinned files: the entry point the executor runs.
     shown = subprocess.run(
-        [venv / "bin" / "flower-supernode"], capture_output=True, text=True, check=True
+        [venv / "bin" / SUPERNODE_EXECUTABLE], capture_output=True, text=True, check=True
     )
     assert shown.stdout.strip() == "0.1.0"
     assert (venv / MARKER_NAME).read_text().strip() == expected
@@ -210,7 +210,7 @@ async def test_the_payload_is_installed_once_and_the_supernode_runs_from_it(
     assert artifacts.requested == []
     print(f"payload: first install {first_s:.1f} s, second ensure {second_s:.2f} s")
 
-    # The executor's start installs (here: finds) the payload and runs that flower-supernode.
+    # The executor's start installs (here: finds) the payload and runs that SuperNode.
     keys = generate_node_key(tmp_path / "agent" / "keys")
     node = await executor.start(
         SuperNodeLaunch(
@@ -265,7 +265,7 @@ async def test_a_tampered_wheel_never_reaches_the_vm_and_pip_would_refuse_it(
     # Had a tampered wheel got into the VM, pip would refuse it (--require-hashes): the good
     # release's requirement file beside a wheel one bit off.
     good_house = tmp_path / "good"
-    write_wheelhouse(good_house, "client", scripts=["flower-supernode"])
+    write_wheelhouse(good_house, "client", scripts=[SUPERNODE_EXECUTABLE])
     assert (good_house / DEP).read_bytes() == good
     local = LocalPayload(
         requirements_sha256=read_manifest(good_house).requirements("client").sha256,
@@ -284,7 +284,7 @@ async def test_a_tampered_wheel_never_reaches_the_vm_and_pip_would_refuse_it(
         await executor.install_payload(target, local)
     assert "Expected sha256" in str(refused.value)
     assert not (tmp_path / "vm" / "venv" / MARKER_NAME).exists()
-    assert not (tmp_path / "vm" / "venv" / "bin" / "flower-supernode").exists()
+    assert not (tmp_path / "vm" / "venv" / "bin" / SUPERNODE_EXECUTABLE).exists()
 
 
 async def test_the_cache_refetches_a_changed_copy(tmp_path: Path, artifacts: Artifacts) -> None:

@@ -26,7 +26,12 @@ from fedsky.shared.config import ConfigError
 from fedsky.shared.datasets import load_catalog, scrub
 from fedsky.shared.net import free_port
 from fedsky.shared.procs import wait_group_gone
-from fedsky.shared.supernode import DEFAULT_MAX_WAIT_S, SuperNodeConfigError, supernode_command
+from fedsky.shared.supernode import (
+    DEFAULT_MAX_WAIT_S,
+    SUPERNODE_EXECUTABLE,
+    SuperNodeConfigError,
+    supernode_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +137,7 @@ class LocalExecutor:
                 runtime_port=free_port(),
                 flwr_home=task_dir / "flwr-home",
                 node_config=launch.node_config,
-                executable=str(self.bin_dir / "flower-supernode"),
+                executable=str(self.bin_dir / SUPERNODE_EXECUTABLE),
                 bin_dir=str(self.bin_dir),
                 max_wait_s=self.max_wait_s,
             )

@@ -2,7 +2,7 @@
 
 Start: make the task directory on the VM (umask 077), copy in the aggregator's CA, the node key
 and the dataset catalog through the SSH channel (`cat > file`), then run
-`echo $$ > supernode.pid; exec env ... flower-supernode ...` in a session of its own. The local
+`echo $$ > supernode.pid; exec env ... fedsky-flower-supernode ...` in a session of its own. The local
 `ssh` process lives as long as the SuperNode and exits with its exit status (255: SSH itself
 failed). Stop: `kill -TERM` the SuperNode's process group on the VM through a second SSH
 command, then `kill -KILL` if it lingers. `BatchMode` means no prompt can hang the agent.
@@ -63,7 +63,7 @@ from fedsky.agent.payload import (
     fetch_payload,
 )
 from fedsky.shared.datasets import scrub
-from fedsky.shared.supernode import SuperNodeConfigError, supernode_command
+from fedsky.shared.supernode import SUPERNODE_EXECUTABLE, SuperNodeConfigError, supernode_command
 
 log = logging.getLogger(__name__)
 
@@ -397,14 +397,14 @@ class SshExecutor:
     async def ensure_payload(self, target: VmTarget) -> None:
         """Make sure the VM holds the client payload in `remote_bin_dir`.
 
-        Without a payload source: check that `flower-supernode` is there. With one: read the
+        Without a payload source: check that fedsky's SuperNode is there. With one: read the
         digest of the release's requirement file (pinned, or from the trusted manifest), and
         unless the VM's marker already records it, fetch and check the payload here, copy it
         into the VM and install it there (`install_payload`). Failures: `PayloadUnavailable`
         (fetch or digest; nothing copied), `PayloadInstallFailed` (in the VM),
         `VmUnreachable` (SSH).
         """
-        exe = f"{self.config.remote_bin_dir}/flower-supernode"
+        exe = f"{self.config.remote_bin_dir}/{SUPERNODE_EXECUTABLE}"
         if self.payload is None or self._payload_cache is None:
             answer = await self.run_remote(
                 target, f"test -x {shlex.quote(exe)} && echo ok || echo missing"
@@ -412,7 +412,7 @@ class SshExecutor:
             if answer.strip() != "ok":
                 raise PayloadMissing(
                     f"the client payload is not installed in VM {target.vm!r}: no "
-                    "flower-supernode in the configured remote_bin_dir"
+                    f"{SUPERNODE_EXECUTABLE} in the configured remote_bin_dir"
                 )
             return
         cache = self._payload_cache
@@ -453,7 +453,7 @@ class SshExecutor:
     async def installed_payload(self, target: VmTarget) -> str | None:
         """The requirement digest the VM's marker records, if the payload's scripts are there."""
         marker = shlex.quote(f"{self.remote_venv}/{MARKER_NAME}")
-        exe = shlex.quote(f"{self.config.remote_bin_dir}/flower-supernode")
+        exe = shlex.quote(f"{self.config.remote_bin_dir}/{SUPERNODE_EXECUTABLE}")
         answer = await self.run_remote(target, f"test -x {exe} && cat {marker} 2>/dev/null; true")
         digest = answer.strip()
         return digest if len(digest) == 64 else None
@@ -509,8 +509,8 @@ if ! PIP_CONFIG_FILE=/dev/null "$venv/bin/python" -m pip --isolated install --qu
   --require-hashes -r {q(REQUIREMENTS)} 2> .pip.log; then
   {{ grep -m1 '^ERROR' .pip.log | cut -d. -f1; grep -v '^ *$' .pip.log | tail -n 2; }} >&2; exit 4
 fi
-test -x "$venv/bin/flower-supernode" || {{
-  echo "the payload installed no flower-supernode in $venv/bin" >&2; exit 3; }}
+test -x "$venv/bin/{SUPERNODE_EXECUTABLE}" || {{
+  echo "the payload installed no {SUPERNODE_EXECUTABLE} in $venv/bin" >&2; exit 3; }}
 echo {q(local.requirements_sha256)} > "$venv/{MARKER_NAME}"
 rm -f -- .pip.log {" ".join(q(f) for f in local.files)}
 """
@@ -565,7 +565,7 @@ rm -f -- .pip.log {" ".join(q(f) for f in local.files)}
                 runtime_port=c.runtime_port,
                 flwr_home=Path(f"{remote_dir}/flwr-home"),
                 node_config=launch.node_config,
-                executable=f"{c.remote_bin_dir}/flower-supernode",
+                executable=f"{c.remote_bin_dir}/{SUPERNODE_EXECUTABLE}",
                 bin_dir=c.remote_bin_dir,
                 max_wait_s=c.give_up_after_s,
             )
