@@ -45,6 +45,7 @@ from fedsky.controller.placement import load_catalog, place
 from fedsky.controller.placement.model import DEFAULT_PARAMS, ModelParams
 from fedsky.shared.jobspec import Placement as PlacementLimits
 from fedsky.shared.jobspec import load_job_spec
+from fedsky.shared.supernode import SUPERNODE_EXECUTABLE
 
 from benchmarks.testbed.hosts import (
     BROKER_PORT,
@@ -91,7 +92,7 @@ CASE_STUDY = Scenario(
 # The clouds the testbed's launcher serves: placement picks among their offers.
 TESTBED_CLOUDS = ("aws",)
 JOB_TIMEOUT_S = 420.0
-_SUPERNODE = "flower-supernode"
+_SUPERNODE = SUPERNODE_EXECUTABLE  # what the agents start (fedsky's pinned SuperNode)
 _SUPERLINK = "flower-superlink"
 _SITE = re.compile(r'(?:^|\s)site="?([a-z0-9-]+)"?')
 _TERMINAL = {"completed", "failed", "cancelled"}
@@ -162,7 +163,7 @@ def services(plan: Plan) -> dict[str, list[int]]:
 
 @dataclass
 class Sighting:
-    kind: str  # flower-supernode or flower-superlink
+    kind: str  # fedsky-flower-supernode or flower-superlink
     site: str
     pid: int
     netns: str
