@@ -55,6 +55,13 @@ from .config import (
 )
 from .inventory import FaultAction, HostProbe, InventoryError, LibvirtInventory
 from .link import AgentLink
+from .renewal import (
+    RenewalError,
+    complete_interrupted_renewal,
+    install_renewed,
+    renewal_due,
+    request_renewal,
+)
 from .runner import TaskRunner
 from .status import AgentState, StatusError, StatusServer, resolve_group
 
@@ -193,8 +200,6 @@ class AgentDaemon:
     async def _renewer(self) -> None:
         """Ask for a new certificate once the current one nears its end; again after an hour
         without an answer."""
-        from fedsky.agent.renewal import renewal_due, request_renewal
-
         section = self.config.tls
         before = timedelta(days=section.renew_before_days)
         asked_at: float | None = None
@@ -222,8 +227,6 @@ class AgentDaemon:
             await asyncio.sleep(section.renew_check_s)
 
     async def _install_renewed(self, command: CertificateIssuedCommand) -> None:
-        from fedsky.agent.renewal import RenewalError, install_renewed
-
         try:
             bundle = await self.blocking(
                 lambda: install_renewed(self.config.install_paths, command.cert_pem)
@@ -451,10 +454,6 @@ async def run_agent(*, config: AgentConfig, identity: Identity, status_gid: int 
 
 def _complete_renewal(config: AgentConfig) -> None:
     """Finish a certificate swap a stopped run left half-done, before the identity is read."""
-    if not config.bundle_file.with_name(config.bundle_file.name + ".next").exists():
-        return
-    from fedsky.agent.renewal import complete_interrupted_renewal
-
     try:
         complete_interrupted_renewal(config.install_paths)
     except Exception as exc:

@@ -42,7 +42,6 @@ class Caller:
 
     name: str
     role: Role
-    via: str  # "socket" or "token"
 
 
 CALLER = web.RequestKey("caller", Caller)
@@ -131,7 +130,7 @@ async def identify(request: web.Request) -> Caller | None:
     """The caller, or None when a network caller shows no valid token."""
     uid = _peer_uid(request)
     if uid is not None:
-        return Caller(name=f"uid:{uid}({_login(uid)})", role=Role.ADMIN, via="socket")
+        return Caller(name=f"uid:{uid}({_login(uid)})", role=Role.ADMIN)
     token = _bearer(request)
     if token is None:
         return None
@@ -139,7 +138,7 @@ async def identify(request: web.Request) -> Caller | None:
     if found is None:
         return None
     name, role = found
-    return Caller(name=name, role=role, via="token")
+    return Caller(name=name, role=role)
 
 
 # -- the middleware ----------------------------------------------------------------------------
@@ -168,15 +167,10 @@ def _target(request: web.Request) -> str:
 
 async def _record(request: web.Request, caller: Caller, action: str, outcome: str) -> None:
     trail = request.app[SERVICES].audit
-    if trail is None:
-        return
-    try:
-        await trail.record(
+    if trail is not None:
+        await trail.record_after_the_fact(
             actor=caller.name, action=action, target=_target(request), outcome=outcome
         )
-    except Exception:
-        # The action happened; the log says the record is missing (never silently).
-        log.exception("cannot write the audit record of %s by %s", action, caller.name)
 
 
 async def _not_own_job(request: web.Request, caller: Caller) -> str | None:

@@ -110,17 +110,13 @@ async def _audit(request: web.Request, job_id: str, outcome: str) -> None:
     """The audit record of an aggregator's enrolment: its caller holds a one-time token, not a
     user's, so it is named by its address."""
     trail = request.app[SERVICES].audit
-    if trail is None:
-        return
-    try:
-        await trail.record(
+    if trail is not None:
+        await trail.record_after_the_fact(
             actor=f"aggregator VM at {request.remote or '?'} (enrolment token)",
             action="aggregator.enrol",
             target=job_id,
             outcome=outcome,
         )
-    except Exception:
-        log.exception("cannot write the audit record of an aggregator's enrolment")
 
 
 async def enroll_aggregator(request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fedsky.controller.store import Store, transaction
 from fedsky.shared.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 HEAD_FILE = "audit-head.json"
 GENESIS = "0" * 64
@@ -304,6 +307,16 @@ class AuditTrail:
             detail=detail,
             signer=self.signer,
         )
+
+    async def record_after_the_fact(
+        self, *, actor: str, action: str, target: str, outcome: str
+    ) -> None:
+        """`record` for an action that already happened: a failure to write is logged (the log
+        then says the record is missing), never raised into the action's answer."""
+        try:
+            await self.record(actor=actor, action=action, target=target, outcome=outcome)
+        except Exception:
+            log.exception("cannot write the audit record of %s by %s", action, actor)
 
     async def records(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
         return await self.store.run(list_records, after=after, limit=limit)

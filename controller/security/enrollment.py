@@ -42,6 +42,18 @@ def _insert_certificate(conn: sqlite3.Connection, cert: IssuedCertificate) -> No
     )
 
 
+def _issue_agent(
+    conn: sqlite3.Connection, pki: Pki, *, agent_id: str, csr_pem: bytes | None, days: int
+) -> IssuedCertificate:
+    """Sign (or, without a CSR, make) an agent's certificate for `agent_id` and record it."""
+    try:
+        cert = pki.issue(common_name=agent_id, kind="agent", csr_pem=csr_pem, days=days)
+    except ValueError as exc:
+        raise EnrolmentError(f"cannot sign the request for {agent_id!r}: {exc}") from None
+    _insert_certificate(conn, cert)
+    return cert
+
+
 def enroll_agent(
     conn: sqlite3.Connection,
     pki: Pki,
@@ -68,11 +80,7 @@ def enroll_agent(
                 f"agent {agent_id!r} is already enrolled; revoke it first to issue a new certificate",
                 conflict=True,
             )
-        try:
-            cert = pki.issue(common_name=agent_id, kind="agent", csr_pem=csr_pem, days=days)
-        except ValueError as exc:
-            raise EnrolmentError(f"cannot sign the request for {agent_id!r}: {exc}") from None
-        _insert_certificate(conn, cert)
+        cert = _issue_agent(conn, pki, agent_id=agent_id, csr_pem=csr_pem, days=days)
         if row is None:
             conn.execute(
                 "INSERT INTO agents(id, location, enrolled_at) VALUES (?, ?, ?)",
@@ -171,9 +179,5 @@ def renew_agent(
                 f"{min_interval.total_seconds():.0f} s",
                 conflict=True,
             )
-        try:
-            cert = pki.issue(common_name=agent_id, kind="agent", csr_pem=csr_pem, days=days)
-        except ValueError as exc:
-            raise EnrolmentError(f"cannot sign the renewal of {agent_id!r}: {exc}") from None
-        _insert_certificate(conn, cert)
+        cert = _issue_agent(conn, pki, agent_id=agent_id, csr_pem=csr_pem, days=days)
     return cert

@@ -88,14 +88,10 @@ class CertificateRenewal:
         )
 
     async def _record(self, agent_id: str, outcome: str) -> None:
-        if self._audit is None:
-            return
-        try:
-            await self._audit.record(
+        if self._audit is not None:
+            await self._audit.record_after_the_fact(
                 actor=f"agent {agent_id} (its current certificate)",
                 action="agent.renew",
                 target=agent_id,
                 outcome=outcome,
             )
-        except Exception:
-            log.exception("cannot write the audit record of %s's renewal", agent_id)
