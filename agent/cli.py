@@ -5,6 +5,8 @@
     agentctl [--config FILE] enroll BUNDLE [--state-dir DIR] [--key FILE] [--force]
     agentctl [--config FILE] vm register NAME [--address HOST] [--port N]
                                               [--fingerprint SHA256:...] [--replace]
+    agentctl [--config FILE] jobs pending|list [--json]
+    agentctl [--config FILE] jobs approve JOB | deny JOB [--reason TEXT]
 
 `status` exits 0 only when the agent runs and is connected to its broker, 1 when it runs but
 is not connected, 69 when it is not running, 78 when the config file is invalid.
@@ -22,6 +24,8 @@ from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
 
 from .config import AgentConfig, default_config_path, load_agent_config
+from .jobs_cli import add_jobs_parser, run_jobs
+from .policy import ApprovalBook
 from .status import StatusReading, as_json, read_status
 
 _REQUEST = "request"
@@ -164,6 +168,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if not reading.running:
         return exitcodes.UNAVAILABLE
     return exitcodes.OK if reading.connected else exitcodes.FAILED
+
+
+# --- jobs (approvals) ---------------------------------------------------------------------------
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    config = _config(args)
+    book = ApprovalBook(config.approvals_file, create=False)
+    return run_jobs(args, book, manual=config.policy.approval == "manual")
 
 
 # --- enroll ------------------------------------------------------------------------------------
@@ -449,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, default=None, help="the agent's state directory"
     )
     register.set_defaults(func=_cmd_vm_register)
+
+    add_jobs_parser(sub)
+    sub.choices["jobs"].set_defaults(func=_cmd_jobs)
     return parser
 
 

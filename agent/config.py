@@ -46,6 +46,7 @@ from fedsky.agent.executors.base import (
     VmSettings,
 )
 from fedsky.agent.payload import PayloadConfig, PayloadSource
+from fedsky.agent.policy import APPROVALS_FILE, PolicySection
 from fedsky.shared.bundle import BundleError, EnrolmentBundle, read_bundle
 from fedsky.shared.config import ConfigError, load_config, resolve_path
 from fedsky.shared.datasets import DatasetSpec
@@ -234,6 +235,8 @@ class AgentConfig(_Section):
     payload: PayloadConfig | None = None
     # VM name -> what the config says about it: address, port, the VM's own dataset paths.
     vms: dict[Annotated[str, Field(pattern=VM_NAME_PATTERN)], VmSettings] = {}
+    # What the hospital allows fedsky's jobs to do here (datasets, VMs, tasks at once, approval).
+    policy: PolicySection = PolicySection()
 
     @field_validator("payload")
     @classmethod
@@ -284,6 +287,20 @@ class AgentConfig(_Section):
         return resolved
 
     @model_validator(mode="after")
+    def _policy_names_configured_datasets(self) -> AgentConfig:
+        allowed = self.policy.datasets
+        if allowed is None:
+            return self
+        configured = set(self.datasets) | {d for vm in self.vms.values() for d in vm.datasets}
+        unknown = [d for d in allowed if d not in configured]
+        if unknown:
+            raise ValueError(
+                f"policy.datasets names {', '.join(map(repr, unknown))}, which is not configured "
+                "here ([datasets] or [vms.NAME.datasets])"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _socket_fits(self) -> AgentConfig:
         if self.status.socket is None and (
             len(str(self.state_dir / SOCKET_NAME).encode()) > _MAX_SOCKET_PATH
@@ -331,6 +348,11 @@ class AgentConfig(_Section):
     @property
     def tasks_dir(self) -> Path:
         return self.state_dir / "tasks"
+
+    @property
+    def approvals_file(self) -> Path:
+        """The hospital IT's decisions on jobs (`agentctl jobs`), when approval is manual."""
+        return self.state_dir / APPROVALS_FILE
 
     @property
     def status_file(self) -> Path:

@@ -55,6 +55,7 @@ from .config import (
 )
 from .inventory import FaultAction, HostProbe, InventoryError, LibvirtInventory
 from .link import AgentLink
+from .policy import ApprovalBook
 from .renewal import (
     RenewalError,
     complete_interrupted_renewal,
@@ -73,6 +74,8 @@ _FAULT_ACTIONS: tuple[str, ...] = get_args(FaultAction)
 _CERT_WARN_BEFORE = timedelta(days=30)
 # A renewal asked for and not answered (the controller was away) is asked again after this.
 _RENEWAL_RETRY_S = 3600.0
+# How soon a decision IT takes with agentctl reaches the controller.
+APPROVAL_POLL_S = 1.0
 
 
 def _remove_socket(path: Path) -> None:
@@ -157,6 +160,10 @@ class AgentDaemon:
             snapshot=self.inventory.snapshot,
             emit=self.link.emit,
             on_change=self._task_changed,
+            policy=config.policy,
+            approvals=(
+                ApprovalBook(config.approvals_file) if config.policy.approval == "manual" else None
+            ),
         )
         self._seq = 0
         self._report_now = asyncio.Event()
@@ -366,6 +373,16 @@ class AgentDaemon:
 
     # --- life cycle ---------------------------------------------------------------------------
 
+    async def _approvals(self) -> None:
+        """Answer waiting tasks as soon as IT decides (`agentctl jobs approve|deny` writes the
+        approvals file; a decision taken while the agent was down is answered at start)."""
+        while True:
+            try:
+                await self.runner.resume_decided()
+            except Exception:
+                log.exception("reading the approvals file %s", self.config.approvals_file)
+            await asyncio.sleep(APPROVAL_POLL_S)
+
     async def _rtt_prober(self) -> None:
         from fedsky.agent.rtt_probe import probe_rtt
 
@@ -390,6 +407,8 @@ class AgentDaemon:
                     tg.create_task(self._poller(), name="inventory-poller"),
                     tg.create_task(self._renewer(), name="certificate-renewal"),
                 ]
+                if self.config.policy.approval == "manual":
+                    tasks.append(tg.create_task(self._approvals(), name="approvals"))
                 if self.config.rtt_probe.targets and self._rtt_source is not None:
                     tasks.append(tg.create_task(self._rtt_prober(), name="rtt-probe"))
                 if self.config.test is not None and self.config.test.fault_socket is not None:

@@ -9,7 +9,10 @@ of local paths) when it ends. `stop_task`: stop it and report `task_stopped`. A 
 state is stopped and reported failed at once, so the controller can move it to another VM.
 
 Outside one-box mode the runner refuses, whatever its config said, an executor that would run
-the SuperNode on the agent's own host (`start_failed`). A task's dataset resolves to the VM's own
+the SuperNode on the agent's own host (`start_failed`). Before anything is made for a task the
+hospital's `[policy]` is checked (agent/policy.py): its datasets, VMs and tasks at once, and,
+when its IT approves each job by hand, their decision: until then the task waits (kept in the
+approvals file, `task_awaiting_approval`) and is prepared, or refused, once they decide. A task's dataset resolves to the VM's own
 paths (`[vms.<name>.datasets]`) when the SuperNode runs in the VM; a bundled dataset of the
 agent's `[datasets]` works anywhere, a path on the agent's host only in one-box mode.
 """
@@ -39,8 +42,10 @@ from fedsky.agent.executors.base import (
 )
 from fedsky.agent.executors.factory import make_executor
 from fedsky.agent.payload import PayloadSource
+from fedsky.agent.policy import Approval, ApprovalBook, PolicySection, refusal
 from fedsky.shared.datasets import BundledDatasetSpec, ImageFolderSpec, scrub, write_catalog
 from fedsky.shared.messages import (
+    ApprovalNote,
     Event,
     EventKind,
     FailureKind,
@@ -93,8 +98,14 @@ class TaskRunner:
         vms: Mapping[str, VmSettings] | None = None,
         known_hosts_file: Path | None = None,
         payload: PayloadSource | None = None,
+        policy: PolicySection | None = None,
+        approvals: ApprovalBook | None = None,
     ) -> None:
         self.agent_id = agent_id
+        self.policy = policy or PolicySection()
+        if self.policy.approval == "manual" and approvals is None:
+            raise ValueError("manual approval needs the approvals file")
+        self.approvals = approvals
         self.work_dir = work_dir
         self.datasets = datasets
         self.one_box = one_box
@@ -147,9 +158,14 @@ class TaskRunner:
         self._publish_summary()
 
     def _fail(
-        self, task: _Task | str, command_id: str | None, kind: FailureKind, detail: str
+        self,
+        task: _Task | str,
+        command_id: str | None,
+        kind: FailureKind,
+        detail: str,
+        approval: ApprovalNote | None = None,
     ) -> None:
-        self._emit("task_failed", task, command_id, detail, failure_kind=kind)
+        self._emit("task_failed", task, command_id, detail, failure_kind=kind, approval=approval)
 
     def _local_paths(self) -> list[str]:
         specs = [*self.datasets.values()]
@@ -187,6 +203,73 @@ class TaskRunner:
             return None, f"dataset {name!r} has no path in {vm} (set [vms.{vm}.datasets.{name}])"
         return spec, missing
 
+    def _policy_refusal(self, cmd: PrepareTaskCommand) -> tuple[FailureKind, str] | None:
+        active = sum(
+            1
+            for t in self.tasks.values()
+            if t.task_id != cmd.task_id
+            and t.state not in ("task_failed", "task_finished", "task_stopped")
+        )
+        found = refusal(
+            agent_id=self.agent_id,
+            dataset=cmd.dataset,
+            vm=cmd.vm,
+            active_tasks=active,
+            datasets=self.policy.datasets,
+            vms=self.policy.vms,
+            max_tasks=self.policy.max_tasks,
+        )
+        return None if found is None else (found.kind, found.detail)
+
+    async def _waits_for_approval(self, cmd: PrepareTaskCommand) -> bool:
+        """With manual approval: True when the task must wait for IT (kept, and said so), or
+        was refused because they denied the job; False when the job is approved."""
+        book = self.approvals
+        if self.policy.approval != "manual" or book is None:
+            return False
+        decided = await self._blocking(lambda: book.state_of(cmd.job_id))
+        if decided is not None and decided.state == "approved":
+            return False
+        if decided is not None and decided.state == "denied":
+            self._fail(cmd.task_id, cmd.command_id, FailureKind.DENIED, _denial(decided))
+            return True
+        await self._blocking(lambda: book.ask(cmd))
+        log.info("job %s waits for this hospital's approval (task %s)", cmd.job_id, cmd.task_id)
+        self._emit(
+            "task_awaiting_approval",
+            cmd.task_id,
+            cmd.command_id,
+            f"job {cmd.job_id} waits for {self.agent_id}'s IT to approve it "
+            f"(agentctl jobs approve {cmd.job_id})",
+        )
+        return True
+
+    async def resume_decided(self) -> int:
+        """Answer the tasks whose job IT has decided since they arrived; how many."""
+        book = self.approvals
+        if book is None:
+            return 0
+        ready = await self._blocking(book.ready)
+        for cmd, decided in ready:
+            note = ApprovalNote(
+                job_id=decided.job_id,
+                decision="approved" if decided.state == "approved" else "denied",
+                by=decided.decided_by or "?",
+                reason=decided.reason,
+            )
+            log.info("job %s %s by %s", decided.job_id, note.decision, note.by)
+            if decided.state == "approved":
+                await self._prepare(cmd, approval=note)
+            else:
+                self._fail(
+                    cmd.task_id,
+                    cmd.command_id,
+                    FailureKind.DENIED,
+                    _denial(decided),
+                    approval=note,
+                )
+        return len(ready)
+
     def _publish_summary(self) -> None:
         active = [t for t in self.tasks.values() if t.running is not None and t.running.running]
         if not active:
@@ -219,14 +302,24 @@ class TaskRunner:
         vms = await self._blocking(self._snapshot)
         return next((vm for vm in vms if vm.name == name), None)
 
-    async def _prepare(self, cmd: PrepareTaskCommand) -> None:
-        refusal = self._refusal()
-        if refusal is not None:
-            self._fail(cmd.task_id, cmd.command_id, FailureKind.START_FAILED, refusal)
+    async def _prepare(self, cmd: PrepareTaskCommand, approval: ApprovalNote | None = None) -> None:
+        """`approval`: IT's decision that let this waiting task go on (it says so with the
+        acknowledgement)."""
+        cannot = self._refusal()
+        if cannot is not None:
+            self._fail(cmd.task_id, cmd.command_id, FailureKind.START_FAILED, cannot, approval)
             return
         spec, why_not = self._dataset(cmd.vm, cmd.dataset)
         if spec is None:
-            self._fail(cmd.task_id, cmd.command_id, FailureKind.DATASET_MISSING, why_not)
+            self._fail(cmd.task_id, cmd.command_id, FailureKind.DATASET_MISSING, why_not, approval)
+            return
+        refused = self._policy_refusal(cmd)
+        if refused is not None:
+            self._fail(cmd.task_id, cmd.command_id, *refused, approval)
+            return
+        # A redelivered command for a task prepared already was approved then.
+        fresh = approval is None and cmd.task_id not in self.tasks
+        if fresh and await self._waits_for_approval(cmd):
             return
         vm = await self._find_vm(cmd.vm)
         if vm is None or vm.state != "running":
@@ -236,6 +329,7 @@ class TaskRunner:
                 cmd.command_id,
                 FailureKind.VM_NOT_RUNNING,
                 f"vm-check: {cmd.vm} is {state}, not running",
+                approval,
             )
             return
         existing = self.tasks.get(cmd.task_id)
@@ -273,7 +367,12 @@ class TaskRunner:
             lambda: {role: pair.public_text() for role, pair in task.keys.items()}
         )
         self._emit(
-            "task_acknowledged", task, cmd.command_id, f"{cmd.vm} is running", public_keys=public
+            "task_acknowledged",
+            task,
+            cmd.command_id,
+            f"{cmd.vm} is running",
+            public_keys=public,
+            approval=approval,
         )
 
     async def _start(self, cmd: StartTaskCommand) -> None:
@@ -421,7 +520,14 @@ class TaskRunner:
         kind and detail when the stop is the agent's own answer to a failure."""
         task = self.tasks.pop(task_id, None)
         if task is None:
-            self._emit("task_stopped", task_id, command_id, "nothing was running")
+            book = self.approvals
+            waited = book is not None and await self._blocking(lambda: book.drop_task(task_id))
+            self._emit(
+                "task_stopped",
+                task_id,
+                command_id,
+                "it no longer waits for approval" if waited else "nothing was running",
+            )
             return
         task.stopping = True
         if task.running is not None and task.running.running:
@@ -483,3 +589,8 @@ class TaskRunner:
         for task_id in list(self.tasks):
             with contextlib.suppress(Exception):
                 await self._stop(task_id, None, "the agent is stopping")
+
+
+def _denial(decided: Approval) -> str:
+    why = f": {decided.reason}" if decided.reason else ""
+    return f"job {decided.job_id} was denied here by {decided.decided_by}{why}"

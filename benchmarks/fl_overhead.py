@@ -208,7 +208,12 @@ async def run_bare(
 ) -> BareResult:
     """`torch_threads=None` leaves torch its default, as a fedsky job's SuperNodes do."""
     pki = Pki.init(work / "pki")
-    provider = LocalProvider(work_dir=work / "aggregators", issue_tls=pki_tls_issuer(pki))
+    pki.write_controller_identity()  # the front serves Control to the controller only
+    provider = LocalProvider(
+        work_dir=work / "aggregators",
+        issue_tls=pki_tls_issuer(pki),
+        control_identity=pki.controller_identity,
+    )
     t0 = time.monotonic()
     handle = await provider.launch(
         AggregatorSpec(job_id="bench", cloud="local", region="local", instance_type="local")

@@ -48,7 +48,6 @@ from fedsky.controller.services import Services
 from fedsky.controller.store import Store, StoreError, secure_state_dir, state_lock
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
-from fedsky.shared.ids import CONTROLLER_ID
 from fedsky.shared.logs import setup_logging
 from fedsky.shared.tls import client_context
 from fedsky.shared.topics import Topics
@@ -63,18 +62,12 @@ API_KEY_FILE = "api-listener.key"
 
 def ensure_controller_identity(pki: Pki, store: Store) -> tuple[Path, Path]:
     """The controller's own client certificate for the bus, renewed when it nears expiry."""
-    cert_path = pki.directory / "controller.crt"
-    key_path = pki.directory / "controller.key"
+    cert_path, key_path = pki.controller_identity
     if cert_path.exists() and key_path.exists():
         info = cert_info(cert_path.read_bytes())
         if info.not_after - datetime.now(UTC) > RENEW_BEFORE:
             return cert_path, key_path
-    issued = pki.issue(common_name=CONTROLLER_ID, kind="controller")
-    assert issued.key_pem is not None
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(issued.key_pem)
-    cert_path.write_bytes(issued.cert_pem)
+    issued = pki.write_controller_identity()
     store.call(record_certificate, issued)
     return cert_path, key_path
 
@@ -243,6 +236,13 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
         )
         clouds = CloudService.open(config=config, store=store, pki=pki)
         aggregators = AggregatorEnrolment.open(config=config, store=store, pki=pki)
+        trail = AuditTrail(
+            store=store,
+            signer=HeadSigner.load(
+                path=config.state_dir / audit.HEAD_FILE, key_file=key, cert_file=cert
+            ),
+            ca_cert_pem=pki.ca_cert_pem,
+        )
         jobs = JobManager(
             config=config,
             store=store,
@@ -251,6 +251,7 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
             models=models,
             clouds=clouds,
             revocations=revocations,
+            audit=trail,
         )
         services = Services(
             store=store,
@@ -263,13 +264,7 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
             clouds=clouds,
             aggregators=aggregators,
             jobs=jobs,
-            audit=AuditTrail(
-                store=store,
-                signer=HeadSigner.load(
-                    path=config.state_dir / audit.HEAD_FILE, key_file=key, cert_file=cert
-                ),
-                ca_cert_pem=pki.ca_cert_pem,
-            ),
+            audit=trail,
         )
         renewals = CertificateRenewal(
             store=store,

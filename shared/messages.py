@@ -30,7 +30,9 @@ from pydantic import (
 )
 
 SCHEMA_MAJOR = 1
-SCHEMA_VERSION = "1.3"  # 1.1: task_failed kinds; 1.2: round phases; 1.3: certificate renewal
+# 1.1: task_failed kinds; 1.2: round phases; 1.3: certificate renewal; 1.4: what a hospital
+# allows (task_awaiting_approval, the approval note, the policy's failure kinds).
+SCHEMA_VERSION = "1.4"
 MAX_PAYLOAD_BYTES = 1 << 20  # 1 MiB: a report of 4,096 VMs fits many times over.
 
 VmState = Literal[
@@ -244,6 +246,9 @@ EventKind = Literal[
     "task_failed",
     "task_stopped",
     "certificate_requested",
+    # 1.4: the hospital's IT approves each new job by hand (`[policy] approval = "manual"`); the
+    # task's acknowledgement or refusal follows their decision.
+    "task_awaiting_approval",
 ]
 
 
@@ -264,6 +269,14 @@ class FailureKind(StrEnum):
     START_FAILED = "start_failed"
     # The SuperNode exited with an error or was killed.
     SUPERNODE_EXITED = "supernode_exited"
+    # 1.4, the hospital's `[policy]`: its IT denied the job (`agentctl jobs deny`) ...
+    DENIED = "denied"
+    # ... the job's dataset is not one the hospital lends ...
+    NOT_ALLOWED = "not_allowed"
+    # ... the VM is not one it lends to fedsky ...
+    VM_NOT_ALLOWED = "vm_not_allowed"
+    # ... or it already runs as many tasks as it allows at once.
+    BUSY = "busy"
     # A reason this side cannot tell apart: a newer minor's new kind, or none given.
     OTHER = "other"
 
@@ -285,6 +298,17 @@ def _minor(schema: object) -> int | None:
     return int(minor) if minor.isdigit() else None
 
 
+class ApprovalNote(BaseModel):
+    """A hospital IT's decision on a job (1.4), on the event that follows it."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    job_id: JobId
+    decision: Literal["approved", "denied"]
+    by: ShortText  # who at the hospital: the login that ran `agentctl jobs approve|deny`
+    reason: ShortText = ""
+
+
 class Event(Message):
     agent_id: AgentId
     kind: EventKind
@@ -302,6 +326,8 @@ class Event(Message):
     # certificate_requested (1.3): a CSR made with a new key; the event itself comes over the
     # session of the current certificate, which is what vouches for it.
     csr_pem: Annotated[str, Field(max_length=16384)] | None = None
+    # task_acknowledged / task_failed (1.4): the hospital IT's decision this event follows.
+    approval: ApprovalNote | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -78,13 +78,21 @@ async def onprem(tmp_path: Path) -> AsyncIterator[tuple[OnPremProvider, int]]:
         advertise_host=HOST,
         onprem=OnPremConfig(name="hq", ports=(first, first + 5)),
     )
-    provider = controller_aggregator(config, work_dir=tmp_path / "jobs", pki=Pki.init(tmp_path))
+    provider = controller_aggregator(config, work_dir=tmp_path / "jobs", pki=_pki(tmp_path))
     assert isinstance(provider, OnPremProvider)
     yield provider, first
     for job_id in list(provider._procs):
         await provider.terminate(
             AggregatorHandle("onprem", job_id, str(provider._procs[job_id].pid), "hq")
         )
+
+
+def _pki(directory: Path) -> Pki:
+    """A CA with the controller's identity written (the aggregator's front serves Control to
+    that certificate only)."""
+    pki = Pki.init(directory)
+    pki.write_controller_identity()
+    return pki
 
 
 async def test_an_onprem_superlink_binds_the_configured_address_under_its_advertised_name(
@@ -119,7 +127,7 @@ async def test_an_onprem_superlink_binds_the_configured_address_under_its_advert
 
 async def test_a_local_superlink_is_advertised_by_the_configured_name(tmp_path: Path) -> None:
     config = AggregatorConfig(bind_host=HOST, advertise_host="Agg.HQ.test")
-    provider = controller_aggregator(config, work_dir=tmp_path / "jobs", pki=Pki.init(tmp_path))
+    provider = controller_aggregator(config, work_dir=tmp_path / "jobs", pki=_pki(tmp_path))
     assert type(provider) is LocalProvider
     assert provider.name == "local"
     handle = await provider.launch(_spec("job-1"))
@@ -145,7 +153,7 @@ async def test_a_full_port_range_is_refused_with_the_key_to_change(tmp_path: Pat
         provider = controller_aggregator(
             AggregatorConfig(bind_host=HOST, onprem=OnPremConfig(name="hq", ports=(port, port))),
             work_dir=tmp_path / "jobs",
-            pki=Pki.init(tmp_path),
+            pki=_pki(tmp_path),
         )
         with pytest.raises(ProviderError, match=r"aggregator\.onprem\.ports"):
             await provider.launch(_spec("job-1"))

@@ -7,6 +7,7 @@ the HTTPS listener with a token. The audit log is then checked live and on an ed
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
@@ -341,3 +342,79 @@ def test_ca_status_lists_what_expires_soonest_first(box: Box) -> None:
     first = table.stdout.splitlines()[1].split()
     assert (first[0], first[1], first[-1]) == ("agent", "hospital-old", "expired")
     assert "1 expired" in table.stdout
+
+
+def _https(
+    box: Box, method: str, path: str, *, headers: dict[str, str] | None = None
+) -> tuple[int, Any, list[str]]:
+    """One request as a browser would send it (no client of fedsky's); status, JSON body and
+    the Set-Cookie headers."""
+    context = ssl.create_default_context(cafile=str(box.ca))
+    conn = http.client.HTTPSConnection("127.0.0.1", box.port, context=context, timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        answer = conn.getresponse()
+        body = answer.read()
+        return (
+            answer.status,
+            json.loads(body) if body else None,
+            answer.headers.get_all("Set-Cookie") or [],
+        )
+    finally:
+        conn.close()
+
+
+def test_a_browser_session_stands_for_the_token_and_needs_csrf_to_act(box: Box) -> None:
+    token = box.add_user("olga", "operator")
+    status, body, cookies = _https(
+        box, "POST", "/v1/session", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert status == 201, body
+    assert (body["user"], body["role"]) == ("olga", "operator")
+    (cookie,) = cookies
+    attributes = [a.strip().lower() for a in cookie.split(";")]
+    assert {"httponly", "secure", "samesite=strict", "path=/"} <= set(attributes), cookie
+    session = cookie.split(";")[0]
+    assert session.startswith(f"{users.SESSION_COOKIE}=")
+    csrf = body["csrf_token"]
+    jar = {"Cookie": session}
+    # Reading needs only the cookie.
+    assert _https(box, "GET", "/v1/jobs", headers=jar)[0] == 200
+    # Acting needs the session's CSRF token too: a cross-site request carries only the cookie.
+    ping = "/v1/agents/hospital-x/ping"
+    status, body, _ = _https(box, "POST", ping, headers=jar)
+    assert status == 403, body
+    assert "CSRF check failed" in body["error"]
+    assert _https(box, "POST", ping, headers={**jar, "X-CSRF-Token": "forged"})[0] == 403
+    status, body, _ = _https(box, "POST", ping, headers={**jar, "X-CSRF-Token": csrf})
+    assert status not in (401, 403), body  # through to the view (no such agent here)
+    # Neither the session id nor the CSRF token is kept in the clear, nor logged.
+    state = box.onebox.controller_dir / "state"
+    database = b"".join(p.read_bytes() for p in state.glob("controller.db*"))
+    log = (box.onebox.controller_dir / "controller.log").read_bytes()
+    for secret in (session.split("=", 1)[1], csrf):
+        assert secret.encode() not in database
+        assert secret.encode() not in log
+    # A session opened from a session (no token) is refused; logout ends it.
+    assert _https(box, "POST", "/v1/session", headers={**jar, "X-CSRF-Token": csrf})[0] == 400
+    status, body, cleared = _https(
+        box, "DELETE", "/v1/session", headers={**jar, "X-CSRF-Token": csrf}
+    )
+    assert (status, body) == (200, {"ended": True})
+    assert any("max-age=0" in c.lower() for c in cleared), cleared
+    assert _https(box, "GET", "/v1/jobs", headers=jar)[0] == 401
+    # Revoking the user ends every session of theirs at once.
+    _, body, cookies = _https(
+        box, "POST", "/v1/session", headers={"Authorization": f"Bearer {token}"}
+    )
+    second = {"Cookie": cookies[0].split(";")[0]}
+    assert _https(box, "GET", "/v1/jobs", headers=second)[0] == 200
+    box.onebox.fedctl("users", "revoke", "olga")
+    assert _https(box, "GET", "/v1/jobs", headers=second)[0] == 401
+    opened = [
+        r["outcome"]
+        for r in json.loads(box.onebox.fedctl("audit", "list", "--json").stdout)
+        if r["action"] == "session.open" and r["actor"] == "olga"
+    ]
+    assert opened[0] == opened[2] == "ok"
+    assert opened[1].startswith("refused 400")

@@ -444,8 +444,8 @@ def _vm(tmp_path: Path) -> dict[str, str]:
     """A scratch "VM": the image's venv (preinstalled), and systemctl recording its calls."""
     venv_bin = tmp_path / "venv" / "bin"
     venv_bin.mkdir(parents=True)
-    (venv_bin / "flower-superlink").write_text("#!/bin/sh\n")
-    (venv_bin / "flower-superlink").chmod(0o755)
+    (venv_bin / "fedsky-aggregator").write_text("#!/bin/sh\n")
+    (venv_bin / "fedsky-aggregator").chmod(0o755)
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     (stubs / "systemctl").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/systemctl.log\n')
@@ -532,8 +532,10 @@ async def test_the_script_enrols_and_fetches_the_model_against_a_real_listener(
     (unit_file,) = (tmp_path / "units").iterdir()
     assert unit_file.name == startup_script.VM_UNIT
     unit = unit_file.read_text()
-    assert f"--ssl-certfile {etc}/superlink.crt" in unit
-    assert "--enable-supernode-auth" in unit
+    # The SuperLink behind fedsky's front (its own flags are the front's: aggregator_host.py).
+    assert "/bin/fedsky-aggregator --listen 0.0.0.0:" in unit
+    assert f"--cert {etc}/superlink.crt" in unit
+    assert "flower-superlink" not in unit
     # The bus key reaches the ServerApp as a credential, at the path the run config names.
     credential = re.search(rf"^LoadCredential=([\w-]+):{data}/bus/agg.key$", unit, re.M)
     assert credential is not None, unit

@@ -195,7 +195,12 @@ def _launch(tmp_path: Path) -> SuperNodeLaunch:
 @pytest_asyncio.fixture
 async def aggregator(tmp_path: Path) -> AsyncIterator[tuple[LocalProvider, str]]:
     pki = Pki.init(tmp_path / "pki")
-    provider = LocalProvider(work_dir=tmp_path / "aggregators", issue_tls=pki_tls_issuer(pki))
+    pki.write_controller_identity()  # the front serves Control to the controller only
+    provider = LocalProvider(
+        work_dir=tmp_path / "aggregators",
+        issue_tls=pki_tls_issuer(pki),
+        control_identity=pki.controller_identity,
+    )
     handle = await provider.launch(
         AggregatorSpec(job_id="sshjob", cloud="local", region="local", instance_type="x")
     )

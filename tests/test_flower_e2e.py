@@ -127,7 +127,12 @@ class Federation:
 async def federation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Federation]:
     root = tmp_path_factory.mktemp("federation")
     pki = Pki.init(root / "pki")
-    provider = LocalProvider(work_dir=root / "aggregators", issue_tls=pki_tls_issuer(pki))
+    pki.write_controller_identity()  # the front serves Control to the controller only
+    provider = LocalProvider(
+        work_dir=root / "aggregators",
+        issue_tls=pki_tls_issuer(pki),
+        control_identity=pki.controller_identity,
+    )
     handle = await provider.launch(
         AggregatorSpec(job_id="e2e", cloud="local", region="local", instance_type="local")
     )

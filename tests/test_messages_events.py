@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fedsky.shared.messages import (
     SCHEMA_VERSION,
+    ApprovalNote,
     Event,
     FailureKind,
     PayloadError,
@@ -23,7 +24,7 @@ def event(**fields: Any) -> bytes:
 
 
 def test_this_version_sends_its_kind_and_reads_it_back() -> None:
-    assert SCHEMA_VERSION == "1.3"
+    assert SCHEMA_VERSION == "1.4"
     sent = Event(
         agent_id="hospital-a",
         kind="task_failed",
@@ -31,7 +32,7 @@ def test_this_version_sends_its_kind_and_reads_it_back() -> None:
         failure_kind=FailureKind.VM_STOPPED,
     )
     wire = json.loads(sent.encode())
-    assert (wire["schema"], wire["failure_kind"]) == ("1.3", "vm_stopped")
+    assert (wire["schema"], wire["failure_kind"]) == ("1.4", "vm_stopped")
     assert decode(Event, sent.encode()) == sent
 
 
@@ -119,3 +120,23 @@ def test_certificate_renewal_travels_as_an_event_and_a_command() -> None:
         expires_at=datetime.now(UTC) + timedelta(hours=1),
     )
     assert decode_command(command.encode()) == command
+
+
+def test_an_approval_note_travels_and_a_bad_one_is_refused() -> None:
+    sent = Event(
+        agent_id="hospital-a",
+        kind="task_failed",
+        task_id="job-1-hospital-a-1",
+        failure_kind=FailureKind.DENIED,
+        approval=ApprovalNote(job_id="job-1", decision="denied", by="alice", reason="no consent"),
+    )
+    assert decode(Event, sent.encode()) == sent
+    waiting = decode(Event, event(kind="task_awaiting_approval", schema="1.4", detail="wait"))
+    assert waiting.kind == "task_awaiting_approval"
+    for bad in (
+        {"job_id": "job-1", "decision": "maybe", "by": "alice"},
+        {"job_id": "Job 1!", "decision": "approved", "by": "alice"},
+        {"job_id": "job-1", "decision": "approved", "by": "a" * 300},
+    ):
+        with pytest.raises(PayloadError):
+            decode(Event, event(schema="1.4", approval=bad))

@@ -16,6 +16,10 @@ EXPECTED = {
     FailureKind.NOT_PREPARED: FailureReason.SUPERNODE_ERROR,
     FailureKind.START_FAILED: FailureReason.SUPERNODE_ERROR,
     FailureKind.SUPERNODE_EXITED: FailureReason.SUPERNODE_ERROR,
+    FailureKind.VM_NOT_ALLOWED: FailureReason.REFUSED_BY_HOSPITAL,
+    FailureKind.BUSY: FailureReason.REFUSED_BY_HOSPITAL,
+    FailureKind.DENIED: FailureReason.REFUSED_BY_HOSPITAL,
+    FailureKind.NOT_ALLOWED: FailureReason.REFUSED_BY_HOSPITAL,
     FailureKind.OTHER: FailureReason.SUPERNODE_ERROR,
 }
 

@@ -89,6 +89,21 @@ def test_smoke_job_trains_inside_the_vm_hosts_with_a_booted_aggregator(wheelhous
     )
     _check_common(result, rounds=2)
     assert "failover" not in result
+    # From a hospital's machine, holding the CA certificate every hospital has, Flower's CLI is
+    # refused by the aggregator's front: listing, starting a foreign app, stopping, registering
+    # a node key of its own; the controller's own calls (the job above) went through.
+    probe = result["control_probe"]
+    assert probe["from"] == result["participants"][0]["vm_host"]
+    assert [a["command"] for a in probe["attempts"]] == [
+        "flwr ls",
+        "flwr run",
+        "flwr stop",
+        "flwr supernode register",
+    ]
+    for attempt in probe["attempts"]:
+        assert attempt["refused"], attempt
+        assert "403 Forbidden" in attempt["said"], attempt
+    assert not probe["foreign_code_ran"]
 
 
 @pytest.mark.timeout(540)

@@ -38,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from fedsky.controller.cli.client import ApiError, ControllerUnavailable
+from fedsky.controller.clouds.superlink import AGGREGATOR_EXECUTABLE
 from fedsky.controller.demo import DEMO_PLACEMENT, DEMO_ROUNDS, digits_datasets, example_job_spec
 from fedsky.controller.jobs.stages.place import job_limits, job_profile, pinned_offer
 from fedsky.controller.onebox import STUDY_HOSPITALS, OneboxError
 from fedsky.controller.placement import load_catalog, place
 from fedsky.controller.placement.model import DEFAULT_PARAMS, ModelParams
+from fedsky.controller.security.pki import CA_CERT_FILE
 from fedsky.shared.jobspec import Placement as PlacementLimits
 from fedsky.shared.jobspec import load_job_spec
 from fedsky.shared.supernode import SUPERNODE_EXECUTABLE
@@ -56,6 +58,7 @@ from benchmarks.testbed.hosts import (
 )
 from benchmarks.testbed.measure import ECHO_PORT, echo_services, measure_links, within_tolerance
 from benchmarks.testbed.netns import HOST_IF, Testbed, TestbedError, ip, run
+from benchmarks.testbed.probe import probe_control
 from benchmarks.testbed.relay import Relays, routes_for
 from benchmarks.testbed.topology import SUBNET, HospitalSpec, Plan, PlanError, build_plan
 
@@ -93,7 +96,8 @@ CASE_STUDY = Scenario(
 TESTBED_CLOUDS = ("aws",)
 JOB_TIMEOUT_S = 420.0
 _SUPERNODE = SUPERNODE_EXECUTABLE  # what the agents start (fedsky's pinned SuperNode)
-_SUPERLINK = "flower-superlink"
+# The aggregator host (the SuperLink behind fedsky's front) the start-up script's unit runs.
+_SUPERLINK = AGGREGATOR_EXECUTABLE
 _SITE = re.compile(r'(?:^|\s)site="?([a-z0-9-]+)"?')
 _TERMINAL = {"completed", "failed", "cancelled"}
 _REPO = Path(__file__).resolve().parents[2]
@@ -163,7 +167,7 @@ def services(plan: Plan) -> dict[str, list[int]]:
 
 @dataclass
 class Sighting:
-    kind: str  # fedsky-flower-supernode or flower-superlink
+    kind: str  # fedsky-flower-supernode or fedsky-aggregator
     site: str
     pid: int
     netns: str
@@ -214,7 +218,7 @@ class SuperNodeWatch:
             if _SUPERNODE in names:
                 kind, address_flag = _SUPERNODE, "--superlink"
             elif _SUPERLINK in names:
-                kind, address_flag = _SUPERLINK, "--host"
+                kind, address_flag = _SUPERLINK, "--listen"
             else:
                 continue
             # Only this run's: one in a testbed namespace, or dialling or listening on a
@@ -382,6 +386,8 @@ def run_smoke(
                 job_id = submitted["id"]
                 if failover:
                     cut = _cut_mid_job(box, relays, testbed, plan, job_id, watch)
+                else:
+                    control_probe = _probe_mid_job(box, plan, job_id, root / "probe")
                 job = wait_job(box, job_id, deadline=started + JOB_TIMEOUT_S)
                 timings["job_s"] = round(time.monotonic() - started, 1)
                 watch.stop()
@@ -391,6 +397,8 @@ def run_smoke(
                     result["rounds_table"] = models.stdout.rstrip()
                 if cut is not None:
                     result["failover"] = _failover(job, watch, cut)
+                else:
+                    result["control_probe"] = control_probe
             finally:
                 watch.stop()
     except (OneboxError, ApiError, ControllerUnavailable) as exc:
@@ -416,6 +424,27 @@ def wait_job(box: TestbedBox, job_id: str, *, deadline: float) -> dict[str, Any]
                 f"({job['state']})"
             )
         time.sleep(1.0)
+
+
+def _probe_mid_job(box: TestbedBox, plan: Plan, job_id: str, work: Path) -> dict[str, Any]:
+    """Once the job's aggregator is up, what a hospital can do to it with Flower's CLI, tried
+    from the first participant's VM host (the hospital's machine that reaches the aggregator)
+    with only the CA certificate every hospital holds (`probe.py`)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        job = box.api.get(f"/v1/jobs/{job_id}")
+        address = (job.get("aggregator") or {}).get("address")
+        if job["state"] == "training" and address and job["tasks"]:
+            break
+        if job["state"] in _TERMINAL or time.monotonic() > deadline:
+            raise SmokeError(f"job {job_id} had no running aggregator to probe ({job['state']})")
+        time.sleep(0.5)
+    participant = job["spec"]["participants"][0]
+    vm_host = box.vm_hosts.get((participant, _current_vm(job, participant) or ""))
+    if vm_host is None:
+        raise SmokeError(f"{participant} has no VM host in job {job_id} to probe from")
+    ca = box.controller_dir / "state" / "pki" / CA_CERT_FILE
+    return probe_control(address=address, ca_file=ca, work=work, netns=vm_host.host.netns)
 
 
 def _current_vm(job: dict[str, Any], participant: str) -> str | None:
@@ -594,6 +623,16 @@ def failures(result: dict[str, Any]) -> list[str]:
                 f"link {link['from']}-{link['to']}: {link['rtt_measured_ms']} ms measured, "
                 f"target {link['rtt_target_ms']} ms"
             )
+    if "control_probe" in result:
+        probe = result["control_probe"]
+        for attempt in probe["attempts"]:
+            if not attempt["refused"]:
+                out.append(
+                    f"{attempt['command']} from {probe['from']} was not refused "
+                    f"(exit {attempt['exit_code']}): {attempt['said']}"
+                )
+        if probe["foreign_code_ran"]:
+            out.append("the foreign app's code ran")
     if "failover" in result:
         f = result["failover"]
         if not f["to_vm"] or f["to_vm"] == f["from_vm"]:

@@ -4,7 +4,10 @@ Two ways in:
 - the unix socket: its mode and group already limit it to the host's operators, so its caller
   is the local admin, named in the audit log by the peer's uid;
 - the TLS listener (`[api] listen`): every request carries `Authorization: Bearer TOKEN` of a
-  user (`fedctl users add`); none answers without it, not even the health route.
+  user (`fedctl users add`); none answers without it, not even the health route. A browser
+  trades the token for a session once (`POST /v1/session`): its HttpOnly cookie then stands for
+  the token, and a request that changes something must also carry the session's CSRF token
+  (`X-CSRF-Token`), which only the page that logged in holds.
 
 Every route has a rule in `RULES` (a route without one is refused: adding a route without
 deciding who may call it fails closed, and a test checks the table covers the app). A rule names
@@ -14,11 +17,13 @@ the action to record in the audit log.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import pwd
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -92,6 +97,8 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/audit"): Rule(ADMIN),
     ("GET", "/v1/audit/verify"): Rule(ADMIN),
     ("GET", "/v1/ca"): Rule(OPERATOR),
+    ("POST", "/v1/session"): Rule(VIEWER, "session.open"),
+    ("DELETE", "/v1/session"): Rule(VIEWER, "session.close"),
 }
 
 
@@ -126,18 +133,38 @@ def _bearer(request: web.Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class CsrfRefused(Exception):
+    """A session cookie on a request that changes something, without the session's CSRF token."""
+
+
 async def identify(request: web.Request) -> Caller | None:
-    """The caller, or None when a network caller shows no valid token."""
+    """The caller, or None when a network caller shows no valid token or session;
+    CsrfRefused for a session's unsafe request without its CSRF token."""
     uid = _peer_uid(request)
     if uid is not None:
         return Caller(name=f"uid:{uid}({_login(uid)})", role=Role.ADMIN)
+    store = request.app[SERVICES].store
     token = _bearer(request)
-    if token is None:
+    if token is not None:
+        found = await store.run(users.user_for_token, token)
+        if found is None:
+            return None
+        name, role = found
+        return Caller(name=name, role=role)
+    session_id = request.cookies.get(users.SESSION_COOKIE)
+    if not session_id:
         return None
-    found = await request.app[SERVICES].store.run(users.user_for_token, token)
-    if found is None:
+    session = await store.run(users.user_for_session, session_id, now=time.time())
+    if session is None:
         return None
-    name, role = found
+    name, role, csrf_digest = session
+    if request.method not in _SAFE_METHODS:
+        given = request.headers.get(users.CSRF_HEADER, "")
+        if not given or not hmac.compare_digest(users.token_digest(given), csrf_digest):
+            raise CsrfRefused(f"{name}'s session: {users.CSRF_HEADER} is missing or wrong")
     return Caller(name=name, role=role)
 
 
@@ -194,7 +221,11 @@ async def _not_own_job(request: web.Request, caller: Caller) -> str | None:
 async def authorize(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    caller = await identify(request)
+    try:
+        caller = await identify(request)
+    except CsrfRefused as exc:
+        log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote, exc)
+        return json_error(403, f"CSRF check failed: {exc}", exit_code=exitcodes.FAILED)
     if caller is None:
         log.warning(
             "refused %s %s from %s: no valid token", request.method, request.path, request.remote

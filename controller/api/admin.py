@@ -1,7 +1,9 @@
-"""API views for the admin: API users and their tokens, the audit log, the PKI's expiries."""
+"""API views for the admin: API users and their tokens, browser sessions, the audit log, the
+PKI's expiries."""
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from aiohttp import web
@@ -87,3 +89,53 @@ async def ca_status(request: web.Request) -> web.Response:
     # The managed broker's server certificate (not issued through the store's records).
     files = [svc.broker.files.cert_file] if svc.broker is not None else []
     return json_ok(await svc.store.run(expiry.ca_status, pki=svc.need_pki(), files=files))
+
+
+@routes.post("/v1/session")
+async def open_session(request: web.Request) -> web.Response:
+    """Trade the bearer token for a browser session: an HttpOnly, Secure, SameSite=Strict
+    cookie and the CSRF token the page keeps for requests that change something."""
+    svc = request.app[SERVICES]
+    caller = caller_of(request)
+    if caller is None or caller.name.startswith("uid:") or not request.headers.get("Authorization"):
+        raise ApiProblem(
+            400,
+            "a session is opened with a user's token (Authorization: Bearer TOKEN) on the "
+            "network listener",
+            exit_code=exitcodes.USAGE,
+        )
+    ttl = svc.config.api.session_ttl_s if svc.config is not None else 12 * 3600.0
+    now = time.time()
+    session_id, csrf = await svc.store.run(users.open_session, name=caller.name, ttl_s=ttl, now=now)
+    response = json_ok(
+        {
+            "user": caller.name,
+            "role": caller.role.label,
+            "csrf_token": csrf,
+            "expires_at": now + ttl,
+        },
+        status=201,
+    )
+    response.set_cookie(
+        users.SESSION_COOKIE,
+        session_id,
+        max_age=int(ttl),
+        path="/",
+        secure=True,
+        httponly=True,
+        samesite="Strict",
+    )
+    return response
+
+
+@routes.delete("/v1/session")
+async def close_session(request: web.Request) -> web.Response:
+    session_id = request.cookies.get(users.SESSION_COOKIE)
+    ended = bool(session_id) and await request.app[SERVICES].store.run(
+        users.end_session, session_id
+    )
+    response = json_ok({"ended": ended})
+    response.del_cookie(
+        users.SESSION_COOKIE, path="/", secure=True, httponly=True, samesite="Strict"
+    )
+    return response

@@ -28,6 +28,8 @@ class ApiConfig(Section):
     # Names (host names or addresses) the listener's certificate carries, the ones clients use;
     # default: `listen`'s host when it is not a wildcard.
     public_names: list[Annotated[str, Field(min_length=1, max_length=253)]] = []
+    # How long a browser session (a token traded for a cookie, `POST /v1/session`) lasts.
+    session_ttl_s: Annotated[float, Field(ge=60, le=7 * 86400)] = 12 * 3600.0
     # Refused: kept so that a config that still sets it is told why (docs/security.md).
     tcp: str | None = None
 

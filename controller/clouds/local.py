@@ -1,4 +1,5 @@
-"""The `local` aggregator provider: a `flower-superlink` process on this machine.
+"""The `local` aggregator provider: fedsky's aggregator host (`fedsky-aggregator`: the Flower
+SuperLink on loopback behind fedsky's front, `shared/flower/aggregator_host.py`) on this machine.
 
 The embedded default. It binds `[aggregator] bind_host` and is advertised (to the hospitals'
 SuperNodes and the controller's own control connection, and in its certificate) as
@@ -7,8 +8,9 @@ this one with a fixed port range and a host name for placement.
 
 Each job gets a directory `<work_dir>/<job id>/` holding the SuperLink's TLS files, its
 database, its FLWR_HOME (the `flwr` connection and installed app bundles) and its log. The
-SuperLink runs in its own process group (with the `flower-superexec` and
-`flwr-serverapp` processes it starts), so terminate ends all of them.
+aggregator host runs in its own process group (with the SuperLink, the `flower-superexec` and
+the `flwr-serverapp` processes), so terminate ends all of them. Its front serves the Control
+API only to `control_identity`, the controller's own certificate.
 
 The handle's `ref` is `<pid>` so that a restarted controller can still terminate the process;
 before signalling it checks that the pid is still this job's SuperLink (a recycled pid is left
@@ -37,10 +39,11 @@ from fedsky.controller.clouds.base import (
     ProviderError,
 )
 from fedsky.controller.clouds.superlink import (
+    AGGREGATOR_EXECUTABLE,
     SuperLinkControl,
     SuperLinkTls,
+    aggregator_command,
     flower_env,
-    superlink_command,
 )
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.settings import host_port, is_wildcard
@@ -134,12 +137,14 @@ class LocalProvider:
         issue_tls: TlsIssuer,
         bind_host: str = "127.0.0.1",
         advertise_host: str = "127.0.0.1",
+        control_identity: tuple[Path, Path] | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         self.work_dir = Path(work_dir)
         self.issue_tls = issue_tls
         self.bind_host = bind_host
         self.advertise_host = advertise_host
+        self.control_identity = control_identity
         self.start_timeout_s = start_timeout_s
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -167,6 +172,7 @@ class LocalProvider:
             flwr_home=self.paths(handle.job_id).flwr_home,
             address=handle.address,
             root_ca=self.tls(handle.job_id).ca_file,
+            client_identity=self.control_identity,
         )
 
     async def launch(self, spec: AggregatorSpec) -> AggregatorHandle:
@@ -200,7 +206,12 @@ class LocalProvider:
             if ready:
                 self._procs[spec.job_id] = proc
                 address = host_port(self.advertise_host, port)
-                log.info("job %s: SuperLink pid %s listening on %s", spec.job_id, proc.pid, address)
+                log.info(
+                    "job %s: aggregator host pid %s (SuperLink behind fedsky's front) on %s",
+                    spec.job_id,
+                    proc.pid,
+                    address,
+                )
                 return AggregatorHandle(
                     provider=self.name,
                     job_id=spec.job_id,
@@ -216,7 +227,13 @@ class LocalProvider:
         raise ProviderError(f"the SuperLink for job {spec.job_id} did not start: {last_error}")
 
     def _spawn(self, paths: LocalPaths, tls: SuperLinkTls, port: int) -> subprocess.Popen[bytes]:
-        cmd = superlink_command(host=self.bind_host, port=port, database=paths.database, tls=tls)
+        cmd = aggregator_command(
+            host=self.bind_host,
+            port=port,
+            database=paths.database,
+            tls=tls,
+            work_dir=paths.job_dir,
+        )
         with open(paths.log_file, "ab") as logf:
             return subprocess.Popen(
                 cmd,
@@ -298,7 +315,7 @@ class LocalProvider:
         except OSError:
             return False
         return (
-            any(b"flower-superlink" in part for part in cmdline)
+            any(AGGREGATOR_EXECUTABLE.encode() in part for part in cmdline)
             and str(self.paths(handle.job_id).database).encode() in cmdline
         )
 

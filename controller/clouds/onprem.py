@@ -46,6 +46,7 @@ class OnPremProvider(LocalProvider):
         ports: tuple[int, int],
         bind_host: str = "127.0.0.1",
         advertise_host: str = "127.0.0.1",
+        control_identity: tuple[Path, Path] | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
     ) -> None:
         super().__init__(
@@ -53,6 +54,7 @@ class OnPremProvider(LocalProvider):
             issue_tls=issue_tls,
             bind_host=bind_host,
             advertise_host=advertise_host,
+            control_identity=control_identity,
             start_timeout_s=start_timeout_s,
         )
         self.host_name = host_name
@@ -98,10 +100,12 @@ def controller_aggregator(config: AggregatorConfig, *, work_dir: Path, pki: Pki)
             ports=config.onprem.ports,
             bind_host=config.bind_host,
             advertise_host=config.advertised,
+            control_identity=pki.controller_identity,
         )
     return LocalProvider(
         work_dir=work_dir,
         issue_tls=issue,
         bind_host=config.bind_host,
         advertise_host=config.advertised,
+        control_identity=pki.controller_identity,
     )

@@ -1,8 +1,10 @@
-"""Flower control for an aggregator, whatever runs it: the SuperLink's command line, the `flwr`
-connection, node key registration, starting and stopping runs.
+"""Flower control for an aggregator, whatever runs it: the aggregator host's command line, the
+`flwr` connection, node key registration, starting and stopping runs.
 
-The `local` provider runs the SuperLink as a child process; the cloud providers put the same
-command line into their VM's start-up script and talk to it with the same `SuperLinkControl`.
+The `local` provider runs the aggregator host (`fedsky-aggregator`: the SuperLink behind
+fedsky's front) as a child process; the cloud providers put the same command into their VM's
+start-up script and talk to it with the same `SuperLinkControl`, which presents the
+controller's client certificate: the front serves the Control API to nothing else.
 It speaks the SuperLink's Control API (protobuf over HTTPS, verified against fedsky's CA) in
 this process through Flower's own client, the calls the `flwr` CLI makes: a `flwr` process per
 call costs seconds of interpreter and import start-up each (two registrations per participant,
@@ -73,47 +75,37 @@ def flower_env(flwr_home: Path, *, base: Mapping[str, str] | None = None) -> dic
     return env
 
 
-def superlink_command(
+AGGREGATOR_EXECUTABLE = "fedsky-aggregator"
+
+
+def aggregator_command(
     *,
     host: str,
     port: int,
     database: Path,
-    tls: SuperLinkTls | None,
-    node_auth: bool = True,
+    tls: SuperLinkTls,
+    work_dir: Path,
     executable: str | None = None,
 ) -> list[str]:
-    """The `flower-superlink` command line of a fedsky aggregator.
-
-    TLS and SuperNode authentication are on unless `tls` is None (tests of the bare app only:
-    node authentication needs TLS). Runtime dependency installation is off: it would run
-    `uv sync` on every run and reach for the internet.
-    """
-    cmd = [
-        executable or str(flower_bin_dir() / "flower-superlink"),
-        "--host",
-        host,
-        "--port",
-        str(port),
+    """The command line of a fedsky aggregator host: the SuperLink on loopback (TLS, SuperNode
+    authentication, no runtime dependency installs) behind fedsky's front on `host:port`, which
+    serves Fleet to nodes and Control to the controller's certificate only
+    (`fedsky.shared.flower.aggregator_host`)."""
+    return [
+        executable or str(flower_bin_dir() / AGGREGATOR_EXECUTABLE),
+        "--listen",
+        f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "--ca",
+        str(tls.ca_file),
+        "--cert",
+        str(tls.cert_file),
+        "--key",
+        str(tls.key_file),
         "--database",
         str(database),
-        "--disable-runtime-dependency-installation",
+        "--work-dir",
+        str(work_dir),
     ]
-    if tls is None:
-        if node_auth:
-            raise ValueError("SuperNode authentication needs TLS")
-        cmd.append("--insecure")
-    else:
-        cmd += [
-            "--ssl-ca-certfile",
-            str(tls.ca_file),
-            "--ssl-certfile",
-            str(tls.cert_file),
-            "--ssl-keyfile",
-            str(tls.key_file),
-        ]
-        if node_auth:
-            cmd.append("--enable-supernode-auth")
-    return cmd
 
 
 def write_connection(
@@ -203,11 +195,13 @@ class SuperLinkControl:
         flwr_home: Path,
         address: str,
         root_ca: Path | None,
+        client_identity: tuple[Path, Path] | None = None,
         timeout_s: float = CLI_TIMEOUT_S,
     ) -> None:
         self.flwr_home = flwr_home
         self.address = address
         self.root_ca = root_ca
+        self.client_identity = client_identity
         self.timeout_s = timeout_s
         write_connection(flwr_home, address=address, root_ca=root_ca)
 
@@ -229,6 +223,16 @@ class SuperLinkControl:
         else:
             # Verified against fedsky's CA, host name included, as the `flwr` CLI does.
             scheme, verify = "https", ssl.create_default_context(cafile=str(self.root_ca))
+            if self.client_identity is not None:
+                # The aggregator's front serves Control only to the controller's certificate.
+                cert, key = self.client_identity
+                try:
+                    verify.load_cert_chain(str(cert), str(key))
+                except (OSError, ssl.SSLError) as exc:
+                    raise FlowerCliError(
+                        f"{what}: the controller's client certificate {cert.name} cannot be "
+                        f"used: {getattr(exc, 'strerror', None) or exc}"
+                    ) from None
         client = ControlHttpClient(
             f"{scheme}://{self.address}",
             interceptors=[CliClientHttpInterceptor(), _VersionHeaders()],

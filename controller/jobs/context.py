@@ -18,6 +18,7 @@ from fedsky.controller.jobs.ports import (
     RunControlFactory,
 )
 from fedsky.controller.orchestrator.store import QueueStore
+from fedsky.controller.security.audit import AuditTrail
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 from fedsky.shared.messages import Event, PayloadError
@@ -45,6 +46,8 @@ class JobContext:
     make_control: RunControlFactory
     revocations: JobRevocations
     clouds: CloudAccess | None = None
+    # The audit log (hospitals' decisions on jobs); None in tests of bare stages.
+    audit: AuditTrail | None = None
     # Task id -> its agent and the queue that agent's events for it go to while a stage or a
     # follower waits on them.
     waiters: dict[str, TaskWaiter] = field(default_factory=dict)
@@ -81,3 +84,11 @@ class JobContext:
 
     async def log(self, job_id: str, message: str, level: str = "info") -> None:
         await self.store.run(jobstore.log_job, job_id, message, level)
+
+    async def audit_after_the_fact(
+        self, *, actor: str, action: str, target: str, outcome: str
+    ) -> None:
+        if self.audit is not None:
+            await self.audit.record_after_the_fact(
+                actor=actor, action=action, target=target, outcome=outcome
+            )

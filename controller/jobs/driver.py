@@ -40,6 +40,7 @@ from fedsky.controller.jobs.stages.train import train
 from fedsky.controller.orchestrator.eligibility import check_feasible
 from fedsky.controller.orchestrator.store import QueueStore
 from fedsky.controller.orchestrator.tasks import ENDED_BY_EVENT, tasks_stopping
+from fedsky.controller.security.audit import AuditTrail
 from fedsky.controller.security.pki import Pki
 from fedsky.controller.store import Store
 from fedsky.shared.flower.transfer import AggregatorFeed, RoundReady, RunEnded
@@ -71,6 +72,7 @@ class JobManager:
         revocations: JobRevocations,
         clouds: CloudAccess | None = None,
         make_control: RunControlFactory = SuperLinkControl,
+        audit: AuditTrail | None = None,
     ) -> None:
         jobs_dir = config.state_dir / "jobs"
         self.ctx = JobContext(
@@ -84,6 +86,7 @@ class JobManager:
             make_control=make_control,
             revocations=revocations,
             clouds=clouds,
+            audit=audit,
         )
         self._feed = AggregatorFeed()
         self._runs: dict[str, JobRun] = {}

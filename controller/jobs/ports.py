@@ -46,7 +46,14 @@ class RunControl(Protocol):
 
 
 class RunControlFactory(Protocol):
-    def __call__(self, *, flwr_home: Path, address: str, root_ca: Path) -> RunControl: ...
+    def __call__(
+        self,
+        *,
+        flwr_home: Path,
+        address: str,
+        root_ca: Path,
+        client_identity: tuple[Path, Path] | None,
+    ) -> RunControl: ...
 
 
 class CloudAccess(Protocol):

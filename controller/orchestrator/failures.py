@@ -20,6 +20,8 @@ class FailureReason(StrEnum):
     SUPERNODE_ERROR = "supernode_error"
     VM_LEFT_RUNNING = "vm_left_running"
     AGENT_UNRESPONSIVE = "agent_unresponsive"
+    # The hospital's `[policy]` would not lend that VM, or not now (its cap on tasks at once).
+    REFUSED_BY_HOSPITAL = "refused_by_hospital"
 
     @property
     def text(self) -> str:
@@ -30,6 +32,7 @@ _FAILURE_TEXT: dict[FailureReason, str] = {
     FailureReason.SUPERNODE_ERROR: "the SuperNode exited with an error",
     FailureReason.VM_LEFT_RUNNING: "the VM left the running state",
     FailureReason.AGENT_UNRESPONSIVE: "the agent stopped answering",
+    FailureReason.REFUSED_BY_HOSPITAL: "the hospital's policy refused it",
 }
 
 
@@ -70,6 +73,11 @@ FAILURE_REASONS: dict[FailureKind, FailureReason] = {
     FailureKind.NOT_PREPARED: FailureReason.SUPERNODE_ERROR,
     FailureKind.START_FAILED: FailureReason.SUPERNODE_ERROR,
     FailureKind.SUPERNODE_EXITED: FailureReason.SUPERNODE_ERROR,
+    FailureKind.VM_NOT_ALLOWED: FailureReason.REFUSED_BY_HOSPITAL,
+    FailureKind.BUSY: FailureReason.REFUSED_BY_HOSPITAL,
+    # The job pipeline ends the participant on these (no other VM of the hospital would do).
+    FailureKind.DENIED: FailureReason.REFUSED_BY_HOSPITAL,
+    FailureKind.NOT_ALLOWED: FailureReason.REFUSED_BY_HOSPITAL,
     FailureKind.OTHER: FailureReason.SUPERNODE_ERROR,
 }
 

@@ -44,6 +44,9 @@ class Policy(Section):
     max_tries: Annotated[int, Field(ge=1, le=100)] = 5
     # No acknowledgement of an assignment within this time: the agent is unresponsive.
     ack_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # A hospital whose IT approves jobs by hand (`[policy] approval = "manual"` at its agent)
+    # is waited for this long after it says the job awaits approval.
+    approval_timeout_s: Annotated[float, Field(gt=0)] = 86400.0
     # No report or task event from the agent running a task for this long: unresponsive.
     unresponsive_after_s: Annotated[float, Field(gt=0)] = 30.0
     # An agent gone offline (a restart, a short outage) is waited for this long, counted from

@@ -30,7 +30,10 @@ from fedsky.shared.ids import CONTROLLER_ID, InvalidIdError, check_agent_id, is_
 
 log = logging.getLogger(__name__)
 
-CertKind = Literal["agent", "controller", "aggregator", "server"]
+CertKind = Literal["agent", "controller", "aggregator", "server", "node"]
+# A hospital's SuperNode, named for its agent: `<agent id>.node` (never an agent id itself, so
+# it can never stand for the agent on the bus).
+NODE_SUFFIX = ".node"
 CERT_KINDS: tuple[CertKind, ...] = get_args(CertKind)
 
 CA_KEY_FILE = "ca.key"
@@ -189,6 +192,14 @@ def _check_name(common_name: str, kind: str) -> None:
                 f"aggregator name {common_name!r} is invalid: aggregators are 'agg-' followed by "
                 "a-z, 0-9 and '-' (63 characters at most)"
             )
+    elif kind == "node":
+        agent, suffix = common_name[: -len(NODE_SUFFIX)], common_name[-len(NODE_SUFFIX) :]
+        try:
+            if suffix != NODE_SUFFIX:
+                raise InvalidIdError(f"a node certificate's name ends in {NODE_SUFFIX!r}")
+            check_agent_id(agent)
+        except InvalidIdError as exc:
+            raise PkiError(f"node name {common_name!r} is invalid: {exc}") from None
     elif kind == "controller":
         if common_name != CONTROLLER_ID:
             raise PkiError(f"the controller's certificate must have the name {CONTROLLER_ID!r}")
@@ -368,6 +379,12 @@ class Pki:
         return self._dir / CRL_FILE
 
     @property
+    def controller_identity(self) -> tuple[Path, Path]:
+        """The controller's own client certificate and key (the daemon makes them at start): its
+        name on the bus and, at an aggregator's front, the only one served the Control API."""
+        return self._dir / "controller.crt", self._dir / "controller.key"
+
+    @property
     def ca_cert_pem(self) -> bytes:
         return self._cert_pem
 
@@ -376,6 +393,31 @@ class Pki:
         return self._cert.not_valid_after_utc
 
     # --- issuing --------------------------------------------------------------------------
+
+    def issue_node(
+        self, agent_id: str, public_key_openssh: str, *, days: int = 30
+    ) -> IssuedCertificate:
+        """The TLS client certificate of a hospital's SuperNode (`<agent>.node`), over its node
+        key (OpenSSH, NIST EC): what the aggregator's front asks of a Fleet caller."""
+        try:
+            key = serialization.load_ssh_public_key(public_key_openssh.strip().encode())
+        except (ValueError, UnsupportedAlgorithm):
+            raise PkiError(f"the node key of {agent_id} is not an OpenSSH public key") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise PkiError(f"the node key of {agent_id} is not an EC key")
+        return self.issue(
+            common_name=f"{agent_id}{NODE_SUFFIX}", kind="node", public_key=key, days=days
+        )
+
+    def write_controller_identity(self) -> IssuedCertificate:
+        """Issue the controller's client certificate and write it with its key (0600) where
+        `controller_identity` says."""
+        issued = self.issue(common_name=CONTROLLER_ID, kind="controller")
+        assert issued.key_pem is not None
+        cert_path, key_path = self.controller_identity
+        atomic_write(key_path, issued.key_pem, mode=0o600)
+        atomic_write(cert_path, issued.cert_pem, mode=0o644)
+        return issued
 
     def issue(
         self,
@@ -386,8 +428,14 @@ class Pki:
         dns_names: Sequence[str] = (),
         ip_addresses: Sequence[str] = (),
         days: int = 365,
+        public_key: ec.EllipticCurvePublicKey | None = None,
     ) -> IssuedCertificate:
-        """Sign a certificate for `common_name`; make its key too when no CSR is given.
+        """Sign a certificate for `common_name`; make its key too when neither a CSR nor a
+        public key is given.
+
+        `node` certificates are issued over a key the hospital already proved it holds: the
+        SuperNode's node key, registered with the SuperLink (a node signs every Fleet call with
+        it, and the TLS handshake proves it again), so they take `public_key`, not a CSR.
 
         Usages follow the kind: `agent` and `controller` are bus clients (clientAuth only);
         `aggregator` is a bus client that may also serve (clientAuth, plus serverAuth when it
@@ -403,20 +451,24 @@ class Pki:
                 sans = _parse_san((), (common_name,))
             else:
                 sans = _parse_san((common_name,), ())
-        if kind in ("agent", "controller") and sans:
+        if kind in ("agent", "controller", "node") and sans:
             raise PkiError(
                 f"{kind} certificates carry no host names; "
                 "issue a 'server' certificate for a service"
             )
 
+        if (kind == "node") != (public_key is not None) or (csr_pem and public_key):
+            raise PkiError("a node certificate, and only it, is issued over a given public key")
         key_pem: bytes | None = None
-        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-        if csr_pem is None:
+        subject_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+        if public_key is not None:
+            subject_key = public_key
+        elif csr_pem is None:
             private = generate_private_key()
             key_pem = private_key_pem(private)
-            public_key = private.public_key()
+            subject_key = private.public_key()
         else:
-            public_key = _public_key_from_csr(csr_pem, common_name)
+            subject_key = _public_key_from_csr(csr_pem, common_name)
 
         if kind == "server":
             ekus = [ExtendedKeyUsageOID.SERVER_AUTH]
@@ -428,12 +480,12 @@ class Pki:
         now = datetime.now(UTC)
         not_after = min(now + timedelta(days=days), self._cert.not_valid_after_utc)
         serial = x509.random_serial_number()
-        is_rsa = isinstance(public_key, rsa.RSAPublicKey)
+        is_rsa = isinstance(subject_key, rsa.RSAPublicKey)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self._cert.subject)
-            .public_key(public_key)
+            .public_key(subject_key)
             .serial_number(serial)
             .not_valid_before(now - _BACKDATE)
             .not_valid_after(not_after)
@@ -453,7 +505,7 @@ class Pki:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage(ekus), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
             .add_extension(self._aki, critical=False)
         )
         if sans:

@@ -137,7 +137,7 @@ cat > ca.pem <<'FEDSKY_CA'
 @CA@FEDSKY_CA
 (umask 077; printf '%s' @TOKEN@ > token)
 
-if [ ! -x "$VENV/bin/flower-superlink" ]; then
+if [ ! -x "$VENV/bin/fedsky-aggregator" ]; then
   @INSTALL@
 fi
 
@@ -200,7 +200,7 @@ mv "$DATA/model.part" "$DATA/model.safetensors"
 
 cat > @UNITDIR@/@UNIT@ <<'FEDSKY_UNIT'
 [Unit]
-Description=fedsky aggregator (Flower SuperLink), job @JOB@
+Description=fedsky aggregator (Flower SuperLink behind fedsky's front), job @JOB@
 After=network-online.target
 Wants=network-online.target
 
@@ -211,7 +211,7 @@ StateDirectory=fedsky-superlink
 LoadCredential=key:@DIR@/superlink.key
 LoadCredential=@BUSKEY@:@DATA@/bus/agg.key
 Environment=FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_HOME=/var/lib/fedsky-superlink/flwr PATH=@VENV@/bin:/usr/local/bin:/usr/bin:/bin
-ExecStart=@VENV@/bin/flower-superlink --host 0.0.0.0 --port @PORT@ --database /var/lib/fedsky-superlink/state.db --disable-runtime-dependency-installation --ssl-ca-certfile @DIR@/ca.pem --ssl-certfile @DIR@/superlink.crt --ssl-keyfile ${CREDENTIALS_DIRECTORY}/key --enable-supernode-auth
+ExecStart=@VENV@/bin/fedsky-aggregator --listen 0.0.0.0:@PORT@ --ca @DIR@/ca.pem --cert @DIR@/superlink.crt --key ${CREDENTIALS_DIRECTORY}/key --database /var/lib/fedsky-superlink/state.db --work-dir /var/lib/fedsky-superlink
 Restart=on-failure
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -251,7 +251,7 @@ def render_startup_script(
     """
     if preinstalled:
         install = (
-            'echo "fedsky: $VENV has no flower-superlink although the image should" >&2; exit 1'
+            'echo "fedsky: $VENV has no fedsky-aggregator although the image should" >&2; exit 1'
         )
     elif artifacts is None:
         raise ValueError("the aggregator's install needs the pinned artifacts (or preinstalled)")

@@ -38,6 +38,17 @@ SCHEMA = [
         revoked_at TEXT
     )
     """,
+    # Browser sessions (below): digests of the session id and of its CSRF token.
+    """
+    CREATE TABLE api_sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        user_name TEXT NOT NULL REFERENCES api_users(name),
+        csrf_sha256 TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        expires_at REAL NOT NULL,
+        ended_at TEXT
+    )
+    """,
 ]
 
 
@@ -136,3 +147,67 @@ def user_for_token(conn: sqlite3.Connection, token: str) -> tuple[str, Role] | N
     if row is None:
         return None
     return str(row["name"]), Role.parse(str(row["role"]))
+
+
+# -- browser sessions (the dashboard) ------------------------------------------------------------
+#
+# A browser trades a user's token for a session once (`POST /v1/session` with the token as a
+# bearer): the session id goes into an HttpOnly, Secure, SameSite=Strict cookie, which page
+# scripts cannot read; every request that changes something must also carry the session's CSRF
+# token in `X-CSRF-Token` (a cookie alone, which the browser attaches by itself, never acts).
+# Only digests of both are stored. A session ends at its expiry, at logout, or when its user is
+# revoked.
+
+SESSION_COOKIE = "fedsky_session"
+CSRF_HEADER = "X-CSRF-Token"
+
+
+def open_session(
+    conn: sqlite3.Connection, *, name: str, ttl_s: float, now: float
+) -> tuple[str, str]:
+    """A new session for user `name`: (session id, CSRF token), each shown only to the caller."""
+    session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    with transaction(conn):
+        conn.execute(
+            "INSERT INTO api_sessions(id_sha256, user_name, csrf_sha256, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                token_digest(session_id),
+                name,
+                token_digest(csrf),
+                datetime.now(UTC).isoformat(),
+                now + ttl_s,
+            ),
+        )
+        # Ended and expired sessions are of no use to anyone: keep the table small.
+        conn.execute(
+            "DELETE FROM api_sessions WHERE expires_at < ? OR ended_at IS NOT NULL", (now,)
+        )
+    return session_id, csrf
+
+
+def user_for_session(
+    conn: sqlite3.Connection, session_id: str, *, now: float
+) -> tuple[str, Role, str] | None:
+    """The active user of a live session: (name, role, CSRF digest), or None."""
+    if len(session_id) > 200:
+        return None
+    row = conn.execute(
+        "SELECT u.name, u.role, s.csrf_sha256 FROM api_sessions AS s "
+        "JOIN api_users AS u ON u.name = s.user_name "
+        "WHERE s.id_sha256 = ? AND s.ended_at IS NULL AND s.expires_at > ? "
+        "AND u.revoked_at IS NULL",
+        (token_digest(session_id), now),
+    ).fetchone()
+    if row is None:
+        return None
+    return str(row["name"]), Role.parse(str(row["role"])), str(row["csrf_sha256"])
+
+
+def end_session(conn: sqlite3.Connection, session_id: str) -> bool:
+    with transaction(conn):
+        cursor = conn.execute(
+            "UPDATE api_sessions SET ended_at = ? WHERE id_sha256 = ? AND ended_at IS NULL",
+            (datetime.now(UTC).isoformat(), token_digest(session_id)),
+        )
+    return cursor.rowcount > 0

@@ -12,6 +12,10 @@ It hooks Flower 1.42's SuperNode where a run's bundle is fetched (`_pull_and_sto
 `get_fab`) and answers through Flower's own verification path (`trusted_entities`,
 `_verify_fab`). A Flower whose SuperNode does not have that shape is refused at start: this
 SuperNode never runs unpinned.
+
+With `--fedsky-node-cert FILE` it also presents that certificate (issued by the controller over
+its node key, `<agent>.node`) to the aggregator's front, which serves the Fleet API only to
+such certificates: the TLS key is the node key given with `--auth-supernode-private-key`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import os
 import shutil
+import ssl
 import sys
 import tempfile
 from collections.abc import Callable
@@ -30,6 +36,8 @@ from typing import Any
 log = logging.getLogger("fedsky.supernode")
 
 PIN_ID = "fedsky-pinned-app"
+NODE_CERT_FLAG = "--fedsky-node-cert"
+_KEY_FLAG = "--auth-supernode-private-key"
 _HOOKED_PARAMETERS = {"get_fab", "trusted_entities"}
 
 
@@ -95,6 +103,66 @@ def pin(pinned: str) -> None:
     setattr(sci, "_verify_fab", verify_fab)  # noqa: B010
 
 
+def take_flag(argv: list[str], flag: str) -> str | None:
+    """Remove `flag VALUE` from `argv` (Flower's parser does not know it); its value or None."""
+    if flag not in argv:
+        return None
+    at = argv.index(flag)
+    if at + 1 >= len(argv):
+        raise PinError(f"{flag} needs a value")
+    value = argv[at + 1]
+    del argv[at : at + 2]
+    return value
+
+
+def node_tls_context(
+    *, verify: ssl.SSLContext | bool | str, cert_file: Path, openssh_key_file: Path
+) -> ssl.SSLContext:
+    """The Fleet client's TLS context: Flower's own trust (`verify`), plus the node's certificate
+    with the node key, which is OpenSSH-encoded on disk and handed to OpenSSL as PEM through a
+    private temporary file that is gone before this returns."""
+    from cryptography.hazmat.primitives import serialization
+
+    if isinstance(verify, ssl.SSLContext):
+        ctx = verify
+    else:
+        ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+    key = serialization.load_ssh_private_key(openssh_key_file.read_bytes(), password=None)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with tempfile.TemporaryDirectory(prefix="fedsky-node-") as private_dir:
+        key_path = Path(private_dir) / "node.pem"
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        ctx.load_cert_chain(str(cert_file), str(key_path))
+    return ctx
+
+
+def present_certificate(cert_file: Path, openssh_key_file: Path) -> None:
+    """Make Flower's Fleet client present the node certificate."""
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    original: Callable[..., None] = FleetHttpClient.__init__
+    if "verify" not in inspect.signature(original).parameters:
+        raise PinError(
+            "the installed Flower's Fleet client takes no TLS settings the way fedsky expects "
+            "(Flower 1.42); refusing to run without the node certificate"
+        )
+    node_tls_context(verify=True, cert_file=cert_file, openssh_key_file=openssh_key_file)
+
+    def init(self: Any, base_url: str, *args: Any, verify: Any = True, **kwargs: Any) -> None:
+        ctx = node_tls_context(
+            verify=verify, cert_file=cert_file, openssh_key_file=openssh_key_file
+        )
+        original(self, base_url, *args, verify=ctx, **kwargs)
+
+    setattr(FleetHttpClient, "__init__", init)  # noqa: B010
+
+
 def main() -> None:
     # Flower logs on its own; this logger's lines go beside them on stderr.
     handler = logging.StreamHandler()
@@ -109,6 +177,17 @@ def main() -> None:
         log.error("cannot pin fedsky's app: %s", exc)
         sys.exit(78)
     log.info("only fedsky's app runs here (bundle sha256 %s)", digest)
+    try:
+        cert = take_flag(sys.argv, NODE_CERT_FLAG)
+        if cert is not None:
+            key = sys.argv[sys.argv.index(_KEY_FLAG) + 1] if _KEY_FLAG in sys.argv[:-1] else None
+            if key is None:
+                raise PinError(f"{NODE_CERT_FLAG} needs the node key ({_KEY_FLAG})")
+            present_certificate(Path(cert), Path(key))
+            log.info("presenting the node certificate %s to the aggregator", Path(cert).name)
+    except (PinError, OSError, ValueError, ssl.SSLError) as exc:
+        log.error("cannot use the node certificate: %s", exc)
+        sys.exit(78)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     flower_supernode()

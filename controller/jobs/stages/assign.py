@@ -9,6 +9,7 @@ orchestrator's tries run out.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -29,7 +30,7 @@ from fedsky.controller.jobs.records import (
 from fedsky.controller.orchestrator.failures import FailureReason, failure_reason_of
 from fedsky.controller.orchestrator.policy import VmCandidate, candidates_from_inventory
 from fedsky.shared.messages import (
-    Command,
+    ApprovalNote,
     Event,
     FailureKind,
     PrepareTaskCommand,
@@ -38,6 +39,14 @@ from fedsky.shared.messages import (
 
 KEY_ROLES = ("node", "standby")
 RETRY_FLOOR_S = 0.5
+
+
+log = logging.getLogger(__name__)
+
+# A refusal that holds for every VM of the hospital: the participant cannot take part.
+HOSPITAL_WIDE = frozenset(
+    {FailureKind.DATASET_MISSING, FailureKind.DENIED, FailureKind.NOT_ALLOWED}
+)
 
 
 async def candidates_by_participant(
@@ -202,7 +211,7 @@ async def start_on_vm(ctx: JobContext, run: JobRun, part: Participant) -> None:
 async def command(
     ctx: JobContext,
     agent: str,
-    message: Command,
+    message: PrepareTaskCommand | StartTaskCommand,
     waiter: asyncio.Queue[Event],
     *,
     want: tuple[str, ...],
@@ -214,12 +223,30 @@ async def command(
         raise AttemptFailed(FailureReason.AGENT_UNRESPONSIVE, str(exc)) from None
     timeout = ctx.config.orchestrator.ack_timeout_s
     loop = asyncio.get_running_loop()
+    awaiting_approval = False
     try:
         async with asyncio.timeout(timeout) as deadline:
             while True:
                 event = await waiter.get()
+                if event.approval is not None:
+                    await _record_decision(ctx, agent, message.job_id, event.approval)
                 if event.kind in want:
                     return event
+                if event.kind == "task_awaiting_approval":
+                    # The hospital's IT decides (agentctl jobs approve|deny); their answer comes
+                    # as this task's acknowledgement or refusal.
+                    if not awaiting_approval:
+                        await ctx.log(message.job_id, f"{agent}: {event.detail}")
+                        await ctx.audit_after_the_fact(
+                            actor=f"agent {agent}",
+                            action="job.approval_requested",
+                            target=message.job_id,
+                            outcome="pending",
+                        )
+                    awaiting_approval = True
+                    timeout = ctx.config.orchestrator.approval_timeout_s
+                    deadline.reschedule(loop.time() + timeout)
+                    continue
                 if event.kind == "task_starting":
                     # The agent is alive and still at it (a first start installs the client
                     # payload in the VM, which takes minutes): it says so every few seconds,
@@ -227,8 +254,9 @@ async def command(
                     deadline.reschedule(loop.time() + timeout)
                     continue
                 if event.kind == "task_failed":
-                    if event.failure_kind == FailureKind.DATASET_MISSING:
-                        # Another VM of the same hospital has the same datasets: no retry.
+                    if event.failure_kind in HOSPITAL_WIDE:
+                        # Another VM of the same hospital has the same datasets and the same
+                        # IT and policy: no retry there.
                         raise JobFailure(f"{agent}: {event.detail}")
                     raise AttemptFailed(failure_reason_of(event), event.detail)
                 if event.kind == "command_rejected":
@@ -236,9 +264,30 @@ async def command(
                         FailureReason.SUPERNODE_ERROR, f"command rejected: {event.detail}"
                     )
     except TimeoutError:
+        if awaiting_approval:
+            raise JobFailure(
+                f"{agent}: its IT did not approve the job within {timeout:g} s "
+                "(orchestrator.approval_timeout_s)"
+            ) from None
         raise AttemptFailed(
             FailureReason.AGENT_UNRESPONSIVE, f"{agent} did not answer within {timeout:g} s"
         ) from None
+
+
+async def _record_decision(ctx: JobContext, agent: str, job_id: str, note: ApprovalNote) -> None:
+    """A hospital IT's decision, in the job log and the audit log (a note naming another job
+    than the one this task belongs to is not taken as a decision on either)."""
+    if note.job_id != job_id:
+        log.warning("%s sent a decision on job %s for a task of job %s", agent, note.job_id, job_id)
+        return
+    why = f": {note.reason}" if note.reason else ""
+    await ctx.log(job_id, f"{agent}: the job was {note.decision} by {note.by} there{why}")
+    await ctx.audit_after_the_fact(
+        actor=f"{agent} IT ({note.by})",
+        action="job.approve" if note.decision == "approved" else "job.deny",
+        target=job_id,
+        outcome="ok" if note.decision == "approved" else f"denied{why}",
+    )
 
 
 async def follow_task(

@@ -72,7 +72,12 @@ async def launch_aggregator(ctx: JobContext, run: JobRun, placement: Placement) 
     ca = run.directory / "superlink-ca.crt"
     atomic_write(ca, ctx.pki.ca_cert_pem, mode=0o644)
     run.superlink_ca_pem = ctx.pki.ca_cert_pem.decode()
-    run.control = ctx.make_control(flwr_home=run.directory / "control", address=address, root_ca=ca)
+    run.control = ctx.make_control(
+        flwr_home=run.directory / "control",
+        address=address,
+        root_ca=ca,
+        client_identity=ctx.pki.controller_identity,
+    )
     if provider is ctx.local:
         # A cloud VM makes its own bus key and gets its certificate with its enrolment token.
         await issue_aggregator_identity(ctx, run)

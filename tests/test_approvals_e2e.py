@@ -1,0 +1,93 @@
+"""A hospital whose IT approves each job by hand (`[policy] approval = "manual"`), end to end:
+the real controller, broker and agents, `agentctl jobs` as IT runs it.
+
+A denied job fails at once with IT's reason; an approved one waits for the decision, then
+trains and completes; the audit log holds the request and both decisions with who took them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fedsky.controller.onebox import Onebox
+
+from tests.support.wait import eventually_blocking
+from tests.test_jobs_e2e import HOSPITALS, _datasets, wait_job, write_job
+
+pytestmark = pytest.mark.e2e
+
+MANUAL = "hospital-asia"
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Onebox]:
+    root = tmp_path_factory.mktemp("approvals")
+    extra = {name: _datasets(i, len(HOSPITALS)) for i, name in enumerate(HOSPITALS)}
+    extra[MANUAL] += '[policy]\napproval = "manual"\ndatasets = ["digits"]\n'
+    onebox = Onebox(
+        root=root / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra
+    )
+    try:
+        onebox.start(HOSPITALS)
+        yield onebox
+    finally:
+        onebox.stop()
+
+
+def agentctl(box: Onebox, *args: str, check: bool = True) -> str:
+    agent = box.agents[MANUAL]
+    done = box.run("agentctl", "--config", str(agent.config), "jobs", *args, check=check)
+    return done.stdout
+
+
+def _pending(box: Onebox, job_id: str) -> None:
+    eventually_blocking(
+        lambda: [j["job"] for j in json.loads(agentctl(box, "pending", "--json"))],
+        until=lambda jobs: job_id in jobs,
+        timeout=120,
+        what=f"job {job_id} to wait for {MANUAL}'s approval",
+        details=lambda: box.fedctl("job", "logs", job_id, check=False).stdout,
+    )
+
+
+def _audit(box: Onebox, job_id: str) -> list[dict[str, str]]:
+    records = json.loads(box.fedctl("audit", "list", "--json").stdout)
+    return [r for r in records if r["target"] == job_id]
+
+
+def test_a_denied_job_fails_with_the_hospitals_reason(box: Onebox, tmp_path: Path) -> None:
+    spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=1, name="denied")
+    job_id = json.loads(box.fedctl("job", "submit", str(spec), "--json").stdout)["id"]
+    _pending(box, job_id)
+    assert box.api.get(f"/v1/jobs/{job_id}")["state"] not in ("failed", "completed")
+    agentctl(box, "deny", job_id, "--reason", "no ethics approval for this study")
+    job = wait_job(box, job_id, ("failed",), timeout=120)
+    assert "no ethics approval for this study" in (job["error"] or ""), job
+    logs = box.fedctl("job", "logs", job_id).stdout
+    assert f"waits for {MANUAL}'s IT to approve it" in logs
+    assert "the job was denied by" in logs
+    actions = [(r["action"], r["outcome"]) for r in _audit(box, job_id)]
+    assert ("job.approval_requested", "pending") in actions
+    assert ("job.deny", "denied: no ethics approval for this study") in actions
+    assert json.loads(box.fedctl("audit", "verify", "--json").stdout)["ok"] is True
+
+
+def test_an_approved_job_waits_then_completes(box: Onebox, tmp_path: Path) -> None:
+    spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=1, name="approved")
+    job_id = json.loads(box.fedctl("job", "submit", str(spec), "--json").stdout)["id"]
+    _pending(box, job_id)
+    job = box.api.get(f"/v1/jobs/{job_id}")
+    assert job["rounds_done"] == 0
+    agentctl(box, "approve", job_id)
+    job = wait_job(box, job_id, ("completed", "failed"), timeout=600)
+    assert job["state"] == "completed", box.fedctl("job", "logs", job_id).stdout
+    records = _audit(box, job_id)
+    approve = next(r for r in records if r["action"] == "job.approve")
+    assert approve["outcome"] == "ok"
+    assert approve["actor"].startswith(f"{MANUAL} IT (")
+    assert "no job waits" in agentctl(box, "pending")
+    listed = {j["job"]: j["state"] for j in json.loads(agentctl(box, "list", "--json"))}
+    assert listed[job_id] == "approved"
