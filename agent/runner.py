@@ -409,11 +409,14 @@ class TaskRunner:
             return
         root_ca = task.directory / "aggregator-ca.crt"
         catalog = task.directory / "datasets.json"
+        node_cert = task.directory / "node.crt" if cmd.node_cert_pem else None
 
         def write_files() -> None:
             task.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             root_ca.write_text(cmd.ca_pem)
             write_catalog(catalog, {cmd.dataset: dataset})
+            if node_cert is not None and cmd.node_cert_pem:
+                node_cert.write_text(cmd.node_cert_pem)
 
         await self._blocking(write_files)
         launch = SuperNodeLaunch(
@@ -424,6 +427,7 @@ class TaskRunner:
             private_key=task.keys[cmd.key].private_key,
             dataset_config=catalog,
             node_config=dict(cmd.node_config),
+            node_cert=node_cert,
         )
         self._emit(
             "task_starting",

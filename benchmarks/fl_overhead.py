@@ -231,6 +231,9 @@ async def run_bare(
             d = work / site
             keys = generate_node_key(d / "keys")
             await control.register_node(keys.public_key, name=site)
+            # The node certificate a fedsky job's SuperNode gets (the front asks for it).
+            node_cert = d / "node.crt"
+            node_cert.write_bytes(pki.issue_node(site, keys.public_text()).cert_pem)
             catalog = write_catalog(
                 d / "datasets.json",
                 {
@@ -252,6 +255,7 @@ async def run_bare(
                 node_config={"torch-threads": torch_threads} if torch_threads else {},
                 executable=f"{bin_dir}/{SUPERNODE_EXECUTABLE}",
                 bin_dir=bin_dir,
+                node_cert=node_cert,
             )
             proc, tl, log = _spawn(cmd.argv, {**os.environ, **cmd.env}, d / "supernode.log")
             logs.append(log)

@@ -51,6 +51,22 @@ def aggregator_id(job_id: str) -> str:
     return ident
 
 
+# A hospital's SuperNode, named for its agent in its TLS certificate: never an agent id itself,
+# so such a certificate can never stand for the agent on the bus.
+NODE_SUFFIX = ".node"
+
+
+def node_name(agent_id: str) -> str:
+    return check_agent_id(agent_id) + NODE_SUFFIX
+
+
+def is_node_name(name: str | None) -> bool:
+    """`<agent id>.node`, the name in a SuperNode's certificate."""
+    if name is None or not name.endswith(NODE_SUFFIX):
+        return False
+    return is_agent_id(name[: -len(NODE_SUFFIX)])
+
+
 def check_location(location: str) -> str:
     """Return `location` if it is a `cloud:region` id such as `aws:ap-northeast-2`."""
     if not _LOCATION_RE.fullmatch(location):

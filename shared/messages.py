@@ -31,7 +31,8 @@ from pydantic import (
 
 SCHEMA_MAJOR = 1
 # 1.1: task_failed kinds; 1.2: round phases; 1.3: certificate renewal; 1.4: what a hospital
-# allows (task_awaiting_approval, the approval note, the policy's failure kinds).
+# allows (task_awaiting_approval, the approval note, the policy's failure kinds) and the node
+# certificate in start_task.
 SCHEMA_VERSION = "1.4"
 MAX_PAYLOAD_BYTES = 1 << 20  # 1 MiB: a report of 4,096 VMs fits many times over.
 
@@ -202,6 +203,9 @@ class StartTaskCommand(Command):
     ca_pem: Annotated[str, Field(max_length=65536)]
     key: Literal["node", "standby"] = "node"
     node_config: Annotated[dict[ShortText, ShortText | int | float], Field(max_length=32)] = {}
+    # 1.4: the SuperNode's TLS certificate for the aggregator's front (`<agent>.node`, over the
+    # public half of `key`); the front serves the Fleet API only to such certificates.
+    node_cert_pem: Annotated[str, Field(max_length=16384)] | None = None
 
 
 class StopTaskCommand(Command):

@@ -19,6 +19,9 @@ from fedsky.shared.ids import check_agent_id
 # fedsky's SuperNode: Flower's, refusing every app but fedsky's own, pinned by digest where it
 # runs (`fedsky.shared.flower.pinned_supernode`). Its name keeps "flower-supernode" in it.
 SUPERNODE_EXECUTABLE = "fedsky-flower-supernode"
+# fedsky's SuperNode presents this certificate (the controller's, over the node key) to the
+# aggregator's front, which serves the Fleet API only to such certificates.
+NODE_CERT_FLAG = "--fedsky-node-cert"
 
 # How long a SuperNode keeps trying to reach an aggregator that does not answer before it gives
 # up (and its executor reports the task failed) instead of retrying for ever.
@@ -108,13 +111,15 @@ def supernode_command(
     executable: str = SUPERNODE_EXECUTABLE,
     max_wait_s: float | None = DEFAULT_MAX_WAIT_S,
     bin_dir: str | None = None,
+    node_cert: Path | None = None,
 ) -> SuperNodeCommand:
     """The command line and environment of one participant's SuperNode.
 
     `superlink` is the aggregator's host:port; `runtime_port` the SuperNode's local Runtime API
     port (distinct per SuperNode on one host); `dataset_config` the dataset catalog the
     ClientApp reads (fedsky.shared.datasets); `bin_dir` the directory of the Flower scripts
-    where it runs, put first on PATH (the SuperNode starts `flower-superexec` by name).
+    where it runs, put first on PATH (the SuperNode starts `flower-superexec` by name);
+    `node_cert` the node's TLS certificate for the aggregator's front (fedsky's SuperNode only).
     """
     check_agent_id(site)
     if not 0 < runtime_port < 65536:
@@ -141,6 +146,8 @@ def supernode_command(
     ]
     if max_wait_s is not None:
         argv += ["--max-wait-time", f"{max_wait_s:g}"]
+    if node_cert is not None:
+        argv += [NODE_CERT_FLAG, str(node_cert)]
     env = {
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",

@@ -17,14 +17,17 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
 from fedsky.controller.clouds.base import AggregatorHandle, AggregatorSpec
 from fedsky.controller.clouds.local import LocalProvider, pki_tls_issuer
 from fedsky.controller.clouds.superlink import FlowerCliError, SuperLinkControl
 from fedsky.controller.security.pki import Pki
 from fedsky.shared.flower.aggregator_host import SECRET_FILE, Access, access_for
 from fedsky.shared.procs import group_alive
+from fedsky.shared.supernode import generate_node_key
 
 from benchmarks.testbed.probe import all_refused, probe_control
+from tests.support.csr import node_certificate
 from tests.support.wait import eventually
 
 pytestmark = pytest.mark.e2e
@@ -33,11 +36,13 @@ pytestmark = pytest.mark.e2e
 def test_each_caller_reaches_only_its_part() -> None:
     fleet = "/v1/fleet/pull-messages"
     control = "/v1/control/list-runs"
-    for peer in (None, "hospital-eu", "agg-job-1", "controller"):
-        assert access_for(fleet, peer_name=peer) is Access.FORWARD
+    assert access_for(fleet, peer_name="hospital-eu.node") is Access.FORWARD
+    # Fleet is for hospitals' SuperNodes: not an agent's own (bus) certificate, nor any other.
+    for peer in (None, "hospital-eu", "agg-job-1", "controller", "agg-job-1.node", ".node"):
+        assert access_for(fleet, peer_name=peer) is Access.FORBIDDEN, peer
     assert access_for(control, peer_name="controller") is Access.FORWARD
     assert access_for("/health", peer_name="controller") is Access.FORWARD
-    for peer in (None, "hospital-eu", "agg-job-1", "Controller", "controller "):
+    for peer in (None, "hospital-eu", "hospital-eu.node", "agg-job-1", "Controller", "controller "):
         assert access_for(control, peer_name=peer) is Access.FORBIDDEN
         assert access_for("/health", peer_name=peer) is Access.FORBIDDEN
     for path in (
@@ -77,6 +82,21 @@ class Aggregator:
             root_ca=self.pki.ca_cert_path,
             client_identity=identity,
         )
+
+    def node_identity(self, site: str) -> tuple[Path, Path]:
+        """A SuperNode's certificate over a fresh node key, and that key as PEM."""
+        keys = generate_node_key(self.root / f"{site}-keys")
+        cert = node_certificate(self.pki, site, keys)
+        key = serialization.load_ssh_private_key(keys.private_key.read_bytes(), password=None)
+        pem = self.root / f"{site}-node.pem"
+        pem.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return cert, pem
 
     def identity(self, name: str, kind: str) -> tuple[Path, Path]:
         issued = self.pki.issue(common_name=name, kind=kind)  # type: ignore[arg-type]
@@ -193,9 +213,14 @@ async def test_runtime_and_docs_are_served_to_no_one_and_fleet_reaches_flower(
         status, body = _post(agg, path, identity=controller)
         assert status == 404, (path, body)
         assert json.loads(body) == {"error": "not found"}
-    # A Fleet call reaches Flower, which answers it itself: a node cannot register its own key
-    # (SuperNode authentication is on) and an unsigned call is refused.
-    status, body = _post(agg, "/v1/fleet/register-node")
+    # Fleet needs a SuperNode's certificate: without one, or with a hospital's bus one, 403.
+    for identity in (None, agg.identity("hospital-eu", "agent")):
+        status, body = _post(agg, "/v1/fleet/register-node", identity=identity)
+        assert status == 403, body
+        assert "node certificate" in json.loads(body)["error"]
+    # With it the call reaches Flower, which answers it itself: a node cannot register its own
+    # key (SuperNode authentication is on), and an unsigned call is refused.
+    status, body = _post(agg, "/v1/fleet/register-node", identity=agg.node_identity("hospital-eu"))
     assert status not in (403, 404), body
     assert "error" not in json.loads(body)  # Flower's answer, not the front's
     # The SuperLink itself listens on loopback only, with the SuperExec's secret set (0600).

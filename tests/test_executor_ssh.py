@@ -39,6 +39,7 @@ from fedsky.shared.datasets import BundledDatasetSpec, write_catalog
 from fedsky.shared.supernode import generate_node_key
 
 from tests.support import eventually, eventually_blocking, free_port
+from tests.support.csr import node_certificate
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -193,7 +194,7 @@ def _launch(tmp_path: Path) -> SuperNodeLaunch:
 
 
 @pytest_asyncio.fixture
-async def aggregator(tmp_path: Path) -> AsyncIterator[tuple[LocalProvider, str]]:
+async def aggregator(tmp_path: Path) -> AsyncIterator[tuple[LocalProvider, str, Pki]]:
     pki = Pki.init(tmp_path / "pki")
     pki.write_controller_identity()  # the front serves Control to the controller only
     provider = LocalProvider(
@@ -205,15 +206,15 @@ async def aggregator(tmp_path: Path) -> AsyncIterator[tuple[LocalProvider, str]]
         AggregatorSpec(job_id="sshjob", cloud="local", region="local", instance_type="x")
     )
     try:
-        yield provider, str(handle.address)
+        yield provider, str(handle.address), pki
     finally:
         await provider.terminate(handle)
 
 
 async def test_supernode_in_the_vm_joins_and_stops(
-    tmp_path: Path, sshd: Sshd, aggregator: tuple[LocalProvider, str]
+    tmp_path: Path, sshd: Sshd, aggregator: tuple[LocalProvider, str, Pki]
 ) -> None:
-    provider, address = aggregator
+    provider, address, pki = aggregator
     from fedsky.controller.clouds.base import AggregatorHandle
 
     handle = AggregatorHandle(
@@ -236,6 +237,7 @@ async def test_supernode_in_the_vm_joins_and_stops(
             root_ca=provider.tls("sshjob").ca_file,
             private_key=keys.private_key,
             dataset_config=catalog,
+            node_cert=node_certificate(pki, "hospital-a", keys),
         ),
         vm_name="vm-1",
         vm_addresses=("192.0.2.10",),
@@ -244,6 +246,7 @@ async def test_supernode_in_the_vm_joins_and_stops(
     remote = tmp_path / "vm" / "t-ssh"
     assert (remote / "node.key").stat().st_mode & 0o077 == 0
     assert (remote / "node.key").read_bytes() == keys.private_key.read_bytes()
+    assert (remote / "node.crt").read_bytes() == (keys.private_key.parent / "node.crt").read_bytes()
     await eventually(
         control.list_nodes,
         until=lambda nodes: [n.status for n in nodes] == ["online"],

@@ -43,6 +43,7 @@ from fedsky.shared.supernode import generate_node_key
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from tests.support import eventually
+from tests.support.csr import node_certificate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -70,6 +71,7 @@ async def _finished_status(control: SuperLinkControl, run_id: int, timeout: floa
 @dataclass
 class Federation:
     root: Path
+    pki: Pki
     provider: LocalProvider
     handle: AggregatorHandle
     control: SuperLinkControl
@@ -158,6 +160,7 @@ async def federation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
                         private_key=keys.private_key,
                         dataset_config=catalog,
                         node_config={"torch-threads": 1},
+                        node_cert=node_certificate(pki, site, keys),
                     )
                 )
             )
@@ -165,6 +168,7 @@ async def federation(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
         make_example("digits", model, seed=3)
         yield Federation(
             root=root,
+            pki=pki,
             provider=provider,
             handle=handle,
             control=control,
@@ -330,6 +334,7 @@ async def test_failover_to_a_standby_key(federation: Federation) -> None:
             private_key=standby.private_key,
             dataset_config=federation.catalogs[2],
             node_config={"torch-threads": 1},
+            node_cert=node_certificate(federation.pki, "hospital-eu", standby),
         )
     )
     await eventually(

@@ -114,6 +114,15 @@ class SuperNodeLaunch:
     private_key: Path  # the node key (OpenSSH, P-384) registered for this task
     dataset_config: Path  # dataset catalog for the ClientApp, with paths valid where it runs
     node_config: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    # The node's TLS certificate (PEM, `<agent>.node`, over the node key) for the aggregator's
+    # front; None only where no front asks for one.
+    node_cert: Path | None = None
+
+
+def files_of(launch: SuperNodeLaunch) -> list[Path]:
+    """The files a SuperNode needs (all on the agent's host before it starts)."""
+    needed = [launch.root_ca, launch.private_key, launch.dataset_config]
+    return needed + ([launch.node_cert] if launch.node_cert is not None else [])
 
 
 @dataclass(frozen=True)

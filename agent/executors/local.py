@@ -20,6 +20,7 @@ from fedsky.agent.executors.base import (
     ExitStatus,
     SuperNodeLaunch,
     describe_exit,
+    files_of,
     record_pid,
 )
 from fedsky.shared.config import ConfigError
@@ -140,10 +141,11 @@ class LocalExecutor:
                 executable=str(self.bin_dir / SUPERNODE_EXECUTABLE),
                 bin_dir=str(self.bin_dir),
                 max_wait_s=self.max_wait_s,
+                node_cert=launch.node_cert,
             )
         except (SuperNodeConfigError, ValueError) as exc:
             raise ExecutorError(f"cannot start the SuperNode: {exc}") from None
-        for needed in (launch.root_ca, launch.private_key, launch.dataset_config):
+        for needed in files_of(launch):
             if not needed.is_file():
                 raise ExecutorError(
                     f"cannot start the SuperNode: a file it needs is missing ({needed.name})"

@@ -48,6 +48,7 @@ from fedsky.agent.executors.base import (
     VmSettings,
     VmUnreachable,
     describe_exit,
+    files_of,
     last_lines,
     record_pid,
 )
@@ -531,7 +532,7 @@ rm -f -- .pip.log {" ".join(q(f) for f in local.files)}
         target = self.target_for(vm_name, vm_addresses)
         c = self.config
         await self.check_target(target)
-        for needed in (launch.root_ca, launch.private_key, launch.dataset_config):
+        for needed in files_of(launch):
             if not needed.is_file():
                 raise ExecutorError(
                     f"cannot start the SuperNode: a file it needs is missing ({needed.name})"
@@ -546,11 +547,14 @@ rm -f -- .pip.log {" ".join(q(f) for f in local.files)}
         ).strip()
         if not remote_dir.startswith("/"):
             raise ExecutorError(f"the VM gave no task directory (got {remote_dir[:80]!r})")
-        for local, name in (
+        files = [
             (launch.root_ca, "ca.crt"),
             (launch.private_key, "node.key"),
             (launch.dataset_config, "datasets.json"),
-        ):
+        ]
+        if launch.node_cert is not None:
+            files.append((launch.node_cert, "node.crt"))
+        for local, name in files:
             data = await asyncio.to_thread(local.read_bytes)
             await self.run_remote(
                 target, f"umask 077 && cat > {shlex.quote(f'{remote_dir}/{name}')}", stdin=data
@@ -568,6 +572,7 @@ rm -f -- .pip.log {" ".join(q(f) for f in local.files)}
                 executable=f"{c.remote_bin_dir}/{SUPERNODE_EXECUTABLE}",
                 bin_dir=c.remote_bin_dir,
                 max_wait_s=c.give_up_after_s,
+                node_cert=None if launch.node_cert is None else Path(f"{remote_dir}/node.crt"),
             )
         except (SuperNodeConfigError, ValueError) as exc:
             raise ExecutorError(f"cannot start the SuperNode: {exc}") from None

@@ -26,14 +26,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedsky.shared.files import atomic_write
-from fedsky.shared.ids import CONTROLLER_ID, InvalidIdError, check_agent_id, is_aggregator_id
+from fedsky.shared.ids import (
+    CONTROLLER_ID,
+    NODE_SUFFIX,
+    InvalidIdError,
+    check_agent_id,
+    is_aggregator_id,
+    is_node_name,
+    node_name,
+)
 
 log = logging.getLogger(__name__)
 
 CertKind = Literal["agent", "controller", "aggregator", "server", "node"]
-# A hospital's SuperNode, named for its agent: `<agent id>.node` (never an agent id itself, so
-# it can never stand for the agent on the bus).
-NODE_SUFFIX = ".node"
+
 CERT_KINDS: tuple[CertKind, ...] = get_args(CertKind)
 
 CA_KEY_FILE = "ca.key"
@@ -193,13 +199,10 @@ def _check_name(common_name: str, kind: str) -> None:
                 "a-z, 0-9 and '-' (63 characters at most)"
             )
     elif kind == "node":
-        agent, suffix = common_name[: -len(NODE_SUFFIX)], common_name[-len(NODE_SUFFIX) :]
-        try:
-            if suffix != NODE_SUFFIX:
-                raise InvalidIdError(f"a node certificate's name ends in {NODE_SUFFIX!r}")
-            check_agent_id(agent)
-        except InvalidIdError as exc:
-            raise PkiError(f"node name {common_name!r} is invalid: {exc}") from None
+        if not is_node_name(common_name):
+            raise PkiError(
+                f"node name {common_name!r} is invalid: an agent id followed by {NODE_SUFFIX!r}"
+            )
     elif kind == "controller":
         if common_name != CONTROLLER_ID:
             raise PkiError(f"the controller's certificate must have the name {CONTROLLER_ID!r}")
@@ -405,9 +408,11 @@ class Pki:
             raise PkiError(f"the node key of {agent_id} is not an OpenSSH public key") from None
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise PkiError(f"the node key of {agent_id} is not an EC key")
-        return self.issue(
-            common_name=f"{agent_id}{NODE_SUFFIX}", kind="node", public_key=key, days=days
-        )
+        try:
+            name = node_name(agent_id)
+        except InvalidIdError as exc:
+            raise PkiError(str(exc)) from None
+        return self.issue(common_name=name, kind="node", public_key=key, days=days)
 
     def write_controller_identity(self) -> IssuedCertificate:
         """Issue the controller's client certificate and write it with its key (0600) where

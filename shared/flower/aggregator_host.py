@@ -7,9 +7,11 @@ Enterprise edition's): anyone holding fedsky's CA certificate, every hospital, c
 and stop runs there and register node keys of its own. So the SuperLink listens on loopback only
 and this process is the aggregator's one public listener:
 
-- `/v1/fleet/...`: open to any TLS client. Every Fleet call but registration is signed with a
-  node key the SuperLink knows (`--enable-supernode-auth`), and with that flag the SuperLink
-  refuses a node's own registration: only keys the controller registered through Control get in.
+- `/v1/fleet/...`: only a hospital's SuperNode, by its node certificate (mutual TLS: a client
+  certificate from fedsky's CA named `<agent>.node`, which the controller issues over the node
+  key it registered for the task). Behind that, every Fleet call is signed with a node key the
+  SuperLink knows (`--enable-supernode-auth`), and with that flag the SuperLink refuses a node's
+  own registration: only keys the controller registered through Control get in.
 - `/v1/control/...` and `/health`: only a client certificate from fedsky's CA naming the
   controller (mutual TLS); anyone else gets 403.
 - everything else (the Runtime API, Flower's API docs): 404. The ServerApp and the SuperExec
@@ -40,9 +42,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from fedsky.shared.ids import CONTROLLER_ID, is_node_name
+
 log = logging.getLogger("fedsky.aggregator")
 
-CONTROLLER_NAME = "controller"  # fedsky.shared.ids.CONTROLLER_ID; kept here: no import chain
+CONTROLLER_NAME = CONTROLLER_ID
 MAX_BODY_BYTES = 64 * 1024 * 1024  # Flower moves objects of at most 5 MiB; a bundle is small
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -83,7 +87,7 @@ def access_for(path: str, *, peer_name: str | None, controller: str = CONTROLLER
     if not _PLAIN_PATH.fullmatch(path):
         return Access.NOT_FOUND
     if path.startswith("/v1/fleet/"):
-        return Access.FORWARD
+        return Access.FORWARD if is_node_name(peer_name) else Access.FORBIDDEN
     if path.startswith("/v1/control/") or path == "/health":
         return Access.FORWARD if peer_name == controller else Access.FORBIDDEN
     return Access.NOT_FOUND
@@ -152,10 +156,12 @@ def make_front(*, upstream: str, upstream_ssl: ssl.SSLContext, controller: str) 
                 decision.value,
             )
             if decision is Access.FORBIDDEN:
-                return web.json_response(
-                    {"error": "the SuperLink's control API is the fedsky controller's only"},
-                    status=403,
+                whose = (
+                    "hospitals' SuperNodes' (a node certificate from fedsky's CA)"
+                    if raw_path.startswith("/v1/fleet/")
+                    else "the fedsky controller's only"
                 )
+                return web.json_response({"error": f"this API is {whose}"}, status=403)
             return web.json_response({"error": "not found"}, status=404)
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}

@@ -33,10 +33,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fedsky.shared.supernode import NODE_CERT_FLAG
+
 log = logging.getLogger("fedsky.supernode")
 
 PIN_ID = "fedsky-pinned-app"
-NODE_CERT_FLAG = "--fedsky-node-cert"
 _KEY_FLAG = "--auth-supernode-private-key"
 _HOOKED_PARAMETERS = {"get_fab", "trusted_entities"}
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import NameOID
+from fedsky.controller.security.pki import Pki
+from fedsky.shared.supernode import NodeKeyPair
 
 
 def make_csr(
@@ -28,3 +32,11 @@ def make_csr(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def node_certificate(pki: Pki, site: str, keys: NodeKeyPair) -> Path:
+    """The SuperNode certificate the controller would issue for `site`'s node key, written
+    beside the key (what the aggregator's front asks of a Fleet caller)."""
+    path = keys.private_key.with_name(keys.private_key.name + ".crt")
+    path.write_bytes(pki.issue_node(site, keys.public_text()).cert_pem)
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from datetime import UTC, datetime
 
@@ -29,6 +30,8 @@ from fedsky.controller.jobs.records import (
 )
 from fedsky.controller.orchestrator.failures import FailureReason, failure_reason_of
 from fedsky.controller.orchestrator.policy import VmCandidate, candidates_from_inventory
+from fedsky.controller.security.enrollment import record_certificate
+from fedsky.controller.security.pki import Pki, PkiError
 from fedsky.shared.messages import (
     ApprovalNote,
     Event,
@@ -184,6 +187,12 @@ async def start_on_vm(ctx: JobContext, run: JobRun, part: Participant) -> None:
         jobstore.set_task_state, task_id, "acknowledged", node_id=str(part.node_id), key_role=role
     )
     assert run.handle.address is not None
+    try:
+        node_cert = await ctx.store.run(
+            _issue_node_certificate, ctx.pki, part.name, part.public_keys[role]
+        )
+    except PkiError as exc:
+        raise AttemptFailed(FailureReason.SUPERNODE_ERROR, f"its node certificate: {exc}") from None
     await command(
         ctx,
         part.name,
@@ -196,6 +205,7 @@ async def start_on_vm(ctx: JobContext, run: JobRun, part: Participant) -> None:
             superlink=run.handle.address,
             ca_pem=run.superlink_ca_pem,
             key=role,
+            node_cert_pem=node_cert,
         ),
         waiter,
         want=("task_running",),
@@ -206,6 +216,14 @@ async def start_on_vm(ctx: JobContext, run: JobRun, part: Participant) -> None:
             follow_task(ctx, run, part, task_id, waiter), name=f"follow-{task_id}"
         )
     )
+
+
+def _issue_node_certificate(conn: sqlite3.Connection, pki: Pki, agent: str, public_key: str) -> str:
+    """The SuperNode's certificate for the aggregator's front, over the node key the task will
+    use (recorded with the others the CA issued)."""
+    issued = pki.issue_node(agent, public_key)
+    record_certificate(conn, issued)
+    return issued.cert_pem.decode()
 
 
 async def command(
