@@ -22,12 +22,23 @@ from pathlib import Path
 from aiohttp import web
 from fedsky.controller.api.app import make_app
 from fedsky.controller.api.enroll_listener import (
+    CERT_FILE as LISTENER_CERT_FILE,
+)
+from fedsky.controller.api.enroll_listener import (
+    KEY_FILE as LISTENER_KEY_FILE,
+)
+from fedsky.controller.api.enroll_listener import (
     ensure_server_cert,
     listener_tls,
+    renew_listener_cert,
     serve_enroll,
     split_listen,
 )
-from fedsky.controller.bus.broker_config import BrokerError, prepare_broker_files
+from fedsky.controller.bus.broker_config import (
+    BrokerError,
+    prepare_broker_files,
+    refresh_server_certificate,
+)
 from fedsky.controller.bus.consumer import ControllerBus
 from fedsky.controller.bus.supervisor import ManagedBroker
 from fedsky.controller.clouds.service import CloudService
@@ -44,6 +55,7 @@ from fedsky.controller.security.enrollment import record_certificate, revoked_se
 from fedsky.controller.security.pki import Pki, PkiError, cert_info
 from fedsky.controller.security.renewal import CertificateRenewal
 from fedsky.controller.security.revocation import RevocationEnforcer
+from fedsky.controller.security.upkeep import LiveCertificate, keep_fresh
 from fedsky.controller.services import Services
 from fedsky.controller.store import Store, StoreError, secure_state_dir, state_lock
 from fedsky.shared import exitcodes
@@ -55,21 +67,26 @@ from fedsky.shared.topics import Topics
 log = logging.getLogger("fedsky.controller")
 
 RENEW_BEFORE = timedelta(days=30)
-CRL_CHECK_S = 12 * 3600.0
 API_CERT_FILE = "api-listener.crt"
 API_KEY_FILE = "api-listener.key"
 
 
 def ensure_controller_identity(pki: Pki, store: Store) -> tuple[Path, Path]:
     """The controller's own client certificate for the bus, renewed when it nears expiry."""
+    renew_controller_identity(pki, store)
+    return pki.controller_identity
+
+
+def renew_controller_identity(pki: Pki, store: Store) -> bool:
+    """Issue the controller's certificate unless it has another 30 days; True when issued."""
     cert_path, key_path = pki.controller_identity
     if cert_path.exists() and key_path.exists():
         info = cert_info(cert_path.read_bytes())
         if info.not_after - datetime.now(UTC) > RENEW_BEFORE:
-            return cert_path, key_path
+            return False
     issued = pki.write_controller_identity()
     store.call(record_certificate, issued)
-    return cert_path, key_path
+    return True
 
 
 def open_parts(config: ControllerConfig) -> tuple[Store, Pki]:
@@ -99,17 +116,66 @@ def _renew_crl(pki: Pki, store: Store) -> bool:
     return False
 
 
-async def _crl_timer(pki: Pki, store: Store, broker: ManagedBroker | None) -> None:
-    """Keep the CRL fresh while the controller runs for months: check twice a day, and have the
-    managed broker reload a renewed one (SIGHUP, no restart)."""
-    while True:
-        await asyncio.sleep(CRL_CHECK_S)
-        try:
-            renewed = await asyncio.to_thread(_renew_crl, pki, store)
-            if renewed and broker is not None:
-                await broker.reload_crl()
-        except Exception as exc:  # tried again at the next check
-            log.error("renewing the certificate revocation list failed: %s", exc)
+def _live_certificates(
+    *,
+    config: ControllerConfig,
+    pki: Pki,
+    store: Store,
+    broker: ManagedBroker | None,
+    bus_context: ssl.SSLContext,
+    api_context: ssl.SSLContext | None,
+    enroll_context: ssl.SSLContext | None,
+) -> list[LiveCertificate]:
+    """Every certificate this controller presents, with what takes a renewed one into use."""
+    cert, key = pki.controller_identity
+    live = [
+        LiveCertificate(
+            what="the controller's bus certificate",
+            renew=lambda: renew_controller_identity(pki, store),
+            cert_file=cert,
+            key_file=key,
+            context=bus_context,
+        )
+    ]
+    if api_context is not None:
+        live.append(
+            LiveCertificate(
+                what="the API listener's certificate",
+                renew=lambda: ensure_server_cert(
+                    pki=pki,
+                    store=store,
+                    names=config.api.certificate_names(),
+                    cert_file=pki.directory / API_CERT_FILE,
+                    key_file=pki.directory / API_KEY_FILE,
+                    config_key="api.public_names",
+                ),
+                cert_file=pki.directory / API_CERT_FILE,
+                key_file=pki.directory / API_KEY_FILE,
+                context=api_context,
+            )
+        )
+    if enroll_context is not None:
+        live.append(
+            LiveCertificate(
+                what="the enrolment listener's certificate",
+                renew=lambda: renew_listener_cert(pki=pki, store=store, clouds=config.clouds),
+                cert_file=pki.directory / LISTENER_CERT_FILE,
+                key_file=pki.directory / LISTENER_KEY_FILE,
+                context=enroll_context,
+            )
+        )
+    if broker is not None:
+        files = broker.files
+        live.append(
+            LiveCertificate(
+                what="the broker's certificate",
+                renew=lambda: refresh_server_certificate(files, pki, config.broker_public_names),
+                cert_file=files.cert_file,
+                key_file=files.key_file,
+                reload=broker.reload_certificates,
+            )
+        )
+    return live
 
 
 async def _sweep_offline(store: Store, config: ControllerConfig) -> None:
@@ -212,10 +278,11 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
             ca_file = pki.ca_cert_path
         else:
             ca_file = config.broker.ca_file or pki.ca_cert_path
+        bus_context = client_context(ca_file=ca_file, cert_file=cert, key_file=key)
         bus = ControllerBus(
             host=config.broker.connect_host,
             port=config.broker.port,
-            tls_context=client_context(ca_file=ca_file, cert_file=cert, key_file=key),
+            tls_context=bus_context,
             topics=topics,
             inventory=InventoryIngest(
                 store=store,
@@ -290,7 +357,22 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
             tg.create_task(_sweep_cloud_orphans(clouds, store), name="cloud-orphan-sweep")
             tg.create_task(jobs.run(), name="jobs")
             tg.create_task(_sweep_offline(store, config), name="offline-sweeper")
-            tg.create_task(_crl_timer(pki, store, broker), name="crl-timer")
+            tg.create_task(
+                keep_fresh(
+                    renew_crl=lambda: _renew_crl(pki, store),
+                    reload_crl=broker.reload_crl if broker is not None else None,
+                    certificates=_live_certificates(
+                        config=config,
+                        pki=pki,
+                        store=store,
+                        broker=broker,
+                        bus_context=bus_context,
+                        api_context=api_context,
+                        enroll_context=enroll_tls,
+                    ),
+                ),
+                name="certificate-upkeep",
+            )
             if enroll_tls is not None and config.clouds.enroll_listen:
                 tg.create_task(
                     serve_enroll(services, listen=config.clouds.enroll_listen, tls=enroll_tls),

@@ -88,9 +88,9 @@ def ensure_server_cert(
     cert_file: Path,
     key_file: Path,
     config_key: str,
-) -> None:
+) -> bool:
     """Issue (and record) a listener's certificate for `names` (host names or IP addresses)
-    unless the one in `cert_file` still covers them for another 30 days."""
+    unless the one in `cert_file` still covers them for another 30 days; True when issued."""
     dns: list[str] = []
     ips: list[str] = []
     for name in names:
@@ -98,7 +98,7 @@ def ensure_server_cert(
         dns += more_dns
         ips += more_ips
     if _reusable(pki, cert_file, key_file, dns, ips):
-        return
+        return False
     first = names[0]
     try:
         issued = pki.issue(
@@ -115,20 +115,25 @@ def ensure_server_cert(
     atomic_write(cert_file, issued.cert_pem, mode=0o644)
     store.call(record_certificate, issued)
     log.info("issued the certificate of %s for %s", cert_file.name, ", ".join(names))
+    return True
+
+
+def renew_listener_cert(*, pki: Pki, store: Store, clouds: CloudsConfig) -> bool:
+    """Issue (and record) the listener's certificate when due; True when issued."""
+    return ensure_server_cert(
+        pki=pki,
+        store=store,
+        names=[listener_host(clouds)],
+        cert_file=pki.directory / CERT_FILE,
+        key_file=pki.directory / KEY_FILE,
+        config_key="clouds.enroll_url",
+    )
 
 
 def listener_tls(*, pki: Pki, store: Store, clouds: CloudsConfig) -> ssl.SSLContext:
     """The listener's server context; issues (and records) its certificate when needed."""
-    host = listener_host(clouds)
     cert_file, key_file = pki.directory / CERT_FILE, pki.directory / KEY_FILE
-    ensure_server_cert(
-        pki=pki,
-        store=store,
-        names=[host],
-        cert_file=cert_file,
-        key_file=key_file,
-        config_key="clouds.enroll_url",
-    )
+    renew_listener_cert(pki=pki, store=store, clouds=clouds)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(certfile=str(cert_file), keyfile=str(key_file))

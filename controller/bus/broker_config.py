@@ -362,6 +362,47 @@ def _wanted_names(host: str, public_names: Sequence[str]) -> tuple[list[str], li
     return dns, ips
 
 
+def _server_certificate(
+    pki: Pki,
+    cert_file: Path,
+    key_file: Path,
+    names: tuple[list[str], list[str]],
+    gid: int | None,
+) -> tuple[datetime, bool]:
+    """The broker's certificate for `names` (DNS, IPs): kept while valid for another 30 days,
+    else issued; its not_after, and whether it was issued now."""
+    dns, ips = names
+    # 0600, or 0640 root:mosquitto as root, from the file's creation on.
+    private_mode = 0o600 if gid is None else 0o640
+    not_after = _reusable(pki, cert_file, key_file, dns, ips)
+    if not_after is not None:
+        if gid is not None:
+            os.chown(key_file, -1, gid)
+            os.chmod(key_file, private_mode)
+        return not_after, False
+    issued = pki.issue(common_name=SERVER_CN, kind="server", dns_names=dns, ip_addresses=ips)
+    assert issued.key_pem is not None
+    atomic_write(key_file, issued.key_pem, mode=private_mode, group=gid)
+    atomic_write(cert_file, issued.cert_pem, mode=0o644)
+    log.info("issued the broker's certificate for %s", ", ".join([*dns, *ips]))
+    return issued.not_after, True
+
+
+def refresh_server_certificate(
+    files: BrokerFiles, pki: Pki, public_names: Sequence[str] = ()
+) -> bool:
+    """Reissue the running broker's certificate when due (written where it reads it); True when
+    it was. The broker takes it on SIGHUP (`ManagedBroker.reload_certificates`)."""
+    _, issued = _server_certificate(
+        pki,
+        files.cert_file,
+        files.key_file,
+        _wanted_names(files.host, public_names),
+        files.group_id,
+    )
+    return issued
+
+
 def _reusable(
     pki: Pki, cert_file: Path, key_file: Path, dns: Sequence[str], ips: Sequence[str]
 ) -> datetime | None:
@@ -449,19 +490,9 @@ def prepare_broker_files(
 
     ca_file, cert_file, key_file = directory / _CA, directory / _CERT, directory / _KEY
     crl_file, acl_file, conf_file = directory / _CRL, directory / _ACL, directory / _CONF
-    dns, ips = _wanted_names(host, public_names)
-    not_after = _reusable(pki, cert_file, key_file, dns, ips)
-    if not_after is None:
-        issued = pki.issue(common_name=SERVER_CN, kind="server", dns_names=dns, ip_addresses=ips)
-        assert issued.key_pem is not None
-        # 0600, or 0640 root:mosquitto as root, from the file's creation on.
-        atomic_write(key_file, issued.key_pem, mode=private_mode, group=gid)
-        atomic_write(cert_file, issued.cert_pem, mode=0o644)
-        not_after = issued.not_after
-        log.info("issued the broker's certificate for %s", ", ".join([*dns, *ips]))
-    elif ids is not None:
-        os.chown(key_file, -1, ids[1])
-        os.chmod(key_file, private_mode)
+    not_after, _ = _server_certificate(
+        pki, cert_file, key_file, _wanted_names(host, public_names), gid
+    )
     atomic_write(ca_file, pki.ca_cert_pem, mode=0o644)
 
     persistence_dir: Path | None = None

@@ -199,10 +199,18 @@ class ManagedBroker:
     async def reload_crl(self) -> None:
         """Copy the current CRL in and have Mosquitto reload it (SIGHUP): new connections are
         checked against it; connected clients stay (see `security.revocation`)."""
+        await asyncio.to_thread(self._files.install_crl)
+        self._hangup()
+
+    async def reload_certificates(self) -> None:
+        """Have Mosquitto load its renewed server certificate and key (SIGHUP; 2.0 rereads
+        them): new connections get the new one, connected clients stay."""
+        self._hangup()
+
+    def _hangup(self) -> None:
         proc = self._proc
         if not self._running or proc is None or proc.returncode is not None:
             raise BrokerError("the managed broker is not running")
-        await asyncio.to_thread(self._files.install_crl)
         proc.send_signal(signal.SIGHUP)
 
     # --- internals ------------------------------------------------------------------------

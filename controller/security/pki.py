@@ -198,11 +198,8 @@ def _check_name(common_name: str, kind: str) -> None:
                 f"aggregator name {common_name!r} is invalid: aggregators are 'agg-' followed by "
                 "a-z, 0-9 and '-' (63 characters at most)"
             )
-    elif kind == "node":
-        if not is_node_name(common_name):
-            raise PkiError(
-                f"node name {common_name!r} is invalid: an agent id followed by {NODE_SUFFIX!r}"
-            )
+    elif kind == "node" and not is_node_name(common_name):
+        raise PkiError(f"node name {common_name!r} is not an agent id and {NODE_SUFFIX!r}")
     elif kind == "controller":
         if common_name != CONTROLLER_ID:
             raise PkiError(f"the controller's certificate must have the name {CONTROLLER_ID!r}")
@@ -400,8 +397,7 @@ class Pki:
     def issue_node(
         self, agent_id: str, public_key_openssh: str, *, days: int = 30
     ) -> IssuedCertificate:
-        """The TLS client certificate of a hospital's SuperNode (`<agent>.node`), over its node
-        key (OpenSSH, NIST EC): what the aggregator's front asks of a Fleet caller."""
+        """A SuperNode's TLS client certificate (`<agent>.node`) over its OpenSSH node key."""
         try:
             key = serialization.load_ssh_public_key(public_key_openssh.strip().encode())
         except (ValueError, UnsupportedAlgorithm):
@@ -436,11 +432,7 @@ class Pki:
         public_key: ec.EllipticCurvePublicKey | None = None,
     ) -> IssuedCertificate:
         """Sign a certificate for `common_name`; make its key too when neither a CSR nor a
-        public key is given.
-
-        `node` certificates are issued over a key the hospital already proved it holds: the
-        SuperNode's node key, registered with the SuperLink (a node signs every Fleet call with
-        it, and the TLS handshake proves it again), so they take `public_key`, not a CSR.
+        public key is given (`node` certificates take the SuperNode's registered node key).
 
         Usages follow the kind: `agent` and `controller` are bus clients (clientAuth only);
         `aggregator` is a bus client that may also serve (clientAuth, plus serverAuth when it
