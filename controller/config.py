@@ -15,6 +15,7 @@ from fedsky.controller.bus.settings import BrokerConfig, BusConfig
 from fedsky.controller.clouds.settings import AggregatorConfig, CloudsConfig
 from fedsky.controller.inventory.settings import InventoryConfig
 from fedsky.controller.models.settings import ModelsConfig
+from fedsky.controller.monitoring.settings import MetricsConfig
 from fedsky.controller.orchestrator.policy import Policy
 from fedsky.controller.placement.settings import PlacementConfig
 from fedsky.controller.security.settings import PkiConfig
@@ -37,6 +38,7 @@ class ControllerConfig(Section):
     artifacts: ArtifactsConfig = ArtifactsConfig()
     placement: PlacementConfig = PlacementConfig()
     pki: PkiConfig = PkiConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("state_dir")
     @classmethod

@@ -48,6 +48,7 @@ from fedsky.controller.inventory.service import InventoryIngest, ReportQuota
 from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.jobs.driver import JobManager
 from fedsky.controller.models.service import ModelManager
+from fedsky.controller.monitoring.collector import make_registry, serve_metrics
 from fedsky.controller.security import audit, users
 from fedsky.controller.security.aggregators import AggregatorEnrolment
 from fedsky.controller.security.audit import AuditTrail, HeadSigner
@@ -377,6 +378,14 @@ async def _serve(config: ControllerConfig, *, started: asyncio.Event | None) -> 
                 tg.create_task(
                     serve_enroll(services, listen=config.clouds.enroll_listen, tls=enroll_tls),
                     name="enroll-listener",
+                )
+            if config.metrics.listen:
+                tg.create_task(
+                    serve_metrics(
+                        listen=config.metrics.listen,
+                        registry=make_registry(store=store, bus=bus.stats),
+                    ),
+                    name="metrics",
                 )
             tg.create_task(_serve_api(app, config, started, api_context), name="api")
     finally:

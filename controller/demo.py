@@ -22,9 +22,30 @@ from typing import TYPE_CHECKING
 
 from fedsky.controller.onebox import STUDY_HOSPITALS, Onebox, OneboxError
 from fedsky.shared.jobspec import MaxCost, Placement
+from fedsky.shared.net import free_port
 
 if TYPE_CHECKING:
     from fedsky.shared.modelfile import ExampleName
+
+
+def _show_metrics(url: str) -> None:
+    """What `curl -s URL | grep '^fedsky_'` shows."""
+    import urllib.request
+
+    print(f"$ curl -s {url} | grep '^fedsky_'", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 (our own listener)
+            text = answer.read().decode()
+    except OSError as exc:
+        print(f"(metrics not reachable: {exc})", flush=True)
+        return
+    for line in text.splitlines():
+        if (
+            line.startswith("fedsky_") and not line.startswith("fedsky_round_duration_seconds_")
+        ) or line.startswith(
+            ("fedsky_round_duration_seconds_count", "fedsky_round_duration_seconds_sum")
+        ):
+            print(line, flush=True)
 
 
 def _say(text: str) -> None:
@@ -119,7 +140,14 @@ def run_demo(*, root: Path, keep: bool) -> int:
     extra = {
         name: digits_datasets(i, len(STUDY_HOSPITALS)) for i, name in enumerate(STUDY_HOSPITALS)
     }
-    box = Onebox(root=root, report_interval_s=10.0, poll_interval_s=1.0, agent_extra=extra)
+    metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+    box = Onebox(
+        root=root,
+        report_interval_s=10.0,
+        poll_interval_s=1.0,
+        agent_extra=extra,
+        controller_extra=f'[metrics]\nlisten = "{metrics_url.split("/")[2]}"',
+    )
     started = time.monotonic()
     try:
         _say("Starting the controller with its managed broker (mutual TLS) in " + str(root))
@@ -149,6 +177,8 @@ def run_demo(*, root: Path, keep: bool) -> int:
                 "--max-latency-ms=250",
                 f"--cost-weight={weight}",
             )
+        _say("The controller's metrics for monitoring (Prometheus format), before the job")
+        _show_metrics(metrics_url)
         _say("A federated job on digits across the three hospitals (data never leaves them)")
         spec = example_job_spec(
             root, name="digits-case-study", participants=list(STUDY_HOSPITALS), rounds=DEMO_ROUNDS
@@ -172,6 +202,8 @@ def run_demo(*, root: Path, keep: bool) -> int:
         _show(box, "models", "download", job["id"], "--best", "--metric", "f1", "-o", str(out))
         _show(box, "models", "verify", str(out))
         print(f"\nbest model: {out}")
+        _say("The metrics after the job: jobs, placements, attempts, rounds, reports")
+        _show_metrics(metrics_url)
         _say(f"Done in {time.monotonic() - started:.0f} s")
         if keep:
             print(f"Still running. fedctl --config {box.controller_config} agents")

@@ -3,23 +3,27 @@ the real controller, broker and agents, `agentctl jobs` as IT runs it.
 
 A denied job fails at once with IT's reason; an approved one waits for the decision, then
 trains and completes; the audit log holds the request and both decisions with who took them.
+The controller's metrics endpoint (`[metrics] listen`) then counts what happened.
 """
 
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fedsky.controller.onebox import Onebox
 
+from tests.support import free_port
 from tests.support.wait import eventually_blocking
 from tests.test_jobs_e2e import HOSPITALS, _datasets, wait_job, write_job
 
 pytestmark = pytest.mark.e2e
 
 MANUAL = "hospital-asia"
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,11 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Onebox]:
     extra = {name: _datasets(i, len(HOSPITALS)) for i, name in enumerate(HOSPITALS)}
     extra[MANUAL] += '[policy]\napproval = "manual"\ndatasets = ["digits"]\n'
     onebox = Onebox(
-        root=root / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra
+        root=root / "box",
+        report_interval_s=3.0,
+        poll_interval_s=0.5,
+        agent_extra=extra,
+        controller_extra=f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"',
     )
     try:
         onebox.start(HOSPITALS)
@@ -91,3 +99,42 @@ def test_an_approved_job_waits_then_completes(box: Onebox, tmp_path: Path) -> No
     assert "no job waits" in agentctl(box, "pending")
     listed = {j["job"]: j["state"] for j in json.loads(agentctl(box, "list", "--json"))}
     assert listed[job_id] == "approved"
+
+
+def _scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        text = answer.read().decode()
+    for name in HOSPITALS:
+        assert name not in text  # counts only: no hospital, job or VM names
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_the_metrics_endpoint_counts_what_happened(box: Onebox) -> None:
+    """After the two jobs above: one failed (denied), one completed with its round timed."""
+    first = _scrape()
+    assert first[("fedsky_agents", (("state", "online"),))] == len(HOSPITALS)
+    assert first[("fedsky_jobs", (("state", "completed"),))] == 1
+    assert first[("fedsky_jobs", (("state", "failed"),))] == 1
+    assert first[("fedsky_placements_total", ())] == 2
+    assert first[("fedsky_task_attempts_total", (("kind", "first"),))] >= 3
+    assert first[("fedsky_round_duration_seconds_count", ())] == 1
+    assert 0 < first[("fedsky_round_duration_seconds_sum", ())] < 600
+    vms = sum(v for (name, _), v in first.items() if name == "fedsky_vms")
+    assert vms == 10  # five per hospital, by state
+    # Reports keep arriving (every 3 s here): the counter moves between two scrapes.
+    eventually_blocking(
+        _scrape,
+        until=lambda now: (
+            now[("fedsky_reports_ingested_total", ())]
+            > first[("fedsky_reports_ingested_total", ())]
+        ),
+        timeout=30,
+        what="the reports counter to move",
+    )

@@ -3,7 +3,7 @@
 Each command group lives in its own module with a `register(subparsers)` function that adds its
 parsers and sets `func` (a callable taking the parsed args and returning an exit code).
 Commands that need the daemon talk to it over its HTTP API (`fedsky.controller.cli.client`);
-`ca init` and `place` run alone.
+`ca init`, `place` and `backup` run alone.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "clouds",
     "users",
     "audit",
+    "backup",
 )
 
 

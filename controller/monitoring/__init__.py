@@ -1,0 +1,1 @@
+"""Metrics for monitoring (`collector.py`) and their settings (`settings.py`)."""
