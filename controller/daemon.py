@@ -42,14 +42,16 @@ from fedsky.controller.bus.broker_config import (
 from fedsky.controller.bus.consumer import ControllerBus
 from fedsky.controller.bus.supervisor import ManagedBroker
 from fedsky.controller.clouds.service import CloudService
+from fedsky.controller.clouds.vault import Vault
 from fedsky.controller.config import ControllerConfig, load_controller_config
 from fedsky.controller.inventory import store as inventory
 from fedsky.controller.inventory.service import InventoryIngest, ReportQuota
 from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.jobs.driver import JobManager
+from fedsky.controller.models import store as registry_tables
 from fedsky.controller.models.service import ModelManager
 from fedsky.controller.monitoring.collector import make_registry, serve_metrics
-from fedsky.controller.security import audit, users
+from fedsky.controller.security import audit, bootstrap_tokens, users
 from fedsky.controller.security.aggregators import AggregatorEnrolment
 from fedsky.controller.security.audit import AuditTrail, HeadSigner
 from fedsky.controller.security.enrollment import record_certificate, revoked_serials
@@ -58,7 +60,13 @@ from fedsky.controller.security.renewal import CertificateRenewal
 from fedsky.controller.security.revocation import RevocationEnforcer
 from fedsky.controller.security.upkeep import LiveCertificate, keep_fresh
 from fedsky.controller.services import Services
-from fedsky.controller.store import Store, StoreError, secure_state_dir, state_lock
+from fedsky.controller.store import (
+    StateInUse,
+    Store,
+    StoreError,
+    secure_state_dir,
+    state_lock,
+)
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
 from fedsky.shared.logs import setup_logging
@@ -102,6 +110,9 @@ def open_parts(config: ControllerConfig) -> tuple[Store, Pki]:
     jobstore.ensure_schema(store)
     users.ensure_schema(store)
     audit.ensure_schema(store)
+    store.ensure_schema(registry_tables.SCHEMA_PART, registry_tables.SCHEMA)
+    Vault.ensure_schema(store)
+    bootstrap_tokens.ensure_schema(store)
     _renew_crl(pki, store)
     return store, pki
 
@@ -412,17 +423,45 @@ def _raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _migrate(config: ControllerConfig) -> int:
+    try:
+        with state_lock(config.state_dir):
+            store, _ = open_parts(config)
+            try:
+                versions = store.call(
+                    lambda conn: conn.execute(
+                        "SELECT part, version FROM schema_parts ORDER BY part"
+                    ).fetchall()
+                )
+            finally:
+                store.close()
+    except (StoreError, ConfigError, OSError) as exc:
+        print(f"fedsky-controller: {exc}", file=sys.stderr)
+        return exitcodes.UNAVAILABLE if isinstance(exc, StateInUse) else exitcodes.FAILED
+    parts = ", ".join(f"{row['part']} {row['version']}" for row in versions)
+    print(f"schema of {config.db_path}: {parts}")
+    return exitcodes.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedsky-controller", description="Run the fedsky controller."
     )
     parser.add_argument("--config", required=True, help="controller.toml")
+    parser.add_argument(
+        "--migrate",
+        action="store_true",
+        help="bring the state's database to this release's schema and exit (a package "
+        "upgrade runs it; refused while a controller runs on the state)",
+    )
     args = parser.parse_args(argv)
     try:
         config = load_controller_config(args.config)
     except ConfigError as exc:
         print(f"fedsky-controller: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
+    if args.migrate:
+        return _migrate(config)
     setup_logging(config.log_level)
     _raise_open_files_limit()
     try:
