@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: install demo demo-hosts test lint typecheck bench artifacts clean
+.PHONY: install demo demo-hosts test lint typecheck bench artifacts packages clean
 
 # Installs what is missing (apt packages, .venv, torch, fedsky). Serialised with flock so that
 # parallel invocations never run two pip installs into the same venv.
@@ -45,6 +45,11 @@ bench: install
 # role, requirements-<role>.txt with --hash lines, manifest.json). ROLES="aggregator" limits it.
 artifacts: install
 	$(PY) scripts/build_artifacts.py $(foreach r,$(ROLES),--role $(r))
+
+# Debian packages (fedsky-agent, -controller, -client, -aggregator) from the wheelhouse, into
+# dist/; `make packages VERSION=x.y.z` sets their version (default: pyproject.toml's).
+packages: artifacts
+	$(PY) packaging/build_debs.py $(if $(VERSION),--version $(VERSION))
 
 clean:
 	rm -rf build *.egg-info .mypy_cache .ruff_cache

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pkg in libvirt-dev pkg-config mosquitto openssh-server openssh-client iproute2; do
+for pkg in libvirt-dev pkg-config mosquitto openssh-server openssh-client iproute2 python3-venv adduser procps; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

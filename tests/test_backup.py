@@ -3,7 +3,8 @@ the same CA, users, enrolled agents and an audit log that still verifies; a tamp
 restore over live state or under a running controller are refused.
 
 Real controllers (their own processes, managed brokers), two state directories standing for
-two hosts."""
+two hosts. Also here, on the same controller: `fedctl agents enroll` checks it can keep the
+bundle and key before it asks for them (they are made once)."""
 
 from __future__ import annotations
 
@@ -95,3 +96,19 @@ def _tamper(source: Path, out: Path, name: str) -> None:
                 data = data.replace(b"A", b"B", 1)
                 member.size = len(data)
             copy.addfile(member, io.BytesIO(data))
+
+
+def test_enrolling_into_a_place_that_cannot_be_written_is_refused_before_enrolling(
+    old_host: Onebox, tmp_path: Path
+) -> None:
+    """The bundle (and key) are made once: fedctl checks it can keep them before asking."""
+    out = tmp_path / "no-such-dir" / "bundle.json"
+    done = old_host.fedctl(
+        "agents", "enroll", "hospital-y", "--location", "aws:us-east-1", "--with-key",
+        "--out", str(out), check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "cannot write" in done.stderr
+    assert "Traceback" not in done.stderr
+    agents = json.loads(old_host.fedctl("agents", "list", "--json").stdout)
+    assert agents == []  # nothing was enrolled

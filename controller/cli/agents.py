@@ -92,6 +92,15 @@ def _write_private(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def _can_write(path: Path) -> bool:
+    import os
+
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.exists():
+        return os.access(path, os.W_OK)
+    return parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+
+
 def _enroll(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {
         "name": args.name,
@@ -103,12 +112,17 @@ def _enroll(args: argparse.Namespace) -> int:
             body["csr_pem"] = args.csr.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             return fail(f"cannot read {args.csr}: {exc}", exitcodes.USAGE)
+    out: Path = args.out or Path(f"{args.name}.bundle.json")
+    # Checked before enrolling: a bundle (and a key) the controller made but that could not be
+    # written would be lost, and the name taken.
+    for path in (out, out.with_name(f"{args.name}.key")) if args.with_key else (out,):
+        if not _can_write(path):
+            return fail(f"cannot write {path}: permission denied or no such directory")
     result, code = call_api(lambda: api_client(args).post("/v1/agents", body))
     if result is None:
         return code
     import json
 
-    out: Path = args.out or Path(f"{args.name}.bundle.json")
     out.write_text(json.dumps(result["bundle"], indent=2))
     print(f"enrolled {args.name} at {args.location}; bundle written to {out}")
     if "key_pem" in result:
