@@ -215,6 +215,8 @@ class AgentConfig(_Section):
     one_box: bool = False
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object per log line (FEDSKY_LOG_FORMAT overrides).
+    log_format: Literal["text", "json"] = "text"
     # A full report at this interval, and at once when a VM's state changes.
     report_interval_s: Seconds = 30.0
     # How often the VMs' states are polled to notice a change.

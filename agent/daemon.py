@@ -499,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StatusError) as exc:
         log.error("%s", exc)
         return exitcodes.CONFIG
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     try:
         asyncio.run(run_agent(config=config, identity=identity, status_gid=gid))
     except StatusError as exc:

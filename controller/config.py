@@ -27,6 +27,8 @@ from pydantic import ValidationInfo, field_validator
 class ControllerConfig(Section):
     state_dir: Path = Path("/var/lib/fedsky")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object per log line (FEDSKY_LOG_FORMAT overrides).
+    log_format: Literal["text", "json"] = "text"
     broker: BrokerConfig = BrokerConfig()
     bus: BusConfig = BusConfig()
     api: ApiConfig = ApiConfig()

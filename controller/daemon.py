@@ -462,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.CONFIG
     if args.migrate:
         return _migrate(config)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     _raise_open_files_limit()
     try:
         asyncio.run(_main_async(config))
