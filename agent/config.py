@@ -207,6 +207,23 @@ class RttProbeSection(_Section):
         return value
 
 
+class MetricsSection(_Section):
+    """`[metrics]`: the optional metrics endpoint (agent/metrics.py)."""
+
+    # "host:port" of the metrics listener; unset: none.
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port (e.g. 127.0.0.1:9465), not {value[:80]!r}")
+        return value
+
+
 class AgentConfig(_Section):
     # Default: the agent id of the installed enrolment bundle; if set, it must match it.
     agent_id: str | None = None
@@ -239,6 +256,8 @@ class AgentConfig(_Section):
     vms: dict[Annotated[str, Field(pattern=VM_NAME_PATTERN)], VmSettings] = {}
     # What the hospital allows fedsky's jobs to do here (datasets, VMs, tasks at once, approval).
     policy: PolicySection = PolicySection()
+    # The optional metrics endpoint (agent/metrics.py).
+    metrics: MetricsSection = MetricsSection()
 
     @field_validator("payload")
     @classmethod

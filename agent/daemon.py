@@ -407,6 +407,15 @@ class AgentDaemon:
                     tg.create_task(self._poller(), name="inventory-poller"),
                     tg.create_task(self._renewer(), name="certificate-renewal"),
                 ]
+                if self.config.metrics.listen:
+                    from .metrics import serve_metrics
+
+                    tasks.append(
+                        tg.create_task(
+                            serve_metrics(listen=self.config.metrics.listen, state=self.state),
+                            name="metrics",
+                        )
+                    )
                 if self.config.policy.approval == "manual":
                     tasks.append(tg.create_task(self._approvals(), name="approvals"))
                 if self.config.rtt_probe.targets and self._rtt_source is not None:

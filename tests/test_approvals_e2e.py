@@ -9,6 +9,7 @@ The controller's metrics endpoint (`[metrics] listen`) then counts what happened
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 MANUAL = "hospital-asia"
 METRICS_PORT = free_port()
+AGENT_METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Onebox]:
     root = tmp_path_factory.mktemp("approvals")
     extra = {name: _datasets(i, len(HOSPITALS)) for i, name in enumerate(HOSPITALS)}
     extra[MANUAL] += '[policy]\napproval = "manual"\ndatasets = ["digits"]\n'
+    extra[MANUAL] += f'[metrics]\nlisten = "127.0.0.1:{AGENT_METRICS_PORT}"\n'
     onebox = Onebox(
         root=root / "box",
         report_interval_s=3.0,
@@ -101,10 +104,10 @@ def test_an_approved_job_waits_then_completes(box: Onebox, tmp_path: Path) -> No
     assert listed[job_id] == "approved"
 
 
-def _scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _scrape(port: int = METRICS_PORT) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as answer:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         assert answer.headers["Content-Type"].startswith("text/plain")
         text = answer.read().decode()
     for name in HOSPITALS:
@@ -138,3 +141,10 @@ def test_the_metrics_endpoint_counts_what_happened(box: Onebox) -> None:
         timeout=30,
         what="the reports counter to move",
     )
+    # The hospital's agent, optionally, the same way.
+    agent = _scrape(AGENT_METRICS_PORT)
+    assert agent[("fedsky_agent_broker_connected", ())] == 1
+    assert agent[("fedsky_agent_reports_sent_total", ())] >= 1
+    assert sum(v for (name, _), v in agent.items() if name == "fedsky_agent_vms") == 5
+    assert agent[("fedsky_agent_tasks_running", ())] == 0
+    assert agent[("fedsky_agent_certificate_expiry_timestamp_seconds", ())] > time.time()
