@@ -1,13 +1,14 @@
-"""Where the time of a federated round goes: the fedsky app run by bare `flwr run`.
+"""Where the time of a federated round goes: the fedsky app run bare (what `flwr run` sends).
 
     python -m benchmarks.fl_overhead [--nodes 3] [--rounds 3] [--model digits] [--json]
 
 Sets up what a fedsky job runs on, by hand: a SuperLink with TLS and SuperNode authentication,
-N SuperNodes on label-skewed partitions of the digits data, then times `flwr run APP --stream`
-of the fedsky app (FedAvg, exact federated metrics, file sink). Prints:
+N SuperNodes on label-skewed partitions of the digits data, then times a run of the fedsky app
+(FedAvg, exact federated metrics, file sink) started and followed through the Control API with
+the controller's certificate (the aggregator's front refuses a plain `flwr run`). Prints:
 
 1. Set-up: SuperLink start, SuperNodes online.
-2. The run: wall time of `flwr run`, the rounds' own durations (from the ServerApp), and the
+2. The run: its wall time, the rounds' own durations (from the ServerApp), and the
    time outside rounds (app start, end of run).
 3. One message's life at a SuperNode, averaged over nodes and rounds, from the SuperNodes' own
    log lines time-stamped as they are written: waiting for it (the SuperNode polls every 3 s;
@@ -288,17 +289,19 @@ async def run_bare(
         run_config.write_text(settings.to_toml())
         app = prepare_app_dir(work / "app")
         t2 = time.monotonic()
-        res = await asyncio.to_thread(
-            subprocess.run,
-            control.run_command(app_dir=app, run_config_file=run_config, stream=True),
-            env=control.env,
-            capture_output=True,
-            text=True,
-            timeout=3600,
-        )
+        # The run started and followed through the Control API with the controller's
+        # certificate, as a fedsky job's is: the aggregator's front serves Control to nothing
+        # else (a plain `flwr run` is refused there).
+        run_id = await control.start_run(app_dir=app, settings=settings, run_config_file=run_config)
+        status = await control.run_status(run_id)
+        while not status.startswith("finished"):
+            if time.monotonic() - t2 > 3600:
+                raise RuntimeError(f"run {run_id} did not finish within an hour ({status})")
+            await asyncio.sleep(0.2)
+            status = await control.run_status(run_id)
         wall = time.monotonic() - t2
-        if res.returncode != 0:
-            raise RuntimeError(f"flwr run failed: {res.stdout[-2000:]} {res.stderr[-2000:]}")
+        if status != "finished:completed":
+            raise RuntimeError(f"the run ended {status}")
         done, end = read_file_sink(sink)
         if end is None or end.status != "completed":
             raise RuntimeError(f"the run did not complete: {end}")

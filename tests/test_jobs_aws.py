@@ -289,8 +289,8 @@ def test_job_on_aws_launches_the_chosen_instance_and_terminates_it_when_the_laun
     assert "PRIVATE KEY" not in user_data
     assert aws_box.enroll_url in user_data
     assert re.search(r"fsk1_[A-Za-z0-9_-]+", user_data)  # the one-time token
-    assert f"--port {aws_box.superlink_port}" in user_data
-    assert "--enable-supernode-auth" in user_data
+    assert f"--listen 0.0.0.0:{aws_box.superlink_port}" in user_data
+    assert "/bin/fedsky-aggregator --listen" in user_data  # node auth behind the front
     # fedsky comes from the pinned artifacts on the enrolment listener, never from an index.
     assert "--no-index" in user_data
     assert "--require-hashes" in user_data

@@ -113,8 +113,8 @@ async def test_launch_makes_the_instance_asked_for_and_terminate_removes_it(
     assert "fsk1_" in user_data  # the one-time token
     assert_pinned_install(user_data, tmp_path / "state")
     assert "openssl genpkey" in user_data
-    assert "--port 9092" in user_data
-    assert "--enable-supernode-auth" in user_data
+    assert "--listen 0.0.0.0:9092" in user_data
+    assert "/bin/fedsky-aggregator --listen" in user_data  # node auth behind the front
 
     (group,) = _groups(moto, "job-launch-1")
     assert [g["GroupId"] for g in instance["SecurityGroups"]] == [group["GroupId"]]

@@ -225,16 +225,23 @@ async def test_the_revoke_view_revokes_then_restarts_the_managed_broker(
 
 
 async def test_the_crl_timer_renews_a_crl_near_its_end_and_the_broker_reloads_it(
-    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pki: Pki, tmp_path: Path
 ) -> None:
     from fedsky.controller import daemon
+    from fedsky.controller.security.upkeep import keep_fresh
 
     store = Store(tmp_path / "controller.db")
     inventory.ensure_schema(store)
     pki.write_crl([], days=2)  # past it, Mosquitto would refuse every client
-    monkeypatch.setattr(daemon, "CRL_CHECK_S", 0.01)
     broker = FakeBroker()
-    timer = asyncio.create_task(daemon._crl_timer(pki, store, broker))  # type: ignore[arg-type]
+    timer = asyncio.create_task(
+        keep_fresh(
+            renew_crl=lambda: daemon._renew_crl(pki, store),
+            reload_crl=broker.reload_crl,
+            certificates=[],
+            interval_s=0.01,
+        )
+    )
     try:
         await eventually(lambda: broker.reloads, timeout=5, what="the broker to reload the CRL")
     finally:

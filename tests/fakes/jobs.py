@@ -8,6 +8,7 @@ SuperLink control surface, the Model Manager and the broker's revocation are sta
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from fedsky.controller.bus.consumer import BusUnavailable
 from fedsky.controller.clouds.base import (
     AggregatorFiles,
@@ -58,8 +61,16 @@ Reply = list[tuple[str, str] | tuple[str, str, FailureKind]]
 Behaviour = Callable[[str, Command], Reply | None]
 
 
+@functools.cache
 def key_text(agent: str, job_id: str, generation: int, role: str) -> str:
-    return f"ecdsa-sha2-nistp384 AAAA{agent}-{job_id}-{generation}-{role}"
+    """A real P-384 node key (OpenSSH), one per (agent, job, generation, role): the controller
+    issues the SuperNode's certificate over it."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    return (
+        key.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
 
 
 class ScriptedAgents:
