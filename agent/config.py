@@ -52,6 +52,7 @@ from fedsky.shared.config import ConfigError, load_config, resolve_path
 from fedsky.shared.datasets import DatasetSpec
 from fedsky.shared.ids import InvalidIdError, check_agent_id
 from fedsky.shared.jobspec import DATASET_NAME_PATTERN
+from fedsky.shared.net import parse_listen
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 if TYPE_CHECKING:  # cryptography stays out of `agentctl status`
@@ -218,9 +219,7 @@ class MetricsSection(_Section):
     def _listen(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"must be host:port (e.g. 127.0.0.1:9465), not {value[:80]!r}")
+        parse_listen(value)
         return value
 
 

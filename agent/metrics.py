@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 
+from fedsky.shared.net import parse_listen
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -85,8 +86,8 @@ async def serve_metrics(*, listen: str, state: AgentState) -> None:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    host, _, port = listen.rpartition(":")
-    server = await asyncio.start_server(answer, host.strip("[]"), int(port), limit=_MAX_REQUEST)
+    host, port = parse_listen(listen)
+    server = await asyncio.start_server(answer, host, port, limit=_MAX_REQUEST)
     log.info("metrics on http://%s/metrics", listen)
     async with server:
         await server.serve_forever()

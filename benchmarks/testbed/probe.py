@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedsky.shared.supernode import generate_node_key
+
 CONNECTION = "target"
 _TIMEOUT_S = 120.0
 
@@ -34,21 +36,6 @@ def _foreign_app(directory: Path, marker: Path) -> Path:
         f"open({str(marker)!r}, 'w').write('foreign code ran')\napp = None\n"
     )
     return app
-
-
-def _node_key(directory: Path) -> Path:
-    """A SuperNode public key of the hospital's own making (P-384, OpenSSH)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    path = directory / "own-node.pub"
-    path.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    )
-    return path
 
 
 def probe_control(
@@ -74,7 +61,7 @@ def probe_control(
             flwr,
             "supernode",
             "register",
-            str(_node_key(work)),
+            str(generate_node_key(work / "own-node", "node").public_key),
             CONNECTION,
         ],
     }

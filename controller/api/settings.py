@@ -14,6 +14,7 @@ from fedsky.controller.settings import (
 )
 from fedsky.shared.artifacts import ArtifactError, check_file, read_manifest
 from fedsky.shared.config import resolve_path
+from fedsky.shared.net import parse_listen
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 
@@ -38,10 +39,8 @@ class ApiConfig(Section):
     def _listen(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"must be host:port (e.g. 0.0.0.0:8443), not {value[:80]!r}")
-        check_bind_host(host.strip("[]"))
+        host, _ = parse_listen(value)
+        check_bind_host(host)
         return value
 
     @field_validator("public_names")

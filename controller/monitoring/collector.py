@@ -19,6 +19,7 @@ from aiohttp import web
 from fedsky.controller.bus.consumer import BusStats
 from fedsky.controller.jobs.store import ACTIVE_STATES, END_STATES
 from fedsky.controller.store import Store
+from fedsky.shared.net import parse_listen
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -144,9 +145,9 @@ async def serve_metrics(*, listen: str, registry: CollectorRegistry) -> None:
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    host, _, port = listen.rpartition(":")
+    host, port = parse_listen(listen)
     try:
-        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        await web.TCPSite(runner, host, port).start()
         log.info("metrics on http://%s/metrics", listen)
         await asyncio.Event().wait()
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fedsky.controller.settings import Section, check_bind_host
+from fedsky.shared.net import parse_listen
 from pydantic import field_validator
 
 
@@ -15,8 +16,6 @@ class MetricsConfig(Section):
     def _listen(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"must be host:port (e.g. 127.0.0.1:9464), not {value[:80]!r}")
-        check_bind_host(host.strip("[]"))
+        host, _ = parse_listen(value)
+        check_bind_host(host)
         return value

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsky.shared.ids import CONTROLLER_ID, is_node_name
+from fedsky.shared.net import free_port, parse_listen
 
 log = logging.getLogger("fedsky.aggregator")
 
@@ -253,14 +254,6 @@ def write_secret(directory: Path) -> Path:
     return path
 
 
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _answers(port: int, ctx: ssl.SSLContext) -> bool:
     try:
         _, writer = await asyncio.wait_for(
@@ -303,7 +296,7 @@ async def serve(
     from aiohttp import web
 
     secret = write_secret(work_dir)
-    port = _free_loopback_port()
+    port = free_port("127.0.0.1")
     child_env = dict(os.environ if env is None else env)
     superlink = await asyncio.create_subprocess_exec(
         *superlink_command(
@@ -377,13 +370,10 @@ async def serve(
 
 
 def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
-    number = int(port)
-    if not 0 < number < 65536:
-        raise argparse.ArgumentTypeError(f"port {number} is out of range")
-    return host.strip("[]"), number
+    try:
+        return parse_listen(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
