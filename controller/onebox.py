@@ -63,6 +63,7 @@ class Onebox:
     agent_extra: Mapping[str, str] = field(default_factory=dict)  # extra TOML per agent
     controller_extra: str = ""
     inventory_extra: str = ""  # more `[inventory]` keys
+    orchestrator_extra: str = ""  # more `[orchestrator]` keys
     quiet: bool = True
     controller: subprocess.Popen[bytes] | None = None
     agents: dict[str, AgentProcess] = field(default_factory=dict)
@@ -160,6 +161,7 @@ class Onebox:
                     # test suite's load its CPU is often above the production threshold.
                     "[orchestrator]",
                     "host_cpu_max_percent = 100.0",
+                    self.orchestrator_extra,
                     self.controller_extra,
                     "",
                 ]

@@ -78,10 +78,17 @@ def test_destroyed_vm_moves_the_participant_and_the_job_completes(tmp_path: Path
 
 def test_queue_position_survives_a_controller_restart(tmp_path: Path) -> None:
     """Successive jobs take each participant's VMs in turn, and a restarted controller goes on
-    from where the queue was: a fresh queue would give the second job the first job's VMs."""
+    from where the queue was: a fresh queue would give the second job the first job's VMs.
+
+    Every VM weighs the same (`max_weight = 1`, plain round robin): weights follow the hosts'
+    CPU load, and a VM weighing more may rightly be taken twice in a row."""
     extra = {name: _datasets(i, len(HOSPITALS)) for i, name in enumerate(HOSPITALS)}
     box = Onebox(
-        root=tmp_path / "box", report_interval_s=3.0, poll_interval_s=0.5, agent_extra=extra
+        root=tmp_path / "box",
+        report_interval_s=3.0,
+        poll_interval_s=0.5,
+        agent_extra=extra,
+        orchestrator_extra="max_weight = 1",
     )
     try:
         box.start(HOSPITALS)
