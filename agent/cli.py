@@ -39,13 +39,16 @@ class _Failed(Exception):
     pass
 
 
-def _config(args: argparse.Namespace) -> AgentConfig:
+def _config(args: argparse.Namespace, *, missing_ok: bool = False) -> AgentConfig:
     """The config named by --config, else the default file if it exists, else defaults.
 
     `--state-dir` overrides the config's state directory (and with it every default path).
+    `missing_ok`: a --config file that does not exist yet means defaults (enrolment creates it).
     """
     path: Path | None = args.config
-    if path is None and default_config_path().exists():
+    if path is not None and missing_ok and not path.exists():
+        path = None
+    elif path is None and default_config_path().exists():
         path = default_config_path()
     config = load_agent_config(path) if path is not None else AgentConfig()
     state_dir: Path | None = getattr(args, "state_dir", None)
@@ -184,9 +187,11 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
     # cryptography is imported only here: `status` stays light.
+    from .config_file import ConfigFileError, configured_agent_id
+    from .config_file import record as record_in_config
     from .enroll import EnrolError, install_bundle, make_request
 
-    config = _config(args)
+    config = _config(args, missing_ok=args.target != _REQUEST)
     paths = config.install_paths
     try:
         if args.target == _REQUEST:
@@ -208,21 +213,56 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
             return exitcodes.OK
         if args.name is not None or args.out is not None or args.new_key:
             raise _UsageError("usage: agentctl enroll BUNDLE [--key FILE] [--force]")
+        config_path = _enrolment_config_path(args)
         bundle = install_bundle(
-            bundle_path=Path(args.target), paths=paths, key_source=args.key, force=args.force
+            bundle_path=Path(args.target),
+            paths=paths,
+            key_source=args.key,
+            force=args.force,
+            expected_agent_id=(
+                configured_agent_id(config_path) if config_path is not None else None
+            ),
         )
     except _UsageError as exc:
         print(str(exc), file=sys.stderr)
         return exitcodes.USAGE
-    except (EnrolError, OSError) as exc:
+    except (EnrolError, ConfigFileError, OSError) as exc:
         print(f"enrolment failed: {exc}", file=sys.stderr)
         return exitcodes.FAILED
     print(
         f"enrolled as {bundle.agent_id} ({bundle.location}); broker {bundle.broker_host}:"
         f"{bundle.broker_port}; certificate valid until {bundle.not_after:%Y-%m-%d}"
     )
+    if config_path is None:
+        print("no config file named: the agent's identity is in the installed bundle alone")
+    else:
+        values = {"agent_id": bundle.agent_id}
+        if args.state_dir is not None:
+            values["state_dir"] = str(paths.state_dir)
+        try:
+            written = record_in_config(config_path, values, group_of=paths.state_dir)
+        except (ConfigFileError, OSError) as exc:
+            # The certificates are installed and the agent reads its identity from them.
+            print(f"warning: agent_id not recorded in the config: {exc}", file=sys.stderr)
+        else:
+            print(f"config {written.path}: {written.outcome} (agent_id = {bundle.agent_id})")
     print(f"installed into {paths.state_dir}; (re)start the agent: systemctl restart fedsky-agent")
     return exitcodes.OK
+
+
+def _enrolment_config_path(args: argparse.Namespace) -> Path | None:
+    """The config file `agentctl enroll BUNDLE` records the agent's identity in.
+
+    The file in use (`--config`, $FEDSKY_AGENT_CONFIG or the default) when it exists, or when
+    named by `--config`; the default file is created too unless `--state-dir` points the
+    enrolment somewhere of its own. None: no config file to write.
+    """
+    if args.config is not None:
+        return Path(args.config)
+    path = default_config_path()
+    if path.exists() or args.state_dir is None:
+        return path
+    return None
 
 
 # --- vm register --------------------------------------------------------------------------------

@@ -216,9 +216,18 @@ def verify_bundle(
 
 
 def install_bundle(
-    *, bundle_path: Path, paths: InstallPaths, key_source: Path | None = None, force: bool = False
+    *,
+    bundle_path: Path,
+    paths: InstallPaths,
+    key_source: Path | None = None,
+    force: bool = False,
+    expected_agent_id: str | None = None,
 ) -> EnrolmentBundle:
-    """Check `bundle_path` against the local key (or `key_source`) and install it."""
+    """Check `bundle_path` against the local key (or `key_source`) and install it.
+
+    `expected_agent_id`: the agent id the config already names; a bundle for another one is
+    refused unless `force` (re-enrolment under a new name).
+    """
     try:
         bundle = read_bundle(bundle_path)
     except BundleError as exc:
@@ -227,6 +236,11 @@ def install_bundle(
         check_agent_id(bundle.agent_id)
     except InvalidIdError as exc:
         raise EnrolError(f"{bundle_path}: {exc}") from None
+    if expected_agent_id is not None and expected_agent_id != bundle.agent_id and not force:
+        raise EnrolError(
+            f"the config names agent {expected_agent_id!r} but this bundle is for "
+            f"{bundle.agent_id!r}; pass --force to enrol under the new name"
+        )
     key = _load_key(key_source if key_source is not None else paths.key_file)
     verify_bundle(bundle, key)
 

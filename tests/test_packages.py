@@ -191,6 +191,10 @@ def test_install_enrol_run_upgrade_and_purge(debs: dict[str, Path], tmp_path: Pa
             "agentctl", "--config", str(agent_toml), "enroll", str(bundle),
             "--key", str(bundle.parent / "hospital-x.key"),
         )  # fmt: skip
+        # Enrolment recorded who the agent is in IT's file, which keeps its own lines.
+        recorded = agent_toml.read_text()
+        assert 'agent_id = "hospital-x"' in recorded
+        assert recorded.startswith("# edited by hospital IT\n")
         key = Path("/var/lib/fedsky-agent/agent.key")
         assert key.stat().st_uid == pwd.getpwnam("fedsky-agent").pw_uid
         assert key.stat().st_mode & 0o777 == 0o600
