@@ -384,10 +384,10 @@ def run_smoke(
                 started = time.monotonic()
                 submitted = json.loads(box.fedctl("job", "submit", str(job_file), "--json").stdout)
                 job_id = submitted["id"]
+                # What a hospital's machine can do to the aggregator, tried before any cut.
+                control_probe = _probe_mid_job(box, plan, job_id, root / "probe")
                 if failover:
                     cut = _cut_mid_job(box, relays, testbed, plan, job_id, watch)
-                else:
-                    control_probe = _probe_mid_job(box, plan, job_id, root / "probe")
                 job = wait_job(box, job_id, deadline=started + JOB_TIMEOUT_S)
                 timings["job_s"] = round(time.monotonic() - started, 1)
                 watch.stop()
@@ -397,8 +397,7 @@ def run_smoke(
                     result["rounds_table"] = models.stdout.rstrip()
                 if cut is not None:
                     result["failover"] = _failover(job, watch, cut)
-                else:
-                    result["control_probe"] = control_probe
+                result["control_probe"] = control_probe
             finally:
                 watch.stop()
     except (OneboxError, ApiError, ControllerUnavailable) as exc:
