@@ -21,7 +21,9 @@ demo: install
 demo-hosts: install
 	$(PY) -m benchmarks.testbed --demo $(DEMO_ARGS)
 
-test: install
+# The tests also need a browser for the dashboard's (Debian's chromium, driven by Playwright).
+test:
+	@flock /tmp/fedsky-install.lock bash scripts/bootstrap.sh --browser
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --strict -p fedsky.controller -p fedsky.agent -p fedsky.shared

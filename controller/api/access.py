@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import SystemRoute
+from fedsky.controller.api.dashboard import PUBLIC_ROUTES
 from fedsky.controller.api.responses import SERVICES, json_error
 from fedsky.controller.jobs import store as jobstore
 from fedsky.controller.security import users
@@ -97,6 +98,10 @@ RULES: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/audit"): Rule(ADMIN),
     ("GET", "/v1/audit/verify"): Rule(ADMIN),
     ("GET", "/v1/ca"): Rule(OPERATOR),
+    ("POST", "/v1/placement"): Rule(VIEWER),
+    ("POST", "/v1/job-specs"): Rule(SCIENTIST),
+    ("GET", "/v1/events"): Rule(VIEWER),
+    ("GET", "/v1/session"): Rule(VIEWER),
     ("POST", "/v1/session"): Rule(VIEWER, "session.open"),
     ("DELETE", "/v1/session"): Rule(VIEWER, "session.close"),
 }
@@ -221,6 +226,10 @@ async def _not_own_job(request: web.Request, caller: Caller) -> str | None:
 async def authorize(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    route = request.match_info.route
+    canonical = route.resource.canonical if route.resource else ""
+    if (request.method if request.method != "HEAD" else "GET", canonical) in PUBLIC_ROUTES:
+        return await handler(request)  # the dashboard's static pages: no data in them
     try:
         caller = await identify(request)
     except CsrfRefused as exc:
@@ -238,10 +247,9 @@ async def authorize(
         )
         unauthenticated.headers["WWW-Authenticate"] = 'Bearer realm="fedsky"'
         return unauthenticated
-    route = request.match_info.route
     if isinstance(route, SystemRoute):  # no such route, or method not allowed: answered as such
         return await handler(request)
-    rule = rule_for(request.method, route.resource.canonical if route.resource else "")
+    rule = rule_for(request.method, canonical)
     if rule is None:
         log.error("no access rule for %s %s: refused", request.method, request.path)
         return json_error(403, "no access rule for this route", exit_code=exitcodes.FAILED)

@@ -75,6 +75,10 @@ async def revoke_user(request: web.Request) -> web.Response:
 async def audit_records(request: web.Request) -> web.Response:
     after = whole_number(request.query.get("after"), "after", default=0, lo=0, hi=2**63 - 1)
     limit = whole_number(request.query.get("limit"), "limit", default=100, lo=1, hi=10_000)
+    # ?last=N: the latest N records (the dashboard's recent events), oldest first.
+    last = whole_number(request.query.get("last"), "last", default=0, lo=0, hi=10_000)
+    if last:
+        return json_ok(await _trail(request).records(after=after, limit=last, last=True))
     return json_ok(await _trail(request).records(after=after, limit=limit))
 
 
@@ -89,6 +93,15 @@ async def ca_status(request: web.Request) -> web.Response:
     # The managed broker's server certificate (not issued through the store's records).
     files = [svc.broker.files.cert_file] if svc.broker is not None else []
     return json_ok(await svc.store.run(expiry.ca_status, pki=svc.need_pki(), files=files))
+
+
+@routes.get("/v1/session")
+async def who_am_i(request: web.Request) -> web.Response:
+    """Who the session (or token) is: the dashboard asks on load to know whether to log in."""
+    caller = caller_of(request)
+    if caller is None:
+        raise ApiProblem(401, "no caller", exit_code=exitcodes.USAGE)
+    return json_ok({"user": caller.name, "role": caller.role.label})
 
 
 @routes.post("/v1/session")

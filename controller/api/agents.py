@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 from aiohttp import web
@@ -17,6 +17,8 @@ from fedsky.controller.api.responses import (
 )
 from fedsky.controller.bus.consumer import BusUnavailable
 from fedsky.controller.inventory import store as inventory
+from fedsky.controller.orchestrator.eligibility import annotate_eligibility
+from fedsky.controller.orchestrator.policy import MinResources, Policy
 from fedsky.controller.security import enrollment
 from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
@@ -81,10 +83,33 @@ async def agent_history(request: web.Request) -> web.Response:
     return json_ok(await _services(request).store.run(inventory.history, agent_id, limit))
 
 
+_MINIMUM_KEYS = ("min_vcpus", "min_memory_gib", "min_disk_gib")
+
+
 @routes.get("/v1/vms")
 async def list_vms(request: web.Request) -> web.Response:
+    """Every VM; with a job's minimums (`min_vcpus`, `min_memory_gib`, `min_disk_gib`), each
+    also says whether the orchestrator could give it a task now and, if not, why."""
+    svc = _services(request)
     agent_id = request.query.get("agent")
-    return json_ok(await _services(request).store.run(inventory.list_vms, agent_id))
+    rows = await svc.store.run(inventory.list_vms, agent_id)
+    if not any(key in request.query for key in _MINIMUM_KEYS):
+        return json_ok(rows)
+    q = request.query
+    minimum = MinResources(
+        vcpus=whole_number(q.get("min_vcpus"), "min_vcpus", default=0, lo=0, hi=4096),
+        memory_gib=finite_number(
+            q.get("min_memory_gib"), "min_memory_gib", default=0, lo=0, hi=1e6
+        ),
+        disk_gib=finite_number(q.get("min_disk_gib"), "min_disk_gib", default=0, lo=0, hi=1e7),
+    )
+    tasks = await svc.jobs.active_tasks() if svc.jobs is not None else {}
+    policy = svc.config.orchestrator if svc.config is not None else Policy()
+    return json_ok(
+        annotate_eligibility(
+            rows, minimum=minimum, policy=policy, now=datetime.now(UTC), tasks=tasks
+        )
+    )
 
 
 @routes.post("/v1/agents")

@@ -8,7 +8,7 @@ request passes `access.authorize` first (who calls, may they, the audit record).
 from __future__ import annotations
 
 from aiohttp import web
-from fedsky.controller.api import admin, agents, clouds, jobs, models
+from fedsky.controller.api import admin, agents, clouds, dashboard, events, jobs, models, placement
 from fedsky.controller.api.access import authorize
 from fedsky.controller.api.responses import SERVICES, answer_errors
 from fedsky.controller.security import audit, users
@@ -21,6 +21,9 @@ ROUTE_TABLES: tuple[web.RouteTableDef, ...] = (
     models.routes,
     clouds.routes,
     admin.routes,
+    placement.routes,
+    events.routes,
+    dashboard.routes,
 )
 
 MAX_BODY_BYTES = 64 << 20  # uploads (model files, credential files) stay well under this
@@ -33,6 +36,7 @@ def make_app(services: Services) -> web.Application:
     # `authorize` outermost: it sees the final (JSON) answer of every view for the audit log.
     app = web.Application(middlewares=[authorize, answer_errors], client_max_size=MAX_BODY_BYTES)
     app[SERVICES] = services
+    app[events.EVENT_STREAMS] = events.StreamCount()
     for routes in ROUTE_TABLES:
         app.add_routes(routes)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -21,10 +22,14 @@ from fedsky.controller.jobs.records import JobRejected
 from fedsky.controller.models.errors import NotFound
 from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
+from fedsky.shared.config import ConfigError
+from fedsky.shared.jobspec import parse_job_spec_text
 from fedsky.shared.modelfile import MAX_MODEL_FILE_BYTES, ModelFileError
 from pydantic import BaseModel, ConfigDict, Field
 
 routes = web.RouteTableDef()
+
+MAX_SPEC_BYTES = 256 << 10
 
 
 class SubmitRequest(BaseModel):
@@ -73,6 +78,30 @@ async def upload_model_file(request: web.Request) -> web.Response:
     return json_ok(stored.to_json(), status=201)
 
 
+@routes.post("/v1/job-specs")
+async def check_spec(request: web.Request) -> web.Response:
+    """A job spec file's text (TOML, or YAML with `?format=yaml`) checked and returned as the
+    JSON `POST /v1/jobs` takes: the dashboard submits a spec file the way `fedctl` reads one."""
+    fmt = request.query.get("format", "toml")
+    if fmt not in ("toml", "yaml"):
+        raise ApiProblem(400, "format must be toml or yaml", exit_code=exitcodes.USAGE)
+    raw = await request.read()
+    if not raw.strip():
+        raise ApiProblem(400, "empty job spec", exit_code=exitcodes.USAGE)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise ApiProblem(413, f"a job spec is at most {MAX_SPEC_BYTES >> 10} KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiProblem(400, "a job spec must be UTF-8 text", exit_code=exitcodes.USAGE) from None
+    name = Path(f"job.{fmt}")
+    try:
+        spec = parse_job_spec_text(text, path=name, fmt="yaml" if fmt == "yaml" else "toml")
+    except ConfigError as exc:
+        raise ApiProblem(400, str(exc), exit_code=exitcodes.USAGE) from None
+    return json_ok({"spec": spec.model_dump(mode="json")})
+
+
 @routes.post("/v1/jobs")
 async def submit(request: web.Request) -> web.Response:
     body = SubmitRequest.model_validate(await request.json())
@@ -96,19 +125,27 @@ async def list_jobs(request: web.Request) -> web.Response:
     return json_ok(await _svc(request).store.run(jobstore.list_jobs))
 
 
-@routes.get("/v1/jobs/{job_id}")
-async def get_job(request: web.Request) -> web.Response:
-    job = await _job(request)
-    models = _svc(request).models
+async def job_detail(svc: Services, job_id: str) -> dict[str, Any]:
+    """A job with its tasks and each round's predicted and measured time (also streamed by
+    `/v1/events?job=ID`)."""
+    try:
+        job: dict[str, Any] = await svc.store.run(jobstore.get_job, job_id)
+    except jobstore.JobNotFound:
+        raise ApiProblem(404, f"no job {job_id!r}") from None
     rounds = []
-    if models is not None:
+    if svc.models is not None:
         try:
-            rounds = await models.rounds(job["id"])
+            rounds = await svc.models.rounds(job["id"])
         except NotFound:
             rounds = []  # not recorded yet
     # The placement's predicted round time beside each round's measured one.
     job["round_times"] = round_times(job.get("placement"), rounds)
-    return json_ok(job)
+    return job
+
+
+@routes.get("/v1/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    return json_ok(await job_detail(_svc(request), request.match_info["job_id"]))
 
 
 @routes.post("/v1/jobs/{job_id}/cancel")

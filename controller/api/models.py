@@ -16,6 +16,7 @@ exported from it): the weights never need to travel back to the controller to be
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from fedsky.controller.api.responses import (
@@ -137,10 +138,9 @@ async def signing_key(request: web.Request) -> web.Response:
     return json_ok({"algorithm": "ed25519", "key_id": key_id, "public_key_pem": pem})
 
 
-@routes.get("/v1/jobs/{job}/models")
-async def list_rounds(request: web.Request) -> web.Response:
-    registry = _registry(request)
-    job_id = request.match_info["job"]
+async def job_rounds(registry: ModelManager, job_id: str) -> dict[str, Any]:
+    """A job's rounds, the policy keeping them and the recommended round (also streamed by
+    `/v1/events?job=ID`)."""
     try:
         job = await registry.job(job_id)
         rounds = await registry.rounds(job_id)
@@ -150,13 +150,16 @@ async def list_rounds(request: web.Request) -> web.Response:
     shown = job.to_dict()
     # The policy in force: the job's own, or the controller's default.
     shown["retention"] = (job.retention or registry.config.default_policy).describe()
-    return json_ok(
-        {
-            "job": shown,
-            "rounds": [r.to_dict() for r in rounds],
-            "recommended": rec.best.round if rec.best else None,
-        }
-    )
+    return {
+        "job": shown,
+        "rounds": [r.to_dict() for r in rounds],
+        "recommended": rec.best.round if rec.best else None,
+    }
+
+
+@routes.get("/v1/jobs/{job}/models")
+async def list_rounds(request: web.Request) -> web.Response:
+    return json_ok(await job_rounds(_registry(request), request.match_info["job"]))
 
 
 @routes.get(r"/v1/jobs/{job}/models/{round:\d+}")

@@ -31,6 +31,10 @@ class ApiConfig(Section):
     public_names: list[Annotated[str, Field(min_length=1, max_length=253)]] = []
     # How long a browser session (a token traded for a cookie, `POST /v1/session`) lasts.
     session_ttl_s: Annotated[float, Field(ge=60, le=7 * 86400)] = 12 * 3600.0
+    # How often a live stream (`/v1/events`, the dashboard's) looks for changes, and how many
+    # streams may be open at once.
+    events_interval_s: Annotated[float, Field(ge=0.2, le=60)] = 1.0
+    max_event_streams: Annotated[int, Field(ge=1, le=1000)] = 32
     # Refused: kept so that a config that still sets it is told why (docs/security.md).
     tcp: str | None = None
 

@@ -325,3 +325,7 @@ class JobManager:
 
     async def explain(self, job_id: str) -> dict[str, Any]:
         return await self.ctx.queue.explain(job_id)
+
+    async def active_tasks(self) -> dict[str, int]:
+        """Tasks running now per VM key (`agent/vm`): what makes a VM busy."""
+        return dict(await self.ctx.queue.active_tasks())

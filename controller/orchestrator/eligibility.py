@@ -11,10 +11,17 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from datetime import datetime
+from typing import Any, Literal
 
 from fedsky.controller.orchestrator.failures import Rest, reason_text
-from fedsky.controller.orchestrator.policy import MinResources, Policy, VmCandidate, number_text
+from fedsky.controller.orchestrator.policy import (
+    MinResources,
+    Policy,
+    VmCandidate,
+    candidates_from_inventory,
+    number_text,
+)
 
 # --- The minimum-resource rule -----------------------------------------------------------------
 
@@ -242,3 +249,21 @@ def _shortfall(minimum: MinResources, vms: Sequence[VmCandidate]) -> str:
             f"{number_text(closest.disk_gib)} GiB disk)"
         )
     return "; ".join(parts) + hint
+
+
+def annotate_eligibility(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    minimum: MinResources,
+    policy: Policy,
+    now: datetime,
+    tasks: Mapping[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """The inventory's VM rows (`inventory.store.list_vms`), each with `eligible` and the
+    `reasons` it could not take a task with `minimum` now: what the dashboard shows."""
+    candidates = candidates_from_inventory(rows, now=now, tasks=tasks)
+    out = []
+    for row, vm in zip(rows, candidates, strict=True):
+        why = skip_reasons(vm, minimum=minimum, policy=policy, now=now.timestamp())
+        out.append({**row, "eligible": not why, "reasons": why})
+    return out

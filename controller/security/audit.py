@@ -161,11 +161,20 @@ def append(
 
 
 def list_records(
-    conn: sqlite3.Connection, *, after: int = 0, limit: int = 100
+    conn: sqlite3.Connection, *, after: int = 0, limit: int = 100, last: bool = False
 ) -> list[dict[str, Any]]:
-    rows = conn.execute(
-        "SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-    ).fetchall()
+    """Records after `after` in order, at most `limit`; with `last`, the latest `limit` of them
+    (still oldest first)."""
+    if last:
+        rows = conn.execute(
+            "SELECT * FROM (SELECT * FROM audit_log WHERE seq > ? ORDER BY seq DESC LIMIT ?) "
+            "ORDER BY seq",
+            (after, limit),
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            "SELECT * FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        ).fetchall()
     return [dict(r) for r in rows]
 
 
@@ -318,8 +327,10 @@ class AuditTrail:
         except Exception:
             log.exception("cannot write the audit record of %s by %s", action, actor)
 
-    async def records(self, *, after: int = 0, limit: int = 100) -> list[dict[str, Any]]:
-        return await self.store.run(list_records, after=after, limit=limit)
+    async def records(
+        self, *, after: int = 0, limit: int = 100, last: bool = False
+    ) -> list[dict[str, Any]]:
+        return await self.store.run(list_records, after=after, limit=limit, last=last)
 
     async def verify(self) -> Verdict:
         head_path = self.signer.path if self.signer else self.store.path.parent / HEAD_FILE
