@@ -67,11 +67,28 @@ def browser() -> Iterator[Any]:
             launched.close()
 
 
-def _context(browser: Any) -> Any:
+class Problems(list[str]):
+    """Uncaught errors and console errors of every page of a context (a refused request's own
+    "Failed to load resource" line aside: the tests make some on purpose), CSP violations among
+    them."""
+
+    def watch(self, page: Any) -> None:
+        page.on("pageerror", lambda exc: self.append(f"uncaught: {exc}"))
+        page.on("console", self._console)
+
+    def _console(self, message: Any) -> None:
+        if message.type == "error" and "Failed to load resource" not in message.text:
+            self.append(message.text)
+
+
+def _context(browser: Any) -> tuple[Any, Problems]:
     # The listener's certificate is from fedsky's own CA, which chromium's store does not hold.
-    return browser.new_context(
+    context = browser.new_context(
         viewport={"width": 1280, "height": 800}, ignore_https_errors=True, accept_downloads=True
     )
+    problems = Problems()
+    context.on("page", problems.watch)
+    return context, problems
 
 
 def _login(page: Any, url: str, token: str, who: str) -> None:
@@ -121,7 +138,7 @@ def test_an_operator_follows_hospitals_clouds_placement_a_job_and_its_model(
 ) -> None:
     onebox, url = box
     token = onebox.fedctl("users", "add", "ada", "--role", "admin").stdout.strip()
-    context = _context(browser)
+    context, problems = _context(browser)
     page = context.new_page()
     page.goto(f"{url}/")
     page.wait_for_selector("#login-token")
@@ -281,6 +298,7 @@ def test_an_operator_follows_hospitals_clouds_placement_a_job_and_its_model(
     )
     assert onebox.api.get("/v1/agents/hospital-asia")["state"] == "revoked"
     context.close()
+    assert problems == [], problems
 
 
 def test_a_viewer_sees_but_cannot_submit_upload_or_revoke(
@@ -288,7 +306,7 @@ def test_a_viewer_sees_but_cannot_submit_upload_or_revoke(
 ) -> None:
     onebox, url = box
     token = onebox.fedctl("users", "add", "vince", "--role", "viewer").stdout.strip()
-    context = _context(browser)
+    context, problems = _context(browser)
     page = context.new_page()
     _login(page, url, token, "vince (viewer)")
     _go(page, "jobs")
@@ -312,3 +330,4 @@ def test_a_viewer_sees_but_cannot_submit_upload_or_revoke(
         assert "viewer" in json.loads(answer["text"])["error"]
     assert _page_fetch(page, "GET", "/v1/agents")["status"] == 200
     context.close()
+    assert problems == [], problems

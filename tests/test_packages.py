@@ -144,6 +144,13 @@ def test_install_enrol_run_upgrade_and_purge(debs: dict[str, Path], tmp_path: Pa
         "import importlib.util as u; print([m for m in ('torch', 'numpy', 'flwr') if u.find_spec(m)])",
     ).stdout.strip()  # fmt: skip
     assert found == "[]"
+    # The dashboard's built files ship in the controller's package: nothing to build on the host.
+    shipped = _run(
+        "/opt/fedsky-controller/venv/bin/python", "-c",
+        "from fedsky.controller.dashboard import STATIC_DIR, VENDOR_DIR, VENDOR_FILES as V; "
+        "print((STATIC_DIR / 'index.html').is_file() and all((VENDOR_DIR / n).is_file() for n in V))",
+    ).stdout.strip()  # fmt: skip
+    assert shipped == "True"
     for unit in ("fedsky-agent.service", "fedsky-controller.service"):
         verified = _run("systemd-analyze", "verify", f"/lib/systemd/system/{unit}")
         assert verified.stderr.strip() == "", verified.stderr

@@ -12,4 +12,5 @@ from __future__ import annotations
 from pathlib import Path
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+VENDOR_DIR = STATIC_DIR / "vendor"
 VENDOR_FILES = ("uPlot.iife.min.js", "uPlot.min.css")
