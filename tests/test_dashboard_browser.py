@@ -207,6 +207,14 @@ def test_an_operator_follows_hospitals_clouds_placement_a_job_and_its_model(
     # A job submitted from its files, followed live; a VM dies under it.
     spec = write_job(tmp_path, participants=list(HOSPITALS), rounds=ROUNDS, round_timeout_s=90)
     _go(page, "jobs")
+    # A model file that does not load is refused with the reason, and no job is made.
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_bytes(b"these are my notes, not weights")
+    page.set_input_files("#job-spec", str(spec))
+    page.set_input_files("#job-model", str(not_a_model))
+    page.click("#job-submit")
+    page.wait_for_selector("#job-error:has-text('does not load')")
+    assert onebox.api.get("/v1/jobs") == []
     page.set_input_files("#job-spec", str(spec))
     page.set_input_files("#job-model", str(tmp_path / "digits.safetensors"))
     page.click("#job-submit")
@@ -285,6 +293,20 @@ def test_an_operator_follows_hospitals_clouds_placement_a_job_and_its_model(
     assert verified.size == weights.stat().st_size
     _shot(page, "models")
 
+    # A second job, cancelled from its page: the button goes with the job's end.
+    _go(page, "jobs")
+    page.set_input_files("#job-spec", str(spec))
+    page.set_input_files("#job-model", str(tmp_path / "digits.safetensors"))
+    page.click("#job-submit")
+    page.wait_for_function(
+        f"() => location.hash.startsWith('#/jobs/') && !location.hash.endsWith('{job_id}')"
+    )
+    page.wait_for_selector("#page-job #job-cancel")
+    page.click("#job-cancel")
+    page.wait_for_selector("#job-state:has-text('cancelled')", timeout=120_000)
+    assert page.locator("#job-cancel").count() == 0
+    _shot(page, "job-cancelled")
+
     # An admin revokes a hospital from its row (a second press confirms).
     _go(page, "hospitals")
     revoke = page.locator("#agents-table button[data-action='revoke'][data-agent='hospital-asia']")
@@ -308,8 +330,23 @@ def test_a_viewer_sees_but_cannot_submit_upload_or_revoke(
     token = onebox.fedctl("users", "add", "vince", "--role", "viewer").stdout.strip()
     context, problems = _context(browser)
     page = context.new_page()
-    _login(page, url, token, "vince (viewer)")
-    _go(page, "jobs")
+    # By keyboard alone: the token typed into the focused field, Enter, then Tab to a link.
+    page.goto(f"{url}/")
+    page.wait_for_selector("#login-token")
+    for _ in range(10):
+        if page.evaluate("document.activeElement?.id") == "login-token":
+            break
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement?.id") == "login-token"
+    page.keyboard.type(token)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#whoami:has-text('vince (viewer)')")
+    for _ in range(30):
+        if page.evaluate("document.activeElement?.dataset?.page") == "jobs":
+            break
+        page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#page-jobs")
     assert page.locator("#job-submit-form").count() == 0
     _go(page, "clouds")
     assert page.locator("#cloud-upload").count() == 0
