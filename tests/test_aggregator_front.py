@@ -6,6 +6,7 @@ test CA; the refusals are read from the wire (raw HTTPS) and from Flower's own C
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -260,3 +261,44 @@ async def test_the_host_stops_when_its_superlink_dies(aggregator: Aggregator) ->
     assert not await agg.provider.healthy(agg.handle)
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", agg.port)) != 0
+
+
+async def test_a_launch_cancelled_while_the_aggregator_starts_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    """A job cancelled in its launching stage: the start goes on in its thread, so the provider
+    waits for it and stops what it started before passing the cancel on."""
+    pki = Pki.init(tmp_path / "pki")
+    pki.write_controller_identity()
+    provider = LocalProvider(
+        work_dir=tmp_path / "aggregators",
+        issue_tls=pki_tls_issuer(pki),
+        control_identity=pki.controller_identity,
+    )
+    spec = AggregatorSpec(job_id="cancelled", cloud="local", region="local", instance_type="local")
+    launching = asyncio.create_task(provider.launch(spec))
+    spawned = await eventually(
+        lambda: asyncio.to_thread(_aggregator_pids, tmp_path), until=bool, timeout=30
+    )
+    launching.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await launching
+    for pid in spawned:
+        assert not group_alive(pid), f"aggregator {pid} still runs after the cancel"
+
+
+def _aggregator_pids(root: Path) -> list[int]:
+    """fedsky-aggregator processes whose command line names a directory under `root`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"fedsky-aggregator" in a for a in argv[:2]) and str(root).encode() in b" ".join(
+            argv
+        ):
+            pids.append(int(entry.name))
+    return pids

@@ -176,7 +176,16 @@ class LocalProvider:
         )
 
     async def launch(self, spec: AggregatorSpec) -> AggregatorHandle:
-        return await asyncio.to_thread(self._launch, spec)
+        launching = asyncio.ensure_future(asyncio.to_thread(self._launch, spec))
+        try:
+            return await asyncio.shield(launching)
+        except asyncio.CancelledError:
+            # The start runs in a thread, which a cancel cannot interrupt: wait for it and stop
+            # what it started, or a job cancelled while its aggregator starts would leave the
+            # aggregator running with no handle for the clean-up to terminate.
+            with contextlib.suppress(Exception):
+                await self.terminate(await launching)
+            raise
 
     def describe(self) -> str:
         """How the job log names this provider's aggregator host."""
