@@ -10,7 +10,6 @@ plus the new ones, or nothing is written. A missing file is created from a short
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tomllib
@@ -39,8 +38,29 @@ class ConfigWrite:
 
 
 def _toml_string(value: str) -> str:
-    # JSON's escapes (\" \\ \n \uXXXX) are TOML basic-string escapes too.
-    return json.dumps(value, ensure_ascii=True)
+    """`value` as a TOML basic string: quote, backslash and control characters escaped, every
+    other character as it is (TOML has no surrogate escapes for characters beyond U+FFFF)."""
+    out = []
+    for char in value:
+        if char in ('"', "\\"):
+            out.append("\\" + char)
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def _trailing_comment(line: str, key: str) -> str:
+    """The comment ending an assignment line (`  # why`), or "": the first `#` before which the
+    line is a whole assignment of `key` (a `#` inside the value's string does not count)."""
+    for at in (i for i, char in enumerate(line) if char == "#"):
+        try:
+            if key in tomllib.loads(line[:at]):
+                return "  " + line[at:].strip()
+        except tomllib.TOMLDecodeError:
+            continue
+    return ""
 
 
 def set_top_level(text: str, values: Mapping[str, str]) -> str:
@@ -54,14 +74,17 @@ def set_top_level(text: str, values: Mapping[str, str]) -> str:
         before = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigFileError(f"not valid TOML: {exc}") from None
+    newline = "\r\n" if "\r\n" in text else "\n"
     lines = text.splitlines()
     first_table = next((i for i, line in enumerate(lines) if _TABLE_HEADER.match(line)), len(lines))
     for key, value in values.items():
+        if before.get(key) == value:
+            continue  # already so: the line stays as IT wrote it
         assignment = f"{key} = {_toml_string(value)}"
         pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
         found = next((i for i in range(first_table) if pattern.match(lines[i])), None)
         if found is not None:
-            lines[found] = assignment
+            lines[found] = assignment + _trailing_comment(lines[found], key)
             continue
         # Before the first table, after a blank line if the top-level block does not end in one.
         insert = [assignment]
@@ -69,7 +92,7 @@ def set_top_level(text: str, values: Mapping[str, str]) -> str:
             insert.append("")
         lines[first_table:first_table] = insert
         first_table += len(insert)
-    edited = "\n".join(lines) + "\n"
+    edited = newline.join(lines) + newline
     try:
         after = tomllib.loads(edited)
     except tomllib.TOMLDecodeError:
@@ -126,8 +149,11 @@ def record(path: Path, values: Mapping[str, str], *, group_of: Path | None = Non
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigFileError(f"{path}: cannot read it: {exc}") from None
     if text is None:
+        fresh = new_config_text(values)
+        if {k: tomllib.loads(fresh).get(k) for k in values} != dict(values):
+            raise ConfigFileError(f"{path}: the values cannot be written as TOML")
         group = group_of.stat().st_gid if group_of is not None and os.geteuid() == 0 else None
-        atomic_write(path, new_config_text(values).encode(), mode=NEW_CONFIG_MODE, group=group)
+        atomic_write(path, fresh.encode(), mode=NEW_CONFIG_MODE, group=group)
         return ConfigWrite(path, "created")
     try:
         edited = set_top_level(text, values)

@@ -6,6 +6,7 @@ A bad file fails at start with the file, the key and what was expected, e.g.
 
 from __future__ import annotations
 
+import reprlib
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,9 +20,18 @@ class ConfigError(Exception):
     """A config file that is missing, unreadable or invalid."""
 
 
+# A value shown in an error is cut short: the input may be huge or deeply nested (a YAML list of
+# lists), and the message goes to logs and API answers.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+_MAX_ERRORS_SHOWN = 10
+
+
 def _describe(exc: ValidationError, path: Path) -> str:
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:_MAX_ERRORS_SHOWN]:
         key = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
         msg = err.get("msg", "invalid")
         if err.get("type") == "extra_forbidden":
@@ -30,9 +40,11 @@ def _describe(exc: ValidationError, path: Path) -> str:
         shown = (
             ""
             if err.get("type") in ("missing", "extra_forbidden") or isinstance(got, dict)
-            else f" (got {got!r})"
+            else f" (got {_SHORT.repr(got)})"
         )
-        lines.append(f"{path}: key '{key}': {msg}{shown}")
+        lines.append(f"{path}: key '{key[:200]}': {msg}{shown}")
+    if len(errors) > _MAX_ERRORS_SHOWN:
+        lines.append(f"{path}: and {len(errors) - _MAX_ERRORS_SHOWN} more")
     return "\n".join(lines)
 
 

@@ -220,21 +220,38 @@ def parse_job_spec(data: dict[str, Any], *, path: Path) -> JobSpec:
     return parse_config(JobSpec, data, path=path)
 
 
-def parse_job_spec_text(
+def _yaml_without_aliases(text: str) -> Any:
+    """YAML as plain data, refusing aliases: a spec has no use for them, and a few hundred bytes
+    of nested aliases expand to gigabytes once anything walks the data."""
+    import yaml  # type: ignore[import-untyped]
+
+    class NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc]
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.events.AliasEvent):
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a job spec", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)  # noqa: S506 (a SafeLoader)
+
+
+def load_job_spec_data(
     text: str, *, path: Path, fmt: Literal["toml", "yaml"] | None = None
-) -> JobSpec:
-    """Parse spec text (TOML, or YAML by `fmt` or the file name's suffix)."""
+) -> dict[str, Any]:
+    """Spec text (TOML, or YAML by `fmt` or the file name's suffix) as a table, not yet checked."""
     kind = fmt or ("yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml")
     data: Any
     if kind == "yaml":
         try:
-            import yaml  # type: ignore[import-untyped]
+            import yaml
         except ImportError:
             raise ConfigError(
                 f"{path}: YAML job specs need PyYAML; write the spec as TOML"
             ) from None
         try:
-            data = yaml.safe_load(text)
+            data = _yaml_without_aliases(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     else:
@@ -244,7 +261,14 @@ def parse_job_spec_text(
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a job spec must be a table of keys (got {type(data).__name__})")
-    return parse_job_spec(data, path=path)
+    return data
+
+
+def parse_job_spec_text(
+    text: str, *, path: Path, fmt: Literal["toml", "yaml"] | None = None
+) -> JobSpec:
+    """Parse spec text (TOML, or YAML by `fmt` or the file name's suffix)."""
+    return parse_job_spec(load_job_spec_data(text, path=path, fmt=fmt), path=path)
 
 
 def load_job_spec(path: str | Path) -> JobSpec:

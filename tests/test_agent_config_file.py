@@ -133,3 +133,26 @@ def test_agentctl_enroll_writes_the_config_and_refuses_another_name(
     assert cli.main([*args, "--state-dir", str(elsewhere)]) == 0
     written = load_agent_config(fresh)
     assert (written.agent_id, written.state_dir) == ("hospital-x", elsewhere)
+
+
+def test_an_edit_keeps_comments_line_endings_and_a_value_already_right() -> None:
+    crlf = 'log_level = "INFO"\r\nagent_id = "hospital-x"  # ticket 42\r\n[libvirt]\r\n'
+    edited = set_top_level(crlf, {"agent_id": "hospital-y"})
+    assert edited == 'log_level = "INFO"\r\nagent_id = "hospital-y"  # ticket 42\r\n[libvirt]\r\n'
+    # A `#` inside the value is not the comment.
+    hashed = set_top_level('agent_id = "a#b"  # why\n', {"agent_id": "c"})
+    assert hashed == 'agent_id = "c"  # why\n'
+    # The same value, however it is written, leaves the line alone.
+    single = "agent_id = 'hospital-x'  # set by hand\n"
+    assert set_top_level(single, {"agent_id": "hospital-x"}) == single
+
+
+def test_record_says_unchanged_for_the_same_value_and_writes_any_character(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text("agent_id = 'hospital-x'  # set by hand\n")
+    assert record(config, {"agent_id": "hospital-x"}).outcome == "unchanged"
+    assert config.read_text() == "agent_id = 'hospital-x'  # set by hand\n"
+    odd = tmp_path / "new.toml"
+    value = '/srv/f\U0001f680 "quoted" \\ tab\t'
+    record(odd, {"state_dir": value})
+    assert tomllib.loads(odd.read_text())["state_dir"] == value

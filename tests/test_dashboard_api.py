@@ -214,6 +214,21 @@ def test_the_live_stream_sends_snapshots_and_changes_and_stops_for_a_revoked_use
     # A job that does not exist is refused before any stream opens.
     viewer = api.add_user("vera", "viewer")
     assert api.json("GET", "/v1/events?job=no-such-job", viewer)[0] == 404
+    # No HEAD on a stream (its answer would have no end).
+    assert api.json("HEAD", "/v1/events", viewer)[0] == 405
+    # One caller holds a few streams at most; the others' stay free.
+    cookie, _ = api.session(viewer)
+    held = [_read_events(api, "/v1/events", cookie, until={"jobs"}) for _ in range(4)]
+    try:
+        status, _, body = api.call("GET", "/v1/events", headers={"Cookie": cookie})
+        assert status == 503
+        assert "already follows 4 live streams" in json.loads(body)["error"]
+        other_cookie, _ = api.session(api.add_user("otto", "viewer"))
+        _, _, other = _read_events(api, "/v1/events", other_cookie, until={"agents"})
+        other.close()
+    finally:
+        for _, _, conn in held:
+            conn.close()
 
 
 PLAN = {
@@ -289,6 +304,33 @@ def test_a_spec_file_is_checked_as_fedctl_reads_it(api: Api) -> None:
         status, _, body = api.call("POST", "/v1/job-specs", body=bad, headers=headers)
         assert status == code, (bad[:20], body)
         assert words in json.loads(body)["error"]
+    # Nothing of the controller's own files: the model is named by its file name alone.
+    for model in ("../../../../proc/self/fd/5", "~root/x", "/etc/passwd", "..", "a/b.pt"):
+        bad = SPEC.replace('"digits.safetensors"', json.dumps(model)).encode()
+        status, _, body = api.call("POST", "/v1/job-specs", body=bad, headers=headers)
+        assert status == 400, (model, body)
+        error = json.loads(body)["error"]
+        assert "model file's name alone" in error
+        assert "/proc" not in error.replace(model, "")
+    # YAML: aliases refused (a few hundred bytes of nested ones expand to gigabytes), and a
+    # value shown in an error is cut short.
+    bomb = "x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)
+    )
+    started = time.monotonic()
+    status, _, body = api.call(
+        "POST", "/v1/job-specs?format=yaml", body=(bomb + "name: *a8\n").encode(),
+        headers=headers,
+    )  # fmt: skip
+    assert status == 400
+    assert "aliases" in json.loads(body)["error"]
+    assert time.monotonic() - started < 10
+    long_list = "name: [" + ", ".join(["x" * 50] * 2000) + "]\n"
+    status, _, body = api.call(
+        "POST", "/v1/job-specs?format=yaml", body=long_list.encode(), headers=headers
+    )
+    assert status == 400
+    assert len(json.loads(body)["error"]) < 2000
     # A viewer cannot (the page hides the form; the API refuses it anyway).
     viewer = api.add_user("val", "viewer")
     status, _, _ = api.call(

@@ -103,11 +103,14 @@ async def list_vms(request: web.Request) -> web.Response:
         ),
         disk_gib=finite_number(q.get("min_disk_gib"), "min_disk_gib", default=0, lo=0, hi=1e7),
     )
-    tasks = await svc.jobs.active_tasks() if svc.jobs is not None else {}
+    tasks, rests = {}, {}
+    if svc.jobs is not None:
+        tasks = await svc.jobs.active_tasks()
+        rests = await svc.jobs.rests(sorted({str(row["agent_id"]) for row in rows}))
     policy = svc.config.orchestrator if svc.config is not None else Policy()
     return json_ok(
         annotate_eligibility(
-            rows, minimum=minimum, policy=policy, now=datetime.now(UTC), tasks=tasks
+            rows, minimum=minimum, policy=policy, now=datetime.now(UTC), tasks=tasks, rests=rests
         )
     )
 

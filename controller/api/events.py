@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from fedsky.controller.api.access import identify
+from fedsky.controller.api.access import caller_of, identify
 from fedsky.controller.api.jobs import job_detail
 from fedsky.controller.api.models import job_rounds
 from fedsky.controller.api.responses import SERVICES, ApiProblem
@@ -34,11 +34,41 @@ routes = web.RouteTableDef()
 KEEPALIVE_S = 15.0
 
 
+# Streams one caller may hold at once (a few tabs): one user cannot take every slot.
+MAX_STREAMS_PER_CALLER = 4
+# A browser that stops reading for this long loses its stream (and its slot).
+WRITE_TIMEOUT_S = 30.0
+
+
 class StreamCount:
-    """The streams open now (one per dashboard tab), held to `[api] max_event_streams`."""
+    """The streams open now (one per dashboard tab), held to `[api] max_event_streams` in all
+    and to MAX_STREAMS_PER_CALLER each."""
 
     def __init__(self) -> None:
         self.open = 0
+        self.by_caller: dict[str, int] = {}
+
+    def refusal(self, caller: str, limit: int) -> str | None:
+        if self.open >= limit:
+            return f"too many live streams open ({limit}); close a dashboard tab"
+        if self.by_caller.get(caller, 0) >= MAX_STREAMS_PER_CALLER:
+            return (
+                f"{caller} already follows {MAX_STREAMS_PER_CALLER} live streams; "
+                "close a dashboard tab"
+            )
+        return None
+
+    def opened(self, caller: str) -> None:
+        self.open += 1
+        self.by_caller[caller] = self.by_caller.get(caller, 0) + 1
+
+    def closed(self, caller: str) -> None:
+        self.open -= 1
+        left = self.by_caller.get(caller, 1) - 1
+        if left:
+            self.by_caller[caller] = left
+        else:
+            self.by_caller.pop(caller, None)
 
 
 EVENT_STREAMS = web.AppKey("event_streams", StreamCount)
@@ -102,7 +132,8 @@ class Changes:
         return text
 
 
-@routes.get("/v1/events")
+# No HEAD: a stream has no end for a HEAD answer's empty body to stand for.
+@routes.get("/v1/events", allow_head=False)
 async def events(request: web.Request) -> web.StreamResponse:
     svc: Services = request.app[SERVICES]
     job_id = request.query.get("job")
@@ -115,12 +146,11 @@ async def events(request: web.Request) -> web.StreamResponse:
     interval = settings.events_interval_s if settings is not None else 1.0
     limit = settings.max_event_streams if settings is not None else 32
     streams = request.app[EVENT_STREAMS]
-    if streams.open >= limit:
-        raise ApiProblem(
-            503,
-            f"too many live streams open ({limit}); close a dashboard tab",
-            exit_code=exitcodes.UNAVAILABLE,
-        )
+    caller = caller_of(request)
+    who = caller.name if caller is not None else "?"
+    refusal = streams.refusal(who, limit)
+    if refusal is not None:
+        raise ApiProblem(503, refusal, exit_code=exitcodes.UNAVAILABLE)
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -128,14 +158,14 @@ async def events(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",
         }
     )
-    streams.open += 1
+    streams.opened(who)
     try:
         await response.prepare(request)
         await follow(request, response, sources(svc, job_id), interval=interval)
-    except ConnectionResetError:
-        pass  # the browser went away
+    except (ConnectionResetError, TimeoutError):
+        pass  # the browser went away, or stopped reading
     finally:
-        streams.open -= 1
+        streams.closed(who)
     return response
 
 
@@ -158,11 +188,21 @@ async def follow(
                 value = await fetch()
             except ApiProblem as exc:
                 value = {"error": exc.message}
+            except Exception:
+                # The answer has begun: no error response can follow it. End the stream (the
+                # browser reconnects) and keep the reason in the log.
+                log.exception("event stream of %s: reading %s failed", request.remote, name)
+                return
             text = changes.changed(name, value)
             if text is not None:
-                await response.write(event_text(name, text))
+                await _write(response, event_text(name, text))
                 last_write = time.monotonic()
         if time.monotonic() - last_write >= KEEPALIVE_S:
-            await response.write(b": keepalive\n\n")
+            await _write(response, b": keepalive\n\n")
             last_write = time.monotonic()
         await asyncio.sleep(interval)
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    async with asyncio.timeout(WRITE_TIMEOUT_S):
+        await response.write(data)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from fedsky.controller.api.access import AUDIT_TARGET, caller_of
@@ -23,7 +24,7 @@ from fedsky.controller.models.errors import NotFound
 from fedsky.controller.services import Services
 from fedsky.shared import exitcodes
 from fedsky.shared.config import ConfigError
-from fedsky.shared.jobspec import parse_job_spec_text
+from fedsky.shared.jobspec import load_job_spec_data, parse_job_spec
 from fedsky.shared.modelfile import MAX_MODEL_FILE_BYTES, ModelFileError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,6 +79,47 @@ async def upload_model_file(request: web.Request) -> web.Response:
     return json_ok(stored.to_json(), status=201)
 
 
+# A spec sent with its model file names that file alone: the file itself comes as an upload.
+_MODEL_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def checked_spec(text: str, fmt: Literal["toml", "yaml"]) -> dict[str, Any]:
+    """A spec file's text as the JSON `POST /v1/jobs` takes; ConfigError naming what is wrong.
+
+    Nothing of the controller's own file system is consulted or shown: `model` must be a plain
+    file name, and it is returned as given.
+    """
+    name = Path(f"job.{fmt}")
+    data = load_job_spec_data(text, path=name, fmt=fmt)
+    model = data.get("model")
+    if not isinstance(model, str) or not _MODEL_FILE_NAME.fullmatch(model) or ".." in model:
+        raise ConfigError(
+            f"{name}: key 'model': give the model file's name alone (e.g. model.safetensors); "
+            "the file itself is uploaded beside the spec"
+        )
+    spec = parse_job_spec(data, path=_NO_DIRECTORY / name)
+    out: dict[str, Any] = spec.model_dump(mode="json")
+    out["model"] = model
+    return out
+
+
+# Where a received spec's relative paths would point: nowhere on this host.
+_NO_DIRECTORY = Path("/nonexistent/fedsky-upload")
+
+
+async def read_at_most(request: web.Request, limit: int, what: str) -> bytes:
+    """The request's body, refused with 413 as soon as it passes `limit` bytes (not after
+    reading up to the server's own, far larger, limit)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiProblem(413, f"{what} is at most {limit >> 10} KiB")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 << 10):
+        body += chunk
+        if len(body) > limit:
+            raise ApiProblem(413, f"{what} is at most {limit >> 10} KiB")
+    return bytes(body)
+
+
 @routes.post("/v1/job-specs")
 async def check_spec(request: web.Request) -> web.Response:
     """A job spec file's text (TOML, or YAML with `?format=yaml`) checked and returned as the
@@ -85,21 +127,18 @@ async def check_spec(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "toml")
     if fmt not in ("toml", "yaml"):
         raise ApiProblem(400, "format must be toml or yaml", exit_code=exitcodes.USAGE)
-    raw = await request.read()
+    raw = await read_at_most(request, MAX_SPEC_BYTES, "a job spec")
     if not raw.strip():
         raise ApiProblem(400, "empty job spec", exit_code=exitcodes.USAGE)
-    if len(raw) > MAX_SPEC_BYTES:
-        raise ApiProblem(413, f"a job spec is at most {MAX_SPEC_BYTES >> 10} KiB")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiProblem(400, "a job spec must be UTF-8 text", exit_code=exitcodes.USAGE) from None
-    name = Path(f"job.{fmt}")
     try:
-        spec = parse_job_spec_text(text, path=name, fmt="yaml" if fmt == "yaml" else "toml")
+        spec = await asyncio.to_thread(checked_spec, text, "yaml" if fmt == "yaml" else "toml")
     except ConfigError as exc:
         raise ApiProblem(400, str(exc), exit_code=exitcodes.USAGE) from None
-    return json_ok({"spec": spec.model_dump(mode="json")})
+    return json_ok({"spec": spec})
 
 
 @routes.post("/v1/jobs")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fedsky.controller.clouds.onprem import controller_aggregator
@@ -38,6 +38,7 @@ from fedsky.controller.jobs.stages.launch import launch_aggregator
 from fedsky.controller.jobs.stages.place import place_aggregator
 from fedsky.controller.jobs.stages.train import train
 from fedsky.controller.orchestrator.eligibility import check_feasible
+from fedsky.controller.orchestrator.failures import Rest
 from fedsky.controller.orchestrator.store import QueueStore
 from fedsky.controller.orchestrator.tasks import ENDED_BY_EVENT, tasks_stopping
 from fedsky.controller.security.audit import AuditTrail
@@ -329,3 +330,10 @@ class JobManager:
     async def active_tasks(self) -> dict[str, int]:
         """Tasks running now per VM key (`agent/vm`): what makes a VM busy."""
         return dict(await self.ctx.queue.active_tasks())
+
+    async def rests(self, participants: Iterable[str]) -> dict[str, Rest]:
+        """The VMs resting after a failed task, per VM key, in these participants' queues."""
+        out: dict[str, Rest] = {}
+        for participant in participants:
+            out.update((await self.ctx.queue.load(participant)).rests)
+        return out

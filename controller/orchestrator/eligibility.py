@@ -258,12 +258,17 @@ def annotate_eligibility(
     policy: Policy,
     now: datetime,
     tasks: Mapping[str, int] | None = None,
+    rests: Mapping[str, Rest] | None = None,
 ) -> list[dict[str, Any]]:
     """The inventory's VM rows (`inventory.store.list_vms`), each with `eligible` and the
-    `reasons` it could not take a task with `minimum` now: what the dashboard shows."""
+    `reasons` it could not take a task with `minimum` now: what the dashboard shows. `tasks`
+    and `rests` (per VM key) are the queue's, as the orchestrator's own choice reads them."""
     candidates = candidates_from_inventory(rows, now=now, tasks=tasks)
+    resting = rests or {}
     out = []
     for row, vm in zip(rows, candidates, strict=True):
-        why = skip_reasons(vm, minimum=minimum, policy=policy, now=now.timestamp())
+        why = skip_reasons(
+            vm, minimum=minimum, policy=policy, now=now.timestamp(), rest=resting.get(vm.key)
+        )
         out.append({**row, "eligible": not why, "reasons": why})
     return out

@@ -6,7 +6,7 @@
 import { get, query, request, seg } from '../api.js';
 import { el, errorText, fmtBytes, fmtNum, fmtTime, isAbort, setChildren, syncRows, table } from '../dom.js';
 import { atLeast, mayActOnJob } from '../session.js';
-import { VerificationError, verifyDownload } from '../verify.js';
+import { VerificationError, plain, verifyDownload } from '../verify.js';
 
 const METRIC_ORDER = ['accuracy', 'loss', 'f1', 'recall', 'precision'];
 
@@ -211,8 +211,15 @@ export function mount(root, { params, signal }) {
       if (announced && announced !== verified.sha256) {
         throw new VerificationError(`the controller announced SHA-256 ${announced.slice(0, 16)}… but the weights have ${verified.sha256.slice(0, 16)}…`);
       }
+      // What was signed must be what was asked for: a validly signed file of another round or
+      // job is not this one.
+      const signedJob = plain(verified.metadata.job && verified.metadata.job.id);
+      const signedRound = plain(verified.metadata.round);
+      if (signedJob !== jobId || Number(signedRound) !== Number(round)) {
+        throw new VerificationError(`the signed metadata is for job ${signedJob} round ${signedRound}, not job ${jobId} round ${round}`);
+      }
       verifyStatus.className = 'status ok';
-      verifyStatus.textContent = `verified: job ${jobId} round ${round}, ${verified.size} bytes, SHA-256 ${verified.sha256}, signed by the controller's key ${verified.keyId}`;
+      verifyStatus.textContent = `verified: job ${signedJob} round ${signedRound}, ${verified.size} bytes, SHA-256 ${verified.sha256}, signed by the controller's key ${verified.keyId}`;
       offerFiles(weights, metadataBytes, fileName, path);
     } catch (err) {
       if (isAbort(err)) return;
