@@ -13,7 +13,8 @@ from fedsky.agent import cli
 from fedsky.agent.config import load_agent_config
 from fedsky.agent.config_file import ConfigFileError, record, set_top_level
 from fedsky.controller.security.pki import Pki
-from fedsky.shared.bundle import EnrolmentBundle
+
+from tests.test_agent_enroll import _bundle
 
 CONFFILE = """\
 # fedsky agent, edited by hospital IT
@@ -26,20 +27,11 @@ uri = "test:///default"
 
 
 def _signed_bundle(pki: Pki, tmp_path: Path, name: str) -> tuple[Path, Path]:
-    issued = pki.issue(common_name=name, kind="agent")
-    assert issued.key_pem is not None
+    """A bundle for `name` with the key made beside it (`fedctl agents enroll --with-key`)."""
+    bundle, key_pem = _bundle(pki, name, None)
+    assert key_pem is not None
     key = tmp_path / f"{name}.key"
-    key.write_bytes(issued.key_pem)
-    bundle = EnrolmentBundle(
-        agent_id=name,
-        location="aws:us-east-1",
-        ca_pem=pki.ca_cert_pem.decode(),
-        cert_pem=issued.cert_pem.decode(),
-        broker_host="127.0.0.1",
-        broker_port=8883,
-        topic_prefix="fedsky/v1",
-        not_after=issued.not_after,
-    )
+    key.write_bytes(key_pem)
     path = tmp_path / f"{name}.bundle.json"
     path.write_text(bundle.dump())
     return path, key

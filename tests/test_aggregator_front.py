@@ -108,15 +108,19 @@ class Aggregator:
         return cert, key
 
 
-@pytest_asyncio.fixture
-async def aggregator(tmp_path: Path) -> AsyncIterator[Aggregator]:
+def _local_provider(tmp_path: Path) -> tuple[Pki, LocalProvider]:
     pki = Pki.init(tmp_path / "pki")
     pki.write_controller_identity()
-    provider = LocalProvider(
+    return pki, LocalProvider(
         work_dir=tmp_path / "aggregators",
         issue_tls=pki_tls_issuer(pki),
         control_identity=pki.controller_identity,
     )
+
+
+@pytest_asyncio.fixture
+async def aggregator(tmp_path: Path) -> AsyncIterator[Aggregator]:
+    pki, provider = _local_provider(tmp_path)
     handle = await provider.launch(
         AggregatorSpec(job_id="front", cloud="local", region="local", instance_type="local")
     )
@@ -268,13 +272,7 @@ async def test_a_launch_cancelled_while_the_aggregator_starts_leaves_nothing_run
 ) -> None:
     """A job cancelled in its launching stage: the start goes on in its thread, so the provider
     waits for it and stops what it started before passing the cancel on."""
-    pki = Pki.init(tmp_path / "pki")
-    pki.write_controller_identity()
-    provider = LocalProvider(
-        work_dir=tmp_path / "aggregators",
-        issue_tls=pki_tls_issuer(pki),
-        control_identity=pki.controller_identity,
-    )
+    _, provider = _local_provider(tmp_path)
     spec = AggregatorSpec(job_id="cancelled", cloud="local", region="local", instance_type="local")
     launching = asyncio.create_task(provider.launch(spec))
     spawned = await eventually(

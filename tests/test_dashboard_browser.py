@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from fedsky.controller.onebox import Onebox
 from fedsky.shared.net import free_port
 
 from tests.test_jobs_e2e import HOSPITALS, _datasets, write_job
+from tests.test_orchestrator_e2e import _fault
 
 pytestmark = pytest.mark.e2e
 
@@ -106,15 +106,6 @@ def _shot(page: Any, name: str) -> None:
 def _go(page: Any, name: str) -> None:
     page.click(f"nav a[data-page='{name}']")
     page.wait_for_selector(f"#page-{name}")
-
-
-def _fault(box: Onebox, agent: str, action: str, vm: str) -> None:
-    path = box.agents[agent].state_dir / "fault.sock"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        sock.sendall(json.dumps({"action": action, "vm": vm}).encode() + b"\n")
-        assert json.loads(sock.recv(65536))["ok"]
 
 
 def _page_fetch(page: Any, method: str, path: str, body: Any = None) -> dict[str, Any]:

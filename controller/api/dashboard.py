@@ -83,8 +83,13 @@ async def asset(request: web.Request) -> web.Response:
     return await _file(request, request.match_info["path"])
 
 
-async def _file(request: web.Request, relative: str) -> web.Response:
+def _read(relative: str) -> tuple[Path, bytes] | None:
     path = static_file(STATIC_DIR, relative)
-    if path is None:
+    return None if path is None else (path, path.read_bytes())
+
+
+async def _file(request: web.Request, relative: str) -> web.Response:
+    found = await asyncio.to_thread(_read, relative)
+    if found is None:
         raise web.HTTPNotFound()
-    return page_response(path, await asyncio.to_thread(path.read_bytes))
+    return page_response(*found)
